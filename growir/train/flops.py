@@ -14,8 +14,8 @@ with respect to inputs (``2·P``; attention ``8·seq·d_attn``, both operands ar
 weights (``2·P``). A full step gives ``6·N`` and ``12·L·seq·d_attn``. Partial steps count only what runs:
 
 * a sliced sub-model (two-stage stage 1) pays forward for its blocks and head only;
-* backward starts at the head and stops at the lowest block that has a trainable parameter; blocks below are
-  not reached. Blocks it passes through pay input gradients; trainable blocks also pay weight gradients; the
+* backward starts at the head and stops at the lowest block that has a trainable parameter (at the bottom
+  when the input embedding is trainable, tied or not); blocks below are not reached. Blocks it passes through pay input gradients; trainable blocks also pay weight gradients; the
   head pays weight gradients only when one of its parameters is trainable.
 
 So stage 1 of bert2BERT on a sub-model of depth ``k`` training its top ``l_b`` blocks costs per token
@@ -69,7 +69,7 @@ def d_attn_of(config) -> int:
     return heads * head_dim
 
 
-def _head_params(model: nn.Module) -> list[nn.Parameter]:
+def head_params(model: nn.Module) -> list[nn.Parameter]:
     """Parameters outside the blocks and the embedding tables, plus a tied output weight (its matmul runs)."""
     in_blocks = {id(p) for p in find_blocks(model).blocks.parameters()}
     in_embed = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
@@ -83,7 +83,7 @@ def _head_params(model: nn.Module) -> list[nn.Parameter]:
 def split_params(model: nn.Module) -> ParamSplit:
     """Sort ``model``'s parameters into blocks, head and embeddings (shared tensors counted once)."""
     blocks = find_blocks(model).blocks
-    head = _head_params(model)
+    head = head_params(model)
     counted = {id(p) for p in blocks.parameters()} | {id(p) for p in head}
     embedding = sum(p.numel() for p in model.parameters() if id(p) not in counted)
     per_block = [sum(p.numel() for p in b.parameters()) for b in blocks]
@@ -106,7 +106,10 @@ def step_flops(model: nn.Module, batch: int, seq: int) -> float:
     blocks = find_blocks(model).blocks
     trained = [_trainable(b) for b in blocks]
     lowest = trained.index(True) if any(trained) else len(blocks)
-    head_trained = any(p.requires_grad for p in _head_params(model))
+    embeddings = [p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()]
+    if any(p.requires_grad for p in embeddings):
+        lowest = 0  # the gradient must reach the input embedding through every block
+    head_trained = any(p.requires_grad for p in head_params(model))
     att = 2 * 2 * seq * split.d_attn  # forward QKᵀ and softmax·V, per token per block
     per_token = 2 * split.head + 2 * split.head * (lowest < len(blocks)) + 2 * split.head * head_trained
     for i, p in enumerate(split.per_block):
