@@ -1,0 +1,263 @@
+"""ONNX export of source and grown models, and the example inputs that drive it.
+
+Export goes through ``torch.onnx.export(..., dynamo=True)``: torch.export traces the forward once and the
+traced graph is translated op by op, so the file computes what the traced forward computed. Hugging Face
+models (anything with a ``.config``) get example inputs built from their config; other models must be given
+``example_inputs`` (a tuple of positional arguments or a dict of keyword arguments).
+
+>>> import growir, torch, tempfile, os
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+>>> with tempfile.TemporaryDirectory() as d:
+...     path = growir.export_onnx(net, os.path.join(d, "net.onnx"), (torch.randn(2, 4),))
+...     path.name
+'net.onnx'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import TraceError
+
+# (args, kwargs) of one forward call
+Inputs = tuple[tuple, dict]
+
+# The traced example: batch and sequence both above 1, so torch.export keeps them symbolic instead of
+# specialising them (it specialises sizes 0 and 1).
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
+
+# Shapes tried by check(): (batch, sequence); the first one is the traced example.
+SAMPLE_SHAPES = ((EXAMPLE_BATCH, EXAMPLE_SEQ), (1, 5), (3, 13), (4, 16))
+
+
+def is_hf_model(model: torch.nn.Module) -> bool:
+    """A Hugging Face model, for growir's purposes: a module with a ``.config``."""
+    return getattr(model, "config", None) is not None
+
+
+def hf_example_inputs(model: torch.nn.Module, batch: int = EXAMPLE_BATCH, seq: int = EXAMPLE_SEQ, *,
+                      seed: int = 0) -> dict[str, Any]:
+    """Keyword inputs for a Hugging Face model, built from its config and seeded.
+
+    Text models get random ``input_ids`` below ``vocab_size`` and an ``attention_mask`` in which every row
+    but the first ends in padding (zeros); vision models get ``pixel_values`` of shape
+    (batch, num_channels, image_size, image_size); encoder-decoders also get ``decoder_input_ids``; models
+    whose forward takes ``use_cache`` get ``use_cache=False`` (a cache is not a traceable output).
+
+    >>> from transformers import BertConfig, BertModel
+    >>> m = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+    ...                          intermediate_size=64, vocab_size=100))
+    >>> x = hf_example_inputs(m, 3, 6)
+    >>> tuple(x["input_ids"].shape), x["attention_mask"].tolist()[2]
+    ((3, 6), [1, 1, 0, 0, 0, 0])
+    """
+    config = model.config
+    main = getattr(model, "main_input_name", "input_ids")
+    gen = torch.Generator().manual_seed(seed)
+    if main == "pixel_values":
+        inputs = {"pixel_values": _pixel_values(config, batch, gen, _float_dtype(model))}
+    elif main == "input_ids":
+        seq = min(seq, _max_positions(config, seq))
+        inputs = {"input_ids": _token_ids(config, batch, seq, gen), "attention_mask": _padded_mask(batch, seq)}
+    else:
+        raise TraceError(f"{type(model).__name__}.main_input_name is {main!r}: growir builds example inputs only "
+                         "for 'input_ids' and 'pixel_values' models; pass example_inputs=(...) or {...} yourself")
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = _token_ids(config, batch, max(2, seq // 2), gen)
+    if "use_cache" in _forward_parameters(model):
+        inputs["use_cache"] = False
+    return inputs
+
+
+def _vocab_size(config) -> int:
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None and hasattr(config, "get_text_config"):
+        vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is None:
+        raise TraceError(f"{type(config).__name__} has no vocab_size to draw input_ids from; "
+                         "pass example_inputs yourself")
+    return int(vocab)
+
+
+def _max_positions(config, default: int) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def _token_ids(config, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, _vocab_size(config), (batch, seq), generator=gen)
+
+
+def _padded_mask(batch: int, seq: int) -> torch.Tensor:
+    """Row 0 is all ones; row i keeps a shrinking prefix of tokens (at least one) followed by padding."""
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for row in range(1, batch):
+        mask[row, max(1, seq - row * max(1, seq // batch)):] = 0
+    return mask
+
+
+def _pixel_values(config, batch: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    size = getattr(config, "image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    channels = getattr(config, "num_channels", 3)
+    return torch.randn(batch, channels, height, width, generator=gen).to(dtype)
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _forward_parameters(model: torch.nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # builtins and some wrapped forwards have no signature
+        return set()
+
+
+def normalize_inputs(example_inputs) -> Inputs:
+    """``(args, kwargs)`` from a tuple of positional arguments, a dict of keyword arguments, or one tensor."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TraceError(f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
+                     f"not {type(example_inputs).__name__}")
+
+
+def example_inputs_for(model: torch.nn.Module, example_inputs=None) -> Inputs:
+    """The traced example: the caller's inputs, or inputs built from a Hugging Face config."""
+    if example_inputs is not None:
+        return normalize_inputs(example_inputs)
+    if is_hf_model(model):
+        return (), hf_example_inputs(model)
+    raise TraceError(f"{type(model).__name__} is not a Hugging Face model (it has no .config), so growir cannot "
+                     "build inputs for it: pass example_inputs=(tensor, ...) or {'name': tensor, ...}")
+
+
+def dynamic_shapes_for(inputs: Inputs, static_axes: dict[str, tuple[int, ...]] | None = None):
+    """Every tensor axis ``Dim.AUTO`` (torch.export keeps it symbolic when it can), except ``static_axes``."""
+    static_axes = static_axes or {}
+
+    def spec(name, value):
+        if not isinstance(value, torch.Tensor):
+            return None
+        return {axis: torch.export.Dim.AUTO for axis in range(value.dim()) if axis not in static_axes.get(name, ())}
+
+    args, kwargs = inputs
+    arg_specs = tuple(pytree.tree_map(lambda v: spec(None, v), arg) if not isinstance(arg, torch.Tensor)
+                      else spec(None, arg) for arg in args)
+    kwarg_specs = {name: spec(name, value) for name, value in kwargs.items()}
+    if not kwargs:
+        return arg_specs
+    if not args:
+        return kwarg_specs
+    return arg_specs + tuple(kwarg_specs.values())
+
+
+# Images keep their spatial size: position embeddings are sized for it.
+HF_STATIC_AXES = {"pixel_values": (1, 2, 3)}
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Dropout off while tracing; the caller's train/eval flags are restored afterwards."""
+    flags = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+    except NotImplementedError:  # some torch.export'ed GraphModules refuse eval(); they trace as exported
+        flags = {}
+    try:
+        yield model
+    finally:
+        for module, training in flags.items():
+            module.training = training
+
+
+def to_onnx_program(model: torch.nn.Module, inputs: Inputs, *, dynamic: bool = True, opset: int | None = None,
+                    optimize: bool = True):
+    """``torch.onnx.export(..., dynamo=True)`` of ``model`` at ``inputs``; failures become a TraceError."""
+    args, kwargs = inputs
+    dynamic_shapes = dynamic_shapes_for(inputs, HF_STATIC_AXES if is_hf_model(model) else None) if dynamic else None
+    options = {"opset_version": opset} if opset is not None else {}
+    try:
+        with eval_mode(model), torch.no_grad():
+            return torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                     verbose=False, optimize=optimize, **options)
+    except Exception as error:  # torch.export and the ONNX translator raise many types; keep the cause chained
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise TraceError(f"ONNX export of {type(model).__name__} failed ({type(error).__name__}: {first_line}); "
+                         "run with the model's own inputs or check that torch.export.export(model, ...) works"
+                         ) from error
+
+
+def ort_session(onnx_path: str | os.PathLike):
+    """A CPU onnxruntime session for the file at ``onnx_path``."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT's warnings are not the user's concern here
+    return onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def run_session(session, inputs: Inputs) -> list[torch.Tensor]:
+    """Run ``session`` on ``inputs``; tensors are fed by name where the names match, else in order."""
+    args, kwargs = inputs
+    tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(tensors):
+        raise TraceError(f"the exported graph takes {len(names)} inputs ({', '.join(names)}) but {len(tensors)} "
+                         "tensors were given; export and run with the same example_inputs structure")
+    by_name = {name: value for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
+    if set(names) <= set(by_name):
+        feed = {name: by_name[name] for name in names}
+    else:
+        feed = dict(zip(names, tensors))
+    outputs = session.run(None, {name: value.detach().cpu().numpy() for name, value in feed.items()})
+    return [torch.from_numpy(out) for out in outputs]
+
+
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs=None, *,
+                opset: int | None = None) -> Path:
+    """Write ``model`` as an ONNX file with dynamic batch and sequence axes; return the path written.
+
+    Hugging Face text models take ``input_ids`` and ``attention_mask`` (both dynamic on batch and sequence);
+    other models take ``example_inputs`` and every axis torch.export can keep symbolic stays dynamic.
+    The file passes ``onnx.checker.check_model`` and is written atomically: into a temporary folder beside
+    ``path``, then moved into place, so a failure leaves nothing at ``path``. Weights stay inside the file
+    unless it would pass ONNX's 2 GB protobuf limit; then they go to ``<name>.data`` beside it.
+
+    >>> import growir, torch, tempfile, os
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     p = growir.export_onnx(torch.nn.Linear(3, 2), os.path.join(d, "lin.onnx"), (torch.randn(4, 3),))
+    ...     os.listdir(d)
+    ['lin.onnx']
+    """
+    import onnx
+
+    path = Path(path)
+    program = to_onnx_program(model, example_inputs_for(model, example_inputs), opset=opset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as staging:
+        staged = Path(staging) / path.name
+        program.save(staged)
+        onnx.checker.check_model(str(staged))  # by path: works for files with external data too
+        # the weights file (if any) first, so the model file never points at a missing one
+        for extra in sorted(Path(staging).iterdir()):
+            if extra != staged:
+                os.replace(extra, path.parent / extra.name)
+        os.replace(staged, path)
+    return path
+
