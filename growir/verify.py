@@ -25,8 +25,10 @@ only the order of summation changes.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,8 +260,46 @@ class _Run:
     ort: list[list[torch.Tensor]]
 
 
+# Exports of small models, by fingerprint (class, config, graph code, every weight's bytes, input signature):
+# checking several grown models against one source exports the source once. Big models are never cached.
+_CACHE_MAX_BYTES = 64 * 2**20
+_CACHE_ENTRIES = 4
+_export_cache: OrderedDict[str, object] = OrderedDict()
+
+
+def _fingerprint(model: torch.nn.Module, inputs: Inputs, dynamic: bool) -> str | None:
+    state = list(model.state_dict(keep_vars=False).items()) + list(model.named_buffers())
+    if sum(t.numel() * t.element_size() for _, t in state) > _CACHE_MAX_BYTES:
+        return None
+    digest = hashlib.blake2b(digest_size=20)
+    config = getattr(model, "config", None)
+    describe = [type(model).__module__, type(model).__qualname__, str(dynamic), getattr(model, "code", ""),
+                config.to_json_string() if hasattr(config, "to_json_string") else repr(config),
+                str(getattr(config, "_attn_implementation", None)),
+                repr(pytree.tree_map(lambda v: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v,
+                                     inputs))]
+    digest.update("\0".join(describe).encode())
+    for name, tensor in state:
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _onnx_program(model: torch.nn.Module, inputs: Inputs, dynamic: bool):
+    key = _fingerprint(model, inputs, dynamic)
+    if key is not None and key in _export_cache:
+        _export_cache.move_to_end(key)
+        return _export_cache[key]
+    program = to_onnx_program(model, inputs, dynamic=dynamic, optimize=False)
+    if key is not None:
+        _export_cache[key] = program
+        while len(_export_cache) > _CACHE_ENTRIES:
+            _export_cache.popitem(last=False)
+    return program
+
+
 def _run_both(model: torch.nn.Module, samples: list[Inputs], dynamic: bool, onnx_path: Path) -> _Run:
-    to_onnx_program(model, samples[0], dynamic=dynamic, optimize=False).save(onnx_path)
+    _onnx_program(model, samples[0], dynamic).save(onnx_path)
     session = ort_session(onnx_path)
     names, positions, torch_outs = [], [], []
     with eval_mode(model), torch.no_grad():
