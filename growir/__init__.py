@@ -1,0 +1,26 @@
+"""growir: grow a pretrained transformer into a larger one that starts out computing the same function.
+
+>>> import growir, torch
+>>> from transformers import BertConfig, BertModel
+>>> small = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+...                              intermediate_size=64, vocab_size=100))
+>>> big = growir.grow(small, width=2.0)
+>>> big.config.hidden_size
+64
+"""
+
+from .errors import (AnalysisError, GrowthError, MaterializeError, NotExactError, PreservationError,
+                     SpecError, TraceError, UnsupportedOpError)
+
+__all__ = ["GrowthError", "SpecError", "TraceError", "UnsupportedOpError", "AnalysisError", "NotExactError",
+           "MaterializeError", "PreservationError", "grow", "plan", "check", "export_onnx"]
+
+
+def __getattr__(name):  # lazy: importing growir stays cheap, torch/transformers load on first use
+    if name in ("grow", "plan", "Plan"):
+        from . import api
+        return getattr(api, name)
+    if name in ("check", "export_onnx", "CheckReport"):
+        from . import verify
+        return getattr(verify, name)
+    raise AttributeError(f"module 'growir' has no attribute {name!r}")

@@ -1,0 +1,220 @@
+"""The axis graph: every tensor axis in the program is a node; equal axes are joined by edges.
+
+Two axes joined by an edge index the same group with the same index map. Reshapes, slices and
+concatenations relate axes structurally: an axis may be the row-major *product* of finer axes
+(hidden -> heads x head_dim) or the *concatenation* of others (fused QKV -> q | k | v). Such an axis carries
+a ``Structure`` over finer atoms; a *leaf* is an axis class without structure, and the leaves are the width
+groups that can grow.
+
+The union-find gives cheap incremental merging (structures merge when their owners do); the mirrored
+``networkx`` graph keeps every edge with the op that created it, so ``why(a, b)`` can explain a grouping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
+
+import networkx as nx
+import sympy
+
+from ..errors import AnalysisError
+
+Axis = Hashable  # ("node_name", axis_index) for tensor axes, ("seg", k) for refinement atoms
+PROD, CAT = "prod", "cat"
+
+
+def as_expr(size) -> sympy.Expr:
+    """A tensor size (int, SymInt or sympy expression) as a sympy expression."""
+    if isinstance(size, int):
+        return sympy.Integer(size)
+    node = getattr(size, "node", None)
+    if node is not None:
+        return node.expr
+    return sympy.sympify(size)
+
+
+def divides(a: sympy.Expr, b: sympy.Expr) -> bool:
+    """Whether ``a`` divides ``b`` as a product of sizes (b / a is a polynomial in the shape symbols)."""
+    ratio = sympy.cancel(b / a)
+    _, den = sympy.fraction(ratio)
+    return den == 1 and (not ratio.is_number or (ratio.is_integer and ratio >= 1))
+
+
+@dataclass
+class Structure:
+    kind: str  # PROD (row-major: first part is the major one) or CAT
+    parts: list  # axis ids; their classes are found through the union-find
+
+
+@dataclass
+class AxisGraph:
+    graph: nx.Graph = field(default_factory=nx.Graph)
+    parent: dict = field(default_factory=dict)
+    size: dict = field(default_factory=dict)  # root -> sympy size
+    structure: dict = field(default_factory=dict)  # root -> Structure
+    _fresh: int = 0
+
+    # --- nodes -----------------------------------------------------------------------------------
+    def add(self, axis: Axis, size) -> Axis:
+        if axis not in self.parent:
+            self.parent[axis] = axis
+            self.size[axis] = as_expr(size)
+            self.graph.add_node(axis)
+        return axis
+
+    def fresh(self, size, why: str = "") -> Axis:
+        self._fresh += 1
+        axis = ("seg", self._fresh)
+        self.add(axis, size)
+        self.graph.nodes[axis]["why"] = why
+        return axis
+
+    def find(self, axis: Axis) -> Axis:
+        root = axis
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[axis] != root:  # path compression
+            self.parent[axis], axis = root, self.parent[axis]
+        return root
+
+    def size_of(self, axis: Axis) -> sympy.Expr:
+        return self.size[self.find(axis)]
+
+    # --- equalities ------------------------------------------------------------------------------
+    def unify(self, a: Axis, b: Axis, why: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        self.graph.add_edge(a, b, why=why)
+        if ra == rb:
+            return
+        if sympy.simplify(self.size[ra] - self.size[rb]) != 0:
+            raise AnalysisError(f"{why}: axes of sizes {self.size[ra]} and {self.size[rb]} were found equal; "
+                                f"growir's rule for this op is wrong or the graph is inconsistent")
+        sa, sb = self.structure.pop(ra, None), self.structure.pop(rb, None)
+        self.parent[rb] = ra
+        if sa is None:
+            if sb is not None:
+                self.structure[ra] = sb
+        elif sb is None:
+            self.structure[ra] = sa
+        else:
+            self.structure[ra] = sa
+            self._merge_structures(sa, sb, why)
+
+    def set_structure(self, axis: Axis, kind: str, parts: Sequence[Axis], why: str) -> None:
+        """Declare ``axis`` to be the product or concatenation of ``parts`` (merging with what it was)."""
+        parts = list(parts)
+        if len(parts) == 1:
+            self.unify(axis, parts[0], why)
+            return
+        root = self.find(axis)
+        for p in parts:
+            self.graph.add_edge(axis, p, why=why, structural=kind)
+        old = self.structure.get(root)
+        new = Structure(kind, parts)
+        if old is None:
+            self.structure[root] = new
+        else:
+            self._merge_structures(old, new, why)
+
+    def _merge_structures(self, a: Structure, b: Structure, why: str) -> None:
+        if a.kind != b.kind:
+            # A concatenation that is also a product: only the trivial case is understood.
+            raise AnalysisError(f"{why}: one axis is both split by a slice/split/cat and reshaped into a product; "
+                                f"growir cannot reconcile the two layouts")
+        self.align(a.kind, a.parts, b.parts, why)
+
+    # --- alignment (the reshape rule and its cat twin) ----------------------------------------------
+    def leaves(self, kind: str, parts: Sequence[Axis]) -> list:
+        """Flatten nested structures of the same kind into their finest parts."""
+        out = []
+        for p in parts:
+            s = self.structure.get(self.find(p))
+            if s is not None and s.kind == kind:
+                out.extend(self.leaves(kind, s.parts))
+            else:
+                out.append(p)
+        return out
+
+    def align(self, kind: str, a_parts: Sequence[Axis], b_parts: Sequence[Axis], why: str) -> None:
+        """Make two decompositions of one flat index agree: ``kind`` of ``a_parts`` == ``kind`` of ``b_parts``.
+
+        Cut points (running products for PROD, running sums for CAT) from both sides are merged into one
+        chain; each part becomes the ``kind`` of the segments it spans. For a reshape (s, 32) -> (4s, 8)
+        the chain is s | 4s | 32s, so 32 = 4 x 8 and 4s = s x 4.
+        """
+        a = [p for p in self.leaves(kind, a_parts) if not (kind == PROD and self.size_of(p) == 1)]
+        b = [p for p in self.leaves(kind, b_parts) if not (kind == PROD and self.size_of(p) == 1)]
+        if len(a) == len(b) and all(sympy.simplify(self.size_of(x) - self.size_of(y)) == 0 for x, y in zip(a, b)):
+            for x, y in zip(a, b):
+                self.unify(x, y, why)
+            return
+        cuts_a, cuts_b = self._cuts(kind, a), self._cuts(kind, b)
+        chain = self._merge_chains(kind, cuts_a, cuts_b, why)
+        segments = self._segments(kind, chain, why)
+        for parts, cuts in ((a, cuts_a), (b, cuts_b)):
+            start = 0
+            for part, end_cut in zip(parts, cuts):
+                end = chain.index(end_cut, start)
+                self.set_structure(part, kind, segments[start:end + 1], why)
+                start = end + 1
+
+    def _cuts(self, kind: str, parts: list) -> list:
+        cuts, acc = [], sympy.Integer(1 if kind == PROD else 0)
+        for p in parts:
+            acc = acc * self.size_of(p) if kind == PROD else acc + self.size_of(p)
+            cuts.append(sympy.expand(acc))
+        return cuts
+
+    def _merge_chains(self, kind: str, x: list, y: list, why: str) -> list:
+        chain, i, j = [], 0, 0
+        before = divides if kind == PROD else (lambda p, q: bool(sympy.simplify(q - p) >= 0))
+        while i < len(x) or j < len(y):
+            if i < len(x) and j < len(y) and sympy.simplify(x[i] - y[j]) == 0:
+                chain.append(x[i]); i += 1; j += 1
+            elif j >= len(y) or (i < len(x) and before(x[i], y[j])):
+                chain.append(x[i]); i += 1
+            elif i >= len(x) or before(y[j], x[i]):
+                chain.append(y[j]); j += 1
+            else:
+                raise AnalysisError(f"{why}: the layouts {x} and {y} cannot be aligned (neither boundary "
+                                    f"divides the other)")
+        return chain
+
+    def _segments(self, kind: str, chain: list, why: str) -> list:
+        segs, prev = [], sympy.Integer(1 if kind == PROD else 0)
+        for cut in chain:
+            size = sympy.cancel(cut / prev) if kind == PROD else sympy.simplify(cut - prev)
+            segs.append(self.fresh(size, why))
+            prev = cut
+        return segs
+
+    # --- queries ---------------------------------------------------------------------------------
+    def expand(self, axis: Axis) -> tuple:
+        """The axis as a tree over leaf roots: a leaf root, or (kind, [subtrees])."""
+        root = self.find(axis)
+        s = self.structure.get(root)
+        if s is None:
+            return root
+        return (s.kind, [self.expand(p) for p in s.parts])
+
+    def leaf_roots(self, axis: Axis) -> list:
+        tree = self.expand(axis)
+        out = []
+
+        def walk(t):
+            if isinstance(t, tuple) and len(t) == 2 and t[0] in (PROD, CAT) and isinstance(t[1], list):
+                for s in t[1]:
+                    walk(s)
+            elif t not in out:
+                out.append(t)
+        walk(tree)
+        return out
+
+    def why(self, a: Axis, b: Axis) -> list[str]:
+        """The chain of ops that made two axes equal (for error messages and the plan)."""
+        try:
+            path = nx.shortest_path(self.graph, a, b)
+        except (nx.NetworkXNoPath, nx.NodeNotFound):
+            return []
+        return [self.graph.edges[u, v]["why"] for u, v in zip(path, path[1:])]

@@ -1,0 +1,142 @@
+"""Width groups: the leaves of the axis graph, each with a role found from structure, never from names.
+
+- ``heads`` / ``kv_heads``: the head axis of an attention's query and key. When they differ (grouped-query
+  attention), the query heads are ``kv_heads x per_kv`` where ``per_kv`` was made by an expand; that
+  replica group has role ``heads`` and ``per_kv=True``.
+- ``head_dim``: the axis attention contracts between query and key (and the value's last axis).
+- ``hidden``: a group a norm reduces over (the residual stream; also separate streams like a projection).
+- ``ffn``: a group that parameters both write and contract, with only elementwise ops between.
+- anything else (vocabulary, positions, batch, sequence, task-head outputs) has no role and keeps its size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from .walker import Facts, ParamAxis, Read, SizeConst
+
+ROLES = ("hidden", "heads", "kv_heads", "head_dim", "ffn")
+
+
+@dataclass
+class Group:
+    id: int
+    root: object
+    size: int | None  # None for symbolic (batch/sequence) groups
+    role: str | None = None
+    per_kv: bool = False  # query heads per kv head (grouped-query attention)
+    pinned: str | None = None
+    producers: list = field(default_factory=list)  # ParamAxis copied along this group
+    consumers: list = field(default_factory=list)  # ParamAxis contracted over this group
+    reads: list = field(default_factory=list)  # Read
+    consts: list = field(default_factory=list)  # SizeConst
+    in_output: bool = False
+
+    @property
+    def label(self) -> str:
+        role = self.role or "-"
+        if self.per_kv:
+            role = "heads (per kv head)"
+        return f"g{self.id}:{role}"
+
+    def describe_reads(self) -> list[str]:
+        return sorted({f"{r.kind} at {r.where}" for r in self.reads})
+
+
+def _concrete(size: sympy.Expr) -> int | None:
+    return int(size) if size.is_Integer else None
+
+
+def find_groups(facts: Facts) -> list[Group]:
+    ag = facts.ag
+    groups: dict = {}
+
+    def group(root) -> Group:
+        if root not in groups:
+            groups[root] = Group(len(groups), root, _concrete(ag.size[root]))
+        return groups[root]
+
+    names = {**facts.params}
+    consumed = {(p, ag.find(a)) for p, a, _ in facts.consumed}
+    for node_name, state in names.items():
+        for i, axis in enumerate(facts.axes.get(node_name, [])):
+            root = ag.find(axis)
+            pa = ParamAxis(state, i)
+            for leaf in ag.leaf_roots(axis):
+                g = group(leaf)
+                (g.consumers if (state, root) in consumed else g.producers).append(pa)
+    _attach(facts, group)
+    result = [g for g in groups.values() if g.producers or g.consumers]
+    _assign_roles(facts, result)
+    for i, g in enumerate(sorted(result, key=_order)):
+        g.id = i
+    return sorted(result, key=_order)
+
+
+def _attach(facts: Facts, group) -> None:
+    ag = facts.ag
+    for r in facts.reads:
+        for leaf in ag.leaf_roots(r.axis):
+            group(leaf).reads.append(r)
+    for c in facts.consts:
+        axes = c.axis if isinstance(c.axis, tuple) and c.axis and isinstance(c.axis[0], tuple) else (c.axis,)
+        for a in axes:
+            if a is None:
+                continue
+            for leaf in ag.leaf_roots(a):
+                group(leaf).consts.append(c)
+    for axis, reason in facts.pins.items():
+        for leaf in ag.leaf_roots(axis):
+            g = group(leaf)
+            g.pinned = g.pinned or reason
+    for out in facts.outputs:
+        for axis in out or []:
+            for leaf in ag.leaf_roots(axis):
+                group(leaf).in_output = True
+
+
+def _assign_roles(facts: Facts, groups: list[Group]) -> None:
+    ag = facts.ag
+    by_root = {g.root: g for g in groups}
+    expanded = {ag.find(a) for a in facts.expanded} | {leaf for a in facts.expanded for leaf in ag.leaf_roots(a)}
+
+    def set_role(axis, role, per_kv=False):
+        for leaf in ag.leaf_roots(axis):
+            g = by_root.get(leaf)
+            if g is not None and g.role is None and g.size is not None:
+                g.role, g.per_kv = role, per_kv
+
+    for site in facts.attention:
+        q, v = site["q"], site["v"]
+        set_role(q[-1], "head_dim")
+        set_role(v[-1], "head_dim")
+        heads = ag.leaf_roots(q[1])
+        replicas = [leaf for leaf in heads if leaf in expanded]
+        for leaf in heads:  # kv heads repeated by an expand: query heads = kv_heads x per_kv
+            if not replicas:
+                set_role(leaf, "heads")
+            else:
+                set_role(leaf, "heads", per_kv=True) if leaf in replicas else set_role(leaf, "kv_heads")
+    for g in groups:  # attention written out as matmuls: contracted dim and batch (head) dims
+        kinds = {r.kind for r in g.reads}
+        if g.role is None and g.size is not None and "contract" in kinds:
+            g.role = "head_dim"
+    for g in groups:
+        if g.role is None and g.size is not None and "batch" in {r.kind for r in g.reads} and g.consumers:
+            g.role = "heads"
+    for g in groups:
+        if g.role is None and g.size is not None and any(r.kind == "norm" for r in g.reads):
+            g.role = "hidden"
+    for g in groups:
+        if g.role is None and g.size is not None and g.producers and g.consumers and not g.pinned:
+            g.role = "ffn"
+
+
+def _order(g: Group):
+    rank = ROLES.index(g.role) if g.role in ROLES else len(ROLES)
+    return (rank, str(g.root))
+
+
+__all__ = ["Group", "find_groups", "ROLES", "ParamAxis", "Read", "SizeConst"]

@@ -1,0 +1,249 @@
+"""Rules for ops that move, split, join or reshape axes.
+
+- A reshape keeps the row-major flat index: ``prod(in axes) == prod(out axes)``, aligned by ``AxisGraph.align``.
+- A slice, split or cat cuts one axis into consecutive parts: ``axis == cat(parts)``.
+- An expand or repeat creates a replica axis: ``out == prod(replicas, in)`` (grouped-query heads).
+Literal sizes in the op's arguments are recorded, so a rewritten graph can update them.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import sympy
+import torch.fx as fx
+
+from .walker import Walker, where
+
+INT_MAX = 2 ** 62
+
+
+def _is_int(e) -> bool:
+    return isinstance(e, sympy.Integer) or (isinstance(e, sympy.Expr) and e.is_Integer)
+
+
+def _record_size_list(w: Walker, node: fx.Node, argpos: int, out: list, offset: int = 0) -> None:
+    sizes = node.args[argpos] if len(node.args) > argpos else []
+    for i, s in enumerate(sizes):
+        axis = out[offset + i]
+        if isinstance(s, int) and s != -1:
+            w.const(node, ("args", argpos, i), axis)
+        elif isinstance(s, fx.Node) and s.target in (operator.mul, operator.floordiv):
+            for j, v in enumerate(s.args):
+                if isinstance(v, int):  # e.g. batch * num_heads computed as sym_size * 4
+                    w.const(node, ("sym", s.name, j), axis, "factor")
+
+
+def reshape(w: Walker, node: fx.Node) -> None:
+    x, out = w.ax(node.args[0]), w.out(node)
+    w.f.ag.align("prod", x, out, where(node))
+    name = node.target._overloadpacket.__name__
+    if name in ("view", "reshape", "_unsafe_view"):
+        _record_size_list(w, node, 1, out)
+    elif name == "unflatten":
+        _record_size_list(w, node, 2, out, offset=node.args[1] % len(x))
+
+
+def permute(w: Walker, node: fx.Node) -> None:
+    x, out = w.ax(node.args[0]), w.out(node)
+    name = node.target._overloadpacket.__name__
+    if name == "permute":
+        order = [d % len(x) for d in node.args[1]]
+    elif name == "t":
+        order = list(reversed(range(len(x))))
+    else:  # transpose / swapaxes
+        order = list(range(len(x)))
+        a, b = node.args[1] % len(x), node.args[2] % len(x)
+        order[a], order[b] = order[b], order[a]
+    for o, i in zip(out, order):
+        w.eq(x[i], o, node)
+
+
+def expand(w: Walker, node: fx.Node) -> None:
+    x, out = w.ax(node.args[0]), w.out(node)
+    lead = len(out) - len(x)
+    for i, a in enumerate(x):
+        o = out[lead + i]
+        if w.size(a) == w.size(o):
+            w.eq(a, o, node)
+        else:
+            w.f.expanded.add(o)
+    if node.target._overloadpacket.__name__ == "expand":
+        _record_size_list(w, node, 1, out)
+
+
+def repeat(w: Walker, node: fx.Node) -> None:
+    x, out = w.ax(node.args[0]), w.out(node)
+    reps = list(node.args[1])
+    lead = len(out) - len(x)
+    for i, r in enumerate(reps):
+        o = out[i]
+        src = x[i - lead] if i >= lead else None
+        if src is None:
+            w.f.expanded.add(o)
+        elif r == 1:
+            w.eq(src, o, node)
+        else:
+            rep = w.f.ag.fresh(r, f"repeat at `{node.name}`")
+            w.f.expanded.add(rep)
+            w.f.ag.set_structure(o, "prod", [rep, src], where(node))
+            w.const(node, ("args", 1, i), rep)
+
+
+def repeat_interleave(w: Walker, node: fx.Node) -> None:
+    x, out = w.ax(node.args[0]), w.out(node)
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
+    if dim is None or not isinstance(node.args[1], int):
+        for a in out:
+            w.pin(a, f"flattened by repeat_interleave at `{node.name}`")
+        return
+    dim %= len(x)
+    for i, (a, o) in enumerate(zip(x, out)):
+        if i != dim:
+            w.eq(a, o, node)
+    rep = w.f.ag.fresh(node.args[1], f"repeat_interleave at `{node.name}`")
+    w.f.expanded.add(rep)
+    w.f.ag.set_structure(out[dim], "prod", [x[dim], rep], where(node))
+    w.const(node, ("args", 1), rep)
+
+
+def select(w: Walker, node: fx.Node) -> None:
+    x, out = w.ax(node.args[0]), w.out(node)
+    dim = node.args[1] % len(x)
+    w.read(x[dim], "select", node, node.args[2])
+    for a, o in zip([a for i, a in enumerate(x) if i != dim], out):
+        w.eq(a, o, node)
+
+
+def _cut(w: Walker, node: fx.Node, axis, start, length, out_axis) -> None:
+    """``axis`` == cat(pre, out_axis, post) for a slice of ``length`` at ``start``; records the bounds."""
+    n = w.size(axis)
+    if not _is_int(n) or not isinstance(start, int) or not _is_int(w.size(out_axis)):
+        return  # sequence-axis slicing: unrelated axes
+    n, length = int(n), int(w.size(out_axis))
+    if start == 0 and length == n:
+        w.eq(axis, out_axis, node)
+        return
+    parts = []
+    if start > 0:
+        pre = w.f.ag.fresh(start, f"before the slice at `{node.name}`")
+        parts.append(pre)
+    parts.append(out_axis)
+    if start + length < n:
+        parts.append(w.f.ag.fresh(n - start - length, f"after the slice at `{node.name}`"))
+    w.f.ag.set_structure(axis, "cat", parts, where(node))
+    return parts
+
+
+def slice_(w: Walker, node: fx.Node) -> None:
+    x, out = w.ax(node.args[0]), w.out(node)
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(x)
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else INT_MAX
+    step = node.args[4] if len(node.args) > 4 else 1
+    for i, (a, o) in enumerate(zip(x, out)):
+        if i != dim:
+            w.eq(a, o, node)
+    if step != 1:
+        w.read(x[dim], "index", node)
+        return
+    n = w.size(x[dim])
+    if isinstance(start, int) and start < 0 and _is_int(n):
+        start += int(n)
+    parts = _cut(w, node, x[dim], start, None, out[dim]) if isinstance(start, int) else None
+    if parts:
+        pre = parts[0] if start > 0 else None
+        if pre is not None:
+            w.const(node, ("args", 2), pre, "size")
+        if isinstance(end, int) and end < INT_MAX:
+            w.const(node, ("args", 3), (pre, out[dim]) if pre is not None else out[dim], "end")
+    elif start == 0 and (not isinstance(end, int) or end >= INT_MAX) and w.size(x[dim]) == w.size(out[dim]):
+        w.eq(x[dim], out[dim], node)
+
+
+def narrow(w: Walker, node: fx.Node) -> None:
+    x, out = w.ax(node.args[0]), w.out(node)
+    dim = node.args[1] % len(x)
+    for i, (a, o) in enumerate(zip(x, out)):
+        if i != dim:
+            w.eq(a, o, node)
+    parts = _cut(w, node, x[dim], node.args[2], None, out[dim])
+    if parts:
+        if node.args[2] > 0:
+            w.const(node, ("args", 2), parts[0], "size")
+        w.const(node, ("args", 3), out[dim], "size")
+
+
+def _join(w: Walker, node: fx.Node, whole: list, pieces: list, dim: int) -> None:
+    """``whole[dim]`` == cat(piece[dim] for pieces); the other axes are equal."""
+    pieces = [p for p in pieces if p and not (w.size(p[dim]) == 0)]
+    for p in pieces:
+        for i, (a, o) in enumerate(zip(p, whole)):
+            if i != dim:
+                w.eq(a, o, node)
+    sizes = [w.size(p[dim]) for p in pieces]
+    if all(_is_int(s) for s in sizes):
+        w.f.ag.set_structure(whole[dim], "cat", [p[dim] for p in pieces], where(node))
+
+
+def cat(w: Walker, node: fx.Node) -> None:
+    out = w.out(node)
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % len(out)
+    _join(w, node, out, [w.ax(t) for t in node.args[0]], dim)
+
+
+def split(w: Walker, node: fx.Node) -> None:
+    x = w.ax(node.args[0])
+    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(x)
+    parts = w.tuple_out(node)
+    _join(w, node, x, parts, dim)
+    name = node.target._overloadpacket.__name__
+    if name == "split" and isinstance(node.args[1], int):
+        w.const(node, ("args", 1), parts[0][dim], "size")
+    elif name == "split_with_sizes":
+        for i, p in enumerate(parts):
+            w.const(node, ("args", 1, i), p[dim], "size")
+
+
+def chunk(w: Walker, node: fx.Node) -> None:
+    x = w.ax(node.args[0])
+    dim = (node.args[2] if len(node.args) > 2 else 0) % len(x)
+    _join(w, node, x, w.tuple_out(node), dim)
+
+
+def unbind(w: Walker, node: fx.Node) -> None:
+    x = w.ax(node.args[0])
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(x)
+    w.read(x[dim], "index", node)
+    for t in w.tuple_out(node):
+        for a, o in zip([a for i, a in enumerate(x) if i != dim], t):
+            w.eq(a, o, node)
+
+
+def stack(w: Walker, node: fx.Node) -> None:
+    out = w.out(node)
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(out)
+    rest = [a for i, a in enumerate(out) if i != dim]
+    for t in node.args[0]:
+        for a, o in zip(w.ax(t), rest):
+            w.eq(a, o, node)
+
+
+def pad(w: Walker, node: fx.Node) -> None:
+    x, out = w.ax(node.args[0]), w.out(node)
+    for a, o in zip(x, out):
+        if w.size(a) == w.size(o):
+            w.eq(a, o, node)
+        else:
+            w.read(a, "index", node)
+
+
+SHAPE_RULES = {f"aten.{n}": reshape for n in ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze",
+                                                "unsqueeze", "view_as", "reshape_as")}
+SHAPE_RULES.update({f"aten.{n}": permute for n in ("permute", "transpose", "t", "swapaxes")})
+SHAPE_RULES.update({f"aten.{n}": expand for n in ("expand", "expand_as", "broadcast_to")})
+SHAPE_RULES.update({"aten.repeat": repeat, "aten.repeat_interleave": repeat_interleave, "aten.select": select,
+                    "aten.slice": slice_, "aten.narrow": narrow, "aten.cat": cat, "aten.concat": cat,
+                    "aten.split": split, "aten.split_with_sizes": split, "aten.unsafe_split": split,
+                    "aten.chunk": chunk, "aten.unbind": unbind, "aten.stack": stack, "aten.constant_pad_nd": pad,
+                    "aten.pad": pad})

@@ -1,0 +1,229 @@
+"""Walk an exported aten graph once, applying one rule per op, and collect the facts growth needs.
+
+The facts are deliberately plain records: which parameter axes a group is *produced* on (copied) and
+*consumed* on (contracted, so split by copy count), which ops *read* a group in a way that can break
+exactness (a mean, a sum, a softmax, a contraction between two activations), which graph constants
+carry a group's size, and which axes are *pinned* (model inputs, vocabularies, kernels) and never grow.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..errors import UnsupportedOpError
+from .axes import AxisGraph
+
+LAYOUT_OPS = {"aten.to", "aten._to_copy", "aten.t", "aten.transpose", "aten.permute", "aten.contiguous",
+              "aten.alias", "aten.detach", "aten.clone", "aten.type_as", "aten.lift_fresh_copy",
+              "aten.view", "aten.reshape", "aten._unsafe_view"}
+
+
+def op_name(node: fx.Node) -> str:
+    """'aten.linear' for aten.linear.default; the function name for Python callables."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"aten.{target._overloadpacket.__name__}"
+    return getattr(target, "__name__", str(target))
+
+
+def module_of(node: fx.Node) -> tuple[str, str]:
+    """(module path, class name) of the innermost module the node came from, or ('<top>', '')."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<top>", ""
+    path, cls = list(stack.values())[-1]
+    cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return path or "<top>", cls_name.rsplit(".", 1)[-1]
+
+
+def where(node: fx.Node) -> str:
+    path, cls = module_of(node)
+    return f"`{node.name}` ({op_name(node)}) in module `{path}`" + (f" ({cls})" if cls else "")
+
+
+@dataclass(frozen=True)
+class ParamAxis:
+    param: str  # state_dict name
+    axis: int
+
+
+@dataclass
+class Read:
+    """An op that reads a group beyond copying it elementwise."""
+    axis: object
+    kind: str  # norm | max | sum | softmax | index | contract | select | scale
+    node: str
+    where: str
+    detail: object = None
+
+
+@dataclass
+class SizeConst:
+    """A literal in the graph that equals (a factor of) an axis's size: view sizes, split sizes, slice bounds."""
+    node: str
+    path: tuple  # ("args", i) | ("args", i, j) | ("sym", node_name, i)
+    axis: object
+    kind: str  # size | split | start | end
+
+
+@dataclass
+class Facts:
+    ag: AxisGraph = field(default_factory=AxisGraph)
+    axes: dict = field(default_factory=dict)  # node name -> [axis ids] (tensor outputs)
+    tuple_axes: dict = field(default_factory=dict)  # node name -> [[axis ids]] (tuple outputs)
+    params: dict = field(default_factory=dict)  # get_attr node name -> state_dict name (parameters)
+    buffers: dict = field(default_factory=dict)  # get_attr node name -> state_dict name (buffers)
+    inputs: list = field(default_factory=list)  # placeholder node names
+    outputs: list = field(default_factory=list)  # [[axis ids] or None] per flat output
+    consumed: list = field(default_factory=list)  # (param state name, axis id, op node name): contracted
+    produced: set = field(default_factory=set)  # param state names used by a non-contracting op (copied)
+    aliases: dict = field(default_factory=dict)  # state name -> the state name the graph uses for that tensor
+    reads: list = field(default_factory=list)
+    consts: list = field(default_factory=list)
+    pins: dict = field(default_factory=dict)  # axis id -> reason
+    expanded: set = field(default_factory=set)  # axis ids created by expand/repeat (kv-group replicas)
+    attention: list = field(default_factory=list)  # dicts: node, q, k, v, out axes, scale given?
+    norms: list = field(default_factory=list)  # (node name, [normalized axis ids])
+    param_uses: dict = field(default_factory=lambda: defaultdict(set))  # state name -> {op node names}
+
+
+class Walker:
+    """Applies the op rules (``growir.analysis.rules.RULES``) to every node of a graph."""
+
+    def __init__(self, gm: fx.GraphModule, rules: dict):
+        self.gm = gm
+        self.rules = rules
+        self.f = Facts()
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        param_ids = {id(p) for p in gm.parameters()}
+        used = {}
+        for n in gm.graph.nodes:
+            if n.op == "get_attr":
+                obj = _fetch(gm, n.target)
+                if isinstance(obj, torch.Tensor) and n.users:
+                    (self.f.params if id(obj) in param_ids else self.f.buffers)[n.name] = n.target
+                    used[id(obj)] = n.target
+        for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+            if id(t) in used and used[id(t)] != name:
+                self.f.aliases[name] = used[id(t)]
+
+    # --- axis helpers used by the rules ----------------------------------------------------------------
+    def ax(self, arg) -> list:
+        """The axis ids of a tensor-valued argument (an fx Node)."""
+        if not isinstance(arg, fx.Node):
+            return []
+        if arg.name in self.f.axes:
+            return self.f.axes[arg.name]
+        val = arg.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return []
+        ids = [self.f.ag.add((arg.name, i), s) for i, s in enumerate(val.shape)]
+        self.f.axes[arg.name] = ids
+        return ids
+
+    def out(self, node: fx.Node) -> list:
+        return self.ax(node)
+
+    def tuple_out(self, node: fx.Node) -> list:
+        if node.name not in self.f.tuple_axes:
+            vals = node.meta.get("val") or []
+            self.f.tuple_axes[node.name] = [
+                [self.f.ag.add((node.name, k, i), s) for i, s in enumerate(v.shape)]
+                if isinstance(v, torch.Tensor) else [] for k, v in enumerate(vals)]
+        return self.f.tuple_axes[node.name]
+
+    def eq(self, a, b, node: fx.Node) -> None:
+        self.f.ag.unify(a, b, where(node))
+
+    def size(self, axis):
+        return self.f.ag.size_of(axis)
+
+    def read(self, axis, kind: str, node: fx.Node, detail=None) -> None:
+        self.f.reads.append(Read(axis, kind, node.name, where(node), detail))
+
+    def pin(self, axis, reason: str) -> None:
+        self.f.pins.setdefault(axis, reason)
+
+    def const(self, node: fx.Node, path: tuple, axis, kind: str = "size") -> None:
+        self.f.consts.append(SizeConst(node.name, path, axis, kind))
+
+    def param_of(self, arg) -> str | None:
+        """The state_dict name of the parameter an operand is, through layout-only ops; else None."""
+        while isinstance(arg, fx.Node):
+            if arg.op == "get_attr":
+                return self.f.params.get(arg.name)
+            if arg.op != "call_function" or op_name(arg) not in LAYOUT_OPS:
+                return None
+            arg = arg.args[0]
+        return None
+
+    def contract(self, a, a_axis, b, b_axis, node: fx.Node) -> None:
+        """Record a contraction of ``a`` and ``b`` over equal axes: a parameter operand is a *consumer* of
+        the group (its copies are split by count); two activations make an activation read."""
+        pa, pb = self.param_of(a), self.param_of(b)
+        for p, axis in ((pa, a_axis), (pb, b_axis)):
+            if p is not None:
+                self.f.consumed.append((p, axis, node.name))
+        if pa is None and pb is None:
+            self.read(a_axis, "contract", node)
+
+    def produce(self, operand) -> None:
+        """Record a parameter used without contraction (copied along its groups by a growth)."""
+        p = self.param_of(operand)
+        if p is not None:
+            self.f.produced.add(p)
+
+    # --- the walk ------------------------------------------------------------------------------------
+    def run(self) -> Facts:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.f.inputs.append(node.name)
+                for a in self.ax(node):
+                    self.pin(a, f"an axis of the model input `{node.name}`")
+            elif node.op == "get_attr":
+                self.ax(node)
+            elif node.op == "call_function":
+                self._apply(node)
+            elif node.op == "output":
+                flat = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+                self.f.outputs = [self.ax(a) if isinstance(a, fx.Node) else None for a in flat]
+            elif node.op in ("call_module", "call_method") and _has_tensor(node.meta.get("val")):
+                raise UnsupportedOpError(f"{node.op} `{node.target}` at `{node.name}`: growir reads aten-level "
+                                         f"graphs from torch.export; this graph was not fully lowered")
+        for pname in list(self.f.params) + list(self.f.buffers):
+            node = self.nodes[pname]
+            for user in node.users:
+                self.f.param_uses[self.f.params.get(pname) or self.f.buffers[pname]].add(user.name)
+        return self.f
+
+    def _apply(self, node: fx.Node) -> None:
+        name = op_name(node)
+        rule = self.rules.get(name)
+        if rule is None:
+            if not _has_tensor(node.meta.get("val")):
+                return  # symbolic-size arithmetic and assertions carry no tensor axes
+            raise UnsupportedOpError(
+                f"growir has no rule for the op `{node.target}` at {where(node)}. It stops rather than guess "
+                f"how the op treats tensor axes; add a rule for it in growir/analysis/rules.py")
+        rule(self, node)
+
+
+def _has_tensor(val) -> bool:
+    if isinstance(val, torch.Tensor):
+        return True
+    if isinstance(val, (list, tuple)):
+        return any(_has_tensor(v) for v in val)
+    return False
+
+
+def _fetch(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj

@@ -1,0 +1,217 @@
+"""growir's entry points: ``plan`` (what would grow) and ``grow`` (grow it)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+
+from .errors import MaterializeError, NotExactError, PreservationError, SpecError
+from .frontend import capture
+from .plan import Plan, make_plan, resolve_width
+from .passes.depth import DEPTH_METHODS, depth_rules, schedule, target_layers
+from .passes.exactness import compensate_tied, deviations
+from .passes.width import group_maps, tree_map, width_rules
+from .verify_torch import measure, output_maps
+
+WIDTH_METHODS = ("fpi",)
+TOLERANCE = 1e-5  # max|Δ| <= TOLERANCE * max(1, max|y|) in float32 counts as exact
+
+
+def plan(model: torch.nn.Module, example_inputs=None) -> Plan:
+    """The width groups and blocks growir finds in ``model``; ``print(plan)`` shows them as a table.
+
+    >>> import growir
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> p = growir.plan(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100)))
+    >>> len(p.by_role("heads")) > 0
+    True
+    """
+    return make_plan(capture(model, example_inputs))
+
+
+@dataclass
+class GrowthRecord:
+    """What a growth did: kept on the grown model as ``growir_record``."""
+    plan: Plan
+    sizes: dict  # group id -> new size
+    layers: dict = field(default_factory=dict)  # block prefix -> (old count, new count, method)
+    reasons: list = field(default_factory=list)  # why the growth is not exact (empty: exact)
+    deviation: float | None = None  # measured max|Δ| / max(1, max|y|)
+    output_maps: list = field(default_factory=list)  # per flat output, per axis: index map or None
+    config_changes: dict = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+
+    @property
+    def exact(self) -> bool:
+        return not self.reasons
+
+    def __str__(self) -> str:
+        from .report import record_table
+        return record_table(self)
+
+
+def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="fpi", depth_method="auto",
+         example_inputs=None, strict=False, seed=0, verify=False):
+    """Grow ``model`` wider and deeper, starting from the same function where mathematics allows.
+
+    Returns an instance of the same class for Hugging Face models (config updated), else a rewritten
+    ``torch.fx.GraphModule``. The source is never modified. ``grown.growir_record`` says what was done.
+
+    >>> import growir
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> small = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    >>> big = growir.grow(small, width=2.0, depth=2)
+    >>> (big.config.hidden_size, big.config.num_attention_heads, big.config.num_key_value_heads,
+    ...  big.config.num_hidden_layers)
+    (64, 8, 4, 4)
+    """
+    if width_method not in WIDTH_METHODS:
+        raise SpecError(f"unknown width_method {width_method!r}: choose one of {', '.join(WIDTH_METHODS)}")
+    if depth_method not in DEPTH_METHODS:
+        raise SpecError(f"unknown depth_method {depth_method!r}: choose one of {', '.join(DEPTH_METHODS)}")
+    p = plan(model, example_inputs)
+    sizes = resolve_width(p, width)
+    wants_depth = layers is not None or float(depth) != 1.0
+    if wants_depth and not p.blocks:
+        raise SpecError("depth growth asked for, but growir found no repeated blocks in the model")
+    depth_plan = [(b, target_layers(b.count, depth, layers)) for b in (p.blocks if wants_depth else [])]
+    built = _build(p, sizes, depth_plan, depth_method, seed)
+    if p.captured.is_hf:
+        built = _fit_config(model, p, sizes, depth_plan, depth_method, seed, built)
+    if strict and built.record.reasons:
+        raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(built.record.reasons))
+    record, grown = built.record, built.grown
+    record.params_before = sum(t.numel() for t in model.parameters())
+    record.params_after = sum(t.numel() for t in grown.parameters())
+    record.deviation = measure(model, grown, p.captured, record.output_maps)
+    grown.growir_record = record
+    _judge(record, verify, model, grown)
+    return grown
+
+
+@dataclass
+class _Built:
+    record: GrowthRecord
+    state: dict
+    grown: torch.nn.Module
+    maps: dict
+
+
+def _build(p: Plan, sizes: dict, depth_plan: list, depth_method: str, seed: int) -> _Built:
+    """Index maps -> per-tensor rules -> grown tensors -> rewritten GraphModule."""
+    from .materialize import build_graph_module
+    from .passes.constants import rewrite_constants
+    maps = group_maps(p, sizes, seed)
+    wres = width_rules(p, maps)
+    reasons = deviations(p, maps) + compensate_tied(p, maps, wres)
+    rules, schedules, layer_info = dict(wres.rules), [], {}
+    for b, new in depth_plan:
+        sched = schedule(b, new, depth_method)
+        rules.update(depth_rules(sched, wres.rules))
+        schedules.append(sched)
+        layer_info[b.prefix] = (b.count, new, sched.method)
+        if not sched.exact:
+            reasons.append(f"depth growth of `{b.prefix}` by `{sched.method}` is not function-preserving"
+                           + (" (its blocks are post-norm)" if sched.method == "identity" else ""))
+    source_state = _state(p)
+    state = {name: rule.apply(source_state[rule.source]) for name, rule in rules.items()}
+    gm = p.captured.gm
+    params = set(dict(gm.named_parameters(remove_duplicate=False))) | (
+        set(rules) - set(dict(gm.named_buffers(remove_duplicate=False))))
+    grown = build_graph_module(gm, state, params, schedules, lambda g: rewrite_constants(p, maps, g))
+    record = GrowthRecord(p, dict(sizes), layer_info, reasons, output_maps=output_maps(p, maps))
+    return _Built(record, state, grown, maps)
+
+
+def _fit_config(model, p: Plan, sizes: dict, depth_plan, depth_method, seed, built: _Built) -> _Built:
+    """Rebuild the Hugging Face class. Output-only groups (a pooler) take the size the config gives them."""
+    from .materialize import candidate_configs, load_hf
+    free = [g for g in p.groups if g.role is None and g.size and not g.pinned and g.producers
+            and not g.consumers and g.in_output]
+    free_axes = {(pa.param, pa.axis) for g in free for pa in g.producers}
+    expected = {k: tuple(None if (p.facts.aliases.get(k, k), i) in free_axes else n for i, n in enumerate(v.shape))
+                for k, v in built.state.items()}
+    pairs = _size_pairs(p, built.maps, {b.prefix: (b.count, n, "") for b, n in depth_plan})
+    heads = _head_pairs(p, built.maps)
+    tried = []
+    for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads):
+        extra = {}
+        for g in free:
+            size = shapes[g.producers[0].param][g.producers[0].axis]
+            if size != g.size and all(shapes[q.param][q.axis] == size for q in g.producers):
+                extra[g.id] = size
+        candidate = _build(p, {**sizes, **extra}, depth_plan, depth_method, seed) if extra else built
+        grown = load_hf(model, cfg, candidate.state)
+        deviation = measure(candidate.grown, grown, p.captured, [None] * len(p.facts.outputs), quick=True)
+        if deviation <= TOLERANCE:
+            candidate.grown, candidate.record.config_changes = grown, changes
+            return candidate
+        tried.append(f"{changes} (differs from the rewritten graph by {deviation:.2g})")
+    raise MaterializeError(f"every config that fits the grown shapes computes something else than the rewritten "
+                           f"graph: {'; '.join(tried[:4])}. growir found no faithful {type(model).__name__}; "
+                           f"nothing was returned")
+
+
+def _head_pairs(p: Plan, maps: dict) -> dict:
+    """old -> {new} query-head counts: sizes that shape attention but no parameter."""
+    ag, out = p.facts.ag, {}
+    for site in p.facts.attention:
+        _, _, old, new = tree_map(ag.expand(site["q"][1]), ag, maps)
+        old, new = sympy.sympify(old), sympy.sympify(new)
+        if old.is_Integer and old != new:
+            out.setdefault(int(old), set()).add(int(new))
+    return out
+
+
+def _judge(record: GrowthRecord, verify: bool, model, grown) -> None:
+    if record.exact and record.deviation > TOLERANCE:
+        raise PreservationError(f"this growth should be exact but its outputs moved by {record.deviation:.3g} "
+                                f"(relative to max(1, max|y|)); this is a growir bug: please report it with "
+                                f"the model's config")
+    if not record.exact:
+        warnings.warn(f"growir: the grown model is not function-preserving (measured deviation "
+                      f"{record.deviation:.3g}): " + "; ".join(record.reasons), stacklevel=3)
+    if verify:
+        from .verify import check
+        report = check(model, grown)
+        record.check = report
+        if record.exact and not report.preserved:
+            raise PreservationError(f"ONNX Runtime says the grown model does not preserve the function:\n{report}")
+
+
+def _state(p: Plan) -> dict:
+    gm = p.captured.gm
+    return {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+
+
+def _hf_state(model, state: dict) -> dict:
+    """The grown tensors under the model's own state_dict names (ties included)."""
+    return state
+
+
+def _size_pairs(p: Plan, maps: dict, layer_info: dict) -> dict:
+    """old size -> {new sizes} over every parameter axis and attention head count that changed."""
+    ag, pairs = p.facts.ag, {}
+
+    def add(axis):
+        _, _, old, new = tree_map(ag.expand(axis), ag, maps)
+        old, new = sympy.sympify(old), sympy.sympify(new)
+        if old.is_Integer and new.is_Integer and old != new:
+            pairs.setdefault(int(old), set()).add(int(new))
+    for m in maps.values():
+        pairs.setdefault(m.old, set()).add(m.new)
+    for node in list(p.facts.params) + list(p.facts.buffers):
+        for axis in p.facts.axes.get(node, []):
+            add(axis)
+    for site in p.facts.attention:
+        for axis in (site["q"][1], site["k"][1], site["q"][-1]):
+            add(axis)
+    for old, new, _ in layer_info.values():
+        if new != old:
+            pairs.setdefault(old, set()).add(new)
+    return pairs

@@ -1,0 +1,187 @@
+"""Materialize: the grown tensors as a rewritten GraphModule, or as the model's own class rebuilt from an
+updated config. Config field names are used only here, to rebuild; every rebuilt shape is checked
+against the grown tensors before anything is loaded, and a mismatch loads nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+import torch.fx as fx
+
+from .errors import MaterializeError
+from .passes.depth import Schedule
+
+
+# --- the rewritten GraphModule ----------------------------------------------------------------------------------
+def set_tensor(root: torch.nn.Module, dotted: str, value: torch.Tensor, as_param: bool) -> None:
+    *path, leaf = dotted.split(".")
+    mod = root
+    for part in path:
+        if not hasattr(mod, part):
+            mod.add_module(part, torch.nn.Module())
+        mod = getattr(mod, part)
+    if leaf in mod._parameters:
+        del mod._parameters[leaf]
+    if leaf in mod._buffers:
+        del mod._buffers[leaf]
+    if as_param:
+        mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
+    else:
+        mod.register_buffer(leaf, value)
+
+
+def build_graph_module(gm: fx.GraphModule, state: dict, params: set, schedules: list[Schedule],
+                       rewrite=None) -> fx.GraphModule:
+    """A copy of ``gm`` holding the grown tensors, its size literals rewritten, blocks copied per schedule."""
+    new = copy.deepcopy(gm)
+    if rewrite is not None:
+        rewrite(new)
+    for sched in schedules:
+        _copy_blocks(new, sched)
+    for name, tensor in state.items():
+        set_tensor(new, name, tensor, name in params)
+    new.graph.eliminate_dead_code()
+    new.graph.lint()
+    new.recompile()
+    return new
+
+
+def _copy_blocks(gm: fx.GraphModule, sched: Schedule) -> None:
+    """Re-emit the block region of ``gm``'s graph as the schedule's sequence of block copies."""
+    b = sched.blocks
+    names = [[n.name for n in ns] for ns in b.nodes]
+    by_name = {n.name: n for n in gm.graph.nodes}
+    blocks = [[by_name[x] for x in ns] for ns in names]
+    inside = {n for ns in blocks for n in ns}
+    chain_in = by_name[b.chain_in[0].name]
+    last_out = by_name[b.chain_out[-1].name]
+    order = list(gm.graph.nodes)
+    first = min(order.index(ns[0]) for ns in blocks)
+    last = max(order.index(ns[-1]) for ns in blocks)
+    between = [n for n in order[first:last + 1] if n not in inside]
+    if any(a in inside for n in between for a in n.all_input_nodes):
+        raise MaterializeError(f"nodes between the blocks of `{b.prefix}` read block outputs; growir cannot "
+                               f"reorder them to copy blocks")
+    for n in between:  # they only read earlier values: move them before the block region
+        order[first].prepend(n)
+    current = chain_in
+    cursor = blocks[0][0]
+    for pos, src in enumerate(sched.sources):
+        env = {by_name[b.chain_in[src].name] if src else chain_in: current}
+        src_path, dst_path = b.paths[src] + ".", f"{b.prefix}.{pos}."
+        for n in blocks[src]:
+            for a in n.all_input_nodes:
+                if a.op == "get_attr" and a not in env and a.target.startswith(src_path):
+                    with gm.graph.inserting_before(cursor):
+                        env[a] = gm.graph.get_attr(dst_path + a.target[len(src_path):])
+            with gm.graph.inserting_before(cursor):
+                copied = gm.graph.node_copy(n, lambda a: env.get(a, a))
+            env[n] = copied
+        current = env[by_name[b.chain_out[src].name]]
+    last_out.replace_all_uses_with(current, delete_user_cb=lambda u: u not in inside)
+    for ns in reversed(blocks):
+        for n in reversed(ns):
+            gm.graph.erase_node(n)
+
+
+# --- the Hugging Face class, rebuilt from its config --------------------------------------------------------------
+def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict, max_tries: int = 64):
+    """Configs whose rebuilt parameter shapes match the grown ones, most likely first.
+
+    ``expected`` maps each state_dict name to its grown shape; an axis given as None matches any size
+    (an output-only group the config decides, like a pooler). ``size_pairs`` maps an old size to the new
+    sizes it may become. Candidate fields are int fields holding such an old size. Fields that change
+    shapes are searched for the smallest change that reproduces every grown shape; fields that change no
+    shape but hold a head count (``head_pairs``) are tried changed, then kept, because a head count
+    shapes the computation, not the parameters. The caller checks each candidate numerically.
+    Yields (config dict, changes, rebuilt shapes).
+    """
+    base = model.config.to_dict()
+    fields = {k: v for k, v in base.items() if isinstance(v, int) and not isinstance(v, bool) and v in size_pairs}
+    base_shapes = _shapes(model, base)
+    relevant = {k: v for k, v in fields.items() if any(_shapes(model, {**base, k: n}) != base_shapes
+                                                       for n in size_pairs[v] if n != v)}
+    neutral = [(k, n) for k, v in fields.items() if k not in relevant and v in head_pairs for n in head_pairs[v]]
+    options = [[(k, n) for n in sorted(size_pairs[v]) if n != v] for k, v in relevant.items()]
+    tried, found = 0, False
+    for keep in range(len(options) + 1):
+        for reverted in itertools.combinations(range(len(options)), keep):
+            choices = [[None] if i in reverted else opts for i, opts in enumerate(options)]
+            for combo in itertools.product(*choices):
+                changes = dict(c for c in combo if c is not None)
+                shapes = _shapes(model, {**base, **changes})
+                tried += 1
+                if _matches(shapes, expected):
+                    found = True
+                    for n_kept in range(len(neutral) + 1):
+                        for kept in itertools.combinations(range(len(neutral)), n_kept):
+                            extra = dict(c for i, c in enumerate(neutral) if i not in kept)
+                            yield {**base, **changes, **extra}, {**changes, **extra}, shapes
+                if tried >= max_tries:
+                    break
+    if not found:
+        diff = _first_mismatch(_shapes(model, {**base, **dict(o[0] for o in options if o)}), expected)
+        raise MaterializeError(
+            f"no change of {type(model.config).__name__}'s size fields ({', '.join(relevant) or 'none'}) rebuilds "
+            f"{type(model).__name__} with the grown shapes ({diff}); nothing was loaded. Give a width dict whose "
+            f"sizes the config can express, or grow a plain nn.Module to get a rewritten GraphModule")
+
+
+def _matches(shapes, expected) -> bool:
+    """Every tensor of the rebuilt model exists among the grown ones with the same shape (None: any size).
+    Grown tensors the rebuilt model lacks are non-persistent buffers it recomputes itself."""
+    if shapes is None or set(shapes) - set(expected):
+        return False
+    return all(len(s) == len(expected[k]) and all(e is None or e == x for e, x in zip(expected[k], s))
+               for k, s in shapes.items())
+
+
+def _shapes(model, cfg_dict: dict):
+    cfg = _config(model, cfg_dict)
+    if cfg is None:
+        return None
+    try:
+        with torch.device("meta"):
+            m = type(model)(cfg)
+    except Exception:  # noqa: BLE001 - an inconsistent config is simply not a candidate
+        return None
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def _config(model, cfg_dict: dict):
+    try:
+        return type(model.config).from_dict(cfg_dict)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _first_mismatch(shapes, expected) -> str:
+    if shapes is None:
+        return "the config cannot be built"
+    for k in sorted(set(shapes) | set(expected)):
+        if not _matches({k: shapes[k]} if k in shapes else None, {k: expected[k]} if k in expected else {}):
+            return f"`{k}`: rebuilt {shapes.get(k)}, grown {expected.get(k)}"
+    return "all shapes match"
+
+
+def load_hf(model, cfg_dict: dict, state: dict):
+    """Instantiate the rebuilt class and load ``state`` into it, after checking every shape exactly."""
+    cfg = _config(model, cfg_dict)
+    rebuilt = _shapes(model, cfg_dict)
+    grown = {k: tuple(v.shape) for k, v in state.items() if k in (rebuilt or {})}
+    if rebuilt is None or not _matches(rebuilt, grown) or set(rebuilt) - set(state):
+        raise MaterializeError(f"the rebuilt {type(model).__name__} does not fit the grown tensors "
+                               f"({_first_mismatch(rebuilt, grown)}); nothing was loaded")
+    dtype = next(model.parameters()).dtype
+    new = type(model)(cfg).to(dtype)
+    own = new.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise MaterializeError(f"the rebuilt {type(model).__name__} has tensors growir did not produce: "
+                               f"{missing[:4]}; nothing was loaded")
+    new.load_state_dict({k: state[k] for k in own}, strict=True)
+    new.eval() if not model.training else new.train()
+    return new

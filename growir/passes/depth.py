@@ -1,0 +1,81 @@
+"""Depth growth: which old block each new block copies, and which new blocks start as identities.
+
+- ``stack`` (StackBERT, bert2BERT): blocks 1..L, then 1..L again; a remainder comes from the top.
+- ``interpolate``: each block followed by its copies (MSLT-style, LiGO's "interlace").
+- ``identity``: the ``interpolate`` order, but each added block has its residual writers (the parameters
+  that write the residual stream: attention output and FFN down projections) zeroed, so it adds nothing.
+  Exact for pre-norm blocks: x + 0 = x. Post-norm blocks apply a norm to the residual: never exact.
+Neither ``stack`` nor ``interpolate`` preserves the function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..analysis.blocks import Blocks
+from ..errors import AnalysisError, SpecError
+from .tensor_rule import TensorRule
+
+DEPTH_METHODS = ("auto", "stack", "interpolate", "identity")
+
+
+@dataclass
+class Schedule:
+    blocks: Blocks
+    sources: list  # per new position: the old block index it copies
+    fresh: list  # per new position: True where the block is added (not one of the originals in place)
+    method: str
+
+    @property
+    def exact(self) -> bool:
+        return self.method == "identity" and self.blocks.pre_norm
+
+
+def target_layers(count: int, depth, layers) -> int:
+    if layers is not None:
+        if not isinstance(layers, int) or isinstance(layers, bool) or layers < count:
+            raise SpecError(f"layers={layers!r} must be a whole number >= the model's {count} blocks")
+        return layers
+    try:
+        d = float(depth)
+    except (TypeError, ValueError):
+        raise SpecError(f"depth must be a number >= 1, got {depth!r}") from None
+    if d < 1:
+        raise SpecError(f"depth={depth} would remove blocks: growir only grows (depth >= 1)")
+    n = count * d
+    if abs(n - round(n)) > 1e-9:
+        raise SpecError(f"depth={depth} gives {n:g} blocks from {count}; use layers=N or a depth that "
+                        f"gives a whole number (e.g. {', '.join(f'{k / count:g}' for k in range(count + 1, count + 4))})")
+    return int(round(n))
+
+
+def schedule(blocks: Blocks, new: int, method: str) -> Schedule:
+    old = blocks.count
+    if method == "auto":
+        method = "identity" if blocks.pre_norm else "stack"
+    if method == "stack":
+        sources = list(range(old)) * (new // old)
+        rem = new - len(sources)
+        sources += list(range(old - rem, old))
+        fresh = [i >= old for i in range(new)]
+    elif method in ("interpolate", "identity"):
+        per = [new // old + (1 if i < new % old else 0) for i in range(old)]
+        sources = [i for i in range(old) for _ in range(per[i])]
+        fresh = [k > 0 for i in range(old) for k in range(per[i])]
+    else:
+        raise SpecError(f"unknown depth_method {method!r}: choose one of {', '.join(DEPTH_METHODS)}")
+    return Schedule(blocks, sources, fresh, method)
+
+
+def depth_rules(sched: Schedule, width_rules: dict) -> dict:
+    """Rules for every parameter of the new block list, renamed from the block it copies."""
+    b, out = sched.blocks, {}
+    if not b.homogeneous:
+        raise AnalysisError(f"cannot grow the depth of `{b.prefix}`: {b.why_not}")
+    for pos, (src, fresh) in enumerate(zip(sched.sources, sched.fresh)):
+        for suffix in b.suffixes:
+            old_name, new_name = f"{b.paths[src]}.{suffix}", f"{b.prefix}.{pos}.{suffix}"
+            base = width_rules[old_name]
+            zero = fresh and sched.method == "identity" and suffix in b.writers
+            out[new_name] = TensorRule(base.source, base.axes, base.scale, zero, list(base.notes))
+    return out

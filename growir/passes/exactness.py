@@ -1,0 +1,90 @@
+"""When is a width growth exact? The theorem, checked op by op (see docs/preservation.md).
+
+Copying is exact through producers, consumers and elementwise ops. What can break it is an op that reads a
+grown group as a whole: a mean (exact only when every index has the same copy count), a sum, a softmax or a
+contraction between two activations (never exact by copying alone), and a parameter that is both copied and
+contracted (tied embeddings: the logits scale by the copy count unless a norm before the head is rescaled).
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ..analysis.walker import LAYOUT_OPS, op_name
+from ..plan import Plan
+from .width import WidthResult
+
+HARMLESS = {"max", "select", "batch"}
+PASS_THROUGH = LAYOUT_OPS | {"aten.dropout", "aten.clone", "aten.contiguous", "aten.slice", "aten.select"}
+
+
+def deviations(plan: Plan, maps: dict, compensated: set = frozenset()) -> list[str]:
+    """Reasons the growth is not exact (empty: exact by the rules above)."""
+    reasons = []
+    for g in plan.groups:
+        m = maps.get(g.root)
+        if m is None:
+            continue
+        for r in g.reads:
+            if r.kind in HARMLESS or (g.root, r.kind) in compensated:
+                continue
+            if r.kind == "norm":
+                if not m.uniform:
+                    lo, hi = int(m.counts.min()), int(m.counts.max())
+                    reasons.append(f"the norm at {r.where} averages over {g.label} ({g.size} -> {m.new}), whose "
+                                   f"copies are uneven ({lo} to {hi} per unit): its statistics change")
+            else:
+                reasons.append(f"the {r.kind} over {g.label} at {r.where} is not preserved by copying")
+    return sorted(set(reasons))
+
+
+def compensate_tied(plan: Plan, maps: dict, width: WidthResult) -> list[str]:
+    """Rescale the norm before a tied head by 1/n (uniform n copies); return reasons where impossible."""
+    f, ag, reasons = plan.facts, plan.facts.ag, []
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    for state, axis in width.tied:
+        counts = _counts_on(width, state, axis)
+        sites = [nodes[n] for p, a, n in f.consumed if p == state]
+        for site in sites:
+            scaled = _norm_params(site.args[0], f)
+            if counts is None or not bool((counts == counts[0]).all()):
+                reasons.append(f"`{state}` is tied (an embedding and the head at {site.name}) and its group "
+                               f"is copied unevenly: the head's logits change")
+            elif not scaled:
+                reasons.append(f"`{state}` is tied (an embedding and the head at {site.name}) and no norm "
+                               f"feeds the head, so the n-fold logits cannot be rescaled")
+            else:
+                for p in scaled:
+                    width.rules[p].scale /= float(counts[0])
+                    width.rules[p].notes.append(f"divided by {int(counts[0])}: it feeds the tied head "
+                                                f"`{state}`")
+    return reasons
+
+
+def _counts_on(width: WidthResult, state: str, axis: int):
+    rule = width.rules[state]
+    m = rule.axes[axis]
+    if m.index is None or m.divide is None and m.index is None:
+        return None
+    import torch
+    return torch.bincount(m.index)
+
+
+def _norm_params(x, facts) -> list[str]:
+    """Parameters that scale the output of the norm producing ``x`` (weight and bias), through layout ops."""
+    while isinstance(x, fx.Node) and x.op == "call_function" and op_name(x) in PASS_THROUGH:
+        x = x.args[0]
+    if not isinstance(x, fx.Node) or x.op != "call_function":
+        return []
+    name = op_name(x)
+    if name in ("aten.layer_norm", "aten.rms_norm"):
+        return [facts.params[a.name] for a in x.args[2:4] if isinstance(a, fx.Node) and a.name in facts.params]
+    if name == "aten.add":
+        a, b = x.args[:2]
+        bias = [facts.params[t.name] for t in (a, b) if isinstance(t, fx.Node) and t.name in facts.params]
+        rest = [t for t in (a, b) if isinstance(t, fx.Node) and t.name not in facts.params]
+        return bias + _norm_params(rest[0], facts) if len(bias) == 1 and len(rest) == 1 else []
+    if name == "aten.mul":
+        ps = [facts.params[t.name] for t in x.args[:2] if isinstance(t, fx.Node) and t.name in facts.params]
+        return ps if len(ps) == 1 else []
+    return []

@@ -1,0 +1,167 @@
+"""The plan: the width groups and blocks found in a model, and a growth spec resolved against them.
+
+>>> import growir
+>>> from transformers import LlamaConfig, LlamaForCausalLM
+>>> small = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+>>> p = growir.plan(small)
+>>> sorted({g.role for g in p.groups if g.role})
+['ffn', 'head_dim', 'heads', 'hidden', 'kv_heads']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from .analysis import Facts, Group, analyze, find_groups
+from .analysis.blocks import Blocks, find_blocks
+from .errors import SpecError
+from .frontend import Captured
+
+WIDTH_ROLES = ("hidden", "heads", "kv_heads", "head_dim", "ffn")
+
+
+@dataclass
+class Plan:
+    """What growir found in a model: width groups (``groups``), repeated blocks (``blocks``)."""
+    captured: Captured
+    facts: Facts
+    groups: list[Group]
+    blocks: list[Blocks] = field(default_factory=list)
+
+    def by_role(self, role: str) -> list[Group]:
+        return [g for g in self.groups if g.role == role]
+
+    def group_of(self, root) -> Group | None:
+        return next((g for g in self.groups if g.root == root), None)
+
+    def __str__(self) -> str:
+        from .report import plan_table
+        return plan_table(self)
+
+    def __repr__(self) -> str:
+        roles = {r: len(self.by_role(r)) for r in WIDTH_ROLES}
+        return f"Plan({len(self.groups)} groups {roles}, {sum(len(b.paths) for b in self.blocks)} blocks)"
+
+
+def make_plan(captured: Captured) -> Plan:
+    facts = analyze(captured.gm)
+    groups = find_groups(facts)
+    return Plan(captured, facts, groups, find_blocks(captured.gm, facts))
+
+
+# --- resolving a width spec into new group sizes -------------------------------------------------------------
+def resolve_width(plan: Plan, width) -> dict[int, int]:
+    """New size per group id for a multiplier or a role dict; groups left out keep their size."""
+    if isinstance(width, dict):
+        unknown = set(width) - set(WIDTH_ROLES)
+        if unknown:
+            raise SpecError(f"unknown width role(s) {sorted(unknown)}: the roles are {list(WIDTH_ROLES)}")
+        return _from_dict(plan, width)
+    try:
+        r = Fraction(str(float(width))).limit_denominator(1000)
+    except (TypeError, ValueError):
+        raise SpecError(f"width must be a number >= 1 or a dict by role, got {width!r}") from None
+    if r < 1:
+        raise SpecError(f"width={width} would shrink the model: growir only grows (width >= 1); "
+                        f"to keep the width use width=1")
+    return _from_ratio(plan, r)
+
+
+def _scaled(g: Group, r: Fraction, what: str, plan: Plan) -> int:
+    n = g.size * r
+    if n.denominator != 1:
+        raise SpecError(f"width={float(r):g} gives {what} {g.label} of size {g.size} a fractional size "
+                        f"{float(n):g}; multipliers that give whole sizes for every group: "
+                        f"{', '.join(f'{x:g}' for x in _valid_ratios(plan))}")
+    return int(n)
+
+
+def _valid_ratios(plan: Plan, limit: int = 6) -> list[float]:
+    out = []
+    for k in range(8, 8 * 4 + 1):
+        r = Fraction(k, 8)
+        try:
+            _from_ratio(plan, r, check_only=True)
+        except SpecError:
+            continue
+        out.append(float(r))
+        if len(out) == limit:
+            break
+    return out
+
+
+def _from_ratio(plan: Plan, r: Fraction, check_only: bool = False) -> dict[int, int]:
+    sizes = {}
+    for g in plan.groups:
+        if g.role in ("hidden", "ffn") or (g.role == "heads" and not g.per_kv):
+            if g.pinned and r != 1:
+                continue
+            n = g.size * r
+            if n.denominator != 1:
+                if check_only:
+                    raise SpecError("fractional")
+                _scaled(g, r, g.role, plan)
+            sizes[g.id] = int(n)
+    for kv, per in _gqa_pairs(plan):
+        total = kv.size * per.size * r
+        kv_new = kv.size * r if (kv.size * r).denominator == 1 else Fraction(kv.size)
+        per_new = total / kv_new
+        if per_new.denominator != 1:
+            if check_only:
+                raise SpecError("fractional")
+            raise SpecError(f"width={float(r):g} gives {float(total):g} query heads from {kv.size * per.size}: "
+                            f"a whole number of query heads per kv head is needed; multipliers that work: "
+                            f"{', '.join(f'{x:g}' for x in _valid_ratios(plan))}")
+        sizes[kv.id], sizes[per.id] = int(kv_new), int(per_new)
+    return sizes
+
+
+def _gqa_pairs(plan: Plan) -> list[tuple[Group, Group]]:
+    """(kv_heads group, per-kv query group) pairs that make one attention's query heads."""
+    pairs = []
+    for site in plan.facts.attention:
+        heads = [plan.group_of(x) for x in plan.facts.ag.leaf_roots(site["q"][1])]
+        kv = [g for g in heads if g is not None and g.role == "kv_heads"]
+        per = [g for g in heads if g is not None and g.per_kv]
+        if kv and per and (kv[0], per[0]) not in pairs:
+            pairs.append((kv[0], per[0]))
+    return pairs
+
+
+def _from_dict(plan: Plan, spec: dict) -> dict[int, int]:
+    sizes = {}
+    for role in ("hidden", "ffn", "head_dim"):
+        if role in spec:
+            groups = plan.by_role(role)
+            if not groups:
+                raise SpecError(f"width asks for {role}={spec[role]} but the model has no {role} group")
+            for g in groups:
+                sizes[g.id] = _checked(spec[role], g, role)
+    if "heads" in spec or "kv_heads" in spec:
+        for g in plan.by_role("heads"):
+            if not g.per_kv:
+                sizes[g.id] = _checked(spec.get("heads", g.size), g, "heads")
+        for kv, per in _gqa_pairs(plan):
+            heads = spec.get("heads", kv.size * per.size)
+            kv_new = spec.get("kv_heads")
+            if kv_new is None:
+                ratio = Fraction(heads, kv.size * per.size)
+                kv_new = kv.size * ratio if (kv.size * ratio).denominator == 1 else kv.size
+            if heads % kv_new:
+                raise SpecError(f"heads={heads} is not a multiple of kv_heads={kv_new}: each kv head serves a "
+                                f"whole number of query heads")
+            sizes[kv.id], sizes[per.id] = _checked(int(kv_new), kv, "kv_heads"), heads // int(kv_new)
+    return sizes
+
+
+def _checked(value, g: Group, role: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SpecError(f"{role} must be a whole number, got {value!r}")
+    if value < g.size:
+        raise SpecError(f"{role}={value} is smaller than the model's {g.size}: growir only grows")
+    if g.pinned and value != g.size:
+        raise SpecError(f"{role} group {g.label} cannot grow: it is {g.pinned}. Growing it would change the "
+                        f"model's inputs; wrap the model so that its inputs are token ids or pixels")
+    return value

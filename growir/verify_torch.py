@@ -1,0 +1,71 @@
+"""The in-process preservation measurement ``grow`` runs on every result (PyTorch; ``growir.check`` does the
+same comparison in ONNX Runtime): outputs on the example inputs and on a second shape, source outputs
+mapped into the grown coordinates by the groups' index maps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree
+
+from .frontend import Captured
+
+
+def output_maps(plan, maps: dict) -> list:
+    """Per flat graph output, per axis: the index map (new position -> source position) or None."""
+    from .passes.width import tree_map
+    ag, out = plan.facts.ag, []
+    for axes in plan.facts.outputs:
+        per_axis = []
+        for axis in axes or []:
+            index, _, _, _ = tree_map(ag.expand(axis), ag, maps)
+            per_axis.append(index)
+        out.append(per_axis if axes else None)
+    return out
+
+
+def _inputs_at(captured: Captured, batch: int, seq: int):
+    """The example inputs resized on their batch/sequence axes (token ids stay in range)."""
+    def resize(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        gen = torch.Generator().manual_seed(batch * 100 + seq)
+        shape = list(t.shape)
+        shape[0] = batch
+        if t.dim() >= 2 and not t.is_floating_point():
+            shape[1] = max(2, seq + (t.shape[1] - shape[1]) if False else seq)
+        if t.is_floating_point():
+            return torch.randn(shape, generator=gen, dtype=t.dtype)
+        if t.dtype == torch.bool or (t.min() >= 0 and t.max() <= 1 and t.dim() >= 2 and (t == 1).all()):
+            return torch.ones(shape, dtype=t.dtype)
+        hi = int(t.max()) + 1
+        return torch.randint(0, max(hi, 2), shape, generator=gen, dtype=t.dtype)
+    return tuple(resize(a) for a in captured.args), {k: resize(v) for k, v in captured.kwargs.items()}
+
+
+def measure(source, grown, captured: Captured, maps: list, quick: bool = False) -> float:
+    """max|Δ| / max(1, max|y|) over all outputs, at the example shape and (unless quick) one other shape."""
+    from .verify import map_source_output
+    worst = 0.0
+    shapes = [None]
+    if not quick and any(isinstance(v, torch.Tensor) and v.dim() >= 2 and not v.is_floating_point()
+           for v in list(captured.kwargs.values()) + list(captured.args)):
+        shapes.append((3, 5))
+    for shape in shapes:
+        args, kwargs = (captured.args, captured.kwargs) if shape is None else _inputs_at(captured, *shape)
+        with torch.no_grad():
+            was_s, was_g = source.training, grown.training
+            source.eval(), grown.eval()
+            try:
+                ys = pytree.tree_leaves(source(*args, **kwargs))
+                yg = pytree.tree_leaves(grown(*args, **kwargs))
+            finally:
+                source.train(was_s), grown.train(was_g)
+        for i, (a, b) in enumerate(zip(ys, yg)):
+            if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+                continue
+            m = maps[i] if i < len(maps) else None
+            expected, index = map_source_output(a, b.shape, m)
+            scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+            worst = max(worst, float((b[index] - expected).abs().max()) / scale if expected.numel() else 0.0)
+    return worst
