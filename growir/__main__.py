@@ -1,0 +1,5 @@
+"""``python -m growir``: the command line (see growir.cli)."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,315 @@
+"""growir's command line: plan, grow, check and export Hugging Face model folders.
+
+    growir plan SRC
+    growir grow SRC OUT --width 2 --depth 2 [--width-method fpi] [--depth-method auto] [--layers N]
+                        [--verify] [--strict] [--force] [--debug]
+    growir check SRC GROWN
+    growir export SRC OUT.onnx [--opset N] [--force]
+
+SRC is a model folder (config.json plus safetensors weights, sharded or not), loaded offline. Outputs are
+written atomically: into a temporary folder or file beside OUT, moved into place at the end, so a failure
+leaves no OUT. Exit status: 0 on success (``check``: the function is preserved), 1 on failure (``check``: it
+is not), 2 on bad usage. Errors are one line on stderr; ``--debug`` shows the traceback instead.
+
+Only this module prints: the library returns reports and this module shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja")
+
+
+class CliError(Exception):
+    """A refusal with a one-line message for the user."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the growir command line; returns the exit status (errors go to stderr as one line).
+
+    >>> main(["grow", "no-such-folder", "grown"])
+    1
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error already reported on one line
+        return stop.code if isinstance(stop.code, int) else 0
+    _quiet_libraries(args.debug)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"growir {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as error:  # the CLI boundary: every failure becomes one line, or a traceback with --debug
+        if args.debug:
+            raise
+        print(f"growir {args.command}: {_one_line(error)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: Exception) -> str:
+    from .errors import GrowthError
+
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (CliError, GrowthError)):
+        return text
+    return f"{type(error).__name__}: {text} (rerun with --debug for the traceback)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _growth_factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number at least 1, got {text!r}") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number at least 1 (growir only grows), got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="growir", description="Grow a pretrained transformer into a larger one that computes "
+                                                "the same function.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    plan = sub.add_parser("plan", parents=[common], help="show the width groups and blocks growir finds")
+    plan.add_argument("src", help="Hugging Face model folder")
+    plan.set_defaults(run=_run_plan)
+
+    grow = sub.add_parser("grow", parents=[common], help="grow a model and save it to OUT")
+    grow.add_argument("src", help="Hugging Face model folder")
+    grow.add_argument("out", help="folder to write (must not exist unless --force)")
+    grow.add_argument("--width", type=_growth_factor, default=1.0, help="width factor, at least 1 (default 1)")
+    grow.add_argument("--depth", type=_growth_factor, default=1.0, help="depth factor, at least 1 (default 1)")
+    grow.add_argument("--layers", type=_positive_int, help="target number of layers (instead of --depth)")
+    grow.add_argument("--width-method", default="fpi", help="how new width is filled (default fpi)")
+    grow.add_argument("--depth-method", default="auto", help="how new layers are made (default auto)")
+    grow.add_argument("--verify", action="store_true", help="also compare source and grown in onnxruntime")
+    grow.add_argument("--strict", action="store_true", help="refuse growths that cannot be exact")
+    grow.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    grow.set_defaults(run=_run_grow)
+
+    check = sub.add_parser("check", parents=[common], help="compare two models in onnxruntime (exit 1: differ)")
+    check.add_argument("src", help="source model folder")
+    check.add_argument("grown", help="grown model folder")
+    check.add_argument("--samples", type=_positive_int, default=4, help="input shapes to try (default 4)")
+    check.set_defaults(run=_run_check)
+
+    export = sub.add_parser("export", parents=[common], help="write an ONNX file with dynamic batch/sequence")
+    export.add_argument("src", help="Hugging Face model folder")
+    export.add_argument("out", help="ONNX file to write")
+    export.add_argument("--opset", type=_positive_int, help="ONNX opset (default: torch's)")
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    export.set_defaults(run=_run_export)
+    return parser
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """Our own progress bars and messages only: library logs and bars would break one-line errors."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if debug:
+        return
+    for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+class _Stages:
+    """A tqdm bar on stderr that advances one named stage at a time (hidden when stderr is not a terminal)."""
+
+    def __init__(self, command: str, stages: list[str]):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(stages), desc=f"growir {command}", unit="stage", file=sys.stderr,
+                        disable=None, leave=False, bar_format="{desc}: {n_fmt}/{total_fmt} {postfix}")
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self.bar.set_postfix_str(name)
+        yield
+        self.bar.update()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
+def load_model(src: str):
+    """The model in folder ``src``: ``config.architectures`` names the class, AutoModel otherwise; offline."""
+    folder = Path(src)
+    if not folder.is_dir():
+        raise CliError(f"{src}: no such folder (expected a Hugging Face model folder with config.json)")
+    if not (folder / "config.json").is_file():
+        raise CliError(f"{src}: no config.json here; expected a folder written by save_pretrained")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+        raise CliError(f"{src}: no weights (*.safetensors) next to config.json")
+    import safetensors
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is None or not hasattr(cls, "from_pretrained"):
+            cls = transformers.AutoModel
+        model, info = cls.from_pretrained(folder, config=config, local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError, safetensors.SafetensorError) as error:
+        raise CliError(f"{src}: cannot load the model: {_first_sentence(error)}") from error
+    missing = sorted(info.get("missing_keys", ())) + sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if missing:
+        raise CliError(f"{src}: the weights do not match {type(model).__name__}: {len(missing)} tensors missing or "
+                       f"misshapen (e.g. {missing[0]}); they would be initialised at random")
+    return model.eval()
+
+
+def _first_sentence(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    cut = text.find(". ")
+    return text[:cut + 1] if 0 < cut < 300 else text[:300]
+
+
+def _run_plan(args) -> int:
+    import growir
+
+    with _Stages("plan", ["load", "trace"]) as stages:
+        with stages.stage("load"):
+            model = load_model(args.src)
+        with stages.stage("trace"):
+            plan = growir.plan(model)
+    print(plan)
+    return 0
+
+
+def _run_grow(args) -> int:
+    import growir
+
+    out = Path(args.out)
+    _refuse_existing(out, args.force)
+    if out.resolve() == Path(args.src).resolve():
+        raise CliError(f"{args.out}: OUT is the source folder; write the grown model somewhere else")
+    depth = args.depth if args.layers is None else 1.0
+    with _Stages("grow", ["load", "grow", "save"]) as stages:
+        with stages.stage("load"):
+            model = load_model(args.src)
+        with stages.stage("grow"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            grown = growir.grow(model, width=args.width, depth=depth, layers=args.layers,
+                                width_method=args.width_method, depth_method=args.depth_method,
+                                strict=args.strict, verify=args.verify)
+        with stages.stage("save"):
+            _write_folder(out, lambda staging: _save(grown, Path(args.src), staging), args.force)
+    for warning in caught:
+        if str(warning.message).startswith("growir"):
+            message = " ".join(str(warning.message).split()).removeprefix("growir: ")
+            print(f"growir grow: warning: {message}", file=sys.stderr)
+    print(_grow_summary(args.src, out, model, grown))
+    return 0
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise CliError(f"{out}: already exists; pass --force to replace it")
+
+
+def _save(grown, src: Path, staging: Path) -> None:
+    grown.save_pretrained(staging)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, staging / name)
+
+
+def _write_folder(out: Path, write, force: bool) -> None:
+    """``write(staging)`` into a temporary folder beside ``out``, then move it to ``out`` (replacing it if forced)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        write(staging)
+        _refuse_existing(out, force)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when the move succeeded
+
+
+def _grow_summary(src: str, out: Path, model, grown) -> str:
+    record = getattr(grown, "growir_record", None)
+    lines = [f"grew {type(model).__name__} {src} -> {out}"]
+    if record is None:
+        before = sum(p.numel() for p in model.parameters())
+        after = sum(p.numel() for p in grown.parameters())
+        lines.append(f"parameters: {before:,} -> {after:,}")
+        return "\n".join(lines)
+    lines.append(str(record))
+    report = getattr(record, "check", None)
+    if report is not None:
+        verdict = "preserved" if report.preserved else "NOT preserved (" + ", ".join(report.failed) + ")"
+        lines.append(f"onnxruntime check: {verdict}; max abs error {report.max_abs_error:.2e} over "
+                     f"{len(report.samples)} samples")
+    return "\n".join(lines)
+
+
+def _run_check(args) -> int:
+    import growir
+
+    with _Stages("check", ["load source", "load grown", "export and run"]) as stages:
+        with stages.stage("load source"):
+            source = load_model(args.src)
+        with stages.stage("load grown"):
+            grown = load_model(args.grown)
+        with stages.stage("export and run"):
+            report = growir.check(source, grown, samples=args.samples)
+    print(report)
+    return 0 if report.preserved else 1
+
+
+def _run_export(args) -> int:
+    import growir
+
+    out = Path(args.out)
+    _refuse_existing(out, args.force)
+    with _Stages("export", ["load", "export"]) as stages:
+        with stages.stage("load"):
+            model = load_model(args.src)
+        with stages.stage("export"):
+            path = growir.export_onnx(model, out, opset=args.opset)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), dynamic batch and sequence axes")
+    return 0
