@@ -1,0 +1,435 @@
+#!/usr/bin/env python
+"""Train-after-growth benchmark: FLOPs each growth method saves to reach a from-scratch model's loss.
+
+    python benchmarks/savings.py [--quick] [--scale K] [--seeds 0 1 2] [--workers 2] [--out benchmarks/results]
+
+For a pre-norm decoder (LlamaForCausalLM) and a post-norm encoder (BertForMaskedLM): pre-train a small source
+per seed (cached under ``benchmarks/cache/``), build the target (2× wider; second setting 2× wider and 2×
+deeper) with every method, train each with the same optimizer, schedule and token budget, and report the
+FLOPs to reach the scratch run's final validation loss (bert2BERT's saving: source not counted) and
+``saving_with_source``. See docs/savings.md for the method, the formulas and the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from growir.errors import GrowthError  # noqa: E402
+from growir.train import baselines  # noqa: E402
+from growir.train.data import MLM_VOCAB, VOCAB, Batcher, load_corpus  # noqa: E402
+from growir.train.flops import non_embedding_params  # noqa: E402
+from growir.train.loop import TrainConfig, train  # noqa: E402
+from growir.train.schedule import TwoStage  # noqa: E402
+
+METHODS = ["scratch", "stackbert", "mslt", "directcopy", "fpi", "aki", "bert2bert", "growir"]
+USES_SOURCE = {"directcopy", "fpi", "aki", "bert2bert", "growir"}
+HEADLINE = "decoder-wide"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything that sets the cost of a run; ``--scale K`` multiplies the step budgets."""
+    hidden: int = 32            # source width; targets are 2× wider
+    layers: int = 4             # source depth
+    head_dim: int = 16          # fixed: width growth adds heads
+    seq: int = 64
+    batch: int = 16
+    source_steps: int = 1200
+    target_steps: int = 1200    # the token budget of every method: target_steps·batch·seq
+    eval_every: int = 60
+    lr_decoder: float = 3e-3    # peak LR, identical for all methods (and the source)
+    lr_encoder: float = 1e-3
+    warmup: float = 0.05        # linear warmup fraction, then cosine to 10%: every method restarts it
+    rewarmup: int = 20          # after StackBERT/MSLT stackings (fresh optimizer state)
+    stage1_fraction: float = 0.25   # bert2BERT stage 1 share of the steps
+    mslt_final_fraction: float = 0.2  # MSLT's last all-layer stage
+    noise: float = 1e-3         # growir's symmetry-breaking noise
+    corpus_bytes: int = 4_000_000
+    val_windows: int = 64
+
+    def scaled(self, k: float) -> "Sizes":
+        return dataclasses.replace(self, source_steps=round(self.source_steps * k),
+                                   target_steps=round(self.target_steps * k), eval_every=round(self.eval_every * k))
+
+
+QUICK = Sizes(hidden=16, layers=2, seq=32, batch=8, source_steps=40, target_steps=40, eval_every=10,
+              corpus_bytes=300_000, val_windows=16, rewarmup=3)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    arch: str       # "decoder" (pre-norm Llama, causal LM) or "encoder" (post-norm BERT, masked LM)
+    width: float
+    depth: float
+
+
+SETTINGS = {s.name: s for s in [Setting("decoder-wide", "decoder", 2.0, 1.0),
+                                Setting("decoder-wide-deep", "decoder", 2.0, 2.0),
+                                Setting("encoder-wide", "encoder", 2.0, 1.0),
+                                Setting("encoder-wide-deep", "encoder", 2.0, 2.0)]}
+DEFAULT_SETTINGS = ["decoder-wide", "decoder-wide-deep", "encoder-wide"]
+
+
+class Unavailable(Exception):
+    """A method the installed growir cannot build yet; recorded, not fatal."""
+
+
+def grow_fn():
+    """``growir.grow``, or Unavailable while the core does not provide it (tests replace this)."""
+    try:
+        from growir.api import grow
+    except ImportError as e:
+        raise Unavailable(f"growir.grow is not importable: {e}") from e
+    return grow
+
+
+# --- models ---------------------------------------------------------------------------------------------
+
+def model_config(arch: str, hidden: int, layers: int, sizes: Sizes):
+    heads = max(1, hidden // sizes.head_dim)
+    if arch == "decoder":
+        from transformers import LlamaConfig
+        return LlamaConfig(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=heads, vocab_size=VOCAB,
+                           max_position_embeddings=sizes.seq, tie_word_embeddings=False)
+    from transformers import BertConfig
+    return BertConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, vocab_size=MLM_VOCAB, max_position_embeddings=sizes.seq)
+
+
+def model_class(arch: str):
+    from transformers import BertForMaskedLM, LlamaForCausalLM
+    return LlamaForCausalLM if arch == "decoder" else BertForMaskedLM
+
+
+def new_model(arch: str, config, seed: int):
+    torch.manual_seed(seed)
+    return model_class(arch)(config)
+
+
+def target_config(setting: Setting, sizes: Sizes):
+    return model_config(setting.arch, round(sizes.hidden * setting.width), round(sizes.layers * setting.depth),
+                        sizes)
+
+
+def train_config(arch: str, sizes: Sizes, steps: int) -> TrainConfig:
+    lr = sizes.lr_decoder if arch == "decoder" else sizes.lr_encoder
+    return TrainConfig(steps=steps, lr=lr, warmup=sizes.warmup, eval_every=sizes.eval_every, rewarmup=sizes.rewarmup)
+
+
+def batcher(arch: str, sizes: Sizes, seed: int) -> Batcher:
+    return Batcher(load_corpus(sizes.corpus_bytes), seq=sizes.seq, batch=sizes.batch, mlm=arch == "encoder",
+                   seed=seed, val_windows=sizes.val_windows)
+
+
+# --- source -----------------------------------------------------------------------------------------------
+
+def source_path(arch: str, sizes: Sizes, seed: int, cache: str) -> str:
+    key = json.dumps([arch, dataclasses.asdict(sizes), load_corpus(sizes.corpus_bytes).digest()], sort_keys=True)
+    return os.path.join(cache, f"source-{arch}-{hashlib.sha256(key.encode()).hexdigest()[:10]}-seed{seed}.pt")
+
+
+def pretrain_source(arch: str, sizes: Sizes, seed: int, cache: str) -> str:
+    """Train (or find cached) the seed's source; returns the cache file (state_dict, config, log)."""
+    path = source_path(arch, sizes, seed, cache)
+    if not os.path.exists(path):
+        torch.set_num_threads(1)
+        config = model_config(arch, sizes.hidden, sizes.layers, sizes)
+        model = new_model(arch, config, seed)
+        log = train(model, batcher(arch, sizes, seed + 1000), train_config(arch, sizes, sizes.source_steps),
+                    progress=False)
+        os.makedirs(cache, exist_ok=True)
+        torch.save({"state_dict": model.state_dict(), "config": config.to_dict(), "log": log}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def load_source(arch: str, path: str):
+    blob = torch.load(path, weights_only=False)
+    config = type(model_config(arch, 16, 1, QUICK)).from_dict(blob["config"])
+    model = model_class(arch)(config)
+    model.load_state_dict(blob["state_dict"])
+    return model, blob["log"]
+
+
+# --- methods ----------------------------------------------------------------------------------------------
+
+def grow_candidates(method: str, setting: Setting, sizes: Sizes, seed: int) -> list[dict]:
+    """Keyword sets tried in order for ``growir.grow``; the first the core accepts is used (and recorded)."""
+    base = {"width": setting.width, "depth": setting.depth, "seed": seed}
+    stack = {"depth_method": "stack"} if setting.depth > 1 else {}
+    if method in ("fpi", "aki", "bert2bert"):
+        return [{**base, **stack, "width_method": "aki" if method != "fpi" else "fpi"}]
+    return [{**base, "depth_method": "auto", "width_method": wm, "noise": sizes.noise}
+            for wm in ("exact", "lemon", "isometric")]
+
+
+def grow_source(source, method: str, setting: Setting, sizes: Sizes, seed: int):
+    grow, reasons = grow_fn(), []
+    for kwargs in grow_candidates(method, setting, sizes, seed):
+        try:
+            return grow(copy.deepcopy(source), **kwargs), kwargs
+        except (GrowthError, TypeError, NotImplementedError) as e:
+            reasons.append(f"grow({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): "
+                           f"{type(e).__name__}: {e}")
+    raise Unavailable("; ".join(reasons))
+
+
+def build(method: str, setting: Setting, sizes: Sizes, seed: int, source):
+    """(model, callbacks, info) for one method; raises Unavailable when the core lacks the method."""
+    cfg, steps = target_config(setting, sizes), sizes.target_steps
+    depth = cfg.num_hidden_layers
+    if method == "scratch":
+        return new_model(setting.arch, cfg, seed), [], {}
+    if method in ("stackbert", "mslt"):
+        mslt = method == "mslt"
+        growing = steps - round(sizes.mslt_final_fraction * steps) if mslt else steps
+        stages = baselines.doubling_stages(max(1, depth // 4), depth, growing)
+        model, cb = baselines.progressive(model_class(setting.arch), cfg, stages, new_only=mslt,
+                                          unfreeze_at=growing if mslt else None, seed=seed)
+        return model, [cb], {"stages": stages}
+    if method == "directcopy":
+        return baselines.directcopy(source, cfg, seed), [], {}
+    model, kwargs = grow_source(source, method, setting, sizes, seed)
+    callbacks, info = [], {"grow_kwargs": kwargs}
+    if method == "bert2bert":
+        block = max(1, depth // 4)
+        callbacks.append(TwoStage(block_size=block, stage1_steps=round(sizes.stage1_fraction * steps), seed=seed))
+        info.update(block_size=block, stage1_steps=callbacks[0].stage1_steps)
+    return model, callbacks, info
+
+
+def run_job(setting_name: str, method: str, seed: int, sizes: Sizes, source_file: str | None) -> dict:
+    """Build and train one (setting, method, seed); a plain dict so it crosses process boundaries."""
+    torch.set_num_threads(1)
+    setting = SETTINGS[setting_name]
+    source = load_source(setting.arch, source_file)[0] if source_file else None
+    start = time.time()
+    try:
+        model, callbacks, info = build(method, setting, sizes, seed, source)
+    except Unavailable as e:
+        return {"setting": setting_name, "method": method, "seed": seed, "available": False, "reason": str(e)}
+    log = train(model, batcher(setting.arch, sizes, seed), train_config(setting.arch, sizes, sizes.target_steps),
+                callbacks=callbacks, progress=False)
+    return {"setting": setting_name, "method": method, "seed": seed, "available": True, "log": log,
+            "params": non_embedding_params(model), "hidden": model.config.hidden_size,
+            "layers": model.config.num_hidden_layers, "seconds": time.time() - start, **info}
+
+
+# --- summary ----------------------------------------------------------------------------------------------
+
+def flops_to_reach(log: list[dict], target: float) -> float | None:
+    """First FLOP count at which the validation loss reaches ``target`` (linear between evaluations).
+
+    >>> flops_to_reach([{"flops": 0, "val_loss": 5.0}, {"flops": 10, "val_loss": 3.0}], 4.0)
+    5.0
+    """
+    for prev, row in zip([None] + log[:-1], log):
+        if row["val_loss"] <= target:
+            if prev is None:
+                return float(row["flops"])
+            frac = (prev["val_loss"] - target) / (prev["val_loss"] - row["val_loss"])
+            return float(prev["flops"] + frac * (row["flops"] - prev["flops"]))
+    return None
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summarize_method(method: str, runs: list[dict], scratch: dict[int, dict], source_flops: dict[int, float]) -> dict:
+    """One method of one setting, seeds paired with the scratch run of the same seed."""
+    if not runs or not all(r["available"] for r in runs):
+        reason = next((r["reason"] for r in runs if not r["available"]), "not run")
+        return {"name": method, "available": False, "reason": reason, "saving": None, "saving_std": None,
+                "saving_with_source": None, "flops_to_target": None, "final_val_loss": None, "reached": False}
+    reach, saving, with_source, finals = [], [], [], []
+    for r in runs:
+        base = scratch[r["seed"]]["log"]
+        total = base[-1]["flops"]
+        f = flops_to_reach(r["log"], base[-1]["val_loss"])
+        finals.append(r["log"][-1]["val_loss"])
+        if f is not None:
+            reach.append(f)
+            saving.append(1 - f / total)
+            extra = source_flops[r["seed"]] if method in USES_SOURCE else 0.0
+            with_source.append(1 - (f + extra) / total)
+    mean_s, std_s = _mean_std(saving)
+    return {"name": method, "available": True, "saving": mean_s, "saving_std": std_s,
+            "saving_with_source": _mean_std(with_source)[0], "saving_with_source_std": _mean_std(with_source)[1],
+            "flops_to_target": _mean_std(reach)[0], "final_val_loss": _mean_std(finals)[0],
+            "final_val_loss_std": _mean_std(finals)[1], "initial_val_loss": _mean_std([r["log"][0]["val_loss"]
+                                                                                       for r in runs])[0],
+            "reached": len(reach) == len(runs), "reached_seeds": len(reach), "params": runs[0]["params"],
+            "grow_kwargs": runs[0].get("grow_kwargs"), "seconds": _mean_std([r["seconds"] for r in runs])[0]}
+
+
+def summarize_setting(setting: Setting, sizes: Sizes, jobs: list[dict], sources: dict[int, list[dict]]) -> dict:
+    mine = [j for j in jobs if j["setting"] == setting.name]
+    scratch = {j["seed"]: j for j in mine if j["method"] == "scratch"}
+    source_flops = {s: log[-1]["flops"] for s, log in sources.items()}
+    methods = [summarize_method(m, [j for j in mine if j["method"] == m], scratch, source_flops) for m in METHODS]
+    src_loss = _mean_std([log[-1]["val_loss"] for log in sources.values()])
+    scratch_loss = _mean_std([j["log"][-1]["val_loss"] for j in scratch.values()])
+    tgt = target_config(setting, sizes)
+    return {"name": setting.name, "arch": setting.arch, "width": setting.width, "depth": setting.depth,
+            "source": {"hidden": sizes.hidden, "layers": sizes.layers, "steps": sizes.source_steps,
+                       "final_val_loss": src_loss[0], "final_val_loss_std": src_loss[1],
+                       "flops": _mean_std(list(source_flops.values()))[0]},
+            "target": {"hidden": tgt.hidden_size, "layers": tgt.num_hidden_layers, "steps": sizes.target_steps,
+                       "tokens": sizes.target_steps * sizes.batch * sizes.seq,
+                       "scratch_final_val_loss": scratch_loss[0], "scratch_final_val_loss_std": scratch_loss[1],
+                       "scratch_flops": _mean_std([j["log"][-1]["flops"] for j in scratch.values()])[0],
+                       "scratch_below_source": src_loss[0] - scratch_loss[0]},
+            "methods": methods}
+
+
+# --- outputs ----------------------------------------------------------------------------------------------
+
+def _fmt(v, pct=False, digits=3):
+    if v is None:
+        return "—"
+    return f"{100 * v:.1f}%" if pct else f"{v:.{digits}g}" if abs(v) >= 1e4 else f"{v:.{digits}f}"
+
+
+def write_markdown(result: dict, path: str) -> None:
+    lines = ["# Savings after growth", "", f"Seeds {result['seeds']}; sizes {json.dumps(result['sizes'])}.",
+             f"Corpus: Python {result['python']} stdlib, digest {result['corpus_digest']}; "
+             f"run took {result['seconds'] / 60:.1f} min with {result['workers']} worker(s).", ""]
+    for s in result["settings"]:
+        src, tgt = s["source"], s["target"]
+        lines += [f"## {s['name']}: {s['arch']} {src['hidden']}×{src['layers']} → {tgt['hidden']}×{tgt['layers']}",
+                  "", f"Scratch target ends {tgt['scratch_below_source']:.3f} below the source's validation loss "
+                  f"({tgt['scratch_final_val_loss']:.3f} ± {tgt['scratch_final_val_loss_std']:.3f} vs "
+                  f"{src['final_val_loss']:.3f}); budget {tgt['tokens']:,} tokens, {tgt['scratch_flops']:.3g} FLOPs.",
+                  "", "| method | saving | saving with source | FLOPs to target | initial val loss | final val loss | reached |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in s["methods"]:
+            if not m["available"]:
+                lines.append(f"| {m['name']} | unavailable | | | | | {m['reason'][:120]} |")
+                continue
+            sav = f"{_fmt(m['saving'], True)} ± {_fmt(m['saving_std'], True)}" if m["saving"] is not None else "—"
+            lines.append(f"| {m['name']} | {sav} | {_fmt(m['saving_with_source'], True)} | "
+                         f"{_fmt(m['flops_to_target'])} | {_fmt(m['initial_val_loss'])} | "
+                         f"{_fmt(m['final_val_loss'])} ± {_fmt(m['final_val_loss_std'])} | "
+                         f"{m['reached_seeds']}/{len(result['seeds'])} |")
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def plot(result: dict, jobs: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    settings = result["settings"]
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
+    for ax, s in zip(axes[0], settings):
+        for i, method in enumerate(METHODS):
+            runs = [j for j in jobs if j["setting"] == s["name"] and j["method"] == method and j["available"]]
+            if not runs:
+                continue
+            end = min(r["log"][-1]["flops"] for r in runs)
+            grid = torch.linspace(0, end, 60)
+            curves = torch.stack([_interp(grid, r["log"]) for r in runs])
+            color = f"C{i}"
+            ax.plot(grid, curves.mean(0), color=color, label=method)
+            ax.fill_between(grid, curves.min(0).values, curves.max(0).values, color=color, alpha=0.2)
+        ax.axhline(s["target"]["scratch_final_val_loss"], color="k", ls="--", lw=0.8, label="scratch final")
+        ax.axhline(s["source"]["final_val_loss"], color="gray", ls=":", lw=0.8, label="source final")
+        low = s["target"]["scratch_final_val_loss"]
+        ax.set_ylim(low - 0.3, low + 1.2)
+        ax.set(title=s["name"], xlabel="training FLOPs (source not counted)", ylabel="validation loss")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _interp(grid: torch.Tensor, log: list[dict]) -> torch.Tensor:
+    xs = torch.tensor([r["flops"] for r in log], dtype=torch.float64)
+    ys = torch.tensor([r["val_loss"] for r in log], dtype=torch.float64)
+    idx = torch.searchsorted(xs, grid.double()).clamp(1, len(xs) - 1)
+    x0, x1, y0, y1 = xs[idx - 1], xs[idx], ys[idx - 1], ys[idx]
+    return (y0 + (grid - x0) / (x1 - x0).clamp_min(1e-9) * (y1 - y0)).float()
+
+
+# --- driver -----------------------------------------------------------------------------------------------
+
+def _map(pool, fn, args_list):
+    if pool is None:
+        return [fn(*a) for a in args_list]
+    return [f.result() for f in [pool.submit(fn, *a) for a in args_list]]
+
+
+def run(sizes: Sizes, seeds: list[int], settings: list[str], out: str, cache: str, workers: int = 1) -> dict:
+    """The whole benchmark; writes savings.json, savings_logs.json, savings.md and savings.png into ``out``."""
+    start = time.time()
+    torch.set_num_threads(1)
+    chosen = [SETTINGS[n] for n in settings]
+    archs = sorted({s.arch for s in chosen})
+    pool = cf.ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        files = _map(pool, pretrain_source, [(a, sizes, s, cache) for a in archs for s in seeds])
+        source_file = dict(zip([(a, s) for a in archs for s in seeds], files))
+        jobs = _map(pool, run_job, [(st.name, m, s, sizes, source_file[st.arch, s] if m in USES_SOURCE else None)
+                                    for st in chosen for s in seeds for m in METHODS])
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    sources = {a: {s: load_source(a, source_file[a, s])[1] for s in seeds} for a in archs}
+    summaries = [summarize_setting(st, sizes, jobs, sources[st.arch]) for st in chosen]
+    headline = next((s for s in summaries if s["name"] == HEADLINE), summaries[0])
+    result = {"seeds": seeds, "headline": headline["name"], "methods": headline["methods"], "settings": summaries,
+              "sizes": dataclasses.asdict(sizes), "workers": workers, "seconds": time.time() - start,
+              "python": sys.version.split()[0], "corpus_digest": load_corpus(sizes.corpus_bytes).digest()}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "savings.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, "savings_logs.json"), "w") as f:
+        json.dump({"sources": {a: {str(s): log for s, log in v.items()} for a, v in sources.items()},
+                   "runs": jobs}, f)
+    write_markdown(result, os.path.join(out, "savings.md"))
+    plot(result, jobs, os.path.join(out, "savings.png"))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny models and budgets: checks the pipeline in ~1 min")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every step budget (longer, better runs)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=sorted(SETTINGS))
+    p.add_argument("--hidden", type=int, help="source width (targets are 2× wider)")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes, one thread each")
+    p.add_argument("--out", default=os.path.join(here, "results"))
+    p.add_argument("--cache", default=os.path.join(here, "cache"))
+    args = p.parse_args(argv)
+    sizes = (QUICK if args.quick else Sizes()).scaled(args.scale)
+    if args.hidden:
+        sizes = dataclasses.replace(sizes, hidden=args.hidden)
+    return run(sizes, args.seeds, args.settings, args.out, args.cache, args.workers)
+
+
+if __name__ == "__main__":
+    main()
