@@ -139,7 +139,11 @@ def _fit_config(model, p: Plan, sizes: dict, depth_plan, depth_method, seed, bui
     pairs = _size_pairs(p, built.maps, {b.prefix: (b.count, n, "") for b, n in depth_plan})
     heads = _head_pairs(p, built.maps)
     tried = []
-    for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads):
+    required = set(dict(model.named_parameters(remove_duplicate=False))) | {
+        f"{b.prefix}.{i}.{sfx}" for b, n in depth_plan for i in range(n) for sfx in b.suffixes
+        if f"{b.paths[0]}.{sfx}" in dict(model.named_parameters(remove_duplicate=False))}
+    sources = {b.count: schedule(b, n, depth_method).sources for b, n in depth_plan}
+    for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads, required, sources):
         extra = {}
         for g in free:
             size = shapes[g.producers[0].param][g.producers[0].axis]

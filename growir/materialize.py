@@ -39,10 +39,10 @@ def build_graph_module(gm: fx.GraphModule, state: dict, params: set, schedules: 
     new = copy.deepcopy(gm)
     if rewrite is not None:
         rewrite(new)
-    for sched in schedules:
-        _copy_blocks(new, sched)
     for name, tensor in state.items():
         set_tensor(new, name, tensor, name in params)
+    for sched in schedules:
+        _copy_blocks(new, sched)
     new.graph.eliminate_dead_code()
     new.graph.lint()
     new.recompile()
@@ -69,8 +69,10 @@ def _copy_blocks(gm: fx.GraphModule, sched: Schedule) -> None:
         order[first].prepend(n)
     current = chain_in
     cursor = blocks[0][0]
+    latest = {}  # original node -> its newest copy: size arithmetic one block shares with the next
     for pos, src in enumerate(sched.sources):
-        env = {by_name[b.chain_in[src].name] if src else chain_in: current}
+        env = dict(latest)
+        env[by_name[b.chain_in[src].name] if src else chain_in] = current
         src_path, dst_path = b.paths[src] + ".", f"{b.prefix}.{pos}."
         for n in blocks[src]:
             for a in n.all_input_nodes:
@@ -80,6 +82,7 @@ def _copy_blocks(gm: fx.GraphModule, sched: Schedule) -> None:
             with gm.graph.inserting_before(cursor):
                 copied = gm.graph.node_copy(n, lambda a: env.get(a, a))
             env[n] = copied
+            latest[n] = copied
         current = env[by_name[b.chain_out[src].name]]
     last_out.replace_all_uses_with(current, delete_user_cb=lambda u: u not in inside)
     for ns in reversed(blocks):
@@ -88,7 +91,8 @@ def _copy_blocks(gm: fx.GraphModule, sched: Schedule) -> None:
 
 
 # --- the Hugging Face class, rebuilt from its config --------------------------------------------------------------
-def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict, max_tries: int = 64):
+def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict, required: set,
+                      layer_sources: dict, max_tries: int = 64):
     """Configs whose rebuilt parameter shapes match the grown ones, most likely first.
 
     ``expected`` maps each state_dict name to its grown shape; an axis given as None matches any size
@@ -96,10 +100,14 @@ def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict,
     sizes it may become. Candidate fields are int fields holding such an old size. Fields that change
     shapes are searched for the smallest change that reproduces every grown shape; fields that change no
     shape but hold a head count (``head_pairs``) are tried changed, then kept, because a head count
-    shapes the computation, not the parameters. The caller checks each candidate numerically.
-    Yields (config dict, changes, rebuilt shapes).
+    shapes the computation, not the parameters. Every name in ``required`` (the grown parameters) must
+    exist in the rebuilt model. A list field as long as a block count that changes follows the depth
+    schedule (``layer_sources``: old count -> source block per new position), like per-layer attention types.
+    The caller checks each candidate numerically. Yields (config dict, changes, rebuilt shapes).
     """
     base = model.config.to_dict()
+    _shapes = lambda m, d: _shapes_of(m, _follow_lists(base, d, layer_sources))
+    _matches = lambda sh, ex: _fits(sh, ex, required)
     fields = {k: v for k, v in base.items() if isinstance(v, int) and not isinstance(v, bool) and v in size_pairs}
     base_shapes = _shapes(model, base)
     relevant = {k: v for k, v in fields.items() if any(_shapes(model, {**base, k: n}) != base_shapes
@@ -119,27 +127,42 @@ def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict,
                     for n_kept in range(len(neutral) + 1):
                         for kept in itertools.combinations(range(len(neutral)), n_kept):
                             extra = dict(c for i, c in enumerate(neutral) if i not in kept)
-                            yield {**base, **changes, **extra}, {**changes, **extra}, shapes
+                            yield (_follow_lists(base, {**base, **changes, **extra}, layer_sources),
+                                   {**changes, **extra}, shapes)
                 if tried >= max_tries:
                     break
     if not found:
-        diff = _first_mismatch(_shapes(model, {**base, **dict(o[0] for o in options if o)}), expected)
+        diff = _first_mismatch(_shapes(model, {**base, **dict(o[0] for o in options if o)}), expected, required)
         raise MaterializeError(
             f"no change of {type(model.config).__name__}'s size fields ({', '.join(relevant) or 'none'}) rebuilds "
             f"{type(model).__name__} with the grown shapes ({diff}); nothing was loaded. Give a width dict whose "
             f"sizes the config can express, or grow a plain nn.Module to get a rewritten GraphModule")
 
 
-def _matches(shapes, expected) -> bool:
-    """Every tensor of the rebuilt model exists among the grown ones with the same shape (None: any size).
-    Grown tensors the rebuilt model lacks are non-persistent buffers it recomputes itself."""
-    if shapes is None or set(shapes) - set(expected):
+def _follow_lists(base: dict, cfg: dict, layer_sources: dict) -> dict:
+    out = dict(cfg)
+    for key, old in base.items():
+        if isinstance(old, int) and not isinstance(old, bool) and cfg.get(key) != old and old in layer_sources:
+            sources = layer_sources[old]
+            if len(sources) != cfg[key]:
+                continue
+            for name, value in base.items():
+                if isinstance(value, list) and len(value) == old:
+                    out[name] = [value[i] for i in sources]
+    return out
+
+
+def _fits(shapes, expected, required=frozenset()) -> bool:
+    """Every tensor of the rebuilt model exists among the grown ones with the same shape (None: any size),
+    and every required grown tensor exists in the rebuilt model. Grown tensors it may lack are
+    non-persistent buffers it recomputes itself."""
+    if shapes is None or set(shapes) - set(expected) or set(required) - set(shapes):
         return False
     return all(len(s) == len(expected[k]) and all(e is None or e == x for e, x in zip(expected[k], s))
                for k, s in shapes.items())
 
 
-def _shapes(model, cfg_dict: dict):
+def _shapes_of(model, cfg_dict: dict):
     cfg = _config(model, cfg_dict)
     if cfg is None:
         return None
@@ -158,11 +181,13 @@ def _config(model, cfg_dict: dict):
         return None
 
 
-def _first_mismatch(shapes, expected) -> str:
+def _first_mismatch(shapes, expected, required=frozenset()) -> str:
     if shapes is None:
         return "the config cannot be built"
+    for k in sorted(set(required) - set(shapes)):
+        return f"`{k}` was grown but the rebuilt model has no such tensor"
     for k in sorted(set(shapes) | set(expected)):
-        if not _matches({k: shapes[k]} if k in shapes else None, {k: expected[k]} if k in expected else {}):
+        if not _fits({k: shapes[k]} if k in shapes else None, {k: expected[k]} if k in expected else {}):
             return f"`{k}`: rebuilt {shapes.get(k)}, grown {expected.get(k)}"
     return "all shapes match"
 
@@ -170,9 +195,9 @@ def _first_mismatch(shapes, expected) -> str:
 def load_hf(model, cfg_dict: dict, state: dict):
     """Instantiate the rebuilt class and load ``state`` into it, after checking every shape exactly."""
     cfg = _config(model, cfg_dict)
-    rebuilt = _shapes(model, cfg_dict)
+    rebuilt = _shapes_of(model, cfg_dict)
     grown = {k: tuple(v.shape) for k, v in state.items() if k in (rebuilt or {})}
-    if rebuilt is None or not _matches(rebuilt, grown) or set(rebuilt) - set(state):
+    if rebuilt is None or not _fits(rebuilt, grown) or set(rebuilt) - set(state):
         raise MaterializeError(f"the rebuilt {type(model).__name__} does not fit the grown tensors "
                                f"({_first_mismatch(rebuilt, grown)}); nothing was loaded")
     dtype = next(model.parameters()).dtype

@@ -11,6 +11,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from .walker import Facts, op_name
@@ -80,7 +81,7 @@ def _param_suffixes(gm: fx.GraphModule, path: str) -> dict:
 
 def _describe(gm, facts, prefix, paths, nodes, state) -> Blocks:
     shapes = [_param_suffixes(gm, p) for p in paths]
-    sigs = [tuple(op_name(n) for n in ns) for ns in nodes]
+    sigs = [tuple(op_name(n) for n in ns if _is_tensor(n)) for ns in nodes]
     b = Blocks(prefix, paths, nodes, sorted(shapes[0]))
     if any(s != shapes[0] for s in shapes):
         odd = next(i for i, s in enumerate(shapes) if s != shapes[0])
@@ -101,9 +102,14 @@ def _describe(gm, facts, prefix, paths, nodes, state) -> Blocks:
     return b
 
 
+def _is_tensor(n: fx.Node) -> bool:
+    """Tensor-valued nodes make up a block; size arithmetic (SymInts) may be shared between blocks."""
+    return isinstance(n.meta.get("val"), torch.Tensor)
+
+
 def _outside_users(ns: list) -> list:
     inside = set(ns)
-    return [n for n in ns if any(u not in inside for u in n.users)]
+    return [n for n in ns if _is_tensor(n) and any(u not in inside for u in n.users)]
 
 
 def _chain(b: Blocks) -> None:

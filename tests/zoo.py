@@ -1,0 +1,136 @@
+"""The test zoo: real Hugging Face architectures from tiny configs, and two hand-written models.
+
+Norm weights and biases are randomized (fresh norms are all ones and zeros and hide mistakes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers as T
+
+VOCAB = 100
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and ("norm" in name.lower() or "ln" in name.lower()):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen) if name.endswith("weight")
+                        else 0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+class NanoGPT(nn.Module):
+    """A nanoGPT-style decoder: learned positions, pre-norm blocks, fused QKV, GELU MLP, tied head."""
+
+    def __init__(self, vocab=VOCAB, d=32, heads=4, layers=2, max_len=64):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
+        self.h = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.heads = heads
+
+    def forward(self, idx):
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.heads = heads
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(b, t, d))
+        return x + self.proj(F.gelu(self.fc(self.ln_2(x))))
+
+
+class TorchEncoder(nn.Module):
+    """Token embedding -> nn.TransformerEncoder(norm_first=True) -> final norm -> classifier."""
+
+    def __init__(self, vocab=VOCAB, d=32, heads=4, layers=2, classes=5):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, idx):
+        return self.head(self.norm(self.encoder(self.emb(idx))))
+
+
+def hf_models() -> dict:
+    """name -> factory of a tiny Hugging Face model (random weights, randomized norms)."""
+    return {
+        "bert": lambda: T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)),
+        "roberta": lambda: T.RobertaModel(T.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                          intermediate_size=64, vocab_size=VOCAB,
+                                                          max_position_embeddings=64)),
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB,
+                                                       n_positions=64, bos_token_id=0, eos_token_id=0)),
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                          num_attention_heads=4, num_key_value_heads=2,
+                                                          vocab_size=VOCAB)),
+        "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(hidden_size=32, intermediate_size=64,
+                                                                num_hidden_layers=2, num_attention_heads=4,
+                                                                num_key_value_heads=2, vocab_size=VOCAB)),
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                          num_attention_heads=4, num_key_value_heads=2,
+                                                          vocab_size=VOCAB)),
+        "opt": lambda: T.OPTForCausalLM(T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, vocab_size=VOCAB, word_embed_proj_dim=32,
+                                                    max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                                                    pad_token_id=1)),
+        "t5": lambda: T.T5Model(T.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=VOCAB)),
+        "vit": lambda: T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                              intermediate_size=64, image_size=16, patch_size=4)),
+    }
+
+
+PRE_NORM = {"gpt2", "llama", "mistral", "qwen2", "opt", "vit", "t5", "nanogpt", "torchenc"}
+
+
+def make(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if name == "nanogpt":
+        model = NanoGPT()
+    elif name == "torchenc":
+        model = TorchEncoder()
+    else:
+        model = hf_models()[name]()
+    return randomize_norms(model.eval(), seed)
+
+
+def example_inputs(name: str, batch: int = 2, seq: int = 7, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    if name in ("nanogpt", "torchenc"):
+        return (torch.randint(0, VOCAB, (batch, seq), generator=gen),)
+    if name == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=gen)}
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=gen)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    if name == "t5":
+        inputs["decoder_input_ids"] = torch.randint(2, VOCAB, (batch, max(2, seq - 2)), generator=gen)
+    return inputs
+
+
+ALL = list(hf_models()) + ["nanogpt", "torchenc"]
