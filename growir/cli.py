@@ -203,20 +203,18 @@ def _first_sentence(error: Exception) -> str:
 
 
 def _run_plan(args) -> int:
-    import growir
+    from .api import plan as make_plan  # not growir.plan: once growir/plan.py is imported, that is the module
 
     with _Stages("plan", ["load", "trace"]) as stages:
         with stages.stage("load"):
             model = load_model(args.src)
         with stages.stage("trace"):
-            plan = growir.plan(model)
+            plan = make_plan(model)
     print(plan)
     return 0
 
 
 def _run_grow(args) -> int:
-    import growir
-
     out = Path(args.out)
     _refuse_existing(out, args.force)
     if out.resolve() == Path(args.src).resolve():
@@ -225,11 +223,13 @@ def _run_grow(args) -> int:
     with _Stages("grow", ["load", "grow", "save"]) as stages:
         with stages.stage("load"):
             model = load_model(args.src)
+        from .api import grow  # after loading: refusing a bad SRC should not wait for the core to import
+
         with stages.stage("grow"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            grown = growir.grow(model, width=args.width, depth=depth, layers=args.layers,
-                                width_method=args.width_method, depth_method=args.depth_method,
-                                strict=args.strict, verify=args.verify)
+            grown = grow(model, width=args.width, depth=depth, layers=args.layers,
+                         width_method=args.width_method, depth_method=args.depth_method,
+                         strict=args.strict, verify=args.verify)
         with stages.stage("save"):
             _write_folder(out, lambda staging: _save(grown, Path(args.src), staging), args.force)
     for warning in caught:
@@ -288,7 +288,7 @@ def _grow_summary(src: str, out: Path, model, grown) -> str:
 
 
 def _run_check(args) -> int:
-    import growir
+    from .verify import check
 
     with _Stages("check", ["load source", "load grown", "export and run"]) as stages:
         with stages.stage("load source"):
@@ -296,13 +296,13 @@ def _run_check(args) -> int:
         with stages.stage("load grown"):
             grown = load_model(args.grown)
         with stages.stage("export and run"):
-            report = growir.check(source, grown, samples=args.samples)
+            report = check(source, grown, samples=args.samples)
     print(report)
     return 0 if report.preserved else 1
 
 
 def _run_export(args) -> int:
-    import growir
+    from .onnx_export import export_onnx
 
     out = Path(args.out)
     _refuse_existing(out, args.force)
@@ -310,6 +310,6 @@ def _run_export(args) -> int:
         with stages.stage("load"):
             model = load_model(args.src)
         with stages.stage("export"):
-            path = growir.export_onnx(model, out, opset=args.opset)
+            path = export_onnx(model, out, opset=args.opset)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), dynamic batch and sequence axes")
     return 0

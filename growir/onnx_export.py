@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -177,10 +178,12 @@ def eval_mode(model: torch.nn.Module):
     flags = {module: module.training for module in model.modules()}
     try:
         model.eval()
-    except NotImplementedError:  # some torch.export'ed GraphModules refuse eval(); they trace as exported
+    except NotImplementedError:  # torch.export'ed GraphModules refuse eval(): their mode is baked into the graph
         flags = {}
     try:
-        yield model
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            yield model
     finally:
         for module, training in flags.items():
             module.training = training
