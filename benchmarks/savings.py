@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +49,9 @@ class Sizes:
     head_dim: int = 16          # fixed: width growth adds heads
     seq: int = 64
     batch: int = 16
-    source_steps: int = 1200
-    target_steps: int = 1200    # the token budget of every method: target_steps·batch·seq
-    eval_every: int = 60
+    source_steps: int = 600     # the source sees the same token budget as each target
+    target_steps: int = 600     # the token budget of every method: target_steps·batch·seq
+    eval_every: int = 40
     lr_decoder: float = 3e-3    # peak LR, identical for all methods (and the source)
     lr_encoder: float = 1e-3
     warmup: float = 0.05        # linear warmup fraction, then cosine to 10%: every method restarts it
@@ -59,7 +60,7 @@ class Sizes:
     mslt_final_fraction: float = 0.2  # MSLT's last all-layer stage
     noise: float = 1e-3         # growir's symmetry-breaking noise
     corpus_bytes: int = 4_000_000
-    val_windows: int = 64
+    val_windows: int = 128
 
     def scaled(self, k: float) -> "Sizes":
         return dataclasses.replace(self, source_steps=round(self.source_steps * k),
@@ -176,7 +177,7 @@ def grow_candidates(method: str, setting: Setting, sizes: Sizes, seed: int) -> l
     if method in ("fpi", "aki", "bert2bert"):
         return [{**base, **stack, "width_method": "aki" if method != "fpi" else "fpi"}]
     return [{**base, "depth_method": "auto", "width_method": wm, "noise": sizes.noise}
-            for wm in ("exact", "lemon", "isometric")]
+            for wm in ("exact", "lemon", "isometric", "fpi")]  # fpi is exact at integer ratios
 
 
 def grow_source(source, method: str, setting: Setting, sizes: Sizes, seed: int):
@@ -217,6 +218,8 @@ def build(method: str, setting: Setting, sizes: Sizes, seed: int, source):
 def run_job(setting_name: str, method: str, seed: int, sizes: Sizes, source_file: str | None) -> dict:
     """Build and train one (setting, method, seed); a plain dict so it crosses process boundaries."""
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=UserWarning)  # tracing chatter from torch.fx/export
+    warnings.filterwarnings("ignore", category=FutureWarning)
     setting = SETTINGS[setting_name]
     source = load_source(setting.arch, source_file)[0] if source_file else None
     start = time.time()
