@@ -8,6 +8,8 @@ import os
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from transformers import (BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, Trainer,
                           TrainingArguments)
@@ -285,3 +287,31 @@ def test_quick_benchmark_pipeline_and_schema(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "savings.png").stat().st_size > 0
     assert "below the source" in (tmp_path / "out" / "savings.md").read_text()
     assert len(list((tmp_path / "cache").iterdir())) == 4   # one source per (arch, seed)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(st.data())
+def test_full_step_flops_match_the_formula(data):
+    heads = data.draw(st.integers(1, 4))
+    head_dim = data.draw(st.sampled_from([4, 8]))
+    layers = data.draw(st.integers(1, 3))
+    seq, n = data.draw(st.integers(1, 16)), data.draw(st.integers(1, 4))
+    hidden = heads * head_dim
+    for m in (llama(hidden=hidden, layers=layers, inter=2 * hidden, heads=heads),
+              bert(hidden=hidden, layers=layers, inter=2 * hidden, heads=heads)):
+        N = non_embedding_params(m)
+        assert step_flops(m, n, seq) == training_flops(N, layers, seq, hidden, n * seq)
+
+
+def test_savings_are_paired_with_the_scratch_run_of_the_same_seed():
+    bench = load_benchmark()
+    log = lambda *pts: [{"flops": f, "val_loss": v} for f, v in pts]  # noqa: E731
+    scratch = {0: {"log": log((0, 5.0), (100, 2.0))}, 1: {"log": log((0, 5.0), (100, 3.0))}}
+    runs = [{"seed": 0, "available": True, "params": 1, "seconds": 1.0, "log": log((0, 4.0), (50, 2.0))},
+            {"seed": 1, "available": True, "params": 1, "seconds": 1.0, "log": log((0, 4.0), (50, 2.0))}]
+    out = bench.summarize_method("fpi", runs, scratch, {0: 10.0, 1: 10.0})
+    # seed 0 reaches 2.0 at 50 FLOPs (saving 0.5); seed 1 reaches 3.0 at 25 (saving 0.75)
+    assert out["saving"] == pytest.approx(0.625) and out["reached"] and out["reached_seeds"] == 2
+    assert out["saving_with_source"] == pytest.approx(0.525)
+    never = [{**runs[0], "log": log((0, 4.0), (50, 2.5))}]
+    assert bench.summarize_method("fpi", never, scratch, {0: 10.0})["reached"] is False
