@@ -2,6 +2,7 @@
 """Train-after-growth benchmark: FLOPs each growth method saves to reach a from-scratch model's loss.
 
     python benchmarks/savings.py [--quick] [--scale K] [--seeds 0 1 2] [--workers 2] [--out benchmarks/results]
+                                 [--settings ...] [--reuse]
 
 For a pre-norm decoder (LlamaForCausalLM) and a post-norm encoder (BertForMaskedLM): pre-train a small source
 per seed (cached under ``benchmarks/cache/``), build the target (2× wider; second setting 2× wider and 2×
@@ -384,8 +385,23 @@ def _map(pool, fn, args_list):
     return [f.result() for f in [pool.submit(fn, *a) for a in args_list]]
 
 
-def run(sizes: Sizes, seeds: list[int], settings: list[str], out: str, cache: str, workers: int = 1) -> dict:
-    """The whole benchmark; writes savings.json, savings_logs.json, savings.md and savings.png into ``out``."""
+def previous_runs(out: str, sizes: Sizes) -> dict[tuple, dict]:
+    """Available runs of an earlier result in ``out`` with the same sizes, keyed (setting, method, seed)."""
+    try:
+        with open(os.path.join(out, "savings.json")) as f:
+            same = json.load(f)["sizes"] == dataclasses.asdict(sizes)
+        with open(os.path.join(out, "savings_logs.json")) as f:
+            runs = json.load(f)["runs"]
+    except (OSError, KeyError, ValueError):
+        return {}
+    return {(r["setting"], r["method"], r["seed"]): r for r in runs if same and r["available"]}
+
+
+def run(sizes: Sizes, seeds: list[int], settings: list[str], out: str, cache: str, workers: int = 1,
+        reuse: bool = False) -> dict:
+    """The whole benchmark; writes savings.json, savings_logs.json, savings.md and savings.png into ``out``.
+    With ``reuse``, runs already in ``out`` with the same sizes are kept and only the others (e.g. methods
+    that were unavailable) are trained."""
     start = time.time()
     torch.set_num_threads(1)
     chosen = [SETTINGS[n] for n in settings]
@@ -394,8 +410,12 @@ def run(sizes: Sizes, seeds: list[int], settings: list[str], out: str, cache: st
     try:
         files = _map(pool, pretrain_source, [(a, sizes, s, cache) for a in archs for s in seeds])
         source_file = dict(zip([(a, s) for a in archs for s in seeds], files))
-        jobs = _map(pool, run_job, [(st.name, m, s, sizes, source_file[st.arch, s] if m in USES_SOURCE else None)
-                                    for st in chosen for s in seeds for m in METHODS])
+        done = previous_runs(out, sizes) if reuse else {}
+        todo = [(st.name, m, s) for st in chosen for s in seeds for m in METHODS if (st.name, m, s) not in done]
+        fresh = _map(pool, run_job, [(n, m, s, sizes, source_file[SETTINGS[n].arch, s] if m in USES_SOURCE else None)
+                                     for n, m, s in todo])
+        fresh = dict(zip(todo, fresh))
+        jobs = [fresh.get((st.name, m, s)) or done[st.name, m, s] for st in chosen for s in seeds for m in METHODS]
     finally:
         if pool is not None:
             pool.shutdown()
@@ -427,11 +447,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=1, help="parallel processes, one thread each")
     p.add_argument("--out", default=os.path.join(here, "results"))
     p.add_argument("--cache", default=os.path.join(here, "cache"))
+    p.add_argument("--reuse", action="store_true", help="keep runs already in --out with the same sizes; "
+                   "train only the missing or previously unavailable ones")
     args = p.parse_args(argv)
     sizes = (QUICK if args.quick else Sizes()).scaled(args.scale)
     if args.hidden:
         sizes = dataclasses.replace(sizes, hidden=args.hidden)
-    return run(sizes, args.seeds, args.settings, args.out, args.cache, args.workers)
+    return run(sizes, args.seeds, args.settings, args.out, args.cache, args.workers, args.reuse)
 
 
 if __name__ == "__main__":

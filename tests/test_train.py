@@ -315,3 +315,19 @@ def test_savings_are_paired_with_the_scratch_run_of_the_same_seed():
     assert out["saving_with_source"] == pytest.approx(0.525)
     never = [{**runs[0], "log": log((0, 4.0), (50, 2.5))}]
     assert bench.summarize_method("fpi", never, scratch, {0: 10.0})["reached"] is False
+
+
+def test_reuse_keeps_earlier_runs_and_trains_only_missing_ones(tmp_path, monkeypatch):
+    bench = load_benchmark()
+    monkeypatch.setattr(bench, "grow_fn", lambda: stand_in_grow)
+    argv = ["--quick", "--seeds", "0", "--settings", "decoder-wide", "--out", str(tmp_path / "out"),
+            "--cache", str(tmp_path / "cache")]
+    bench.main(argv)
+    first = json.loads((tmp_path / "out" / "savings_logs.json").read_text())["runs"]
+    trained = []
+    real = bench.run_job
+    monkeypatch.setattr(bench, "run_job", lambda *a: trained.append(a[1]) or real(*a))
+    bench.main(argv + ["--reuse"])
+    second = json.loads((tmp_path / "out" / "savings_logs.json").read_text())["runs"]
+    assert sorted(trained) == ["aki", "bert2bert", "growir"]           # the unavailable ones
+    assert [r["log"] for r in first if r["available"]] == [r["log"] for r in second if r["available"]]
