@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ from growir.train import baselines  # noqa: E402
 from growir.train.data import MLM_VOCAB, VOCAB, Batcher, load_corpus  # noqa: E402
 from growir.train.flops import non_embedding_params  # noqa: E402
 from growir.train.loop import TrainConfig, train  # noqa: E402
+from growir.train.metrics import flops_to_reach, mean_std, saving  # noqa: E402
 from growir.train.schedule import TwoStage  # noqa: E402
 
 METHODS = ["scratch", "stackbert", "mslt", "directcopy", "fpi", "aki", "bert2bert", "growir"]
@@ -237,54 +237,25 @@ def run_job(setting_name: str, method: str, seed: int, sizes: Sizes, source_file
 
 # --- summary ----------------------------------------------------------------------------------------------
 
-def flops_to_reach(log: list[dict], target: float) -> float | None:
-    """First FLOP count at which the validation loss reaches ``target`` (linear between evaluations).
-
-    >>> flops_to_reach([{"flops": 0, "val_loss": 5.0}, {"flops": 10, "val_loss": 3.0}], 4.0)
-    5.0
-    """
-    for prev, row in zip([None] + log[:-1], log):
-        if row["val_loss"] <= target:
-            if prev is None:
-                return float(row["flops"])
-            frac = (prev["val_loss"] - target) / (prev["val_loss"] - row["val_loss"])
-            return float(prev["flops"] + frac * (row["flops"] - prev["flops"]))
-    return None
-
-
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
-
-
 def summarize_method(method: str, runs: list[dict], scratch: dict[int, dict], source_flops: dict[int, float]) -> dict:
     """One method of one setting, seeds paired with the scratch run of the same seed."""
     if not runs or not all(r["available"] for r in runs):
         reason = next((r["reason"] for r in runs if not r["available"]), "not run")
         return {"name": method, "available": False, "reason": reason, "saving": None, "saving_std": None,
                 "saving_with_source": None, "flops_to_target": None, "final_val_loss": None, "reached": False}
-    reach, saving, with_source, finals = [], [], [], []
-    for r in runs:
-        base = scratch[r["seed"]]["log"]
-        total = base[-1]["flops"]
-        f = flops_to_reach(r["log"], base[-1]["val_loss"])
-        finals.append(r["log"][-1]["val_loss"])
-        if f is not None:
-            reach.append(f)
-            saving.append(1 - f / total)
-            extra = source_flops[r["seed"]] if method in USES_SOURCE else 0.0
-            with_source.append(1 - (f + extra) / total)
-    mean_s, std_s = _mean_std(saving)
-    return {"name": method, "available": True, "saving": mean_s, "saving_std": std_s,
-            "saving_with_source": _mean_std(with_source)[0], "saving_with_source_std": _mean_std(with_source)[1],
-            "flops_to_target": _mean_std(reach)[0], "final_val_loss": _mean_std(finals)[0],
-            "final_val_loss_std": _mean_std(finals)[1], "initial_val_loss": _mean_std([r["log"][0]["val_loss"]
-                                                                                       for r in runs])[0],
+    pairs = [(r, scratch[r["seed"]]["log"]) for r in runs]
+    reach = [f for f in (flops_to_reach(r["log"], base[-1]["val_loss"]) for r, base in pairs) if f is not None]
+    extra = source_flops if method in USES_SOURCE else {}
+    plain = mean_std([v for v in (saving(r["log"], base) for r, base in pairs) if v is not None])
+    with_source = mean_std([v for v in (saving(r["log"], base, extra.get(r["seed"], 0.0)) for r, base in pairs)
+                            if v is not None])
+    finals = mean_std([r["log"][-1]["val_loss"] for r in runs])
+    return {"name": method, "available": True, "saving": plain[0], "saving_std": plain[1],
+            "saving_with_source": with_source[0], "saving_with_source_std": with_source[1],
+            "flops_to_target": mean_std(reach)[0], "final_val_loss": finals[0], "final_val_loss_std": finals[1],
+            "initial_val_loss": mean_std([r["log"][0]["val_loss"] for r in runs])[0],
             "reached": len(reach) == len(runs), "reached_seeds": len(reach), "params": runs[0]["params"],
-            "grow_kwargs": runs[0].get("grow_kwargs"), "seconds": _mean_std([r["seconds"] for r in runs])[0]}
+            "grow_kwargs": runs[0].get("grow_kwargs"), "seconds": mean_std([r["seconds"] for r in runs])[0]}
 
 
 def summarize_setting(setting: Setting, sizes: Sizes, jobs: list[dict], sources: dict[int, list[dict]]) -> dict:
@@ -292,17 +263,17 @@ def summarize_setting(setting: Setting, sizes: Sizes, jobs: list[dict], sources:
     scratch = {j["seed"]: j for j in mine if j["method"] == "scratch"}
     source_flops = {s: log[-1]["flops"] for s, log in sources.items()}
     methods = [summarize_method(m, [j for j in mine if j["method"] == m], scratch, source_flops) for m in METHODS]
-    src_loss = _mean_std([log[-1]["val_loss"] for log in sources.values()])
-    scratch_loss = _mean_std([j["log"][-1]["val_loss"] for j in scratch.values()])
+    src_loss = mean_std([log[-1]["val_loss"] for log in sources.values()])
+    scratch_loss = mean_std([j["log"][-1]["val_loss"] for j in scratch.values()])
     tgt = target_config(setting, sizes)
     return {"name": setting.name, "arch": setting.arch, "width": setting.width, "depth": setting.depth,
             "source": {"hidden": sizes.hidden, "layers": sizes.layers, "steps": sizes.source_steps,
                        "final_val_loss": src_loss[0], "final_val_loss_std": src_loss[1],
-                       "flops": _mean_std(list(source_flops.values()))[0]},
+                       "flops": mean_std(list(source_flops.values()))[0]},
             "target": {"hidden": tgt.hidden_size, "layers": tgt.num_hidden_layers, "steps": sizes.target_steps,
                        "tokens": sizes.target_steps * sizes.batch * sizes.seq,
                        "scratch_final_val_loss": scratch_loss[0], "scratch_final_val_loss_std": scratch_loss[1],
-                       "scratch_flops": _mean_std([j["log"][-1]["flops"] for j in scratch.values()])[0],
+                       "scratch_flops": mean_std([j["log"][-1]["flops"] for j in scratch.values()])[0],
                        "scratch_below_source": src_loss[0] - scratch_loss[0]},
             "methods": methods}
 
