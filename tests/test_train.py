@@ -331,3 +331,11 @@ def test_reuse_keeps_earlier_runs_and_trains_only_missing_ones(tmp_path, monkeyp
     second = json.loads((tmp_path / "out" / "savings_logs.json").read_text())["runs"]
     assert sorted(trained) == ["aki", "bert2bert", "growir"]           # the unavailable ones
     assert [r["log"] for r in first if r["available"]] == [r["log"] for r in second if r["available"]]
+
+
+@pytest.mark.parametrize("name", ["blocks", "data", "flops", "loop", "schedule", "baselines", "metrics"])
+def test_docstring_examples_run(name):
+    import doctest
+    import importlib
+    result = doctest.testmod(importlib.import_module(f"growir.train.{name}"))
+    assert result.failed == 0 and result.attempted > 0
