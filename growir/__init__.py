@@ -16,10 +16,10 @@ __all__ = ["GrowthError", "SpecError", "TraceError", "UnsupportedOpError", "Anal
            "MaterializeError", "PreservationError", "grow", "plan", "check", "export_onnx"]
 
 
-def __getattr__(name):  # lazy: importing growir stays cheap, torch/transformers load on first use
-    if name in ("grow", "plan", "Plan"):
-        from . import api
-        return getattr(api, name)
+from .api import grow, plan  # noqa: E402  (after the errors; binds `plan` over the submodule's name)
+
+
+def __getattr__(name):  # lazy: ONNX tooling loads on first use
     if name in ("check", "export_onnx", "CheckReport"):
         from . import verify
         return getattr(verify, name)

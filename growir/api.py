@@ -12,6 +12,7 @@ from .errors import MaterializeError, NotExactError, PreservationError, SpecErro
 from .frontend import capture
 from .plan import Plan, make_plan, resolve_width
 from .passes.depth import DEPTH_METHODS, depth_rules, schedule, target_layers
+from .passes.attention import compensate_head_dim, rewrite_scales
 from .passes.exactness import compensate_tied, deviations
 from .passes.width import group_maps, tree_map, width_rules
 from .verify_torch import measure, output_maps
@@ -108,7 +109,8 @@ def _build(p: Plan, sizes: dict, depth_plan: list, depth_method: str, seed: int)
     from .passes.constants import rewrite_constants
     maps = group_maps(p, sizes, seed)
     wres = width_rules(p, maps)
-    reasons = deviations(p, maps) + compensate_tied(p, maps, wres)
+    hd_reasons, compensated, scales = compensate_head_dim(p, maps, wres)
+    reasons = deviations(p, maps, compensated) + compensate_tied(p, maps, wres) + hd_reasons
     rules, schedules, layer_info = dict(wres.rules), [], {}
     for b, new in depth_plan:
         sched = schedule(b, new, depth_method)
@@ -123,7 +125,9 @@ def _build(p: Plan, sizes: dict, depth_plan: list, depth_method: str, seed: int)
     gm = p.captured.gm
     params = set(dict(gm.named_parameters(remove_duplicate=False))) | (
         set(rules) - set(dict(gm.named_buffers(remove_duplicate=False))))
-    grown = build_graph_module(gm, state, params, schedules, lambda g: rewrite_constants(p, maps, g))
+    grown = build_graph_module(gm, state, params, schedules,
+                               lambda g: (rewrite_constants(p, maps, g), rewrite_scales(g, scales)),
+                               p.facts.aliases)
     record = GrowthRecord(p, dict(sizes), layer_info, reasons, output_maps=output_maps(p, maps))
     return _Built(record, state, grown, maps)
 

@@ -34,13 +34,23 @@ def set_tensor(root: torch.nn.Module, dotted: str, value: torch.Tensor, as_param
 
 
 def build_graph_module(gm: fx.GraphModule, state: dict, params: set, schedules: list[Schedule],
-                       rewrite=None) -> fx.GraphModule:
-    """A copy of ``gm`` holding the grown tensors, its size literals rewritten, blocks copied per schedule."""
+                       rewrite=None, aliases: dict | None = None) -> fx.GraphModule:
+    """A copy of ``gm`` holding the grown tensors, its size literals rewritten, blocks copied per schedule.
+    Tied tensors (``aliases``: name -> the name the graph reads) stay one tensor."""
     new = copy.deepcopy(gm)
     if rewrite is not None:
         rewrite(new)
+    aliases = aliases or {}
     for name, tensor in state.items():
-        set_tensor(new, name, tensor, name in params)
+        if name not in aliases:
+            set_tensor(new, name, tensor, name in params)
+    for name, canonical in aliases.items():
+        *path, leaf = name.split(".")
+        owner = new.get_submodule(".".join(path)) if path else new
+        target = new.get_parameter(canonical) if canonical in params else new.get_buffer(canonical)
+        owner._parameters.pop(leaf, None)
+        owner._buffers.pop(leaf, None)
+        setattr(owner, leaf, target) if canonical in params else owner.register_buffer(leaf, target)
     for sched in schedules:
         _copy_blocks(new, sched)
     new.graph.eliminate_dead_code()

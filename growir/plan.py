@@ -104,6 +104,15 @@ def _from_ratio(plan: Plan, r: Fraction, check_only: bool = False) -> dict[int, 
                     raise SpecError("fractional")
                 _scaled(g, r, g.role, plan)
             sizes[g.id] = int(n)
+    paired = {per.id for _, per in _gqa_pairs(plan)}
+    for g in plan.groups:  # one shared kv head (MQA) is a size-1 axis, not a group: it stays one
+        if g.per_kv and g.id not in paired:
+            n = g.size * r
+            if n.denominator != 1:
+                if check_only:
+                    raise SpecError("fractional")
+                _scaled(g, r, "heads", plan)
+            sizes[g.id] = int(n)
     for kv, per in _gqa_pairs(plan):
         total = kv.size * per.size * r
         kv_new = kv.size * r if (kv.size * r).denominator == 1 else Fraction(kv.size)
@@ -132,6 +141,9 @@ def _gqa_pairs(plan: Plan) -> list[tuple[Group, Group]]:
 
 def _from_dict(plan: Plan, spec: dict) -> dict[int, int]:
     sizes = {}
+    if "head_dim" in spec and any(len(plan.facts.ag.leaf_roots(site["q"][-1])) > 1 for site in plan.facts.attention):
+        raise SpecError("head_dim growth on a model whose attention splits head_dim (rotary embeddings' "
+                        "rotate-half) is not supported yet: grow heads instead (width={'heads': ...})")
     for role in ("hidden", "ffn", "head_dim"):
         if role in spec:
             groups = plan.by_role(role)
@@ -140,8 +152,9 @@ def _from_dict(plan: Plan, spec: dict) -> dict[int, int]:
             for g in groups:
                 sizes[g.id] = _checked(spec[role], g, role)
     if "heads" in spec or "kv_heads" in spec:
+        paired = {per.id for _, per in _gqa_pairs(plan)}
         for g in plan.by_role("heads"):
-            if not g.per_kv:
+            if g.id not in paired:
                 sizes[g.id] = _checked(spec.get("heads", g.size), g, "heads")
         for kv, per in _gqa_pairs(plan):
             heads = spec.get("heads", kv.size * per.size)
