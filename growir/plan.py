@@ -36,6 +36,23 @@ class Plan:
     def group_of(self, root) -> Group | None:
         return next((g for g in self.groups if g.root == root), None)
 
+    def layout(self, param: str, axis: int):
+        """How a parameter axis is made of groups: a group label, or ("prod"|"cat", [parts]).
+
+        A fused QKV projection's output axis reads ``("cat", [("prod", [heads, head_dim]), ...])``.
+        """
+        param = self.facts.aliases.get(param, param)
+        node = next((n for n, s in self.facts.params.items() if s == param), None)
+        if node is None:
+            raise KeyError(f"`{param}` is not a parameter the graph reads")
+
+        def label(tree):
+            if isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[1], list):
+                return (tree[0], [label(t) for t in tree[1]])
+            g = self.group_of(tree)
+            return g.label if g is not None else f"-:{self.facts.ag.size[tree]}"
+        return label(self.facts.ag.expand(self.facts.axes[node][axis]))
+
     def __str__(self) -> str:
         from .report import plan_table
         return plan_table(self)
@@ -80,7 +97,7 @@ def _scaled(g: Group, r: Fraction, what: str, plan: Plan) -> int:
 
 def _valid_ratios(plan: Plan, limit: int = 6) -> list[float]:
     out = []
-    for k in range(8, 8 * 4 + 1):
+    for k in range(9, 8 * 4 + 1):
         r = Fraction(k, 8)
         try:
             _from_ratio(plan, r, check_only=True)
@@ -141,7 +158,8 @@ def _gqa_pairs(plan: Plan) -> list[tuple[Group, Group]]:
 
 def _from_dict(plan: Plan, spec: dict) -> dict[int, int]:
     sizes = {}
-    if "head_dim" in spec and any(len(plan.facts.ag.leaf_roots(site["q"][-1])) > 1 for site in plan.facts.attention):
+    if "head_dim" in spec and any(isinstance(plan.facts.ag.expand(site["q"][-1]), tuple) and isinstance(
+            plan.facts.ag.expand(site["q"][-1])[1], list) for site in plan.facts.attention):
         raise SpecError("head_dim growth on a model whose attention splits head_dim (rotary embeddings' "
                         "rotate-half) is not supported yet: grow heads instead (width={'heads': ...})")
     for role in ("hidden", "ffn", "head_dim"):

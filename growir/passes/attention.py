@@ -2,7 +2,7 @@
 
 With every head_dim index copied k times, q'.k' = k (q.k). The score scale 1/sqrt(head_dim) either follows
 the new size (a default scale, or the standard explicit 1/sqrt(d) that a rebuilt config recomputes), giving
-a net factor k / sqrt(k) = sqrt(k), or is a constant that does not follow it (T5's 1.0), giving k. The query
+a net factor k / sqrt(k) = sqrt(k), or is a constant that does not follow it (a fixed 1.0), giving k. The query
 projection (weight and bias) is divided by that factor, so the scores, the softmax and the output are
 unchanged. Value dimensions are copied and the output projection splits them, as for any group.
 """
@@ -34,7 +34,8 @@ def compensate_head_dim(plan: Plan, maps: dict, width: WidthResult):
         if not grown:
             continue
         where = f"the attention at `{site['node']}`"
-        if len(leaves) != 1:
+        tree = ag.expand(site["q"][-1])
+        if len(leaves) != 1 or tree != leaves[0]:
             reasons.append(f"{where} splits head_dim (rotary rotate-half): head_dim growth keeps rotary "
                            f"frequencies only by the interleaved construction, which growir does not do yet")
             continue

@@ -19,23 +19,26 @@ PASS_THROUGH = LAYOUT_OPS | {"aten.dropout", "aten.clone", "aten.contiguous", "a
 
 
 def deviations(plan: Plan, maps: dict, compensated: set = frozenset()) -> list[str]:
-    """Reasons the growth is not exact (empty: exact by the rules above)."""
+    """Reasons the growth is not exact (empty: exact by the rules above), one per group and kind of read."""
     reasons = []
     for g in plan.groups:
         m = maps.get(g.root)
         if m is None:
             continue
+        by_kind = {}
         for r in g.reads:
-            if r.kind in HARMLESS or (g.root, r.kind) in compensated:
+            if r.kind in HARMLESS or (g.root, r.kind) in compensated or (r.kind == "norm" and m.uniform):
                 continue
-            if r.kind == "norm":
-                if not m.uniform:
-                    lo, hi = int(m.counts.min()), int(m.counts.max())
-                    reasons.append(f"the norm at {r.where} averages over {g.label} ({g.size} -> {m.new}), whose "
-                                   f"copies are uneven ({lo} to {hi} per unit): its statistics change")
+            by_kind.setdefault(r.kind, []).append(r.where)
+        for kind, places in sorted(by_kind.items()):
+            where = places[0] + (f" and {len(places) - 1} more" if len(places) > 1 else "")
+            if kind == "norm":
+                lo, hi = int(m.counts.min()), int(m.counts.max())
+                reasons.append(f"{len(places)} norm(s) average over {g.label} ({g.size} -> {m.new}), whose copies "
+                               f"are uneven ({lo} to {hi} per unit), so their statistics change (e.g. {where})")
             else:
-                reasons.append(f"the {r.kind} over {g.label} at {r.where} is not preserved by copying")
-    return sorted(set(reasons))
+                reasons.append(f"the {kind} over {g.label} at {where} is not preserved by copying")
+    return reasons
 
 
 def compensate_tied(plan: Plan, maps: dict, width: WidthResult) -> list[str]:

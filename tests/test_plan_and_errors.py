@@ -1,0 +1,131 @@
+"""What the plan finds (checked by label), and how bad input is refused."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import growir
+from zoo import example_inputs, make
+
+ARCH_NAMES = re.compile(r"\b(bert|roberta|distilbert|gpt-?2|gpt_?neox|llama|mistral|qwen\d?|t5|vit|gemma|phi\d?"
+                        r"|deberta|electra|bloom|falcon|mixtral)\b", re.IGNORECASE)
+
+
+def test_gpt2_fused_qkv_is_three_groups():
+    plan = growir.plan(make("gpt2"))
+    kind, parts = plan.layout("transformer.h.0.attn.c_attn.weight", 1)
+    assert kind == "cat" and len(parts) == 3
+    assert all(p[0] == "prod" and p[1][0].endswith(":heads") and p[1][1].endswith(":head_dim") for p in parts)
+    q, k, v = parts
+    assert q == k  # query and key share head_dim (they are contracted together); value has its own
+    assert "fused `transformer.h.0.attn.c_attn.weight`[1]" in str(plan)
+
+
+def test_llama_plan_has_kv_heads_and_per_kv_heads():
+    plan = growir.plan(make("llama"))
+    kv, per = plan.by_role("kv_heads"), [g for g in plan.by_role("heads") if g.per_kv]
+    assert len(kv) == 2 and len(per) == 2  # one pair per layer
+    assert {g.size for g in kv} == {2} and {g.size for g in per} == {2}
+    assert plan.layout("model.layers.0.self_attn.q_proj.weight", 0)[0] == "prod"
+    assert {g.size for g in plan.by_role("hidden")} == {32}
+    assert {g.size for g in plan.by_role("ffn")} == {64}
+    vocab = [g for g in plan.groups if g.size == 100]
+    assert vocab and all(g.role is None for g in vocab)
+
+
+def test_plan_groups_agree_with_parameter_shapes():
+    model = make("bert")
+    plan = growir.plan(model)
+    shapes = dict(model.named_parameters())
+    for g in plan.groups:
+        for pa in g.producers + g.consumers:
+            assert shapes[pa.param].shape[pa.axis] % g.size == 0
+
+
+def test_no_architecture_names_in_growir():
+    root = pathlib.Path(growir.__file__).parent
+    hits = [f"{path.relative_to(root)}:{i}: {line.strip()}" for path in root.rglob("*.py")
+            for i, line in enumerate(path.read_text().splitlines(), 1) if ARCH_NAMES.search(line)]
+    assert not hits, "growir must decide from the graph, not from names:\n" + "\n".join(hits[:20])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(width=0.5), growir.SpecError, "only grows"),
+    (dict(width="wide"), growir.SpecError, "must be a number"),
+    (dict(depth=0.5), growir.SpecError, "only grows"),
+    (dict(width={"hiden": 64}), growir.SpecError, "unknown width role"),
+    (dict(width_method="magic"), growir.SpecError, "unknown width_method"),
+    (dict(depth_method="magic", depth=2), growir.SpecError, "unknown depth_method"),
+    (dict(width=1.3), growir.SpecError, "multipliers that give whole sizes for every group: 1.5, 2"),
+    (dict(width={"heads": 6, "kv_heads": 4}), growir.SpecError, "not a multiple of kv_heads"),
+    (dict(layers=3.5), growir.SpecError, "whole number"),
+    (dict(depth=1.25), growir.SpecError, "whole number"),
+    (dict(width={"head_dim": 16}), growir.SpecError, "rotary"),
+])
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        growir.grow(make("llama"), **kwargs)
+
+
+def test_plain_module_needs_example_inputs():
+    with pytest.raises(growir.TraceError, match="pass example_inputs"):
+        growir.grow(make("nanogpt"), width=2.0)
+
+
+def test_model_without_parameters():
+    with pytest.raises(growir.TraceError, match="no parameters"):
+        growir.grow(nn.ReLU(), example_inputs=(torch.randn(2, 3),))
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y[y > 0]  # a shape that depends on values
+
+
+def test_untraceable_model_names_the_model():
+    with pytest.raises(growir.GrowthError, match="DataDependent"):
+        growir.grow(DataDependent(), width=2.0, example_inputs=(torch.randn(2, 4),))
+
+
+class Bessel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(10, 8), nn.Linear(8, 8)
+        self.inner = nn.Sequential(nn.Linear(8, 8))
+
+    def forward(self, idx):
+        return self.lin(torch.special.bessel_j0(self.inner(self.emb(idx))))
+
+
+def test_unknown_op_is_named_with_its_module():
+    with pytest.raises(growir.UnsupportedOpError, match=r"bessel_j0.*module"):
+        growir.plan(Bessel(), example_inputs=(torch.randint(0, 10, (2, 3)),))
+
+
+def test_hidden_fed_by_the_input_cannot_grow():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=True, dropout=0.0)
+    with pytest.raises(growir.SpecError, match="model input"):
+        growir.grow(layer.eval(), width={"hidden": 32}, example_inputs=(torch.randn(2, 5, 16),))
+
+
+def test_error_messages_say_what_to_do():
+    with pytest.raises(growir.SpecError) as info:
+        growir.grow(make("gpt2"), width=1.3)
+    msg = str(info.value)
+    assert "1.3" in msg and "fractional" in msg and "multipliers that give whole sizes" in msg
+
+
+def test_graph_module_example_inputs_as_dict():
+    model = make("nanogpt")
+    grown = growir.grow(model, width=2.0, example_inputs={"idx": example_inputs("nanogpt")[0]})
+    assert grown.growir_record.exact
