@@ -43,6 +43,7 @@ class GrowthRecord:
     deviation: float | None = None  # measured max|Δ| / max(1, max|y|)
     output_maps: list = field(default_factory=list)  # per flat output, per axis: index map or None
     config_changes: dict = field(default_factory=dict)
+    rules: dict = field(default_factory=dict)  # state_dict name -> TensorRule that made it
     params_before: int = 0
     params_after: int = 0
 
@@ -128,7 +129,7 @@ def _build(p: Plan, sizes: dict, depth_plan: list, depth_method: str, seed: int)
     grown = build_graph_module(gm, state, params, schedules,
                                lambda g: (rewrite_constants(p, maps, g), rewrite_scales(g, scales)),
                                p.facts.aliases)
-    record = GrowthRecord(p, dict(sizes), layer_info, reasons, output_maps=output_maps(p, maps))
+    record = GrowthRecord(p, dict(sizes), layer_info, reasons, output_maps=output_maps(p, maps), rules=rules)
     return _Built(record, state, grown, maps)
 
 
