@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
@@ -12,12 +13,14 @@ from .errors import MaterializeError, NotExactError, PreservationError, SpecErro
 from .frontend import capture
 from .plan import Plan, make_plan, resolve_width
 from .passes.depth import DEPTH_METHODS, depth_rules, schedule, target_layers
+from .passes.aki import aki_rules
 from .passes.attention import compensate_head_dim, rewrite_scales
 from .passes.exactness import compensate_tied, deviations
 from .passes.width import group_maps, tree_map, width_rules
 from .verify_torch import measure, output_maps
 
-WIDTH_METHODS = ("fpi",)
+WIDTH_METHODS = ("fpi", "aki")
+PRESETS = {"bert2bert": {"width_method": "aki", "depth_method": "stack"}}  # the paper's recipe
 TOLERANCE = 1e-5  # max|Δ| <= TOLERANCE * max(1, max|y|) in float32 counts as exact
 
 
@@ -56,12 +59,25 @@ class GrowthRecord:
         return record_table(self)
 
 
+@dataclass
+class Options:
+    width_method: str = "fpi"
+    depth_method: str = "auto"
+    seed: int = 0
+    noise: float = 0.0
+
+
 def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="fpi", depth_method="auto",
-         example_inputs=None, strict=False, seed=0, verify=False):
+         method=None, noise=0.0, example_inputs=None, strict=False, seed=0, verify=False):
     """Grow ``model`` wider and deeper, starting from the same function where mathematics allows.
 
     Returns an instance of the same class for Hugging Face models (config updated), else a rewritten
     ``torch.fx.GraphModule``. The source is never modified. ``grown.growir_record`` says what was done.
+
+    ``width_method``: ``"fpi"`` (function-preserving copies) or ``"aki"`` (bert2BERT: new units of block l
+    from block l+1; not exact). ``method="bert2bert"`` is the paper's recipe (AKI width, stacked depth).
+    ``noise=σ`` perturbs split consumer copies by noise that cancels over the copies (relative std σ):
+    the function stays exact while copies stop receiving identical gradients.
 
     >>> import growir
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -72,6 +88,12 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     ...  big.config.num_hidden_layers)
     (64, 8, 4, 4)
     """
+    if method is not None:
+        if method not in PRESETS:
+            raise SpecError(f"unknown method {method!r}: the presets are {', '.join(PRESETS)}")
+        width_method, depth_method = PRESETS[method]["width_method"], PRESETS[method]["depth_method"]
+    if not isinstance(noise, (int, float)) or noise < 0:
+        raise SpecError(f"noise must be a number >= 0 (a std relative to each weight's std), got {noise!r}")
     if width_method not in WIDTH_METHODS:
         raise SpecError(f"unknown width_method {width_method!r}: choose one of {', '.join(WIDTH_METHODS)}")
     if depth_method not in DEPTH_METHODS:
@@ -82,9 +104,10 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     if wants_depth and not p.blocks:
         raise SpecError("depth growth asked for, but growir found no repeated blocks in the model")
     depth_plan = [(b, target_layers(b.count, depth, layers)) for b in (p.blocks if wants_depth else [])]
-    built = _build(p, sizes, depth_plan, depth_method, seed)
+    opts = Options(width_method, depth_method, seed, float(noise))
+    built = _build(p, sizes, depth_plan, opts)
     if p.captured.is_hf:
-        built = _fit_config(model, p, sizes, depth_plan, depth_method, seed, built)
+        built = _fit_config(model, p, sizes, depth_plan, opts, built)
     if strict and built.record.reasons:
         raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(built.record.reasons))
     record, grown = built.record, built.grown
@@ -104,17 +127,22 @@ class _Built:
     maps: dict
 
 
-def _build(p: Plan, sizes: dict, depth_plan: list, depth_method: str, seed: int) -> _Built:
+def _build(p: Plan, sizes: dict, depth_plan: list, opts: Options) -> _Built:
     """Index maps -> per-tensor rules -> grown tensors -> rewritten GraphModule."""
     from .materialize import build_graph_module
     from .passes.constants import rewrite_constants
-    maps = group_maps(p, sizes, seed)
+    maps = group_maps(p, sizes, opts.seed)
     wres = width_rules(p, maps)
     hd_reasons, compensated, scales = compensate_head_dim(p, maps, wres)
     reasons = deviations(p, maps, compensated) + compensate_tied(p, maps, wres) + hd_reasons
+    if opts.width_method == "aki" and aki_rules(p, maps, wres.rules):
+        reasons.append("AKI gives the new units of each block the next block's weights (bert2BERT): "
+                       "not function-preserving by design")
+    if opts.noise:
+        _add_noise(wres.rules, opts)
     rules, schedules, layer_info = dict(wres.rules), [], {}
     for b, new in depth_plan:
-        sched = schedule(b, new, depth_method)
+        sched = schedule(b, new, opts.depth_method)
         rules.update(depth_rules(sched, wres.rules))
         schedules.append(sched)
         layer_info[b.prefix] = (b.count, new, sched.method)
@@ -122,7 +150,8 @@ def _build(p: Plan, sizes: dict, depth_plan: list, depth_method: str, seed: int)
             reasons.append(f"depth growth of `{b.prefix}` by `{sched.method}` is not function-preserving"
                            + (" (its blocks are post-norm)" if sched.method == "identity" else ""))
     source_state = _state(p)
-    state = {name: rule.apply(source_state[rule.source]) for name, rule in rules.items()}
+    state = {name: rule.apply(source_state[rule.source], source_state.get(rule.donor))
+             for name, rule in rules.items()}
     gm = p.captured.gm
     params = set(dict(gm.named_parameters(remove_duplicate=False))) | (
         set(rules) - set(dict(gm.named_buffers(remove_duplicate=False))))
@@ -133,7 +162,14 @@ def _build(p: Plan, sizes: dict, depth_plan: list, depth_method: str, seed: int)
     return _Built(record, state, grown, maps)
 
 
-def _fit_config(model, p: Plan, sizes: dict, depth_plan, depth_method, seed, built: _Built) -> _Built:
+def _add_noise(rules: dict, opts: Options) -> None:
+    """Symmetry breaking on every consumer axis that has copies (each tensor its own seeded draw)."""
+    for k, (name, rule) in enumerate(sorted(rules.items())):
+        if rule.has_copies_to_perturb() and not rule.zero:
+            rules[name] = dataclasses.replace(rule, noise=(opts.noise, opts.seed * 100003 + k))
+
+
+def _fit_config(model, p: Plan, sizes: dict, depth_plan, opts: Options, built: _Built) -> _Built:
     """Rebuild the Hugging Face class. Output-only groups (a pooler) take the size the config gives them."""
     from .materialize import candidate_configs, load_hf
     free = [g for g in p.groups if g.role is None and g.size and not g.pinned and g.producers
@@ -147,14 +183,14 @@ def _fit_config(model, p: Plan, sizes: dict, depth_plan, depth_method, seed, bui
     required = set(dict(model.named_parameters(remove_duplicate=False))) | {
         f"{b.prefix}.{i}.{sfx}" for b, n in depth_plan for i in range(n) for sfx in b.suffixes
         if f"{b.paths[0]}.{sfx}" in dict(model.named_parameters(remove_duplicate=False))}
-    sources = {b.count: schedule(b, n, depth_method).sources for b, n in depth_plan}
+    sources = {b.count: schedule(b, n, opts.depth_method).sources for b, n in depth_plan}
     for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads, required, sources):
         extra = {}
         for g in free:
             size = shapes[g.producers[0].param][g.producers[0].axis]
             if size != g.size and all(shapes[q.param][q.axis] == size for q in g.producers):
                 extra[g.id] = size
-        candidate = _build(p, {**sizes, **extra}, depth_plan, depth_method, seed) if extra else built
+        candidate = _build(p, {**sizes, **extra}, depth_plan, opts) if extra else built
         grown = load_hf(model, cfg, candidate.state)
         deviation = measure(candidate.grown, grown, p.captured, [None] * len(p.facts.outputs), quick=True)
         if deviation <= TOLERANCE:

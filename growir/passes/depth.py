@@ -10,11 +10,11 @@ Neither ``stack`` nor ``interpolate`` preserves the function.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..analysis.blocks import Blocks
 from ..errors import AnalysisError, SpecError
-from .tensor_rule import TensorRule
 
 DEPTH_METHODS = ("auto", "stack", "interpolate", "identity")
 
@@ -77,5 +77,5 @@ def depth_rules(sched: Schedule, width_rules: dict) -> dict:
             old_name, new_name = f"{b.paths[src]}.{suffix}", f"{b.prefix}.{pos}.{suffix}"
             base = width_rules[old_name]
             zero = fresh and sched.method == "identity" and suffix in b.writers
-            out[new_name] = TensorRule(base.source, base.axes, base.scale, zero, list(base.notes))
+            out[new_name] = dataclasses.replace(base, zero=zero, notes=list(base.notes))
     return out

@@ -28,12 +28,42 @@ class TensorRule:
     scale: float = 1.0
     zero: bool = False  # a new block's residual writer (identity depth growth)
     notes: list = field(default_factory=list)  # human-readable reasons (compensations applied)
-    overrides: list = field(default_factory=list)  # (axis, new positions, tensor) from other sources (AKI)
+    donor: str | None = None  # AKI: a second source whose (identically mapped) values fill the new units
+    donor_axis: tuple | None = None  # (axis, bool mask over new positions) taken from the donor
+    noise: tuple | None = None  # (std relative to the tensor's std, seed): cancels over copies, see apply
 
     def new_shape(self, old_shape) -> tuple:
         return tuple(len(m.index) if m.index is not None else s for m, s in zip(self.axes, old_shape))
 
-    def apply(self, old: torch.Tensor) -> torch.Tensor:
+    def apply(self, old: torch.Tensor, donor: torch.Tensor | None = None) -> torch.Tensor:
+        new = self._mapped(old)
+        if self.donor_axis is not None and donor is not None:
+            axis, mask = self.donor_axis
+            index = [slice(None)] * new.dim()
+            index[axis] = mask
+            new[tuple(index)] = self._mapped(donor)[tuple(index)]
+        if self.noise is not None:
+            new = new + self._cancelling_noise(new)
+        return new
+
+    def _cancelling_noise(self, new: torch.Tensor) -> torch.Tensor:
+        """Noise on a consumer axis whose copies sum to zero: sum_k (W/c + e_k) x = W x when sum_k e_k = 0.
+        The copies' inputs are equal, so the function is unchanged, but their gradients now differ."""
+        std, seed = self.noise
+        axis = next(i for i, m in enumerate(self.axes) if m.divide is not None and m.index is not None)
+        g = self.axes[axis].index
+        gen = torch.Generator().manual_seed(seed)
+        eps = torch.randn(new.shape, generator=gen, dtype=new.dtype) * std * float(new.std() if new.numel() > 1 else 0)
+        eps = eps.movedim(axis, 0)
+        sums = torch.zeros((int(g.max()) + 1,) + eps.shape[1:], dtype=eps.dtype).index_add_(0, g, eps)
+        counts = torch.bincount(g).to(eps.dtype).reshape((-1,) + (1,) * (eps.dim() - 1))
+        eps = eps - (sums / counts)[g]  # singletons get exactly zero
+        return eps.movedim(0, axis)
+
+    def has_copies_to_perturb(self) -> bool:
+        return any(m.divide is not None and m.index is not None and len(m.index) > len(m.divide) for m in self.axes)
+
+    def _mapped(self, old: torch.Tensor) -> torch.Tensor:
         new = old.detach()
         for axis, m in enumerate(self.axes):
             if m.index is not None:
