@@ -16,10 +16,11 @@ from .passes.depth import DEPTH_METHODS, depth_rules, schedule, target_layers
 from .passes.aki import aki_rules
 from .passes.attention import compensate_head_dim, rewrite_scales
 from .passes.exactness import compensate_tied, deviations
-from .passes.width import group_maps, tree_map, width_rules
+from .passes.fill import FillPlan, adjust_norms, plan_fill, rewrite_eps
+from .passes.width import fpi_index, group_maps, random_index, tree_map, width_rules
 from .verify_torch import measure, output_maps
 
-WIDTH_METHODS = ("fpi", "aki")
+WIDTH_METHODS = ("fpi", "fpi_balanced", "fpi_random", "aki")
 PRESETS = {"bert2bert": {"width_method": "aki", "depth_method": "stack"}}  # the paper's recipe
 TOLERANCE = 1e-5  # max|Δ| <= TOLERANCE * max(1, max|y|) in float32 counts as exact
 
@@ -46,6 +47,7 @@ class GrowthRecord:
     deviation: float | None = None  # measured max|Δ| / max(1, max|y|)
     output_maps: list = field(default_factory=list)  # per flat output, per axis: index map or None
     config_changes: dict = field(default_factory=dict)
+    filled: dict = field(default_factory=dict)  # group label -> fill kind, where repeat-and-fill was used
     rules: dict = field(default_factory=dict)  # state_dict name -> TensorRule that made it
     params_before: int = 0
     params_after: int = 0
@@ -65,6 +67,7 @@ class Options:
     depth_method: str = "auto"
     seed: int = 0
     noise: float = 0.0
+    keep_eps: bool = False  # the rebuilt config cannot express a changed eps: keep it and measure
 
 
 def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="fpi", depth_method="auto",
@@ -74,8 +77,10 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     Returns an instance of the same class for Hugging Face models (config updated), else a rewritten
     ``torch.fx.GraphModule``. The source is never modified. ``grown.growir_record`` says what was done.
 
-    ``width_method``: ``"fpi"`` (function-preserving copies) or ``"aki"`` (bert2BERT: new units of block l
-    from block l+1; not exact). ``method="bert2bert"`` is the paper's recipe (AKI width, stacked depth).
+    ``width_method``: ``"fpi"`` (function-preserving: copies, and repeat-and-fill for a normalized group
+    whose ratio is not whole, exact for pre-norm models), ``"fpi_balanced"`` (copies only, counts differing
+    by at most one), ``"fpi_random"`` (bert2BERT's uniformly random copies) or ``"aki"`` (bert2BERT: new
+    units of block l from block l+1; not exact). ``method="bert2bert"`` is the paper's recipe (AKI width, stacked depth).
     ``noise=σ`` perturbs split consumer copies by noise that cancels over the copies (relative std σ):
     the function stays exact while copies stop receiving identical gradients.
 
@@ -131,10 +136,19 @@ def _build(p: Plan, sizes: dict, depth_plan: list, opts: Options) -> _Built:
     """Index maps -> per-tensor rules -> grown tensors -> rewritten GraphModule."""
     from .materialize import build_graph_module
     from .passes.constants import rewrite_constants
-    maps = group_maps(p, sizes, opts.seed)
+    fp = plan_fill(p, sizes) if opts.width_method == "fpi" else FillPlan()
+    index_fn = random_index if opts.width_method == "fpi_random" else fpi_index
+    maps = group_maps(p, sizes, opts.seed, index_fn, fp.fills)
     wres = width_rules(p, maps)
     hd_reasons, compensated, scales = compensate_head_dim(p, maps, wres)
-    reasons = deviations(p, maps, compensated) + compensate_tied(p, maps, wres) + hd_reasons
+    eps = adjust_norms(fp, maps, wres.rules)
+    if opts.keep_eps and eps:
+        eps = {}
+        hd_reasons.append("the rebuilt config cannot express the norms' rescaled eps (repeat-and-fill), so eps "
+                          "was kept: the error is about eps / var(x), measured below")
+    compensated = compensated | {(root, "norm") for root in fp.fills}
+    reasons = deviations(p, maps, compensated) + compensate_tied(p, maps, wres) + hd_reasons + [
+        f"repeat-and-fill cannot make {p.group_of(root).label} exact: {why}" for root, why in fp.reasons.items()]
     if opts.width_method == "aki" and aki_rules(p, maps, wres.rules):
         reasons.append("AKI gives the new units of each block the next block's weights (bert2BERT): "
                        "not function-preserving by design")
@@ -156,10 +170,15 @@ def _build(p: Plan, sizes: dict, depth_plan: list, opts: Options) -> _Built:
     params = set(dict(gm.named_parameters(remove_duplicate=False))) | (
         set(rules) - set(dict(gm.named_buffers(remove_duplicate=False))))
     grown = build_graph_module(gm, state, params, schedules,
-                               lambda g: (rewrite_constants(p, maps, g), rewrite_scales(g, scales)),
+                               lambda g: (rewrite_constants(p, maps, g), rewrite_scales(g, scales),
+                                          rewrite_eps(g, eps)),
                                p.facts.aliases)
     record = GrowthRecord(p, dict(sizes), layer_info, reasons, output_maps=output_maps(p, maps), rules=rules)
-    return _Built(record, state, grown, maps)
+    record.filled = {p.group_of(root).label: kind for root, kind in fp.fills.items()}
+    built = _Built(record, state, grown, maps)
+    built.eps = {old: new for old, new in ((s.eps, s.eps * (maps[r].new // maps[r].old) * maps[r].old / maps[r].new)
+                                           for r, sites in fp.sites.items() for s in sites) if old is not None}
+    return built
 
 
 def _add_noise(rules: dict, opts: Options) -> None:
@@ -184,7 +203,8 @@ def _fit_config(model, p: Plan, sizes: dict, depth_plan, opts: Options, built: _
         f"{b.prefix}.{i}.{sfx}" for b, n in depth_plan for i in range(n) for sfx in b.suffixes
         if f"{b.paths[0]}.{sfx}" in dict(model.named_parameters(remove_duplicate=False))}
     sources = {b.count: schedule(b, n, opts.depth_method).sources for b, n in depth_plan}
-    for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads, required, sources):
+    for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads, required, sources,
+                                                  getattr(built, "eps", {})):
         extra = {}
         for g in free:
             size = shapes[g.producers[0].param][g.producers[0].axis]
@@ -197,6 +217,9 @@ def _fit_config(model, p: Plan, sizes: dict, depth_plan, opts: Options, built: _
             candidate.grown, candidate.record.config_changes = grown, changes
             return candidate
         tried.append(f"{changes} (differs from the rewritten graph by {deviation:.2g})")
+    if getattr(built, "eps", None) and not opts.keep_eps:  # e.g. an eps the config does not hold: keep it
+        kept = dataclasses.replace(opts, keep_eps=True)
+        return _fit_config(model, p, sizes, depth_plan, kept, _build(p, sizes, depth_plan, kept))
     raise MaterializeError(f"every config that fits the grown shapes computes something else than the rewritten "
                            f"graph: {'; '.join(tried[:4])}. growir found no faithful {type(model).__name__}; "
                            f"nothing was returned")

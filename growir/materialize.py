@@ -102,7 +102,7 @@ def _copy_blocks(gm: fx.GraphModule, sched: Schedule) -> None:
 
 # --- the Hugging Face class, rebuilt from its config --------------------------------------------------------------
 def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict, required: set,
-                      layer_sources: dict, max_tries: int = 64):
+                      layer_sources: dict, float_pairs: dict | None = None, max_tries: int = 64):
     """Configs whose rebuilt parameter shapes match the grown ones, most likely first.
 
     ``expected`` maps each state_dict name to its grown shape; an axis given as None matches any size
@@ -113,9 +113,12 @@ def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict,
     shapes the computation, not the parameters. Every name in ``required`` (the grown parameters) must
     exist in the rebuilt model. A list field as long as a block count that changes follows the depth
     schedule (``layer_sources``: old count -> source block per new position), like per-layer attention types.
+    Float fields equal to a key of ``float_pairs`` (a norm's eps under repeat-and-fill) take its value.
     The caller checks each candidate numerically. Yields (config dict, changes, rebuilt shapes).
     """
     base = model.config.to_dict()
+    floats = {k: float_pairs[v] for k, v in base.items() if isinstance(v, float) and v in (float_pairs or {})}
+    base = {**base, **floats}
     _shapes = lambda m, d: _shapes_of(m, _follow_lists(base, d, layer_sources))
     _matches = lambda sh, ex: _fits(sh, ex, required)
     fields = {k: v for k, v in base.items() if isinstance(v, int) and not isinstance(v, bool) and v in size_pairs}
@@ -138,7 +141,7 @@ def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict,
                         for kept in itertools.combinations(range(len(neutral)), n_kept):
                             extra = dict(c for i, c in enumerate(neutral) if i not in kept)
                             yield (_follow_lists(base, {**base, **changes, **extra}, layer_sources),
-                                   {**changes, **extra}, shapes)
+                                   {**changes, **extra, **floats}, shapes)
                 if tried >= max_tries:
                     break
     if not found:

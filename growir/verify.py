@@ -82,9 +82,14 @@ def map_source_output(source_out: torch.Tensor, grown_shape, maps=None) -> tuple
         g = None if maps is None else maps[axis]
         if g is not None:
             g = torch.as_tensor(g, dtype=torch.long, device=source_out.device)
-            if g.dim() != 1 or len(g) != new or (len(g) and (int(g.min()) < 0 or int(g.max()) >= old)):
-                raise ValueError(f"output map of axis {axis} must be {new} source indices in [0, {old}); "
-                                 f"got shape {tuple(g.shape)}")
+            if g.dim() != 1 or len(g) != new or (len(g) and (int(g.min()) < -1 or int(g.max()) >= old)):
+                raise ValueError(f"output map of axis {axis} must be {new} source indices in [0, {old}) "
+                                 f"(or -1 for a fill position); got shape {tuple(g.shape)}")
+            if bool((g < 0).any()):  # fill positions (repeat-and-fill) copy nothing: compare the copies
+                keep = (g >= 0).nonzero().squeeze(1)
+                expected = expected.index_select(axis, g[keep])
+                index.append(keep)
+                continue
             expected = expected.index_select(axis, g)
             index.append(slice(None))
         elif new >= old:

@@ -131,11 +131,17 @@ def test_mqa_stays_mqa():
     assert big.growir_record.exact and big.growir_record.deviation < TOL
 
 
-def test_non_integer_width_warns_and_strict_raises():
+def test_non_integer_width_on_post_norm_warns_and_strict_raises():
     with pytest.warns(UserWarning, match="uneven"):
-        growir.grow(make("gpt2"), width=1.5)
-    with pytest.raises(growir.NotExactError, match="norm"):
-        growir.grow(make("gpt2"), width=1.5, strict=True)
+        growir.grow(make("bert"), width=1.5)
+    with pytest.raises(growir.NotExactError, match="post-norm"):
+        growir.grow(make("bert"), width=1.5, strict=True)
+
+
+def test_balanced_copies_on_pre_norm_are_approximate():
+    with pytest.warns(UserWarning, match="uneven"):
+        grown = growir.grow(make("gpt2"), width=1.5, width_method="fpi_balanced")
+    assert 0 < grown.growir_record.deviation < 1
 
 
 def test_width_one_is_identity():

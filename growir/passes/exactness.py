@@ -70,7 +70,7 @@ def _counts_on(width: WidthResult, state: str, axis: int):
     if m.index is None or m.divide is None and m.index is None:
         return None
     import torch
-    return torch.bincount(m.index)
+    return torch.bincount(m.index[m.index >= 0])
 
 
 def _norm_params(x, facts) -> list[str]:

@@ -19,6 +19,7 @@ class AxisMap:
     number to divide by on a consumer axis (the copy count), or None on a producer axis."""
     index: torch.Tensor | None = None
     divide: torch.Tensor | None = None
+    fill: str | None = None  # at index -1: "zero", or "mean" (the mean of the old entries along the axis)
 
 
 @dataclass
@@ -66,13 +67,18 @@ class TensorRule:
     def _mapped(self, old: torch.Tensor) -> torch.Tensor:
         new = old.detach()
         for axis, m in enumerate(self.axes):
+            mean = new.mean(axis, keepdim=True) if m.fill == "mean" else None
             if m.index is not None:
-                new = new.index_select(axis, m.index)
+                new = new.index_select(axis, m.index.clamp(min=0))
             if m.divide is not None:
-                counts = m.divide if m.index is None else m.divide[m.index]
+                counts = m.divide if m.index is None else m.divide[m.index.clamp(min=0)]
                 shape = [1] * new.dim()
                 shape[axis] = -1
                 new = new / counts.to(new.dtype).reshape(shape)
+            if m.fill is not None:
+                where = [slice(None)] * new.dim()
+                where[axis] = m.index < 0
+                new[tuple(where)] = 0.0 if mean is None else mean.expand_as(new)[tuple(where)]
         if self.scale != 1.0:
             new = new * self.scale
         if self.zero:

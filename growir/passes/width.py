@@ -25,8 +25,9 @@ from .tensor_rule import AxisMap, TensorRule
 class GroupMap:
     old: int
     new: int
-    index: torch.Tensor  # [new] -> old position
+    index: torch.Tensor  # [new] -> old position, or -1 at a fill position (repeat-and-fill)
     counts: torch.Tensor  # [old] copy counts
+    fill: str | None = None  # what producers write at fill positions: "mean" (LayerNorm) or "zero" (RMSNorm)
 
     @property
     def uniform(self) -> bool:
@@ -34,22 +35,34 @@ class GroupMap:
 
 
 def fpi_index(old: int, new: int, gen: torch.Generator) -> torch.Tensor:
-    """Whole copies first (balanced), then the remainder drawn at random without replacement (bert2BERT)."""
+    """Balanced: whole copies first, then the remainder drawn at random without replacement."""
     reps, rem = divmod(new, old)
     base = torch.arange(old).repeat(reps)
     extra = torch.randperm(old, generator=gen)[:rem].sort().values
     return torch.cat([base, extra])
 
 
-def group_maps(plan: Plan, sizes: dict, seed: int = 0, index_fn=fpi_index) -> dict:
-    """A ``GroupMap`` per grown group root."""
+def random_index(old: int, new: int, gen: torch.Generator) -> torch.Tensor:
+    """bert2BERT's mapping: each new position copies an old one drawn uniformly at random (with replacement)."""
+    return torch.cat([torch.arange(old), torch.randint(0, old, (new - old,), generator=gen)])
+
+
+def fill_index(old: int, new: int) -> torch.Tensor:
+    """Repeat-and-fill (LEMON): n = new // old whole copies, then fill positions marked -1."""
+    reps, rem = divmod(new, old)
+    return torch.cat([torch.arange(old).repeat(reps), torch.full((rem,), -1, dtype=torch.long)])
+
+
+def group_maps(plan: Plan, sizes: dict, seed: int = 0, index_fn=fpi_index, fills: dict | None = None) -> dict:
+    """A ``GroupMap`` per grown group root; groups in ``fills`` (root -> fill kind) repeat and fill."""
     gen = torch.Generator().manual_seed(seed)
-    maps = {}
+    maps, fills = {}, fills or {}
     for g in plan.groups:
         new = sizes.get(g.id, g.size)
         if g.size is not None and new != g.size:
-            index = index_fn(g.size, new, gen)
-            maps[g.root] = GroupMap(g.size, new, index, torch.bincount(index, minlength=g.size))
+            index = fill_index(g.size, new) if g.root in fills else index_fn(g.size, new, gen)
+            counts = torch.bincount(index[index >= 0], minlength=g.size)
+            maps[g.root] = GroupMap(g.size, new, index, counts, fills.get(g.root))
     return maps
 
 
@@ -80,17 +93,19 @@ def _combine_size(kind, sizes):
 
 
 def _prod(sub):
-    index, counts, stride = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), 1
+    """Row-major combination; a fill position in any part makes the combined position a fill (-1)."""
+    index, counts = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long)
     for g, c, old, _ in sub:
-        index = (index[:, None] * old + g[None, :]).reshape(-1)
+        combined = index[:, None] * old + g[None, :]
+        index = torch.where((index[:, None] < 0) | (g[None, :] < 0), -1, combined).reshape(-1)
         counts = (counts[:, None] * c[None, :]).reshape(-1)
     return index, counts
 
 
 def _cat(sub):
-    offsets, index, counts, off = [], [], [], 0
+    index, counts, off = [], [], 0
     for g, c, old, _ in sub:
-        index.append(g + off)
+        index.append(torch.where(g >= 0, g + off, -1))
         counts.append(c)
         off += old
     return torch.cat(index), torch.cat(counts)
@@ -116,10 +131,20 @@ def width_rules(plan: Plan, maps: dict) -> WidthResult:
             if contracted and state in f.produced and index is not None:
                 res.tied.append((state, i))
                 contracted = False  # copied for the embedding; the contraction is compensated elsewhere
-            axes.append(AxisMap(index, counts if contracted and index is not None else None))
+            fill = None
+            if index is not None and bool((index < 0).any()):
+                fill = "zero" if contracted else _fill_kind(tree, maps)
+            axes.append(AxisMap(index, counts if contracted and index is not None else None, fill))
             trees.append(tree)
         res.rules[state] = TensorRule(state, axes)
         res.axis_trees[state] = trees
     for alias, canonical in f.aliases.items():
         res.rules[alias] = res.rules[canonical]
     return res
+
+
+def _fill_kind(tree, maps: dict) -> str:
+    m = maps.get(tree)
+    if m is None or m.fill is None:
+        raise ValueError("a fill position inside a composite axis: repeat-and-fill applies to plain axes only")
+    return m.fill

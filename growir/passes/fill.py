@@ -1,0 +1,182 @@
+"""Exact growth of a normalized group by any ratio: repeat and fill (LEMON, ICLR 2024).
+
+For a group of size d grown to d' = n·d + r (r > 0), the residual stream becomes
+``x' = [x, ..., x (n times), m·1 (r times)]`` with m = mean(x) for LayerNorm, 0 for RMSNorm. Then
+
+    mean(x') = m,   var(x') = (n·d/d')·var(x)    (mean of squares likewise, for RMSNorm)
+
+so a norm with eps' = (n·d/d')·eps and weight' = weight·sqrt(n·d/d') on the copies (0 on the fill) outputs
+exactly [LN(x) n times, 0]. Producers of the group write the same map (fill rows = the mean of the old
+rows, or 0); consumers split by n and read zeros at the fill positions. This requires every norm over the
+group to be pre-norm (its output only feeds contractions or the model output): when a norm's output is the
+residual itself (post-norm), no elementwise-weighted norm can be exact (docs/methods.md), and growir
+falls back to balanced copies and reports the deviation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from ..analysis.blocks import CONTRACTIONS
+from ..analysis.walker import op_name
+from ..plan import Plan
+
+THROUGH = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.to", "aten._to_copy", "aten.dropout",
+           "aten.clone", "aten.contiguous", "aten.alias", "aten.slice", "aten.select", "aten.type_as",
+           "aten.transpose", "aten.permute", "aten.unsqueeze", "aten.squeeze"}
+ASSERTS = {"aten._assert_tensor_metadata", "_assert_scalar", "aten._assert_scalar"}
+
+
+def _users(n: fx.Node) -> list:
+    return [u for u in n.users if u.op != "call_function" or op_name(u) not in ASSERTS]
+
+
+@dataclass
+class NormSite:
+    node: str  # the layer_norm node, or the mean of squares of a decomposed RMSNorm
+    kind: str  # "layer" | "rms"
+    axis: object  # the normalized axis id
+    output: fx.Node
+    weight: str | None = None
+    bias: str | None = None
+    eps_at: tuple | None = None  # (node name, arg position) of the eps literal
+    eps: float | None = None
+
+
+@dataclass
+class FillPlan:
+    fills: dict = field(default_factory=dict)  # group root -> "mean" | "zero"
+    sites: dict = field(default_factory=dict)  # group root -> [NormSite]
+    reasons: dict = field(default_factory=dict)  # group root -> why repeat-and-fill does not apply
+
+
+def norm_sites(plan: Plan) -> list[NormSite]:
+    f, nodes = plan.facts, {n.name: n for n in plan.captured.gm.graph.nodes}
+    sites = []
+    for name, axes in f.norms:
+        n = nodes[name]
+        if len(axes) == 1:
+            sites.append(NormSite(name, "layer", axes[0], n, _param(n.args[2], f), _param(n.args[3], f),
+                                  (name, 4) if len(n.args) > 4 else None, n.args[4] if len(n.args) > 4 else None))
+    for r in f.reads:
+        n = nodes[r.node]
+        if r.kind == "norm" and op_name(n) == "aten.mean" and _is_square(n.args[0]):
+            site = _rms_site(n, r.axis, f)
+            if site is not None:
+                sites.append(site)
+    return sites
+
+
+def _param(arg, facts):
+    return facts.params.get(arg.name) if isinstance(arg, fx.Node) else None
+
+
+def _is_square(x) -> bool:
+    return isinstance(x, fx.Node) and op_name(x) == "aten.pow" and x.args[1] == 2
+
+
+def _only_user(n: fx.Node, op: str):
+    users = _users(n)
+    return users[0] if len(users) == 1 and op_name(users[0]) == op else None
+
+
+def _rms_site(mean: fx.Node, axis, facts) -> NormSite | None:
+    """mean(x^2) -> add eps -> rsqrt -> mul(x, .) [-> to] [-> mul(weight, .)]."""
+    add = _only_user(mean, "aten.add")
+    rsqrt = _only_user(add, "aten.rsqrt") if add is not None else None
+    mul = _only_user(rsqrt, "aten.mul") if rsqrt is not None else None
+    if mul is None or not isinstance(add.args[1], float):
+        return None
+    out, weight = mul, None
+    while len(_users(out)) == 1 and op_name(_users(out)[0]) in ("aten.to", "aten._to_copy", "aten.type_as"):
+        out = _users(out)[0]
+    nxt = _users(out)[0] if len(_users(out)) == 1 else None
+    if nxt is not None and op_name(nxt) == "aten.mul":
+        params = [facts.params[a.name] for a in nxt.args[:2] if isinstance(a, fx.Node) and a.name in facts.params]
+        if len(params) == 1:
+            out, weight = nxt, params[0]
+    return NormSite(mean.name, "rms", axis, out, weight, None, (add.name, 1), add.args[1])
+
+
+def _feeds_contractions(node: fx.Node, facts) -> bool:
+    """Whether a norm's output only reaches parameter contractions (or the model output): pre-norm."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        for u in _users(n):
+            if u in seen:
+                continue
+            seen.add(u)
+            name = op_name(u) if u.op == "call_function" else u.op
+            if u.op == "output" or (name in CONTRACTIONS and any(
+                    isinstance(a, fx.Node) and a.name in facts.params for a in u.args)):
+                continue
+            if name in THROUGH:
+                stack.append(u)
+            else:
+                return False
+    return True
+
+
+def plan_fill(plan: Plan, sizes: dict) -> FillPlan:
+    """Which grown groups repeat and fill (a normalized group whose new size is not a whole multiple)."""
+    ag, out = plan.facts.ag, FillPlan()
+    sites = norm_sites(plan)
+    for g in plan.groups:
+        new = sizes.get(g.id, g.size)
+        if g.size is None or new == g.size or new % g.size == 0 or not any(r.kind == "norm" for r in g.reads):
+            continue
+        mine = [s for s in sites if g.root in ag.leaf_roots(s.axis)]
+        why = _why_not(plan, g, mine)
+        if why:
+            out.reasons[g.root] = why
+            continue
+        out.fills[g.root] = "mean" if mine[0].kind == "layer" else "zero"
+        out.sites[g.root] = mine
+    return out
+
+
+def _why_not(plan: Plan, g, mine: list[NormSite]) -> str:
+    ag, f = plan.facts.ag, plan.facts
+    norm_reads = {r.node for r in g.reads if r.kind == "norm"}
+    if norm_reads - {s.node for s in mine} or any(ag.expand(s.axis) != g.root for s in mine):
+        return "a norm over it is not a recognized LayerNorm/RMSNorm over this group alone"
+    if len({s.kind for s in mine}) != 1:
+        return "LayerNorm and RMSNorm both read it (their fills differ: the mean vs zero)"
+    post = [s.node for s in mine if not _feeds_contractions(s.output, f)]
+    if post:
+        return f"the norm at `{post[0]}` feeds the residual stream (post-norm): no exact construction exists"
+    for pa in g.producers + g.consumers:
+        node = next(n for n, s in f.params.items() if s == pa.param)
+        if ag.expand(f.axes[node][pa.axis]) != g.root:
+            return f"`{pa.param}` holds it inside a fused axis"
+    return ""
+
+
+def adjust_norms(fp: FillPlan, maps: dict, rules: dict) -> dict:
+    """Norm weights x sqrt(n·d/d') on the copies and 0 on the fill; returns eps rewrites {node: (pos, eps')}."""
+    eps = {}
+    for root, sites in fp.sites.items():
+        m = maps[root]
+        ratio = (m.new // m.old) * m.old / m.new
+        for s in sites:
+            for p, scale in ((s.weight, math.sqrt(ratio)), (s.bias, 1.0)):
+                if p is not None:
+                    rules[p].scale *= scale
+                    rules[p].axes[-1].fill = "zero"
+                    rules[p].notes.append(f"repeat-and-fill: x{scale:.4g}, fill 0")
+            if s.eps_at is not None and s.eps is not None:
+                eps[s.eps_at[0]] = (s.eps_at[1], s.eps * ratio)
+    return eps
+
+
+def rewrite_eps(gm: fx.GraphModule, eps: dict) -> None:
+    for n in gm.graph.nodes:
+        if n.name in eps:
+            pos, value = eps[n.name]
+            args = list(n.args)
+            args[pos] = value
+            n.args = tuple(args)
