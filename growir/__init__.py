@@ -13,10 +13,12 @@ from .errors import (AnalysisError, GrowthError, MaterializeError, NotExactError
                      SpecError, TraceError, UnsupportedOpError)
 
 __all__ = ["GrowthError", "SpecError", "TraceError", "UnsupportedOpError", "AnalysisError", "NotExactError",
-           "MaterializeError", "PreservationError", "grow", "plan", "check", "export_onnx"]
+           "MaterializeError", "PreservationError", "grow", "plan", "grow_with_optimizer", "check",
+           "export_onnx"]
 
 
 from .api import grow, plan  # noqa: E402  (after the errors; binds `plan` over the submodule's name)
+from .optim import grow_with_optimizer  # noqa: E402
 
 
 def __getattr__(name):  # lazy: ONNX tooling loads on first use
