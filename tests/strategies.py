@@ -303,6 +303,10 @@ def widths(draw, arch: Arch):
                 # growir refuses any head_dim key on rotary models, even at the current size (a no-op);
                 # that case is pinned as an xfail example in test_properties.py
                 mults = [m for m in mults if m != 1]
+            if role == "head_dim" and arch.fused_qkv:
+                # growir cannot rescale the query inside a fused QKV weight, so head_dim growth there is
+                # not exact (it says so); pinned as an xfail example in test_properties.py
+                continue
             m = draw(st.sampled_from(mults))
             spec[role], ratios[role] = int(size * Fraction(str(m))), Fraction(str(m))
     if draw(st.booleans()):
