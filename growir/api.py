@@ -56,6 +56,12 @@ class GrowthRecord:
     def exact(self) -> bool:
         return not self.reasons
 
+    def __deepcopy__(self, memo):  # the record describes a growth; copies of the model share it
+        return self
+
+    def __getstate__(self):  # the plan holds the traced graph (fake tensors): not picklable, not needed
+        return {**self.__dict__, "plan": None, "rules": {}}
+
     def __str__(self) -> str:
         from .report import record_table
         return record_table(self)

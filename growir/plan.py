@@ -158,12 +158,14 @@ def _gqa_pairs(plan: Plan) -> list[tuple[Group, Group]]:
 
 def _from_dict(plan: Plan, spec: dict) -> dict[int, int]:
     sizes = {}
-    if "head_dim" in spec and any(isinstance(plan.facts.ag.expand(site["q"][-1]), tuple) and isinstance(
+    grows_head_dim = "head_dim" in spec and any(spec["head_dim"] != plan.facts.ag.size_of(site["q"][-1])
+                                                for site in plan.facts.attention)
+    if grows_head_dim and any(isinstance(plan.facts.ag.expand(site["q"][-1]), tuple) and isinstance(
             plan.facts.ag.expand(site["q"][-1])[1], list) for site in plan.facts.attention):
         raise SpecError("head_dim growth on a model whose attention splits head_dim (rotary embeddings' "
                         "rotate-half) is not supported yet: grow heads instead (width={'heads': ...})")
     for role in ("hidden", "ffn", "head_dim"):
-        if role in spec:
+        if role in spec and (role != "head_dim" or grows_head_dim):
             groups = plan.by_role(role)
             if not groups:
                 raise SpecError(f"width asks for {role}={spec[role]} but the model has no {role} group")

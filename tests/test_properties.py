@@ -93,7 +93,7 @@ def note_case(arch: Arch, spec: Spec) -> None:
 
 
 # --- (1) preserved when exact; exact when the notes promise it; otherwise a warning or a reason ----------------
-# growir refuses a role dict that names head_dim at its current size on a rotary model (nothing would grow)
+# a role dict that names head_dim at its current size on a rotary model grows nothing there (was refused)
 ROTARY_NOOP_HEAD_DIM = (
     Arch(vocab=11, heads=1, kv_heads=1, head_dim=4, ffn=4, layers=1, pre_norm=False, norm="layer", bias=False,
          mlp="gelu", fused_mlp=False, positions="rotary", fused_qkv=False, tied=False, final_norm=False,
@@ -113,9 +113,7 @@ FUSED_QKV_HEAD_DIM = (
 @example(case=FUSED_QKV_HEAD_DIM).xfail(
     reason="core limitation: head_dim growth cannot rescale the query inside a fused QKV weight (exact=False)",
     raises=AssertionError)
-@example(case=ROTARY_NOOP_HEAD_DIM).xfail(
-    reason="core bug: plan._from_dict refuses 'head_dim' on rotary models even when the size is unchanged",
-    raises=AssertionError)
+@example(case=ROTARY_NOOP_HEAD_DIM)
 def test_grow_preserves_or_says_why(case):
     arch, spec = case
     note_case(arch, spec)
