@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) examples/demo.py
 
+# Two workers, one thread each: the suite is many small independent traces, CI has 2 cores.
 test: setup
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --durations=15
 
 test-long: setup
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_properties.py
