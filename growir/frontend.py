@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch.export import Dim
 
 from .errors import TraceError
+from .inputs import example_inputs_for
 
 
 @dataclass
@@ -26,39 +26,6 @@ def is_hf(model: torch.nn.Module) -> bool:
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     return isinstance(model, PreTrainedModel)
-
-
-def hf_example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 7, seed: int = 0) -> dict:
-    """Inputs made from a Hugging Face model's config: token ids and a mask, or pixels; decoder ids if needed."""
-    cfg = model.config
-    gen = torch.Generator().manual_seed(seed)
-    main = getattr(model, "main_input_name", "input_ids")
-    if main == "pixel_values":
-        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-        inputs = {"pixel_values": torch.randn(batch, cfg.num_channels, size, size, generator=gen)}
-    else:
-        vocab = getattr(cfg, "vocab_size", None) or cfg.get_text_config().vocab_size
-        inputs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen),
-                  "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
-        if getattr(cfg, "is_encoder_decoder", False):
-            inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq - 2), generator=gen)
-    params = inspect.signature(model.forward).parameters
-    if "use_cache" in params:
-        inputs["use_cache"] = False
-    return inputs
-
-
-def normalize_inputs(model: torch.nn.Module, example_inputs) -> tuple[tuple, dict]:
-    if example_inputs is None:
-        if is_hf(model):
-            return (), hf_example_inputs(model)
-        raise TraceError(f"{type(model).__name__} is not a Hugging Face model, so growir cannot make inputs for "
-                         f"it: pass example_inputs=(tensor, ...) or example_inputs={{'name': tensor}}")
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    return tuple(example_inputs), {}
 
 
 def _dynamic_shapes(args: tuple, kwargs: dict):
@@ -84,7 +51,7 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Captured:
     """
     if not any(True for _ in model.parameters()):
         raise TraceError(f"{type(model).__name__} has no parameters: there is nothing to grow")
-    args, kwargs = normalize_inputs(model, example_inputs)
+    args, kwargs = example_inputs_for(model, example_inputs)
     was_training = model.training
     model.eval()
     try:

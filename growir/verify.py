@@ -36,8 +36,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import TraceError
-from .onnx_export import (SAMPLE_SHAPES, Inputs, eval_mode, export_onnx, hf_example_inputs, is_hf_model,
-                          normalize_inputs, ort_session, run_session, to_onnx_program)
+from .inputs import Inputs, hf_example_inputs, is_hf_model, normalize_inputs
+from .onnx_export import SAMPLE_SHAPES, eval_mode, export_onnx, ort_session, run_session, to_onnx_program
 
 __all__ = ["check", "CheckReport", "OutputCheck", "map_source_output", "default_tolerance", "export_onnx"]
 

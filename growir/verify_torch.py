@@ -26,21 +26,21 @@ def output_maps(plan, maps: dict) -> list:
 
 def _inputs_at(captured: Captured, batch: int, seq: int):
     """The example inputs resized on their batch/sequence axes (token ids stay in range)."""
-    def resize(t):
+    def resize(t, name=None):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return t
         gen = torch.Generator().manual_seed(batch * 100 + seq)
         shape = list(t.shape)
         shape[0] = batch
         if t.dim() >= 2 and not t.is_floating_point():
-            shape[1] = max(2, seq + (t.shape[1] - shape[1]) if False else seq)
+            shape[1] = seq
         if t.is_floating_point():
             return torch.randn(shape, generator=gen, dtype=t.dtype)
-        if t.dtype == torch.bool or (t.min() >= 0 and t.max() <= 1 and t.dim() >= 2 and (t == 1).all()):
+        if t.dtype == torch.bool or name == "attention_mask":
             return torch.ones(shape, dtype=t.dtype)
         hi = int(t.max()) + 1
         return torch.randint(0, max(hi, 2), shape, generator=gen, dtype=t.dtype)
-    return tuple(resize(a) for a in captured.args), {k: resize(v) for k, v in captured.kwargs.items()}
+    return tuple(resize(a) for a in captured.args), {k: resize(v, k) for k, v in captured.kwargs.items()}
 
 
 def measure(source, grown, captured: Captured, maps: list, quick: bool = False) -> float:

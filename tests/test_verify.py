@@ -21,7 +21,7 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 import growir
 from growir.errors import TraceError
-from growir.onnx_export import hf_example_inputs
+from growir.inputs import hf_example_inputs
 from growir.verify import _compare, default_tolerance, map_source_output
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)

@@ -160,7 +160,7 @@ def _is_contraction(n: fx.Node, facts: Facts) -> bool:
 
 def _residual_structure(gm, facts, b: Blocks):
     """(pre_norm, writer suffixes) of block 0: the residual path from input to output must hold no norm."""
-    ns, inside = b.nodes[0], set(b.nodes[0])
+    inside = set(b.nodes[0])
     norm_nodes = {name for name, _ in facts.norms} | {r.node for r in facts.reads if r.kind == "norm"}
     forward, stack = set(), [b.chain_in[0]]
     while stack:

@@ -43,7 +43,7 @@ def deviations(plan: Plan, maps: dict, compensated: set = frozenset()) -> list[s
 
 def compensate_tied(plan: Plan, maps: dict, width: WidthResult) -> list[str]:
     """Rescale the norm before a tied head by 1/n (uniform n copies); return reasons where impossible."""
-    f, ag, reasons = plan.facts, plan.facts.ag, []
+    f, reasons = plan.facts, []
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     for state, axis in width.tied:
         counts = _counts_on(width, state, axis)
