@@ -201,7 +201,7 @@ def _fit_config(model, p: Plan, sizes: dict, depth_plan, opts: Options, built: _
             and not g.consumers and g.in_output]
     free_axes = {(pa.param, pa.axis) for g in free for pa in g.producers}
     expected = {k: tuple(None if (p.facts.aliases.get(k, k), i) in free_axes else n for i, n in enumerate(v.shape))
-                for k, v in built.state.items()}
+                for k, v in _with_source_ties(model, built.state).items()}
     pairs = _size_pairs(p, built.maps, {b.prefix: (b.count, n, "") for b, n in depth_plan})
     heads = _head_pairs(p, built.maps)
     tried = []
@@ -217,7 +217,7 @@ def _fit_config(model, p: Plan, sizes: dict, depth_plan, opts: Options, built: _
             if size != g.size and all(shapes[q.param][q.axis] == size for q in g.producers):
                 extra[g.id] = size
         candidate = _build(p, {**sizes, **extra}, depth_plan, opts) if extra else built
-        grown = load_hf(model, cfg, candidate.state)
+        grown = load_hf(model, cfg, _with_source_ties(model, candidate.state))
         deviation = measure(candidate.grown, grown, p.captured, [None] * len(p.facts.outputs), quick=True)
         if deviation <= TOLERANCE:
             candidate.grown, candidate.record.config_changes = grown, changes
@@ -263,9 +263,19 @@ def _state(p: Plan) -> dict:
     return {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
 
 
-def _hf_state(model, state: dict) -> dict:
-    """The grown tensors under the model's own state_dict names (ties included)."""
-    return state
+def _with_source_ties(model, state: dict) -> dict:
+    """The grown tensors under every name the source model gives them: a tensor the source shares between
+    two names (a tied bias, say) that the traced graph saw under one name gets both."""
+    by_tensor = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        by_tensor.setdefault(id(t), []).append(name)
+    out = dict(state)
+    for names in by_tensor.values():
+        known = [n for n in names if n in state]
+        for n in names:
+            if n not in out and known:
+                out[n] = state[known[0]]
+    return out
 
 
 def _size_pairs(p: Plan, maps: dict, layer_info: dict) -> dict:

@@ -199,8 +199,8 @@ def _first_mismatch(shapes, expected, required=frozenset()) -> str:
         return "the config cannot be built"
     for k in sorted(set(required) - set(shapes)):
         return f"`{k}` was grown but the rebuilt model has no such tensor"
-    for k in sorted(set(shapes) | set(expected)):
-        if not _fits({k: shapes[k]} if k in shapes else None, {k: expected[k]} if k in expected else {}):
+    for k in sorted(shapes):
+        if not _fits({k: shapes[k]}, {k: expected[k]} if k in expected else {}):
             return f"`{k}`: rebuilt {shapes.get(k)}, grown {expected.get(k)}"
     return "all shapes match"
 

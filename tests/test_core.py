@@ -196,3 +196,14 @@ def test_grown_tensors_are_not_shared_with_the_source():
         for p in grown.parameters():
             p.add_(1.0)
     assert same_state(source, snap)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_masked_lm_head_with_square_transform(tied):
+    """A hidden -> hidden transform contracts and writes the same group: only its input axis is split."""
+    from transformers import BertConfig, BertForMaskedLM
+    torch.manual_seed(0)
+    source = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=64, vocab_size=100, tie_word_embeddings=tied)).eval()
+    grown = growir.grow(source, width=2.0)
+    assert grown.growir_record.exact and grown.growir_record.deviation < TOL

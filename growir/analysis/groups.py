@@ -59,14 +59,13 @@ def find_groups(facts: Facts) -> list[Group]:
         return groups[root]
 
     names = {**facts.params}
-    consumed = {(p, ag.find(a)) for p, a, _ in facts.consumed}
+    consumed = {(p, i) for p, i, _ in facts.consumed}
     for node_name, state in names.items():
         for i, axis in enumerate(facts.axes.get(node_name, [])):
-            root = ag.find(axis)
             pa = ParamAxis(state, i)
             for leaf in ag.leaf_roots(axis):
                 g = group(leaf)
-                (g.consumers if (state, root) in consumed else g.producers).append(pa)
+                (g.consumers if (state, i) in consumed else g.producers).append(pa)
     _attach(facts, group)
     result = [g for g in groups.values() if g.producers or g.consumers]
     _assign_roles(facts, result)

@@ -79,7 +79,7 @@ class Facts:
     buffers: dict = field(default_factory=dict)  # get_attr node name -> state_dict name (buffers)
     inputs: list = field(default_factory=list)  # placeholder node names
     outputs: list = field(default_factory=list)  # [[axis ids] or None] per flat output
-    consumed: list = field(default_factory=list)  # (param state name, axis id, op node name): contracted
+    consumed: list = field(default_factory=list)  # (param state name, param axis index, op node name)
     produced: set = field(default_factory=set)  # param state names used by a non-contracting op (copied)
     aliases: dict = field(default_factory=dict)  # state name -> the state name the graph uses for that tensor
     reads: list = field(default_factory=list)
@@ -165,11 +165,34 @@ class Walker:
         """Record a contraction of ``a`` and ``b`` over equal axes: a parameter operand is a *consumer* of
         the group (its copies are split by count); two activations make an activation read."""
         pa, pb = self.param_of(a), self.param_of(b)
-        for p, axis in ((pa, a_axis), (pb, b_axis)):
+        for p, operand, axis in ((pa, a, a_axis), (pb, b, b_axis)):
             if p is not None:
-                self.f.consumed.append((p, axis, node.name))
+                self.f.consumed.append((p, self._param_axis(operand, axis), node.name))
         if pa is None and pb is None:
             self.read(a_axis, "contract", node)
+
+    def _param_axis(self, operand: fx.Node, axis) -> int:
+        """Which axis of the parameter behind ``operand`` (through layout ops) an operand axis is."""
+        i = self.ax(operand).index(axis)
+        while operand.op != "get_attr":
+            name = op_name(operand)
+            src = operand.args[0]
+            if name in ("aten.t", "aten.transpose", "aten.permute"):
+                n = len(self.ax(src))
+                order = list(range(n))
+                if name == "aten.permute":
+                    order = [d % n for d in operand.args[1]]
+                elif name == "aten.t":
+                    order = order[::-1]
+                else:
+                    a, b = operand.args[1] % n, operand.args[2] % n
+                    order[a], order[b] = order[b], order[a]
+                i = order[i]
+            elif name in ("aten.view", "aten.reshape", "aten._unsafe_view"):
+                target = self.f.ag.find(self.ax(operand)[i])
+                return next(k for k, a in enumerate(self.ax(src)) if self.f.ag.find(a) == target)
+            operand = src
+        return i
 
     def produce(self, operand) -> None:
         """Record a parameter used without contraction (copied along its groups by a growth)."""

@@ -121,13 +121,13 @@ class WidthResult:
 def width_rules(plan: Plan, maps: dict) -> WidthResult:
     """Per-tensor rules for every parameter and buffer the graph reads."""
     f, ag, res = plan.facts, plan.facts.ag, WidthResult()
-    consumed = {(p, ag.find(a)) for p, a, _ in f.consumed}
+    consumed = {(p, i) for p, i, _ in f.consumed}
     for node_name, state in {**f.params, **f.buffers}.items():
         trees, axes = [], []
         for i, axis in enumerate(f.axes.get(node_name, [])):
             tree = ag.expand(axis)
             index, counts, _, _ = tree_map(tree, ag, maps)
-            contracted = (state, ag.find(axis)) in consumed
+            contracted = (state, i) in consumed
             if contracted and state in f.produced and index is not None:
                 res.tied.append((state, i))
                 contracted = False  # copied for the embedding; the contraction is compensated elsewhere
@@ -140,6 +140,10 @@ def width_rules(plan: Plan, maps: dict) -> WidthResult:
         res.axis_trees[state] = trees
     for alias, canonical in f.aliases.items():
         res.rules[alias] = res.rules[canonical]
+    gm = plan.captured.gm
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers()):
+        if name not in res.rules:  # a tensor the traced forward never reads: carried over unchanged
+            res.rules[name] = TensorRule(name, [AxisMap() for _ in t.shape], notes=["unused by the forward"])
     return res
 
 
