@@ -104,8 +104,9 @@ def directcopy(source: nn.Module, target_config, seed: int = 0) -> nn.Module:
     ...                  vocab_size=257)
     >>> src = BertForMaskedLM(cfg)
     >>> big = directcopy(src, BertConfig(**{**cfg.to_dict(), "hidden_size": 32, "intermediate_size": 64}))
-    >>> w = big.bert.encoder.layer[0].attention.self.query.weight
-    >>> tuple(w.shape), bool((w[:16, :16] == src.bert.encoder.layer[0].attention.self.query.weight).all())
+    >>> name = "encoder.layer.0.attention.self.query.weight"
+    >>> w, w0 = big.get_parameter(big.base_model_prefix + "." + name), src.get_parameter(src.base_model_prefix + "." + name)
+    >>> tuple(w.shape), bool((w[:16, :16] == w0).all())
     ((32, 32), True)
     """
     torch.manual_seed(seed)

@@ -110,7 +110,7 @@ def fixed_windows(stream: torch.Tensor, seq: int, count: int) -> torch.Tensor:
 
 
 def mask_tokens(ids: torch.Tensor, generator: torch.Generator, rate: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking: ``rate`` of positions become targets; of those 80% -> [MASK], 10% random byte, 10% kept.
+    """Masked-LM masking (as in bert2BERT's pre-training): ``rate`` of positions become targets; of those 80% -> [MASK], 10% random byte, 10% kept.
 
     Returns ``(input_ids, labels)`` with ``labels = -100`` at positions that are not predicted.
 
