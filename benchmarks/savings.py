@@ -178,7 +178,7 @@ def grow_candidates(method: str, setting: Setting, sizes: Sizes, seed: int) -> l
     if method in ("fpi", "aki", "bert2bert"):
         return [{**base, **stack, "width_method": "aki" if method != "fpi" else "fpi"}]
     return [{**base, "depth_method": "auto", "width_method": wm, "noise": sizes.noise}
-            for wm in ("exact", "lemon", "isometric", "fpi")]  # fpi is exact at integer ratios
+            for wm in ("fpi",)]  # fpi: copies, or repeat-and-fill where a ratio is not whole (exact, pre-norm)
 
 
 def grow_source(source, method: str, setting: Setting, sizes: Sizes, seed: int):
