@@ -136,34 +136,54 @@ class _Built:
     state: dict
     grown: torch.nn.Module
     maps: dict
+    eps_values: dict = field(default_factory=dict)  # old eps -> new eps (repeat-and-fill), for the config
 
 
-def _build(p: Plan, sizes: dict, depth_plan: list, opts: Options) -> _Built:
-    """Index maps -> per-tensor rules -> grown tensors -> rewritten GraphModule."""
-    from .materialize import build_graph_module
+@dataclass
+class _Width:
+    maps: dict
+    rules: dict
+    reasons: list
+    graph_edits: list  # functions that rewrite the copied graph (sizes, scales, eps)
+    eps_values: dict
+    filled: dict
+
+
+def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
+    """Index maps and per-tensor rules for the width spec, with every compensation and its reasons."""
     from .passes.constants import rewrite_constants
     fp = plan_fill(p, sizes) if opts.width_method == "fpi" else FillPlan()
     index_fn = random_index if opts.width_method == "fpi_random" else fpi_index
     maps = group_maps(p, sizes, opts.seed, index_fn, fp.fills)
     wres = width_rules(p, maps)
     hd_reasons, compensated, scales = compensate_head_dim(p, maps, wres)
-    eps = adjust_norms(fp, maps, wres.rules)
+    eps, eps_values = adjust_norms(fp, maps, wres.rules)
+    reasons = (deviations(p, maps, compensated | {(root, "norm") for root in fp.fills})
+               + compensate_tied(p, maps, wres) + hd_reasons
+               + [f"repeat-and-fill cannot make {p.group_of(r).label} exact: {why}" for r, why in fp.reasons.items()])
     if opts.keep_eps and eps:
-        eps = {}
-        hd_reasons.append("the rebuilt config cannot express the norms' rescaled eps (repeat-and-fill), so eps "
-                          "was kept: the error is about eps / var(x), measured below")
-    compensated = compensated | {(root, "norm") for root in fp.fills}
-    reasons = deviations(p, maps, compensated) + compensate_tied(p, maps, wres) + hd_reasons + [
-        f"repeat-and-fill cannot make {p.group_of(root).label} exact: {why}" for root, why in fp.reasons.items()]
+        eps, eps_values = {}, {}
+        reasons.append("the rebuilt config cannot express the norms' rescaled eps (repeat-and-fill), so eps was "
+                       "kept: the error is about eps / var(x), measured below")
     if opts.width_method == "aki" and aki_rules(p, maps, wres.rules):
         reasons.append("AKI gives the new units of each block the next block's weights (bert2BERT): "
                        "not function-preserving by design")
     if opts.noise:
         _add_noise(wres.rules, opts)
-    rules, schedules, layer_info = dict(wres.rules), [], {}
+    edits = [lambda g: rewrite_constants(p, maps, g), lambda g: rewrite_scales(g, scales),
+             lambda g: rewrite_eps(g, eps)]
+    filled = {p.group_of(root).label: kind for root, kind in fp.fills.items()}
+    return _Width(maps, wres.rules, reasons, edits, eps_values, filled)
+
+
+def _build(p: Plan, sizes: dict, depth_plan: list, opts: Options) -> _Built:
+    """Index maps -> per-tensor rules -> grown tensors -> rewritten GraphModule."""
+    from .materialize import build_graph_module
+    w = _width(p, sizes, opts)
+    rules, schedules, layer_info, reasons = dict(w.rules), [], {}, list(w.reasons)
     for b, new in depth_plan:
         sched = schedule(b, new, opts.depth_method)
-        rules.update(depth_rules(sched, wres.rules))
+        rules.update(depth_rules(sched, w.rules))
         schedules.append(sched)
         layer_info[b.prefix] = (b.count, new, sched.method)
         if not sched.exact:
@@ -175,16 +195,11 @@ def _build(p: Plan, sizes: dict, depth_plan: list, opts: Options) -> _Built:
     gm = p.captured.gm
     params = set(dict(gm.named_parameters(remove_duplicate=False))) | (
         set(rules) - set(dict(gm.named_buffers(remove_duplicate=False))))
-    grown = build_graph_module(gm, state, params, schedules,
-                               lambda g: (rewrite_constants(p, maps, g), rewrite_scales(g, scales),
-                                          rewrite_eps(g, eps)),
+    grown = build_graph_module(gm, state, params, schedules, lambda g: [edit(g) for edit in w.graph_edits],
                                p.facts.aliases)
-    record = GrowthRecord(p, dict(sizes), layer_info, reasons, output_maps=output_maps(p, maps), rules=rules)
-    record.filled = {p.group_of(root).label: kind for root, kind in fp.fills.items()}
-    built = _Built(record, state, grown, maps)
-    built.eps = {old: new for old, new in ((s.eps, s.eps * (maps[r].new // maps[r].old) * maps[r].old / maps[r].new)
-                                           for r, sites in fp.sites.items() for s in sites) if old is not None}
-    return built
+    record = GrowthRecord(p, dict(sizes), layer_info, reasons, output_maps=output_maps(p, w.maps), rules=rules,
+                          filled=w.filled)
+    return _Built(record, state, grown, w.maps, w.eps_values)
 
 
 def _add_noise(rules: dict, opts: Options) -> None:
@@ -210,7 +225,7 @@ def _fit_config(model, p: Plan, sizes: dict, depth_plan, opts: Options, built: _
         if f"{b.paths[0]}.{sfx}" in dict(model.named_parameters(remove_duplicate=False))}
     sources = {b.count: schedule(b, n, opts.depth_method).sources for b, n in depth_plan}
     for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads, required, sources,
-                                                  getattr(built, "eps", {})):
+                                                  built.eps_values):
         extra = {}
         for g in free:
             size = shapes[g.producers[0].param][g.producers[0].axis]
@@ -223,7 +238,7 @@ def _fit_config(model, p: Plan, sizes: dict, depth_plan, opts: Options, built: _
             candidate.grown, candidate.record.config_changes = grown, changes
             return candidate
         tried.append(f"{changes} (differs from the rewritten graph by {deviation:.2g})")
-    if getattr(built, "eps", None) and not opts.keep_eps:  # e.g. an eps the config does not hold: keep it
+    if built.eps_values and not opts.keep_eps:  # e.g. an eps the config does not hold: keep it
         kept = dataclasses.replace(opts, keep_eps=True)
         return _fit_config(model, p, sizes, depth_plan, kept, _build(p, sizes, depth_plan, kept))
     raise MaterializeError(f"every config that fits the grown shapes computes something else than the rewritten "

@@ -156,9 +156,10 @@ def _why_not(plan: Plan, g, mine: list[NormSite]) -> str:
     return ""
 
 
-def adjust_norms(fp: FillPlan, maps: dict, rules: dict) -> dict:
-    """Norm weights x sqrt(n·d/d') on the copies and 0 on the fill; returns eps rewrites {node: (pos, eps')}."""
-    eps = {}
+def adjust_norms(fp: FillPlan, maps: dict, rules: dict) -> tuple[dict, dict]:
+    """Norm weights x sqrt(n·d/d') on the copies and 0 on the fill. Returns the eps rewrites in the graph
+    ({node: (arg position, eps')}) and the same as values ({eps: eps'}) for a rebuilt config."""
+    eps, values = {}, {}
     for root, sites in fp.sites.items():
         m = maps[root]
         ratio = (m.new // m.old) * m.old / m.new
@@ -170,7 +171,8 @@ def adjust_norms(fp: FillPlan, maps: dict, rules: dict) -> dict:
                     rules[p].notes.append(f"repeat-and-fill: x{scale:.4g}, fill 0")
             if s.eps_at is not None and s.eps is not None:
                 eps[s.eps_at[0]] = (s.eps_at[1], s.eps * ratio)
-    return eps
+                values[s.eps] = s.eps * ratio
+    return eps, values
 
 
 def rewrite_eps(gm: fx.GraphModule, eps: dict) -> None:
