@@ -14,7 +14,7 @@ from .frontend import capture
 from .plan import Plan, make_plan, resolve_width
 from .passes.depth import DEPTH_METHODS, depth_rules, schedule, target_layers
 from .passes.aki import aki_rules
-from .passes.attention import compensate_head_dim, rewrite_scales
+from .passes.attention import compensate_head_dim, rewrite_scales, rotary_fills
 from .passes.exactness import compensate_tied, deviations
 from .passes.fill import FillPlan, adjust_norms, plan_fill, rewrite_eps
 from .passes.width import fpi_index, group_maps, random_index, tree_map, width_rules
@@ -154,7 +154,7 @@ def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
     from .passes.constants import rewrite_constants
     fp = plan_fill(p, sizes) if opts.width_method == "fpi" else FillPlan()
     index_fn = random_index if opts.width_method == "fpi_random" else fpi_index
-    maps = group_maps(p, sizes, opts.seed, index_fn, fp.fills)
+    maps = group_maps(p, sizes, opts.seed, index_fn, {**fp.fills, **rotary_fills(p, sizes)})
     wres = width_rules(p, maps)
     hd_reasons, compensated, scales = compensate_head_dim(p, maps, wres)
     eps, eps_values = adjust_norms(fp, maps, wres.rules)

@@ -160,12 +160,10 @@ def _from_dict(plan: Plan, spec: dict) -> dict[int, int]:
     sizes = {}
     grows_head_dim = "head_dim" in spec and any(spec["head_dim"] != plan.facts.ag.size_of(site["q"][-1])
                                                 for site in plan.facts.attention)
-    if grows_head_dim and any(isinstance(plan.facts.ag.expand(site["q"][-1]), tuple) and isinstance(
-            plan.facts.ag.expand(site["q"][-1])[1], list) for site in plan.facts.attention):
-        raise SpecError("head_dim growth on a model whose attention splits head_dim (rotary embeddings' "
-                        "rotate-half) is not supported yet: grow heads instead (width={'heads': ...})")
-    for role in ("hidden", "ffn", "head_dim"):
-        if role in spec and (role != "head_dim" or grows_head_dim):
+    if grows_head_dim:
+        sizes.update(_head_dim_sizes(plan, spec["head_dim"]))
+    for role in ("hidden", "ffn"):
+        if role in spec:
             groups = plan.by_role(role)
             if not groups:
                 raise SpecError(f"width asks for {role}={spec[role]} but the model has no {role} group")
@@ -186,6 +184,30 @@ def _from_dict(plan: Plan, spec: dict) -> dict[int, int]:
                 raise SpecError(f"heads={heads} is not a multiple of kv_heads={kv_new}: each kv head serves a "
                                 f"whole number of query heads")
             sizes[kv.id], sizes[per.id] = _checked(int(kv_new), kv, "kv_heads"), heads // int(kv_new)
+    return sizes
+
+
+def _head_dim_sizes(plan: Plan, new: int) -> dict[int, int]:
+    """head_dim groups at ``new``; a rotary (rotate-half) head_dim is two halves of one group: ``new / 2``."""
+    from .passes.attention import rotary_half
+    sizes = {}
+    for site in plan.facts.attention:
+        half = rotary_half(plan, site)
+        for axis, tree in ((site["q"][-1], plan.facts.ag.expand(site["q"][-1])),
+                           (site["v"][-1], plan.facts.ag.expand(site["v"][-1]))):
+            structured = isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[1], list)
+            g = plan.group_of(tree) if not structured else None
+            if g is not None:
+                sizes[g.id] = _checked(new, g, "head_dim")
+            elif half is not None and axis is site["q"][-1]:
+                if new % 2:
+                    raise SpecError(f"head_dim={new}: rotary embeddings pair dimensions, so head_dim must be even")
+                sizes[plan.group_of(half).id] = _checked(new // 2, plan.group_of(half), "head_dim")
+            else:
+                raise SpecError("head_dim growth on an attention whose head_dim is split in a way growir does not "
+                                "understand (partial rotary?) is not supported: grow heads instead")
+    for g in plan.by_role("head_dim"):  # attention written out as matmuls
+        sizes.setdefault(g.id, _checked(new, g, "head_dim"))
     return sizes
 
 

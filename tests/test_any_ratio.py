@@ -61,3 +61,13 @@ def test_config_that_cannot_hold_eps_is_measured_not_broken():
     with pytest.warns(UserWarning, match="eps was kept"):
         grown = grow("opt", width=1.5)
     assert not grown.growir_record.exact and grown.growir_record.deviation < 1e-2
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_rotary_head_dim_growth_interleaves_frequencies(name):
+    """Old rotary pair j becomes pair 2j at twice the head_dim (same frequency); pairs between are zero."""
+    source = make(name)
+    grown = growir.grow(source, width={"head_dim": 16, "hidden": 64}, strict=True)
+    assert grown.config.head_dim == 16 and grown.config.num_attention_heads == 4
+    assert grown.growir_record.exact
+    assert_preserves(source, grown, name)

@@ -53,14 +53,28 @@ def fill_index(old: int, new: int) -> torch.Tensor:
     return torch.cat([torch.arange(old).repeat(reps), torch.full((rem,), -1, dtype=torch.long)])
 
 
+def interleave_index(old: int, new: int) -> torch.Tensor:
+    """Rotary frequencies: old pair j becomes new pair k·j (the same frequency at head_dim k·d); the pairs in
+    between are fill positions (-1) whose query/key rows are zero."""
+    k = new // old
+    i = torch.arange(new)
+    return torch.where(i % k == 0, i // k, -1)
+
+
 def group_maps(plan: Plan, sizes: dict, seed: int = 0, index_fn=fpi_index, fills: dict | None = None) -> dict:
-    """A ``GroupMap`` per grown group root; groups in ``fills`` (root -> fill kind) repeat and fill."""
+    """A ``GroupMap`` per grown group root; groups in ``fills`` (root -> fill kind) repeat and fill, or
+    interleave (rotary frequencies, fill kind "interleave": zero rows between)."""
     gen = torch.Generator().manual_seed(seed)
     maps, fills = {}, fills or {}
     for g in plan.groups:
         new = sizes.get(g.id, g.size)
         if g.size is not None and new != g.size:
-            index = fill_index(g.size, new) if g.root in fills else index_fn(g.size, new, gen)
+            if fills.get(g.root) == "interleave":
+                index = interleave_index(g.size, new)
+            elif g.root in fills:
+                index = fill_index(g.size, new)
+            else:
+                index = index_fn(g.size, new, gen)
             counts = torch.bincount(index[index >= 0], minlength=g.size)
             maps[g.root] = GroupMap(g.size, new, index, counts, fills.get(g.root))
     return maps
@@ -148,7 +162,17 @@ def width_rules(plan: Plan, maps: dict) -> WidthResult:
 
 
 def _fill_kind(tree, maps: dict) -> str:
-    m = maps.get(tree)
-    if m is None or m.fill is None:
-        raise ValueError("a fill position inside a composite axis: repeat-and-fill applies to plain axes only")
-    return m.fill
+    """What a producer writes at fill positions: a plain axis says; inside a composite axis only zero works."""
+    m = maps.get(tree) if not (isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[1], list)) else None
+    if m is not None and m.fill is not None:
+        return "zero" if m.fill == "interleave" else m.fill
+    kinds = {maps[leaf].fill for leaf in _leaves(tree) if leaf in maps and maps[leaf].fill is not None}
+    if kinds <= {"zero", "interleave"}:
+        return "zero"
+    raise ValueError("a mean fill inside a composite axis: repeat-and-fill applies to plain axes only")
+
+
+def _leaves(tree) -> list:
+    if isinstance(tree, tuple) and len(tree) == 2 and tree[0] in (PROD, CAT) and isinstance(tree[1], list):
+        return [leaf for t in tree[1] for leaf in _leaves(t)]
+    return [tree]
