@@ -304,9 +304,7 @@ def index_tensor(w: Walker, node: fx.Node) -> None:
 def index_select(w: Walker, node: fx.Node) -> None:
     x, out = w.ax(node.args[0]), w.out(node)
     dim = node.args[1] % len(x)
-    for i, (a, o) in enumerate(zip(x, out)):
-        if i != dim:
-            w.eq(a, o, node)
+    w.eq_except(x, out, dim, node)
     w.read(x[dim], "index", node)
     w.eq(w.ax(node.args[2])[0], out[dim], node)
 

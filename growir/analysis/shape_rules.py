@@ -141,9 +141,7 @@ def slice_(w: Walker, node: fx.Node) -> None:
     start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
     end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else INT_MAX
     step = node.args[4] if len(node.args) > 4 else 1
-    for i, (a, o) in enumerate(zip(x, out)):
-        if i != dim:
-            w.eq(a, o, node)
+    w.eq_except(x, out, dim, node)
     if step != 1:
         w.read(x[dim], "index", node)
         return
@@ -164,9 +162,7 @@ def slice_(w: Walker, node: fx.Node) -> None:
 def narrow(w: Walker, node: fx.Node) -> None:
     x, out = w.ax(node.args[0]), w.out(node)
     dim = node.args[1] % len(x)
-    for i, (a, o) in enumerate(zip(x, out)):
-        if i != dim:
-            w.eq(a, o, node)
+    w.eq_except(x, out, dim, node)
     parts = _cut(w, node, x[dim], node.args[2], None, out[dim])
     if parts:
         if node.args[2] > 0:

@@ -139,6 +139,12 @@ class Walker:
     def eq(self, a, b, node: fx.Node) -> None:
         self.f.ag.unify(a, b, where(node))
 
+    def eq_except(self, xs: list, outs: list, dim: int, node: fx.Node) -> None:
+        """Axes equal position by position, except ``dim`` (the one an index, slice or narrow acts on)."""
+        for i, (a, o) in enumerate(zip(xs, outs)):
+            if i != dim:
+                self.eq(a, o, node)
+
     def size(self, axis):
         return self.f.ag.size_of(axis)
 
