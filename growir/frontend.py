@@ -56,9 +56,7 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Captured:
     model.eval()
     try:
         ds_args, ds_kwargs = _dynamic_shapes(args, kwargs)
-        ds = ds_kwargs if not args else (ds_args if not kwargs else None)
-        if args and kwargs:
-            ds = None
+        ds = None if (args and kwargs) else (ds_args if args else ds_kwargs)
         try:
             ep = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=ds, strict=False)
         except Exception as first:  # noqa: BLE001 - retried with static shapes, then reported

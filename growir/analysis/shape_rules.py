@@ -115,8 +115,9 @@ def select(w: Walker, node: fx.Node) -> None:
         w.eq(a, o, node)
 
 
-def _cut(w: Walker, node: fx.Node, axis, start, length, out_axis) -> None:
-    """``axis`` == cat(pre, out_axis, post) for a slice of ``length`` at ``start``; records the bounds."""
+def _cut(w: Walker, node: fx.Node, axis, start, out_axis) -> list | None:
+    """``axis`` == cat(pre, out_axis, post) for a slice of ``out_axis``'s length at ``start``; returns the
+    parts, or None where no structure applies (sequence-axis slicing, or the whole axis)."""
     n = w.size(axis)
     if not _is_int(n) or not isinstance(start, int) or not _is_int(w.size(out_axis)):
         return  # sequence-axis slicing: unrelated axes
@@ -148,7 +149,7 @@ def slice_(w: Walker, node: fx.Node) -> None:
     n = w.size(x[dim])
     if isinstance(start, int) and start < 0 and _is_int(n):
         start += int(n)
-    parts = _cut(w, node, x[dim], start, None, out[dim]) if isinstance(start, int) else None
+    parts = _cut(w, node, x[dim], start, out[dim])
     if parts:
         pre = parts[0] if start > 0 else None
         if pre is not None:
@@ -163,7 +164,7 @@ def narrow(w: Walker, node: fx.Node) -> None:
     x, out = w.ax(node.args[0]), w.out(node)
     dim = node.args[1] % len(x)
     w.eq_except(x, out, dim, node)
-    parts = _cut(w, node, x[dim], node.args[2], None, out[dim])
+    parts = _cut(w, node, x[dim], node.args[2], out[dim])
     if parts:
         if node.args[2] > 0:
             w.const(node, ("args", 2), parts[0], "size")

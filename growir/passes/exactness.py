@@ -8,6 +8,7 @@ contracted (tied embeddings: the logits scale by the copy count unless a norm be
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from ..analysis.walker import LAYOUT_OPS, op_name
@@ -67,9 +68,8 @@ def compensate_tied(plan: Plan, maps: dict, width: WidthResult) -> list[str]:
 def _counts_on(width: WidthResult, state: str, axis: int):
     rule = width.rules[state]
     m = rule.axes[axis]
-    if m.index is None or m.divide is None and m.index is None:
+    if m.index is None:
         return None
-    import torch
     return torch.bincount(m.index[m.index >= 0])
 
 
