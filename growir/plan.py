@@ -188,24 +188,34 @@ def _from_dict(plan: Plan, spec: dict) -> dict[int, int]:
 
 
 def _head_dim_sizes(plan: Plan, new: int) -> dict[int, int]:
-    """head_dim groups at ``new``; a rotary (rotate-half) head_dim is two halves of one group: ``new / 2``."""
-    from .passes.attention import rotary_half
+    """head_dim groups at ``new``. A rotary (rotate-half) head_dim is two halves of one group, maybe followed
+    by a part that is not rotated (partial rotary); each grows by the same whole factor, so that every old
+    frequency lands on a new one (docs/methods.md)."""
+    from .passes.attention import rotary_parts
     sizes = {}
     for site in plan.facts.attention:
-        half = rotary_half(plan, site)
-        for axis, tree in ((site["q"][-1], plan.facts.ag.expand(site["q"][-1])),
-                           (site["v"][-1], plan.facts.ag.expand(site["v"][-1]))):
+        rotary = rotary_parts(plan, site)
+        for axis in (site["q"][-1], site["v"][-1]):
+            tree = plan.facts.ag.expand(axis)
             structured = isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[1], list)
             g = plan.group_of(tree) if not structured else None
             if g is not None:
                 sizes[g.id] = _checked(new, g, "head_dim")
-            elif half is not None and axis is site["q"][-1]:
-                if new % 2:
-                    raise SpecError(f"head_dim={new}: rotary embeddings pair dimensions, so head_dim must be even")
-                sizes[plan.group_of(half).id] = _checked(new // 2, plan.group_of(half), "head_dim")
+            elif rotary is not None and axis is site["q"][-1]:
+                old = int(plan.facts.ag.size_of(axis))
+                if new % old:
+                    raise SpecError(f"head_dim={new}: rotary embeddings need head_dim to grow by a whole factor "
+                                    f"(so that each old frequency is also a new one): {old} -> "
+                                    f"{', '.join(str(old * k) for k in (2, 3, 4))}, ...")
+                k = new // old
+                for leaf in rotary:
+                    if leaf is not None:
+                        g = plan.group_of(leaf)
+                        sizes[g.id] = _checked(g.size * k, g, "head_dim")
             else:
                 raise SpecError("head_dim growth on an attention whose head_dim is split in a way growir does not "
-                                "understand (partial rotary?) is not supported: grow heads instead")
+                                "understand (neither one axis nor rotate-half rotary) is not supported: grow heads "
+                                "instead")
     for g in plan.by_role("head_dim"):  # attention written out as matmuls
         sizes.setdefault(g.id, _checked(new, g, "head_dim"))
     return sizes

@@ -3,8 +3,8 @@
 ``archs()`` draws an :class:`Arch` (a readable, replayable description); ``Arch.build()`` makes the model:
 token embedding (+ learned positions or rotary), 1-3 blocks, pre- or post-norm, LayerNorm or a hand-written
 RMSNorm, biases on or off, GELU/SiLU MLP or SwiGLU (fused gate/up or separate), MHA/GQA/MQA with kv heads
-repeated as transformers does, fused or separate QKV, tied or untied LM head, attention through
-``F.scaled_dot_product_attention``. Widths are ``heads * head_dim``. Every parameter, norms included, is
+repeated as transformers does, fused or separate QKV, per-head q/k norms or none, full or partial rotary,
+tied or untied LM head, attention through ``F.scaled_dot_product_attention``. Widths are ``heads * head_dim``. Every parameter, norms included, is
 drawn from a generator seeded by the arch's own seed, so an Arch repr replays the exact model.
 
 ``specs(arch)`` draws a :class:`Spec`: a width multiplier or a role dict whose sizes are whole by
@@ -47,6 +47,8 @@ class Arch:
     final_norm: bool  # a norm after the last block, before the head
     literal_views: bool  # view(b, t, heads, head_dim) with literals instead of view(b, t, -1, head_dim)
     seed: int
+    qk_norm: bool = False  # a per-head norm (of the arch's kind) on the query and the key, as in Qwen3
+    partial_rotary: bool = False  # rotary on the first half of head_dim only, as in GPT-NeoX
 
     @property
     def hidden(self) -> int:
@@ -96,6 +98,15 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotate(x, rope):
+    """Rotary on the first ``cos.shape[-1]`` dimensions; the rest (partial rotary) pass through."""
+    cos, sin = rope
+    if cos.shape[-1] == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1]:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
 class Rotary(nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
@@ -121,6 +132,8 @@ class Attention(nn.Module):
             self.k = nn.Linear(d, kv * hd, bias=arch.bias)
             self.v = nn.Linear(d, kv * hd, bias=arch.bias)
         self.o = nn.Linear(h * hd, d, bias=arch.bias)
+        if arch.qk_norm:
+            self.q_norm, self.k_norm = make_norm(arch, hd), make_norm(arch, hd)
 
     def forward(self, x, rope=None):
         a = self.arch
@@ -136,9 +149,10 @@ class Attention(nn.Module):
             v = v.view(b, t, a.kv_heads, a.head_dim).transpose(1, 2)
         else:
             q, k, v = (z.view(b, t, -1, a.head_dim).transpose(1, 2) for z in (q, k, v))
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            cos, sin = rope
-            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            q, k = rotate(q, rope), rotate(k, rope)
         if a.kv_heads != a.heads:  # transformers' repeat_kv
             rep = a.heads // a.kv_heads
             k = k[:, :, None].expand(b, a.kv_heads, rep, t, a.head_dim).reshape(b, a.heads, t, a.head_dim)
@@ -193,7 +207,7 @@ class TinyLM(nn.Module):
         if arch.positions == "learned":
             self.pos = nn.Embedding(MAX_LEN, arch.hidden)
         else:
-            self.rotary = Rotary(arch.head_dim)
+            self.rotary = Rotary(arch.head_dim // 2 if arch.partial_rotary else arch.head_dim)
         self.blocks = nn.ModuleList(Block(arch) for _ in range(arch.layers))
         self.final_norm = make_norm(arch, arch.hidden) if arch.final_norm else None
         self.head = nn.Linear(arch.hidden, arch.vocab, bias=False)
@@ -241,6 +255,8 @@ def archs(draw) -> Arch:
         final_norm=draw(st.booleans()),
         literal_views=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
+        qk_norm=draw(st.booleans()),
+        partial_rotary=draw(st.booleans()),
     )
 
 
@@ -271,12 +287,14 @@ class Spec:
                 return False, "identity depth on post-norm blocks is not exact"
         if arch.tied and r.get("hidden", 1) != 1 and not arch.norm_before_head:
             return False, "tied head with no norm before it"
+        if arch.qk_norm and arch.norm == "layer" and arch.positions == "rotary" and r.get("head_dim", 1) != 1:
+            return False, "a per-head LayerNorm's mean moves onto the zero dimensions of rotary head_dim growth"
         return True, ""
 
     def refused_by_design(self, arch: Arch) -> str | None:
         """A documented refusal (growir says it does not support this yet), or None."""
-        if arch.positions == "rotary" and self.ratios.get("head_dim", 1) != 1:
-            return "rotary"
+        if arch.positions == "rotary" and self.ratios.get("head_dim", 1).denominator != 1:
+            return "rotary"  # old frequencies land on new ones only for a whole factor
         if not isinstance(self.width, dict) and (arch.heads * self.ratios["heads"]).denominator != 1:
             return "fractional"  # e.g. 1.5 x one query head; growir names the multipliers that work
         return None

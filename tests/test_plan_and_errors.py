@@ -65,7 +65,8 @@ def test_no_architecture_names_in_growir():
     (dict(width={"heads": 6, "kv_heads": 4}), growir.SpecError, "not a multiple of kv_heads"),
     (dict(layers=3.5), growir.SpecError, "whole number"),
     (dict(depth=1.25), growir.SpecError, "whole number"),
-    (dict(width={"head_dim": 15}), growir.SpecError, "must be even"),
+    (dict(width={"head_dim": 15}), growir.SpecError, "grow by a whole factor"),
+    (dict(width={"head_dim": 12}), growir.SpecError, "8 -> 16, 24, 32"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -96,6 +96,15 @@ def hf_models() -> dict:
         "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                           num_attention_heads=4, num_key_value_heads=2,
                                                           vocab_size=VOCAB)),
+        "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                                          vocab_size=VOCAB)),
+        "neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                             num_attention_heads=4, rotary_pct=0.5, vocab_size=VOCAB,
+                                                             bos_token_id=0, eos_token_id=0)),
+        "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                                       bos_token_id=0, eos_token_id=0, pad_token_id=0)),
         "opt": lambda: T.OPTForCausalLM(T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                                     num_attention_heads=4, vocab_size=VOCAB, word_embed_proj_dim=32,
                                                     max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
@@ -106,7 +115,7 @@ def hf_models() -> dict:
     }
 
 
-PRE_NORM = {"gpt2", "llama", "mistral", "qwen2", "opt", "vit", "t5", "nanogpt", "torchenc"}
+PRE_NORM = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "neox", "phi3", "opt", "vit", "t5", "nanogpt", "torchenc"}
 
 
 def make(name: str, seed: int = 0) -> nn.Module:

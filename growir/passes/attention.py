@@ -1,136 +1,179 @@
-"""head_dim growth: copies of query/key dimensions multiply the attention scores; undo it on the query.
+"""head_dim growth: keep every attention score, then undo what the new size does to the score scale.
 
-With every head_dim index copied k times, q'.k' = k (q.k). The score scale 1/sqrt(head_dim) either follows
-the new size (a default scale, or the standard explicit 1/sqrt(d) that a rebuilt config recomputes), giving
-a net factor k / sqrt(k) = sqrt(k), or is a constant that does not follow it (a fixed 1.0), giving k. The query
-projection (weight and bias) is divided by that factor, so the scores, the softmax and the output are
-unchanged. Value dimensions are copied and the output projection splits them, as for any group.
+Two constructions, both exact for a whole factor k (docs/methods.md derives them):
+
+- **copies** (no rotary): every query/key dimension copied k times, so q'.k' = k (q.k). A per-head norm
+  (q/k norm) sees the same mean and variance over copies and is unchanged.
+- **interleave** (rotary, full or partial): old rotary pair j becomes new pair k·j, which has the same
+  frequency at head_dim k·d; every other new dimension (pairs between, the non-rotary part's new positions)
+  is zero in the query, so q'.k' = q.k whatever the key holds there. The key copies its neighbour's values
+  (and the frequency table continues its geometric sequence), so that the new dimensions receive gradients:
+  zero in both the query and the key would be a saddle they never leave. A per-head RMS norm on the query
+  sees its mean of squares fall by 1/k: the projection behind it is multiplied by sqrt(k) and the norm's
+  weight divided by sqrt(k), which restores it exactly with the same eps; the key's norm sees copies and is
+  unchanged. (A per-head LayerNorm on the query would see its mean move onto the zeros: refused.)
+
+The score scale 1/sqrt(head_dim) either follows the new size (a default scale, or an explicit 1/sqrt(d) that
+a rebuilt config recomputes) or is a constant that does not (a fixed 1.0). The query is multiplied by what
+is left, on whatever scales it linearly: the per-head norm's weight and bias, or else the rows of its
+projection that write it (a fused QKV weight: the query's rows only; see ``sources.py``). Value dimensions
+are copied and the output projection splits them, as for any group.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.fx as fx
 
-from ..analysis.walker import op_name
 from ..plan import Plan
-from .width import WidthResult
-
-THROUGH = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.transpose", "aten.permute", "aten.contiguous",
-           "aten.to", "aten._to_copy", "aten.clone", "aten.dropout", "aten.alias", "aten.expand", "aten.unsqueeze",
-           "aten.squeeze", "aten.type_as"}
-CONTRACT = {"aten.linear", "aten.addmm"}
+from .fill import norm_sites
+from .sources import Rows, Source, trace_source
+from .width import WidthResult, tree_map
 
 
-def rotary_half(plan: Plan, site) -> object | None:
-    """The half-head group of a rotate-half rotary attention (head_dim == cat(half, half)), else None."""
+def _structured(t) -> bool:
+    return isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], list)
+
+
+def rotary_parts(plan: Plan, site) -> tuple | None:
+    """(half, rest) for a rotate-half rotary head_dim: ``cat(half, half)`` (rest None), or partial rotary
+    ``cat(cat(half, half), rest)`` where ``rest`` passes through unrotated. None for anything else."""
     tree = plan.facts.ag.expand(site["q"][-1])
-    structured = lambda t: isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], list)
-    if structured(tree) and tree[0] == "cat" and len(tree[1]) == 2 and tree[1][0] == tree[1][1] \
-            and not structured(tree[1][0]):
-        return tree[1][0]
-    return None
+    if not _structured(tree) or tree[0] != "cat":
+        return None
+    parts = tree[1]
+    if len(parts) == 2 and _structured(parts[0]) and not _structured(parts[1]):
+        inner = parts[0]
+        parts, rest = (inner[1], parts[1]) if inner[0] == "cat" else (None, None)
+    elif len(parts) == 3 and not _structured(parts[2]):
+        parts, rest = parts[:2], parts[2]
+    else:
+        rest = None
+    if parts is None or len(parts) != 2 or parts[0] != parts[1] or _structured(parts[0]):
+        return None
+    return parts[0], rest
 
 
 def rotary_fills(plan: Plan, sizes: dict) -> dict:
-    """Rotary half-head groups that grow: their frequencies interleave (see ``interleave_index``)."""
+    """Rotary head_dim parts that grow: they interleave (old dimension j at k·j, zeros between)."""
     out = {}
     for site in plan.facts.attention:
-        half = rotary_half(plan, site)
-        g = plan.group_of(half) if half is not None else None
-        if g is not None and sizes.get(g.id, g.size) != g.size:
-            out[half] = "interleave"
+        parts = rotary_parts(plan, site)
+        for leaf in parts or ():
+            g = plan.group_of(leaf) if leaf is not None else None
+            if g is not None and sizes.get(g.id, g.size) != g.size:
+                out[leaf] = "interleave"
     return out
 
 
 def compensate_head_dim(plan: Plan, maps: dict, width: WidthResult):
-    """Scale query producers; return (reasons it failed, compensated (root, kind) pairs, scale rewrites)."""
+    """Scale what writes the queries (and keys behind per-head norms); return (reasons it failed,
+    compensated (root, kind) pairs, score-scale rewrites {node: scale})."""
     f, ag = plan.facts, plan.facts.ag
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
-    reasons, done, scales = [], set(), {}
-    dep = param_dependent(plan.captured.gm, f)
+    reasons, done, scales, used = [], set(), {}, set()
+    dep, norms = param_dependent(plan.captured.gm, f), norm_sites(plan)
     for site in f.attention:
         leaves = ag.leaf_roots(site["q"][-1])
         grown = [leaf for leaf in leaves if leaf in maps]
         if not grown:
             continue
-        where = f"the attention at `{site['node']}`"
+        where, node = f"the attention at `{site['node']}`", nodes[site["node"]]
         tree = ag.expand(site["q"][-1])
-        half = rotary_half(plan, site)
-        if half is not None and maps[half].fill == "interleave" and maps[half].new % maps[half].old == 0:
-            # no copies: the scores keep their sum; only a scale that follows head_dim changes (by 1/sqrt(k))
-            m, node = maps[half], nodes[site["node"]]
-            k = m.new // m.old
-            scale = node.kwargs.get("scale")
-            follows = scale is None or math.isclose(scale, (2 * m.old) ** -0.5, rel_tol=1e-9)
-            params = _query_params(node.args[0], f, dep)
-            if not params:
-                reasons.append(f"{where}: growir could not trace the query back to one projection")
-                continue
-            for p in params:
-                width.rules[p].scale *= math.sqrt(k) if follows else 1.0
-                width.rules[p].notes.append(f"rotary head_dim x{k}: frequencies interleaved at {site['node']}")
-            if scale is not None and follows:
-                scales[site["node"]] = (2 * m.new) ** -0.5
-            done |= {(half, "contract"), (half, "scale")}
+        old, new = int(ag.size_of(site["q"][-1])), int(tree_map(tree, ag, maps)[3])
+        why, k = _construction(leaves, grown, maps, tree)
+        if why:
+            reasons.append(f"{where}: {why}")
             continue
-        if len(leaves) != 1 or tree != leaves[0]:
-            reasons.append(f"{where} splits head_dim in a way growir cannot grow exactly (partial rotary?)")
-            continue
-        m = maps[grown[0]]
-        if not m.uniform:
-            reasons.append(f"{where}: head_dim {m.old} -> {m.new} is not a whole multiple; copied query/key "
-                           f"dimensions then weigh unevenly in the scores")
-            continue
-        k = m.new // m.old
-        node = nodes[site["node"]]
+        interleaved = maps[grown[0]].fill == "interleave"
         scale = node.kwargs.get("scale")
-        follows = scale is None or math.isclose(scale, m.old ** -0.5, rel_tol=1e-9)
-        factor = 1 / math.sqrt(k) if follows else 1 / k
-        params = _query_params(node.args[0], f, dep)
-        if not params:
-            reasons.append(f"{where}: growir could not trace the query back to one projection (a fused QKV "
-                           f"weight, or an op between them); head_dim growth needs to rescale it")
+        follows = scale is None or math.isclose(scale, old ** -0.5, rel_tol=1e-9)
+        query_factor = (math.sqrt(k) if follows else 1.0) if interleaved else (1 / math.sqrt(k) if follows else 1 / k)
+        q = trace_source(node.args[0], f, dep, norms)
+        key = trace_source(node.args[1], f, dep, norms)
+        why = _untraceable(q, key, tree, ag, interleaved)
+        if why:
+            reasons.append(f"{where}: {why}")
             continue
-        for p in params:
-            width.rules[p].scale *= factor
-            width.rules[p].notes.append(f"query scaled by {factor:.4g}: head_dim x{k} at {site['node']}")
+        actions = _actions(q, query_factor, math.sqrt(k) if interleaved else 1.0)
+        shared = sorted({a.param for a, _ in actions} & used)
+        if shared:
+            reasons.append(f"{where}: `{shared[0]}` also feeds another attention whose head_dim grows")
+            continue
+        for rows, factor in actions:
+            if factor != 1.0:
+                _scale(width, rows, factor, f"x{factor:.4g}: head_dim x{k} at {site['node']}")
+            used.add(rows.param)
+        if interleaved:
+            for rows in (q.norm_proj if q.norm is not None else q.proj):
+                _zero_new(width, rows, site["node"])
         if scale is not None and follows:
-            scales[site["node"]] = m.new ** -0.5
-        done |= {(grown[0], "contract"), (grown[0], "scale")}
+            scales[site["node"]] = new ** -0.5
+        done |= {(leaf, kind) for leaf in grown for kind in ("contract", "scale", "norm")}
     return reasons, done, scales
 
 
-LINEAR_IN_Q = {"aten.add", "aten.sub", "aten.neg", "aten.slice", "aten.cat", "aten.mul"}
+def _construction(leaves, grown, maps, tree) -> tuple[str, int]:
+    """(why no exact construction applies, or ""; the factor k)."""
+    ms = [maps[leaf] for leaf in grown]
+    if any(m.fill == "interleave" for m in ms):
+        ks = {m.new / m.old for m in ms}
+        if len(grown) != len(leaves) or len(ks) != 1 or any(m.fill != "interleave" for m in ms) \
+                or any(m.new % m.old for m in ms):
+            return "rotary head_dim growth needs every part of head_dim to grow by one whole factor", 0
+        return "", int(ks.pop())
+    if len(leaves) != 1 or tree != leaves[0]:
+        return "head_dim is split in a way growir cannot grow exactly", 0
+    m = ms[0]
+    if not m.uniform:
+        return (f"head_dim {m.old} -> {m.new} is not a whole multiple; copied query/key dimensions then weigh "
+                f"unevenly in the scores"), 0
+    return "", m.new // m.old
 
 
-def _query_params(x, facts, dep: set) -> list[str]:
-    """The weight and bias of the one projection that produces the query, through layout ops and ops linear
-    in the query (rotary: q*cos + rotate_half(q)*sin). Empty when that is not what the graph holds."""
-    found, stack, seen = set(), [x], set()
-    while stack:
-        n = stack.pop()
-        if not isinstance(n, fx.Node) or n in seen or n not in dep:
-            continue
-        seen.add(n)
-        name = op_name(n) if n.op == "call_function" else n.op
-        if name in CONTRACT:
-            weights = list(n.args[1:3]) if name == "aten.linear" else [n.args[2], n.args[0]]
-            weights = tuple(a.name for a in weights if isinstance(a, fx.Node))
-            if not all(w in facts.params for w in weights):
-                return []
-            found.add(weights)
-        elif name in THROUGH:
-            stack.append(n.args[0])
-        elif name in LINEAR_IN_Q:
-            inputs = n.args[0] if name == "aten.cat" else n.args[:2]
-            stack.extend(a for a in inputs if isinstance(a, fx.Node))
-        else:
-            return []
-    if len(found) != 1:
-        return []
-    return [facts.params[w] for w in next(iter(found))]
+def _untraceable(q: Source | None, key: Source | None, tree, ag, interleaved: bool) -> str:
+    if q is None or key is None:
+        which = "query" if q is None else "key"
+        return (f"growir could not trace the {which} back to its projection (through layout ops, rotary "
+                f"embeddings and at most one per-head norm); head_dim growth needs to rescale it")
+    for name, src in (("query", q), ("key", key)):
+        if src.norm is not None and ag.expand(src.norm.axis) != tree:
+            return f"the {name} passes a norm over more than one head's dimensions (`{src.norm.node}`)"
+    if interleaved and q.norm is not None and q.norm.kind != "rms":
+        return (f"the query's per-head LayerNorm `{q.norm.node}` would move its mean onto the zero dimensions "
+                f"that rotary growth adds")
+    return ""
+
+
+def _actions(src: Source, factor: float, behind: float) -> list:
+    """(Rows, factor) pairs: ``factor`` on the query; behind a norm, ``behind`` on its projection and
+    1/``behind`` on the norm (the zero dimensions shrink the norm's mean of squares by 1/behind**2)."""
+    if src.norm is None:
+        return [(r, factor) for r in src.proj]
+    return [(r, behind) for r in src.norm_proj] + [(r, factor / behind) for r in src.scales]
+
+
+def _zero_new(width: WidthResult, rows: Rows, where: str) -> None:
+    """The query's rows at the new (interleaved) dimensions write zero; the rest of the tensor copies."""
+    m = width.rules[rows.param].axes[rows.axis]
+    if m.fill != "copy":
+        return
+    mine = m.index < 0
+    if rows.rows is not None:
+        mine &= torch.isin(m.source, rows.rows)
+    m.source = torch.where(mine, -1, m.source)
+    width.rules[rows.param].notes.append(f"zero at the new query dimensions of {where}")
+
+
+def _scale(width: WidthResult, rows: Rows, factor: float, note: str) -> None:
+    rule = width.rules[rows.param]
+    if rows.rows is None:
+        rule.scale *= factor
+    else:
+        rule.axes[rows.axis].scale_rows(rows.rows, factor, rows.size)
+    rule.notes.append(note)
 
 
 def param_dependent(gm: fx.GraphModule, facts) -> set:

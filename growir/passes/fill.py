@@ -34,7 +34,7 @@ def _users(n: fx.Node) -> list:
     return [u for u in n.users if u.op != "call_function" or op_name(u) not in ASSERTS]
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: one per norm in the graph
 class NormSite:
     node: str  # the layer_norm node, or the mean of squares of a decomposed RMSNorm
     kind: str  # "layer" | "rms"
@@ -44,6 +44,14 @@ class NormSite:
     bias: str | None = None
     eps_at: tuple | None = None  # (node name, arg position) of the eps literal
     eps: float | None = None
+
+    @property
+    def input(self) -> fx.Node:
+        """The normalized tensor."""
+        if self.kind == "layer":
+            return self.output.args[0]
+        mean = next(m for m in self.output.graph.nodes if m.name == self.node)
+        return mean.args[0].args[0]  # mean(pow(x, 2))
 
 
 @dataclass
@@ -156,8 +164,9 @@ def _why_not(plan: Plan, g, mine: list[NormSite]) -> str:
     return ""
 
 
-def adjust_norms(fp: FillPlan, maps: dict, rules: dict) -> tuple[dict, dict]:
-    """Norm weights x sqrt(n·d/d') on the copies and 0 on the fill. Returns the eps rewrites in the graph
+def adjust_norms(fp: FillPlan, maps: dict, rules: dict, rescaled: set = frozenset()) -> tuple[dict, dict]:
+    """Norm weights x sqrt(n·d/d') on the copies and 0 on the fill. Groups whose residual stream is rescaled
+    (``rescale.py``) keep their eps; the others need eps x n·d/d'. Returns those eps rewrites in the graph
     ({node: (arg position, eps')}) and the same as values ({eps: eps'}) for a rebuilt config."""
     eps, values = {}, {}
     for root, sites in fp.sites.items():
@@ -169,7 +178,7 @@ def adjust_norms(fp: FillPlan, maps: dict, rules: dict) -> tuple[dict, dict]:
                     rules[p].scale *= scale
                     rules[p].axes[-1].fill = "zero"
                     rules[p].notes.append(f"repeat-and-fill: x{scale:.4g}, fill 0")
-            if s.eps_at is not None and s.eps is not None:
+            if s.eps_at is not None and s.eps is not None and root not in rescaled:
                 eps[s.eps_at[0]] = (s.eps_at[1], s.eps * ratio)
                 values[s.eps] = s.eps * ratio
     return eps, values

@@ -3,7 +3,9 @@
 A rule needs nothing but its own source tensor, so checkpoints larger than memory can be streamed
 through the same rules one tensor at a time.
 
-    new[j0, j1, ...] = scale * old[g0(j0), g1(j1), ...] / prod_k c_k(g_k(j_k))   (over consumer axes k)
+    new[j0, j1, ...] = scale * old[g0(j0), g1(j1), ...] * prod_a s_a(g_a(j_a)) / prod_k c_k(g_k(j_k))
+
+over consumer axes k (copy counts c) and axes a with per-position factors s (a fused projection's query rows).
 """
 
 from __future__ import annotations
@@ -19,7 +21,17 @@ class AxisMap:
     number to divide by on a consumer axis (the copy count), or None on a producer axis."""
     index: torch.Tensor | None = None
     divide: torch.Tensor | None = None
-    fill: str | None = None  # at index -1: "zero", or "mean" (the mean of the old entries along the axis)
+    fill: str | None = None  # at index -1: "zero", "mean" (of the old entries along the axis), "copy" (the
+    # old entry at ``source``; zero where source is -1), or "geometric" (a 1-D table extended along the
+    # geometric sequence it holds, as rotary frequencies are; copies if it holds none)
+    source: torch.Tensor | None = None  # "copy"/"geometric": per new position, the old position to copy
+    scale: torch.Tensor | None = None  # per old position: a factor on some entries only (a fused QKV's query)
+
+    def scale_rows(self, rows: torch.Tensor, factor: float, size: int) -> None:
+        """Multiply the entries at old positions ``rows`` by ``factor``."""
+        if self.scale is None:
+            self.scale = torch.ones(size, dtype=torch.float64)
+        self.scale[rows] *= factor
 
 
 @dataclass
@@ -68,17 +80,26 @@ class TensorRule:
         new = old.detach()
         for axis, m in enumerate(self.axes):
             mean = new.mean(axis, keepdim=True) if m.fill == "mean" else None
-            if m.index is not None:
-                new = new.index_select(axis, m.index.clamp(min=0))
+            index = m.index
+            if m.fill in ("copy", "geometric"):
+                index = torch.where(m.index >= 0, m.index, m.source)  # filled from an old entry, no history
+            if index is not None:
+                geometric = _geometric(new, index, m) if m.fill == "geometric" else None
+                new = new.index_select(axis, index.clamp(min=0))
+            shape = [1] * new.dim()
+            shape[axis] = -1
             if m.divide is not None:
-                counts = m.divide if m.index is None else m.divide[m.index.clamp(min=0)]
-                shape = [1] * new.dim()
-                shape[axis] = -1
+                counts = m.divide if index is None else m.divide[index.clamp(min=0)]
                 new = new / counts.to(new.dtype).reshape(shape)
+            if m.scale is not None:
+                factor = m.scale if index is None else m.scale[index.clamp(min=0)]
+                new = new * factor.to(new.dtype).reshape(shape)
             if m.fill is not None:
                 where = [slice(None)] * new.dim()
-                where[axis] = m.index < 0
+                where[axis] = index < 0
                 new[tuple(where)] = 0.0 if mean is None else mean.expand_as(new)[tuple(where)]
+                if m.fill == "geometric" and geometric is not None:
+                    new = geometric
         if self.scale != 1.0:
             new = new * self.scale
         if self.zero:
@@ -87,4 +108,22 @@ class TensorRule:
 
     @property
     def changes(self) -> bool:
-        return self.zero or self.scale != 1.0 or any(m.index is not None or m.divide is not None for m in self.axes)
+        return self.zero or self.scale != 1.0 or any(m.index is not None or m.divide is not None
+                                                     or m.scale is not None for m in self.axes)
+
+
+def _geometric(old: torch.Tensor, index: torch.Tensor, m: AxisMap) -> torch.Tensor | None:
+    """A 1-D positive geometric sequence old[j] = a·r^j at new positions i: a·r^(i/k) for k = new/old, so that
+    old entry j lands at k·j (``interleave_index``) and the entries between continue the sequence. None when
+    ``old`` is not such a sequence (copies are used then)."""
+    if old.dim() != 1 or len(old) < 2 or not bool((old > 0).all()) or len(m.index) % len(old):
+        return None
+    logs = old.double().log()
+    steps = logs[1:] - logs[:-1]
+    if not torch.allclose(steps, steps.mean().expand_as(steps), rtol=1e-4, atol=1e-6):
+        return None
+    k = len(m.index) // len(old)
+    if not torch.equal(m.index[::k], torch.arange(len(old))):
+        return None
+    i = torch.arange(len(m.index), dtype=torch.float64)
+    return (logs[0] + steps.mean() * i / k).exp().to(old.dtype)

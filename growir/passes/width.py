@@ -28,6 +28,10 @@ class GroupMap:
     index: torch.Tensor  # [new] -> old position, or -1 at a fill position (repeat-and-fill)
     counts: torch.Tensor  # [old] copy counts
     fill: str | None = None  # what producers write at fill positions: "mean" (LayerNorm) or "zero" (RMSNorm)
+    copies: torch.Tensor | None = None  # "interleave": [new] -> the old position each new one sits beside
+
+    def as_copies(self) -> "GroupMap":
+        return GroupMap(self.old, self.new, self.copies, self.counts) if self.copies is not None else self
 
     @property
     def uniform(self) -> bool:
@@ -76,7 +80,8 @@ def group_maps(plan: Plan, sizes: dict, seed: int = 0, index_fn=fpi_index, fills
             else:
                 index = index_fn(g.size, new, gen)
             counts = torch.bincount(index[index >= 0], minlength=g.size)
-            maps[g.root] = GroupMap(g.size, new, index, counts, fills.get(g.root))
+            copies = torch.arange(new) // (new // g.size) if fills.get(g.root) == "interleave" else None
+            maps[g.root] = GroupMap(g.size, new, index, counts, fills.get(g.root), copies)
     return maps
 
 
@@ -145,10 +150,15 @@ def width_rules(plan: Plan, maps: dict) -> WidthResult:
             if contracted and state in f.produced and index is not None:
                 res.tied.append((state, i))
                 contracted = False  # copied for the embedding; the contraction is compensated elsewhere
-            fill = None
+            fill, source = None, None
             if index is not None and bool((index < 0).any()):
                 fill = "zero" if contracted else _fill_kind(tree, maps)
-            axes.append(AxisMap(index, counts if contracted and index is not None else None, fill))
+                if not contracted and any(maps[leaf].copies is not None for leaf in _leaves(tree) if leaf in maps):
+                    # rotary growth: only the query must be zero at the new dimensions (attention.py zeroes
+                    # its rows); keys, norms and tables copy a neighbour so that the new dimensions train
+                    source = tree_map(tree, ag, {r: m.as_copies() for r, m in maps.items()})[0]
+                    fill = "geometric" if state in f.buffers.values() else "copy"
+            axes.append(AxisMap(index, counts if contracted and index is not None else None, fill, source=source))
             trees.append(tree)
         res.rules[state] = TensorRule(state, axes)
         res.axis_trees[state] = trees

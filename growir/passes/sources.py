@@ -1,0 +1,165 @@
+"""Where a query or key comes from: the projection rows that write it, and the norm in between.
+
+head_dim growth rescales the query (and, behind a per-head norm, the key), so it has to find the tensors
+that scale it linearly. Walking back from the attention's argument through layout ops and ops linear in it
+(rotary: ``q*cos + rotate_half(q)*sin``), it stops at
+
+- a norm over the head (a per-head q/k norm): the norm's weight and bias scale its output, and the walk
+  continues behind the norm to the projection, whose scale the norm removes;
+- a projection (``linear``/``addmm``): its weight and bias. When the projection is fused (one QKV weight
+  whose output is sliced or split), only some of its rows reach the query. Which ones is a question about
+  data flow, answered by running the same layout ops on row labels: the projection's output holds its own
+  row number, and whatever labels arrive at the query are the rows that write it.
+
+Anything else on the way (an op growir cannot see through) gives ``None``: the caller reports the attention
+as not exact rather than guessing.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..analysis.walker import op_name
+from .fill import NormSite
+
+THROUGH = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.transpose", "aten.permute", "aten.contiguous",
+           "aten.to", "aten._to_copy", "aten.clone", "aten.dropout", "aten.alias", "aten.expand", "aten.unsqueeze",
+           "aten.squeeze", "aten.type_as", "aten.unflatten", "aten.flatten", "aten.slice", "aten.select", "aten.split", "aten.split_with_sizes",
+           "aten.chunk", "aten.unsafe_split", "getitem"}
+LINEAR = {"aten.add", "aten.sub", "aten.neg", "aten.cat", "aten.mul"}
+CONTRACT = {"aten.linear", "aten.addmm"}
+IDENTITY = {"aten.contiguous", "aten.to", "aten._to_copy", "aten.clone", "aten.dropout", "aten.alias",
+            "aten.type_as", "aten.neg"}
+
+
+@dataclass
+class Rows:
+    """A parameter and the old positions along one of its axes that write the traced tensor (None: all)."""
+    param: str
+    axis: int
+    rows: torch.Tensor | None
+    size: int = 0  # the axis's old size
+
+
+@dataclass
+class Source:
+    proj: list  # [Rows] of the projection (weight, bias)
+    norm: NormSite | None = None  # a norm between the projection and the attention
+    norm_proj: list | None = None  # [Rows] of the projection behind that norm
+
+    @property
+    def scales(self) -> list:
+        """What scales the tensor linearly: the norm's parameters, or else the projection's rows."""
+        if self.norm is None:
+            return self.proj
+        return [Rows(p, 0, None) for p in (self.norm.weight, self.norm.bias) if p is not None]
+
+
+def trace_source(x: fx.Node, facts, dep: set, norms: list[NormSite]) -> Source | None:
+    """The ``Source`` of ``x`` (an attention's query or key), or None where the graph holds something else."""
+    by_output = {s.output: s for s in norms}
+    first = _walk(x, facts, dep, by_output)
+    if first is None:
+        return None
+    end, path = first
+    if isinstance(end, NormSite):
+        if end.weight is None:
+            return None
+        behind = _walk(end.input, facts, dep, {})
+        if behind is None or isinstance(behind[0], NormSite):
+            return None
+        proj = _rows(behind[0], behind[1], end.input, facts)
+        return Source([], end, proj) if proj is not None else None
+    proj = _rows(end, path, x, facts)
+    return Source(proj) if proj is not None else None
+
+
+def _walk(x, facts, dep: set, stop_at: dict):
+    """Back from ``x`` to one contraction with parameters (or one norm in ``stop_at``); (end, path nodes)."""
+    ends, stack, seen = set(), [x], set()
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen or n not in dep:
+            continue
+        seen.add(n)
+        if n in stop_at:
+            ends.add(stop_at[n])
+            continue
+        name = op_name(n) if n.op == "call_function" else n.op
+        if name in CONTRACT:
+            weights = list(n.args[1:3]) if name == "aten.linear" else [n.args[2], n.args[0]]
+            if not all(a.name in facts.params for a in weights if isinstance(a, fx.Node)):
+                return None
+            ends.add(n)
+        elif name in THROUGH:
+            stack.append(n.args[0])
+        elif name in LINEAR:
+            inputs = n.args[0] if name == "aten.cat" else n.args[:2]
+            if name == "aten.mul" and all(a in dep for a in inputs):
+                return None  # a product of two traced tensors is not linear in either
+            stack.extend(a for a in inputs if isinstance(a, fx.Node))
+        else:
+            return None
+    if len(ends) != 1:
+        return None
+    return next(iter(ends)), seen
+
+
+def _concrete(node: fx.Node) -> list[int]:
+    """The node's shape with every symbol (batch, sequence) taken as 1: ``4*s0`` becomes 4."""
+    return [s if isinstance(s, int) else int(s.node.expr.subs({v: 1 for v in s.node.expr.free_symbols}))
+            for s in node.meta["val"].shape]
+
+
+def _rows(proj: fx.Node, path: set, x: fx.Node, facts) -> list[Rows] | None:
+    """Run the path's layout ops on row labels from ``proj``'s output to ``x``; the labels that arrive are the
+    rows of the projection's weight (and bias) that write ``x``."""
+    linear = op_name(proj) == "aten.linear"
+    weight = proj.args[1] if linear else proj.args[2]
+    bias = (proj.args[2] if len(proj.args) > 2 else None) if linear else proj.args[0]
+    out_axis = 0 if linear else 1
+    n_rows = weight.meta["val"].shape[out_axis]
+    shape = _concrete(proj)
+    labels = {proj: torch.arange(n_rows, dtype=torch.float64).expand(shape)}
+    try:
+        for n in proj.graph.nodes:  # topological: every input's labels exist before a node needs them
+            if n in path and n is not proj:
+                labels[n] = _propagate(n, labels)
+    except (RuntimeError, IndexError, ValueError, TypeError, KeyError):
+        return None
+    if x not in labels or labels[x] is None:
+        return None
+    rows = torch.unique(labels[x]).long()
+    rows = None if len(rows) == n_rows else rows
+    out = [Rows(facts.params[weight.name], out_axis, rows, n_rows)]
+    if isinstance(bias, fx.Node):
+        out.append(Rows(facts.params[bias.name], 0, rows, n_rows))
+    return out
+
+
+def _propagate(n: fx.Node, labels: dict):
+    name = op_name(n)
+    args = [labels[a] if isinstance(a, fx.Node) and a in labels else a for a in n.args]
+    traced = [a for a in n.args if isinstance(a, fx.Node) and a in labels]
+    if n.target is operator.getitem:
+        return args[0][args[1]]
+    if name in IDENTITY:
+        return args[0]
+    if name in ("aten.view", "aten.reshape", "aten._unsafe_view", "aten.unflatten", "aten.flatten", "aten.expand"):
+        return args[0].reshape(_concrete(n)) if name != "aten.expand" else args[0].expand(_concrete(n))
+    if name in ("aten.slice", "aten.select"):
+        dim = args[1] % args[0].dim()
+        if _concrete(n.args[0])[dim] == 1 and not isinstance(n.args[0].meta["val"].shape[dim], int):
+            return args[0] if name == "aten.slice" else args[0].select(dim, 0)
+        return n.target(args[0], *[a if isinstance(a, int) else None for a in args[1:]])
+    if name == "aten.cat":
+        return torch.cat([labels[t] for t in n.args[0]], *args[1:])
+    if name in ("aten.add", "aten.sub", "aten.mul"):
+        if len(traced) == 2 and not torch.equal(torch.unique(labels[traced[0]]), torch.unique(labels[traced[1]])):
+            raise ValueError("a sum of two tensors written by different rows")
+        return torch.broadcast_to(labels[traced[0]], _concrete(n))
+    return n.target(*args, **n.kwargs)  # transpose, permute, unsqueeze, squeeze, split, chunk
