@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import growir
@@ -57,9 +59,24 @@ def test_balanced_copies_differ_by_at_most_one_random_ones_do_not():
     assert int(uniform.max() - uniform.min()) >= 2
 
 
+def test_residual_rescaling_keeps_eps_where_the_config_cannot_hold_a_new_one():
+    """OPT's LayerNorm eps is no config field; Qwen3 shares one eps between hidden and per-head norms."""
+    for name in ("opt", "qwen3"):
+        grown = grow(name, width=1.5, strict=True)
+        rec = grown.growir_record
+        assert rec.exact and rec.deviation < 1e-6, (name, rec.reasons, rec.deviation)
+        assert any("residual stream is rescaled" in n for r in rec.rules.values() for n in r.notes)
+        assert grown.config.to_dict().get("rms_norm_eps", 1e-6) == make(name).config.to_dict().get("rms_norm_eps", 1e-6)
+        assert_preserves(make(name), grown, name)
+
+
 def test_config_that_cannot_hold_eps_is_measured_not_broken():
+    """When the residual stream is itself an output (hidden states), it cannot be rescaled: eps must change,
+    OPT's config cannot say so, and growir keeps eps and reports the measured error."""
+    source = make("opt")
+    source.config.output_hidden_states = True
     with pytest.warns(UserWarning, match="eps was kept"):
-        grown = grow("opt", width=1.5)
+        grown = growir.grow(source, width=1.5)
     assert not grown.growir_record.exact and grown.growir_record.deviation < 1e-2
 
 
@@ -71,3 +88,60 @@ def test_rotary_head_dim_growth_interleaves_frequencies(name):
     assert grown.config.head_dim == 16 and grown.config.num_attention_heads == 4
     assert grown.growir_record.exact
     assert_preserves(source, grown, name)
+
+
+HEAD_DIM_CASES = {
+    "qwen3": {"head_dim": 16},  # per-head RMS norms on q and k, then rotary
+    "neox": {"head_dim": 16, "hidden": 64},  # partial rotary (half of head_dim), QKV fused per head
+    "phi3": {"head_dim": 16, "hidden": 64},  # one QKV weight sliced into q, k, v; rotary
+    "nanogpt": {"head_dim": 16},  # one QKV weight split into q, k, v; copies
+    "torchenc": {"head_dim": 16},  # nn.MultiheadAttention's in_proj (unflatten, select)
+}
+
+
+@pytest.mark.parametrize("name", list(HEAD_DIM_CASES))
+def test_head_dim_growth_through_norms_fused_qkv_and_partial_rotary_is_exact(name):
+    grown = grow(name, width=HEAD_DIM_CASES[name], strict=True)
+    assert grown.growir_record.exact, grown.growir_record.reasons
+    assert_preserves(make(name), grown, name)
+
+
+def test_rotary_growth_zeroes_only_the_query_so_new_dimensions_train():
+    """Zero query and key rows at the new dimensions would be a saddle: neither gets a gradient. growir zeroes
+    the query only; the key copies, so the query's new rows receive gradients at once."""
+    import torch
+    grown = grow("qwen3", width={"head_dim": 16})
+    rec, state = grown.growir_record, grown.state_dict()
+    new = rec.rules["model.layers.0.self_attn.q_proj.weight"].axes[0].index < 0
+    q, k = state["model.layers.0.self_attn.q_proj.weight"], state["model.layers.0.self_attn.k_proj.weight"]
+    assert new.any() and (q[new] == 0).all() and (q[~new] != 0).any()
+    k_new = rec.rules["model.layers.0.self_attn.k_proj.weight"].axes[0].index < 0
+    assert (k[k_new] != 0).all(dim=1).all()
+    assert (state["model.layers.0.self_attn.q_norm.weight"] != 0).all()
+    inputs = example_inputs("qwen3")
+    grown.zero_grad()
+    grown(**inputs).logits.pow(2).mean().backward()
+    assert grown.model.layers[0].self_attn.q_proj.weight.grad[new].abs().max() > 0
+
+
+def test_rotary_frequency_table_continues_its_sequence():
+    """In a rewritten GraphModule the frequency buffer at head_dim k·d is the one a fresh model computes."""
+    import torch
+    from strategies import Arch, Rotary
+    arch = Arch(vocab=11, heads=2, kv_heads=1, head_dim=8, ffn=16, layers=2, pre_norm=True, norm="rms",
+                bias=False, mlp="gelu", fused_mlp=False, positions="rotary", fused_qkv=True, tied=False,
+                final_norm=True, literal_views=False, seed=0, qk_norm=True, partial_rotary=True)
+    grown = growir.grow(arch.build(), width={"head_dim": 24}, example_inputs=arch.inputs(2, 5), strict=True)
+    assert torch.allclose(dict(grown.named_buffers())["rotary.inv_freq"], Rotary(12).inv_freq, rtol=1e-5)
+
+
+def test_per_head_layernorm_refuses_rotary_growth_and_allows_copies():
+    from strategies import Arch
+    arch = Arch(vocab=11, heads=2, kv_heads=2, head_dim=8, ffn=16, layers=1, pre_norm=True, norm="layer",
+                bias=True, mlp="gelu", fused_mlp=False, positions="rotary", fused_qkv=False, tied=False,
+                final_norm=True, literal_views=False, seed=0, qk_norm=True)
+    with pytest.raises(growir.GrowthError, match="LayerNorm .* would move its mean"):
+        growir.grow(arch.build(), width={"head_dim": 16}, example_inputs=arch.inputs(2, 5), strict=True)
+    learned = dataclasses.replace(arch, positions="learned")
+    grown = growir.grow(learned.build(), width={"head_dim": 16}, example_inputs=learned.inputs(2, 5), strict=True)
+    assert grown.growir_record.exact

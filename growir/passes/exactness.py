@@ -58,9 +58,10 @@ def compensate_tied(plan: Plan, maps: dict, width: WidthResult) -> list[str]:
                 reasons.append(f"`{state}` is tied (an embedding and the head at {site.name}) and no norm "
                                f"feeds the head, so the n-fold logits cannot be rescaled")
             else:
+                factor = float(counts[0]) * width.rules[state].scale  # the copies, and a rescaled residual
                 for p in scaled:
-                    width.rules[p].scale /= float(counts[0])
-                    width.rules[p].notes.append(f"divided by {int(counts[0])}: it feeds the tied head "
+                    width.rules[p].scale /= factor
+                    width.rules[p].notes.append(f"divided by {factor:.4g}: it feeds the tied head "
                                                 f"`{state}`")
     return reasons
 
