@@ -130,6 +130,8 @@ def moment_rule(rule: TensorRule, power: int, old_shape) -> TensorRule:
         if producer:
             counts = torch.bincount(m.index[m.index >= 0], minlength=size).clamp(min=1).to(torch.float64) ** power
         change = {"divide": counts}
+        if getattr(m, "scale", None) is not None:  # per-position factors scale the gradient like the rule's
+            change["scale"] = m.scale.pow(-power)
         if getattr(m, "fill", None) is not None:
             change["fill"] = "zero" if power == 1 else "mean"
         axes.append(dataclasses.replace(m, **change))
