@@ -19,12 +19,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 import growir  # noqa: E402
 from zoo import example_inputs, make  # noqa: E402
 
-MODELS = ["bert", "gpt2", "llama", "t5", "vit", "nanogpt", "torchenc"]
+MODELS = ["bert", "gpt2", "llama", "qwen3", "neox", "phi3", "opt", "t5", "vit", "nanogpt", "torchenc"]
 METHODS = ["fpi_random", "fpi_balanced", "fpi", "aki"]
 RATIOS = [1.5, 2.0]
+# head_dim 8 -> 16 (and 24) with heads kept; configs that derive head_dim from hidden also grow hidden
+HEAD_DIM = {"bert": True, "llama": False, "qwen3": False, "neox": True, "phi3": True, "t5": False,
+            "nanogpt": False, "torchenc": False}
 
 
-def measure(name: str, method: str, ratio: float) -> dict:
+def measure(name: str, method: str, ratio) -> dict:
     kw = {"example_inputs": example_inputs(name)} if name in ("nanogpt", "torchenc") else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -39,7 +42,6 @@ def main() -> None:
     out = {f"{n}@{r}": {m: measure(n, m, r) for m in METHODS} for n in MODELS for r in RATIOS}
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / "methods.json").write_text(json.dumps(out, indent=1))
     lines = ["| model | width | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
     for key, row in out.items():
         name, ratio = key.split("@")
@@ -48,6 +50,14 @@ def main() -> None:
             r = row[m]
             cells.append("refused" if "error" in r else f"{r['deviation']:.1e}" + (" (exact)" if r["exact"] else ""))
         lines.append(f"| {name} | x{ratio} | " + " | ".join(cells) + " |")
+    hd = {f"{n}@{k}": measure(n, "fpi", {"head_dim": 8 * k, **({"hidden": 32 * k} if with_hidden else {})})
+          for n, with_hidden in HEAD_DIM.items() for k in (2, 3)}
+    (results / "methods.json").write_text(json.dumps({"width": out, "head_dim": hd}, indent=1))
+    lines += ["", "| model | head_dim | deviation |", "|---|---|---|"]
+    for key, r in hd.items():
+        name, k = key.split("@")
+        cell = "refused" if "error" in r else f"{r['deviation']:.1e}" + (" (exact)" if r["exact"] else "")
+        lines.append(f"| {name} | 8 -> {8 * int(k)} | {cell} |")
     (results / "methods.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

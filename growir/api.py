@@ -16,7 +16,7 @@ from .passes.depth import DEPTH_METHODS, depth_rules, schedule, target_layers
 from .passes.aki import aki_rules
 from .passes.attention import compensate_head_dim, rewrite_scales, rotary_fills
 from .passes.exactness import compensate_tied, deviations
-from .passes.fill import FillPlan, adjust_norms, plan_fill, rewrite_eps
+from .passes.fill import FillPlan, adjust_norms, open_fill_columns, plan_fill, rewrite_eps
 from .passes.rescale import rescale_residuals
 from .passes.width import fpi_index, group_maps, random_index, tree_map, width_rules
 from .verify_torch import measure, output_maps
@@ -160,6 +160,7 @@ def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
     hd_reasons, compensated, scales = compensate_head_dim(p, maps, wres)
     rescaled = rescale_residuals(p, fp, maps, wres.rules)
     eps, eps_values = adjust_norms(fp, maps, wres.rules, rescaled)
+    open_fill_columns(p, fp, maps, wres.rules)
     reasons = (deviations(p, maps, compensated | {(root, "norm") for root in fp.fills})
                + compensate_tied(p, maps, wres) + hd_reasons
                + [f"repeat-and-fill cannot make {p.group_of(r).label} exact: {why}" for r, why in fp.reasons.items()])

@@ -39,6 +39,22 @@ def test_hidden_64_to_96_heads_4_to_6_ffn_x1_5():
     assert grown.growir_record.deviation < 1e-5
 
 
+def test_fill_dimensions_receive_gradients():
+    """Zeros in the fill's norm weights and consumer columns too would be a saddle: the residual's fill
+    dimensions would never get a gradient. growir copies there (they multiply zeros) so the writers learn."""
+    import torch
+    grown = grow("llama", width=1.5)
+    rec = grown.growir_record
+    grown.zero_grad()
+    grown(**example_inputs("llama")).logits.pow(2).mean().backward()
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.o_proj.weight",
+                 "model.layers.1.mlp.down_proj.weight"):
+        axis = next(i for i, m in enumerate(rec.rules[name].axes) if m.index is not None and (m.index < 0).any())
+        fill = rec.rules[name].axes[axis].index < 0
+        grad = dict(grown.named_parameters())[name].grad
+        assert grad.index_select(axis, fill.nonzero().flatten()).abs().max() > 0, name
+
+
 def test_tied_head_with_fill_is_exact():
     grown = grow("nanogpt", width=1.5, strict=True)  # tied embedding/head: final norm divided by n = 1
     assert grown.growir_record.exact

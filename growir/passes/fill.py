@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from ..analysis.blocks import CONTRACTIONS
@@ -176,12 +177,41 @@ def adjust_norms(fp: FillPlan, maps: dict, rules: dict, rescaled: set = frozense
             for p, scale in ((s.weight, math.sqrt(ratio)), (s.bias, 1.0)):
                 if p is not None:
                     rules[p].scale *= scale
-                    rules[p].axes[-1].fill = "zero"
-                    rules[p].notes.append(f"repeat-and-fill: x{scale:.4g}, fill 0")
+                    _fill_from_copies(rules[p].axes[-1], m.new, m.old, p == s.weight)
+                    rules[p].notes.append(f"repeat-and-fill: x{scale:.4g}" + (", fill 0" if p == s.bias else ""))
             if s.eps_at is not None and s.eps is not None and root not in rescaled:
                 eps[s.eps_at[0]] = (s.eps_at[1], s.eps * ratio)
                 values[s.eps] = s.eps * ratio
     return eps, values
+
+
+def open_fill_columns(plan: Plan, fp: FillPlan, maps: dict, rules: dict) -> None:
+    """Give the fill dimensions something to learn from. The norm's output is 0 there whatever its weight, and
+    a contraction that reads only norm outputs may hold any column there: with copies in both (instead of
+    zeros), the fill dimensions of the residual receive gradients; with zeros in both they never would."""
+    f = plan.facts
+    for root, sites in fp.sites.items():
+        m, outputs = maps[root], {s.output for s in sites}
+        on_group = {(pa.param, pa.axis) for pa in plan.group_of(root).consumers}
+        nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+        for p, i, node in f.consumed:
+            axis = rules[p].axes[i]
+            if (p, i) in on_group and axis.divide is not None and reads_from(nodes[node], f) in outputs:
+                _fill_from_copies(axis, m.new, m.old, True)
+
+
+def _fill_from_copies(axis, new: int, old: int, copy: bool) -> None:
+    axis.fill = "copy" if copy else "zero"
+    axis.source = torch.arange(new) % old if copy else None
+
+
+def reads_from(node: fx.Node, facts) -> fx.Node | None:
+    """The activation a contraction reads, back through layout ops and multiplications by constants."""
+    x = next((a for a in node.args if isinstance(a, fx.Node) and a.name not in facts.params), None)
+    while isinstance(x, fx.Node) and x.op == "call_function" and (
+            op_name(x) in THROUGH or (op_name(x) in ("aten.mul", "aten.div") and not isinstance(x.args[1], fx.Node))):
+        x = x.args[0]
+    return x
 
 
 def rewrite_eps(gm: fx.GraphModule, eps: dict) -> None:

@@ -24,7 +24,7 @@ import torch.fx as fx
 from ..analysis.blocks import CONTRACTIONS
 from ..analysis.walker import op_name
 from ..plan import Plan
-from .fill import ASSERTS, THROUGH, FillPlan
+from .fill import ASSERTS, THROUGH, FillPlan, reads_from
 
 LINEAR = THROUGH | {"aten.add", "aten.sub", "aten.mul", "aten.div", "aten.neg", "aten.cat"}
 
@@ -77,7 +77,7 @@ def _terms_and_readers(plan: Plan, root, sites) -> tuple[set, set] | None:
             if p != pa.param:
                 continue
             node = next(x for x in gm.graph.nodes if x.name == node_name)
-            source = _back(node, f)
+            source = reads_from(node, f)
             if source in residual:
                 readers.add(p)
             elif not any(source is s.output for s in sites):
@@ -136,12 +136,3 @@ def _norm_internals(x: fx.Node) -> set:
         if name in ("aten.layer_norm", "aten.pow", "aten.mul", "aten.to", "aten._to_copy"):
             out.add(u)
     return out
-
-
-def _back(node: fx.Node, facts) -> fx.Node | None:
-    """The activation a contraction reads, back through layout ops."""
-    x = next((a for a in node.args if isinstance(a, fx.Node) and a.name not in facts.params), None)
-    while isinstance(x, fx.Node) and x.op == "call_function" and (
-            op_name(x) in THROUGH or (op_name(x) in ("aten.mul", "aten.div") and not isinstance(x.args[1], fx.Node))):
-        x = x.args[0]
-    return x
