@@ -161,3 +161,11 @@ def test_per_head_layernorm_refuses_rotary_growth_and_allows_copies():
     learned = dataclasses.replace(arch, positions="learned")
     grown = growir.grow(learned.build(), width={"head_dim": 16}, example_inputs=learned.inputs(2, 5), strict=True)
     assert grown.growir_record.exact
+
+
+def test_noise_with_fill_positions_keeps_the_function():
+    """Symmetry-breaking noise skips fill positions (some must stay zero) and still cancels over copies."""
+    for name, width in (("llama", 1.5), ("qwen3", {"head_dim": 16})):
+        grown = grow(name, width=width, noise=0.05, strict=True)
+        assert grown.growir_record.exact
+        assert_preserves(make(name), grown, name)

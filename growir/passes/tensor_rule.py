@@ -68,9 +68,13 @@ class TensorRule:
         gen = torch.Generator().manual_seed(seed)
         eps = torch.randn(new.shape, generator=gen, dtype=new.dtype) * std * float(new.std() if new.numel() > 1 else 0)
         eps = eps.movedim(axis, 0)
+        live = g >= 0  # fill positions (repeat-and-fill, rotary zeros) get no noise: some must stay zero
+        eps[~live] = 0.0
+        g = g.clamp(min=0)
         sums = torch.zeros((int(g.max()) + 1,) + eps.shape[1:], dtype=eps.dtype).index_add_(0, g, eps)
-        counts = torch.bincount(g).to(eps.dtype).reshape((-1,) + (1,) * (eps.dim() - 1))
-        eps = eps - (sums / counts)[g]  # singletons get exactly zero
+        counts = torch.bincount(g[live], minlength=len(sums)).clamp(min=1).to(eps.dtype)
+        eps = eps - (sums / counts.reshape((-1,) + (1,) * (eps.dim() - 1)))[g]  # singletons get exactly zero
+        eps[~live] = 0.0
         return eps.movedim(0, axis)
 
     def has_copies_to_perturb(self) -> bool:
