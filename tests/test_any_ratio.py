@@ -169,3 +169,29 @@ def test_noise_with_fill_positions_keeps_the_function():
         grown = grow(name, width=width, noise=0.05, strict=True)
         assert grown.growir_record.exact
         assert_preserves(make(name), grown, name)
+
+
+def test_query_and_key_from_one_projection_are_reported_not_guessed():
+    """Shared query/key (Reformer-style): rescaling the query alone is impossible; growir says so."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class SharedQK(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.qk, self.v = nn.Embedding(11, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+            self.o, self.head = nn.Linear(16, 16), nn.Linear(16, 11)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            b, t, _ = x.shape
+            qk = self.qk(x).view(b, t, 2, 8).transpose(1, 2)
+            v = self.v(x).view(b, t, 2, 8).transpose(1, 2)
+            y = F.scaled_dot_product_attention(qk, qk, v).transpose(1, 2).reshape(b, t, 16)
+            return self.head(x + self.o(y))
+
+    torch.manual_seed(0)
+    with pytest.raises(growir.GrowthError, match="share `qk.weight`"):
+        growir.grow(SharedQK().eval(), width={"head_dim": 16}, example_inputs=(torch.randint(0, 11, (2, 5)),),
+                    strict=True)

@@ -69,7 +69,7 @@ def rotary_fills(plan: Plan, sizes: dict) -> dict:
 
 
 def compensate_head_dim(plan: Plan, maps: dict, width: WidthResult):
-    """Scale what writes the queries (and keys behind per-head norms); return (reasons it failed,
+    """Scale what writes each query (and zero its new rotary dimensions); return (reasons it failed,
     compensated (root, kind) pairs, score-scale rewrites {node: scale})."""
     f, ag = plan.facts, plan.facts.ag
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
@@ -107,7 +107,7 @@ def compensate_head_dim(plan: Plan, maps: dict, width: WidthResult):
                 _scale(width, rows, factor, f"x{factor:.4g}: head_dim x{k} at {site['node']}")
             used.add(rows.param)
         if interleaved:
-            for rows in (q.norm_proj if q.norm is not None else q.proj):
+            for rows in q.writers:
                 _zero_new(width, rows, site["node"])
         if scale is not None and follows:
             scales[site["node"]] = new ** -0.5
@@ -138,6 +138,13 @@ def _untraceable(q: Source | None, key: Source | None, tree, ag, interleaved: bo
         which = "query" if q is None else "key"
         return (f"growir could not trace the {which} back to its projection (through layout ops, rotary "
                 f"embeddings and at most one per-head norm); head_dim growth needs to rescale it")
+    mine = {r.param: r.rows for r in q.writers}
+    for r in key.writers + key.scales:
+        rows = mine.get(r.param, False)
+        if rows is not False and (rows is None or r.rows is None or bool(torch.isin(rows, r.rows).any())):
+            return f"the query and the key share `{r.param}`, so the query cannot be rescaled alone"
+    if q.norm is not None and q.norm is key.norm:
+        return f"the query and the key share the norm `{q.norm.node}`"
     for name, src in (("query", q), ("key", key)):
         if src.norm is not None and ag.expand(src.norm.axis) != tree:
             return f"the {name} passes a norm over more than one head's dimensions (`{src.norm.node}`)"

@@ -52,6 +52,11 @@ class Source:
     norm_proj: list | None = None  # [Rows] of the projection behind that norm
 
     @property
+    def writers(self) -> list:
+        """The projection rows that write the tensor (behind the norm, if any)."""
+        return self.norm_proj if self.norm is not None else self.proj
+
+    @property
     def scales(self) -> list:
         """What scales the tensor linearly: the norm's parameters, or else the projection's rows."""
         if self.norm is None:
