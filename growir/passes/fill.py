@@ -27,7 +27,7 @@ from ..plan import Plan
 
 THROUGH = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.to", "aten._to_copy", "aten.dropout",
            "aten.clone", "aten.contiguous", "aten.alias", "aten.slice", "aten.select", "aten.type_as",
-           "aten.transpose", "aten.permute", "aten.unsqueeze", "aten.squeeze"}
+           "aten.transpose", "aten.permute", "aten.unsqueeze", "aten.squeeze", "aten.flatten", "aten.unflatten"}
 ASSERTS = {"aten._assert_tensor_metadata", "_assert_scalar", "aten._assert_scalar"}
 
 
