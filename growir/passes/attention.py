@@ -180,6 +180,7 @@ def _scale(width: WidthResult, rows: Rows, factor: float, note: str) -> None:
         rule.scale *= factor
     else:
         rule.axes[rows.axis].scale_rows(rows.rows, factor, rows.size)
+        note += f" (the query's {len(rows.rows)} of {rows.size} rows)"
     rule.notes.append(note)
 
 
