@@ -287,8 +287,6 @@ class Spec:
                 return False, "identity depth on post-norm blocks is not exact"
         if arch.tied and r.get("hidden", 1) != 1 and not arch.norm_before_head:
             return False, "tied head with no norm before it"
-        if arch.qk_norm and arch.norm == "layer" and arch.positions == "rotary" and r.get("head_dim", 1) != 1:
-            return False, "a per-head LayerNorm's mean moves onto the zero dimensions of rotary head_dim growth"
         return True, ""
 
     def refused_by_design(self, arch: Arch) -> str | None:

@@ -11,7 +11,9 @@ Two constructions, both exact for a whole factor k (docs/methods.md derives them
   zero in both the query and the key would be a saddle they never leave. A per-head RMS norm on the query
   sees its mean of squares fall by 1/k: the projection behind it is multiplied by sqrt(k) and the norm's
   weight divided by sqrt(k), which restores it exactly with the same eps; the key's norm sees copies and is
-  unchanged. (A per-head LayerNorm on the query would see its mean move onto the zeros: refused.)
+  unchanged. A per-head LayerNorm on the query would see its mean move onto zeros, so there the query's
+  projection copies too (mean and variance unchanged) and the norm's weight and bias are zero at the new
+  dimensions instead.
 
 The score scale 1/sqrt(head_dim) either follows the new size (a default scale, or an explicit 1/sqrt(d) that
 a rebuilt config recomputes) or is a constant that does not (a fixed 1.0). The query is multiplied by what
@@ -93,11 +95,15 @@ def compensate_head_dim(plan: Plan, maps: dict, width: WidthResult):
         query_factor = (math.sqrt(k) if follows else 1.0) if interleaved else (1 / math.sqrt(k) if follows else 1 / k)
         q = trace_source(node.args[0], f, dep, norms)
         key = trace_source(node.args[1], f, dep, norms)
-        why = _untraceable(q, key, tree, ag, interleaved)
+        why = _untraceable(q, key, tree, ag)
         if why:
             reasons.append(f"{where}: {why}")
             continue
-        actions = _actions(q, query_factor, math.sqrt(k) if interleaved else 1.0)
+        layer_norm = interleaved and q.norm is not None and q.norm.kind == "layer"
+        if layer_norm:  # copies keep the LayerNorm's mean and variance; its weight and bias zero the new dims
+            actions, zeroed = [(r, query_factor) for r in q.scales], q.scales
+        else:
+            actions, zeroed = _actions(q, query_factor, math.sqrt(k) if interleaved else 1.0), q.writers
         shared = sorted({a.param for a, _ in actions} & used)
         if shared:
             reasons.append(f"{where}: `{shared[0]}` also feeds another attention whose head_dim grows")
@@ -107,7 +113,7 @@ def compensate_head_dim(plan: Plan, maps: dict, width: WidthResult):
                 _scale(width, rows, factor, f"x{factor:.4g}: head_dim x{k} at {site['node']}")
             used.add(rows.param)
         if interleaved:
-            for rows in q.writers:
+            for rows in zeroed:
                 _zero_new(width, rows, site["node"])
         if scale is not None and follows:
             scales[site["node"]] = new ** -0.5
@@ -133,7 +139,7 @@ def _construction(leaves, grown, maps, tree) -> tuple[str, int]:
     return "", m.new // m.old
 
 
-def _untraceable(q: Source | None, key: Source | None, tree, ag, interleaved: bool) -> str:
+def _untraceable(q: Source | None, key: Source | None, tree, ag) -> str:
     if q is None or key is None:
         which = "query" if q is None else "key"
         return (f"growir could not trace the {which} back to its projection (through layout ops, rotary "
@@ -148,9 +154,6 @@ def _untraceable(q: Source | None, key: Source | None, tree, ag, interleaved: bo
     for name, src in (("query", q), ("key", key)):
         if src.norm is not None and ag.expand(src.norm.axis) != tree:
             return f"the {name} passes a norm over more than one head's dimensions (`{src.norm.node}`)"
-    if interleaved and q.norm is not None and q.norm.kind != "rms":
-        return (f"the query's per-head LayerNorm `{q.norm.node}` would move its mean onto the zero dimensions "
-                f"that rotary growth adds")
     return ""
 
 
