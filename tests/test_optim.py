@@ -21,7 +21,8 @@ TOL = 1e-5
 SPECS = {"llama": dict(width=2.0), "nanogpt": dict(width=2.0),
          "nanogpt-ffn": dict(width={"ffn": 192}), "gpt2-deep": dict(width=2.0, depth=2),
          "nanogpt-headdim": dict(width={"head_dim": 16}),  # the query's rows of a fused QKV weight rescaled
-         "qwen3-headdim": dict(width={"head_dim": 16})}  # rotary: zero query dims behind a per-head norm
+         "qwen3-headdim": dict(width={"head_dim": 16}),  # rotary: zero query dims behind a per-head norm
+         "llama-headdim": dict(width={"head_dim": 16})}  # rotary, no norm: the key's copies get no gradient
 
 
 # Rotary head_dim growth copies the key into its new dimensions (so that they train). Behind a per-head norm
