@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from .analysis import Facts, Group, analyze, find_groups
+from .analysis.axes import is_structured
 from .analysis.blocks import Blocks, find_blocks
 from .errors import SpecError
 from .frontend import Captured
@@ -47,7 +48,7 @@ class Plan:
             raise KeyError(f"`{param}` is not a parameter the graph reads")
 
         def label(tree):
-            if isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[1], list):
+            if is_structured(tree):
                 return (tree[0], [label(t) for t in tree[1]])
             g = self.group_of(tree)
             return g.label if g is not None else f"-:{self.facts.ag.size[tree]}"
@@ -197,8 +198,7 @@ def _head_dim_sizes(plan: Plan, new: int) -> dict[int, int]:
         rotary = rotary_parts(plan, site)
         for axis in (site["q"][-1], site["v"][-1]):
             tree = plan.facts.ag.expand(axis)
-            structured = isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[1], list)
-            g = plan.group_of(tree) if not structured else None
+            g = plan.group_of(tree) if not is_structured(tree) else None
             if g is not None:
                 sizes[g.id] = _checked(new, g, "head_dim")
             elif rotary is not None and axis is site["q"][-1]:

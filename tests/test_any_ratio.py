@@ -42,7 +42,6 @@ def test_hidden_64_to_96_heads_4_to_6_ffn_x1_5():
 def test_fill_dimensions_receive_gradients():
     """Zeros in the fill's norm weights and consumer columns too would be a saddle: the residual's fill
     dimensions would never get a gradient. growir copies there (they multiply zeros) so the writers learn."""
-    import torch
     grown = grow("llama", width=1.5)
     rec = grown.growir_record
     grown.zero_grad()
@@ -125,7 +124,6 @@ def test_head_dim_growth_through_norms_fused_qkv_and_partial_rotary_is_exact(nam
 def test_rotary_growth_zeroes_only_the_query_so_new_dimensions_train():
     """Zero query and key rows at the new dimensions would be a saddle: neither gets a gradient. growir zeroes
     the query only; the key copies, so the query's new rows receive gradients at once."""
-    import torch
     grown = grow("qwen3", width={"head_dim": 16})
     rec, state = grown.growir_record, grown.state_dict()
     new = rec.rules["model.layers.0.self_attn.q_proj.weight"].axes[0].index < 0

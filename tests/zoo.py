@@ -5,8 +5,6 @@ Norm weights and biases are randomized (fresh norms are all ones and zeros and h
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

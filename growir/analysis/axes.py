@@ -41,6 +41,16 @@ def divides(a: sympy.Expr, b: sympy.Expr) -> bool:
     return den == 1 and (not ratio.is_number or (ratio.is_integer and ratio >= 1))
 
 
+def is_structured(tree) -> bool:
+    """Whether an ``AxisGraph.expand`` tree is a (PROD|CAT, [subtrees]) node rather than a leaf root."""
+    return isinstance(tree, tuple) and len(tree) == 2 and tree[0] in (PROD, CAT) and isinstance(tree[1], list)
+
+
+def tree_leaves(tree) -> list:
+    """The leaf roots of an ``expand`` tree, left to right (repeats kept)."""
+    return [leaf for t in tree[1] for leaf in tree_leaves(t)] if is_structured(tree) else [tree]
+
+
 @dataclass
 class Structure:
     kind: str  # PROD (row-major: first part is the major one) or CAT
@@ -199,17 +209,8 @@ class AxisGraph:
         return (s.kind, [self.expand(p) for p in s.parts])
 
     def leaf_roots(self, axis: Axis) -> list:
-        tree = self.expand(axis)
-        out = []
-
-        def walk(t):
-            if isinstance(t, tuple) and len(t) == 2 and t[0] in (PROD, CAT) and isinstance(t[1], list):
-                for s in t[1]:
-                    walk(s)
-            elif t not in out:
-                out.append(t)
-        walk(tree)
-        return out
+        """The distinct leaf roots of the axis's tree, in order."""
+        return list(dict.fromkeys(tree_leaves(self.expand(axis))))
 
     def why(self, a: Axis, b: Axis) -> list[str]:
         """The chain of ops that made two axes equal (for error messages and the plan)."""

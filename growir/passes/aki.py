@@ -13,13 +13,13 @@ import dataclasses
 
 import torch
 
-from ..analysis.axes import CAT, PROD
+from ..analysis.axes import CAT, is_structured
 from ..plan import Plan
 
 
 def new_unit_mask(tree, ag, maps: dict, root) -> torch.Tensor:
     """Over the new positions of an axis tree: True where ``root``'s index is a new unit (>= old size)."""
-    if isinstance(tree, tuple) and len(tree) == 2 and tree[0] in (PROD, CAT) and isinstance(tree[1], list):
+    if is_structured(tree):
         parts = [new_unit_mask(t, ag, maps, root) for t in tree[1]]
         if tree[0] == CAT:
             return torch.cat(parts)

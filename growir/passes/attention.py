@@ -29,31 +29,28 @@ import math
 import torch
 import torch.fx as fx
 
+from ..analysis.axes import is_structured
 from ..plan import Plan
 from .fill import norm_sites
 from .sources import Rows, Source, trace_source
 from .width import WidthResult, tree_map
 
 
-def _structured(t) -> bool:
-    return isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], list)
-
-
 def rotary_parts(plan: Plan, site) -> tuple | None:
     """(half, rest) for a rotate-half rotary head_dim: ``cat(half, half)`` (rest None), or partial rotary
     ``cat(cat(half, half), rest)`` where ``rest`` passes through unrotated. None for anything else."""
     tree = plan.facts.ag.expand(site["q"][-1])
-    if not _structured(tree) or tree[0] != "cat":
+    if not is_structured(tree) or tree[0] != "cat":
         return None
     parts = tree[1]
-    if len(parts) == 2 and _structured(parts[0]) and not _structured(parts[1]):
+    if len(parts) == 2 and is_structured(parts[0]) and not is_structured(parts[1]):
         inner = parts[0]
         parts, rest = (inner[1], parts[1]) if inner[0] == "cat" else (None, None)
-    elif len(parts) == 3 and not _structured(parts[2]):
+    elif len(parts) == 3 and not is_structured(parts[2]):
         parts, rest = parts[:2], parts[2]
     else:
         rest = None
-    if parts is None or len(parts) != 2 or parts[0] != parts[1] or _structured(parts[0]):
+    if parts is None or len(parts) != 2 or parts[0] != parts[1] or is_structured(parts[0]):
         return None
     return parts[0], rest
 
@@ -95,7 +92,7 @@ def compensate_head_dim(plan: Plan, maps: dict, width: WidthResult):
         query_factor = (math.sqrt(k) if follows else 1.0) if interleaved else (1 / math.sqrt(k) if follows else 1 / k)
         q = trace_source(node.args[0], f, dep, norms)
         key = trace_source(node.args[1], f, dep, norms)
-        why = _untraceable(q, key, tree, ag)
+        why = _why_not_rescalable(q, key, tree, ag)
         if why:
             reasons.append(f"{where}: {why}")
             continue
@@ -139,7 +136,7 @@ def _construction(leaves, grown, maps, tree) -> tuple[str, int]:
     return "", m.new // m.old
 
 
-def _untraceable(q: Source | None, key: Source | None, tree, ag) -> str:
+def _why_not_rescalable(q: Source | None, key: Source | None, tree, ag) -> str:
     if q is None or key is None:
         which = "query" if q is None else "key"
         return (f"growir could not trace the {which} back to its projection (through layout ops, rotary "

@@ -189,15 +189,20 @@ def open_fill_columns(plan: Plan, fp: FillPlan, maps: dict, rules: dict) -> None
     """Give the fill dimensions something to learn from. The norm's output is 0 there whatever its weight, and
     a contraction that reads only norm outputs may hold any column there: with copies in both (instead of
     zeros), the fill dimensions of the residual receive gradients; with zeros in both they never would."""
-    f = plan.facts
     for root, sites in fp.sites.items():
         m, outputs = maps[root], {s.output for s in sites}
-        on_group = {(pa.param, pa.axis) for pa in plan.group_of(root).consumers}
-        nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
-        for p, i, node in f.consumed:
+        for p, i, source in group_reads(plan, root):
             axis = rules[p].axes[i]
-            if (p, i) in on_group and axis.divide is not None and reads_from(nodes[node], f) in outputs:
+            if axis.divide is not None and source in outputs:
                 _fill_from_copies(axis, m.new, m.old, True)
+
+
+def group_reads(plan: Plan, root) -> list[tuple[str, int, fx.Node]]:
+    """(parameter, axis, the activation it contracts) for every contraction over the group ``root``."""
+    f = plan.facts
+    on_group = {(pa.param, pa.axis) for pa in plan.group_of(root).consumers}
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    return [(p, i, reads_from(nodes[node], f)) for p, i, node in f.consumed if (p, i) in on_group]
 
 
 def _fill_from_copies(axis, new: int, old: int, copy: bool) -> None:

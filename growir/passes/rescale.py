@@ -24,7 +24,7 @@ import torch.fx as fx
 from ..analysis.blocks import CONTRACTIONS
 from ..analysis.walker import op_name
 from ..plan import Plan
-from .fill import ASSERTS, THROUGH, FillPlan, reads_from
+from .fill import ASSERTS, THROUGH, FillPlan, group_reads
 
 LINEAR = THROUGH | {"aten.add", "aten.sub", "aten.mul", "aten.div", "aten.neg", "aten.cat"}
 
@@ -72,16 +72,11 @@ def _terms_and_readers(plan: Plan, root, sites) -> tuple[set, set] | None:
             if reached:
                 terms.add(state_of[n.name])
     readers = set()
-    for pa in g.consumers:
-        for p, _, node_name in f.consumed:
-            if p != pa.param:
-                continue
-            node = next(x for x in gm.graph.nodes if x.name == node_name)
-            source = reads_from(node, f)
-            if source in residual:
-                readers.add(p)
-            elif not any(source is s.output for s in sites):
-                return None
+    for p, _, source in group_reads(plan, root):
+        if source in residual:
+            readers.add(p)
+        elif not any(source is s.output for s in sites):
+            return None
     if readers & terms:
         return None  # a tied tensor that also reads the residual directly: one scale cannot do both
     return terms, readers

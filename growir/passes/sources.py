@@ -1,7 +1,7 @@
 """Where a query or key comes from: the projection rows that write it, and the norm in between.
 
-head_dim growth rescales the query (and, behind a per-head norm, the key), so it has to find the tensors
-that scale it linearly. Walking back from the attention's argument through layout ops and ops linear in it
+head_dim growth rescales the query (and zeroes its new rotary dimensions), so it has to find the tensors
+that scale it linearly, and checks that the key does not share them. Walking back from the attention's argument through layout ops and ops linear in it
 (rotary: ``q*cos + rotate_half(q)*sin``), it stops at
 
 - a norm over the head (a per-head q/k norm): the norm's weight and bias scale its output, and the walk
@@ -24,12 +24,11 @@ import torch
 import torch.fx as fx
 
 from ..analysis.walker import op_name
-from .fill import NormSite
+from .fill import THROUGH as FILL_THROUGH, NormSite
 
-THROUGH = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.transpose", "aten.permute", "aten.contiguous",
-           "aten.to", "aten._to_copy", "aten.clone", "aten.dropout", "aten.alias", "aten.expand", "aten.unsqueeze",
-           "aten.squeeze", "aten.type_as", "aten.unflatten", "aten.flatten", "aten.slice", "aten.select", "aten.split", "aten.split_with_sizes",
-           "aten.chunk", "aten.unsafe_split", "getitem"}
+# layout ops (fill.THROUGH), plus the ones that split a fused projection's output into q, k, v
+THROUGH = FILL_THROUGH | {"aten.expand", "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unsafe_split",
+                          "getitem"}
 LINEAR = {"aten.add", "aten.sub", "aten.neg", "aten.cat", "aten.mul"}
 CONTRACT = {"aten.linear", "aten.addmm"}
 IDENTITY = {"aten.contiguous", "aten.to", "aten._to_copy", "aten.clone", "aten.dropout", "aten.alias",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..analysis.axes import CAT, PROD
+from ..analysis.axes import PROD, is_structured, tree_leaves
 from ..plan import Plan
 from .tensor_rule import AxisMap, TensorRule
 
@@ -87,7 +87,7 @@ def group_maps(plan: Plan, sizes: dict, seed: int = 0, index_fn=fpi_index, fills
 
 def tree_map(tree, ag, maps: dict):
     """(index, counts, old size, new size) of an axis tree; index/counts None when nothing in it grew."""
-    if isinstance(tree, tuple) and len(tree) == 2 and tree[0] in (PROD, CAT) and isinstance(tree[1], list):
+    if is_structured(tree):
         kind, parts = tree
         sub = [tree_map(t, ag, maps) for t in parts]
         if all(s[0] is None for s in sub):
@@ -153,7 +153,7 @@ def width_rules(plan: Plan, maps: dict) -> WidthResult:
             fill, source = None, None
             if index is not None and bool((index < 0).any()):
                 fill = "zero" if contracted else _fill_kind(tree, maps)
-                if not contracted and any(maps[leaf].copies is not None for leaf in _leaves(tree) if leaf in maps):
+                if not contracted and any(maps[leaf].copies is not None for leaf in tree_leaves(tree) if leaf in maps):
                     # rotary growth: only the query must be zero at the new dimensions (attention.py zeroes
                     # its rows); keys, norms and tables copy a neighbour so that the new dimensions train
                     source = tree_map(tree, ag, {r: m.as_copies() for r, m in maps.items()})[0]
@@ -173,16 +173,11 @@ def width_rules(plan: Plan, maps: dict) -> WidthResult:
 
 def _fill_kind(tree, maps: dict) -> str:
     """What a producer writes at fill positions: a plain axis says; inside a composite axis only zero works."""
-    m = maps.get(tree) if not (isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[1], list)) else None
+    m = maps.get(tree) if not is_structured(tree) else None
     if m is not None and m.fill is not None:
         return "zero" if m.fill == "interleave" else m.fill
-    kinds = {maps[leaf].fill for leaf in _leaves(tree) if leaf in maps and maps[leaf].fill is not None}
+    kinds = {maps[leaf].fill for leaf in tree_leaves(tree) if leaf in maps and maps[leaf].fill is not None}
     if kinds <= {"zero", "interleave"}:
         return "zero"
     raise ValueError("a mean fill inside a composite axis: repeat-and-fill applies to plain axes only")
 
-
-def _leaves(tree) -> list:
-    if isinstance(tree, tuple) and len(tree) == 2 and tree[0] in (PROD, CAT) and isinstance(tree[1], list):
-        return [leaf for t in tree[1] for leaf in _leaves(t)]
-    return [tree]
