@@ -179,19 +179,34 @@ def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
     return _Width(maps, wres.rules, reasons, edits, eps_values, filled)
 
 
-def _build(p: Plan, sizes: dict, depth_plan: list, opts: Options) -> _Built:
-    """Index maps -> per-tensor rules -> grown tensors -> rewritten GraphModule."""
-    from .materialize import build_graph_module
+def growth_rules(p: Plan, sizes: dict, depth_plan: list, opts: Options, counts: dict | None = None):
+    """Per-tensor rules for a width and depth spec; no weights needed (a meta-device plan will do).
+
+    ``counts`` (block list prefix -> full block count) expands the rules of a two-block proxy's plan to the
+    full model (``growir.checkpoint``). Returns (width, rules, schedules, layer info, reasons).
+    """
+    from .checkpoint import expand_block_rules
     w = _width(p, sizes, opts)
-    rules, schedules, layer_info, reasons = dict(w.rules), [], {}, list(w.reasons)
+    counts = counts or {}
+    rules = expand_block_rules(w.rules, counts)
+    schedules, layer_info, reasons = [], {}, list(w.reasons)
     for b, new in depth_plan:
+        if b.prefix in counts:
+            b = dataclasses.replace(b, paths=[f"{b.prefix}.{i}" for i in range(counts[b.prefix])])
         sched = schedule(b, new, opts.depth_method)
-        rules.update(depth_rules(sched, w.rules))
+        rules.update(depth_rules(sched, rules))
         schedules.append(sched)
         layer_info[b.prefix] = (b.count, new, sched.method)
         if not sched.exact:
             reasons.append(f"depth growth of `{b.prefix}` by `{sched.method}` is not function-preserving"
                            + (" (its blocks are post-norm)" if sched.method == "identity" else ""))
+    return w, rules, schedules, layer_info, reasons
+
+
+def _build(p: Plan, sizes: dict, depth_plan: list, opts: Options) -> _Built:
+    """Index maps -> per-tensor rules -> grown tensors -> rewritten GraphModule."""
+    from .materialize import build_graph_module
+    w, rules, schedules, layer_info, reasons = growth_rules(p, sizes, depth_plan, opts)
     source_state = _state(p)
     state = {name: rule.apply(source_state[rule.source], source_state.get(rule.donor))
              for name, rule in rules.items()}

@@ -1,0 +1,260 @@
+"""Grow a safetensors model folder disk to disk, one tensor at a time: ``grow_checkpoint``.
+
+plan (``config.json`` on the meta device, deep models on a two-block proxy) -> rules -> for each target
+tensor: read its source (and AKI donor) lazily, apply the rule in float32, cast to the source dtype (or
+``dtype``), write it into its shard. Shard headers are known before any weight is read (the rules give
+every target shape), so each tensor goes to disk as soon as it is made: peak memory is about the imports
+plus three times the largest target tensor in float32. The output appears atomically at the end.
+
+>>> import tempfile, torch, growir
+>>> from transformers import LlamaConfig, LlamaForCausalLM
+>>> src, out = tempfile.mkdtemp(), tempfile.mkdtemp() + "/grown"
+>>> LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+...     num_attention_heads=4, num_key_value_heads=2, vocab_size=100)).to(torch.bfloat16).save_pretrained(src)
+>>> report = growir.grow_checkpoint(src, out, width=2.0)
+>>> LlamaForCausalLM.from_pretrained(out).config.hidden_size
+64
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, check_shapes, meta_model, plan_folder
+from .errors import MaterializeError, NotExactError, SpecError
+from .shards import copy_side_files, parse_size, shard_layout, write_atomically, write_shard
+
+
+@dataclass
+class StreamReport:
+    """What ``grow_checkpoint`` wrote; ``print(report)`` shows it."""
+    src: str
+    out: str
+    params_before: int
+    params_after: int
+    bytes_written: int
+    shards: int
+    seconds: float
+    config_changes: dict
+    layers: dict
+    reasons: list = field(default_factory=list)
+    deviation: float | None = None  # measured on the random-weight proxy (same widths, two blocks)
+    check: object = None  # the ONNX Runtime report, with verify=True
+
+    @property
+    def exact(self) -> bool:
+        return not self.reasons
+
+    def __str__(self) -> str:
+        lines = [f"grew {self.src} -> {self.out}: {self.params_before:,} -> {self.params_after:,} parameters, "
+                 f"{self.bytes_written / 2**20:,.1f} MiB in {self.shards} shard(s), {self.seconds:.1f} s",
+                 f"config: {self.config_changes}"]
+        lines += [f"blocks `{k}`: {a} -> {b} ({m})" for k, (a, b, m) in self.layers.items() if a != b]
+        dev = "" if self.deviation is None else f" (measured on a two-block proxy: {self.deviation:.2g})"
+        lines.append(("exact" if self.exact else "not exact: " + "; ".join(self.reasons)) + dev)
+        if self.check is not None:
+            lines.append(f"onnxruntime check: {'preserved' if self.check.preserved else 'NOT preserved'}; "
+                         f"max abs error {self.check.max_abs_error:.2e}")
+        return "\n".join(lines)
+
+
+def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, width_method="fpi",
+                    depth_method="auto", method=None, dtype=None, max_shard_size="50GB", strict=False,
+                    force=False, verify=False, progress=None) -> StreamReport:
+    """Grow the safetensors folder ``src_dir`` into ``out_dir`` without loading the model.
+
+    Arguments as ``growir.grow``; ``dtype`` (e.g. ``torch.float32``) overrides the source's floating dtype,
+    ``max_shard_size`` (bytes or "5GB") splits the output like ``save_pretrained``. ``progress``: a bar over
+    the bytes written on stderr (None: only on a terminal, after two seconds). ``verify``: compare source and
+    grown in ONNX Runtime (both models are loaded: for models that fit in memory). Returns a ``StreamReport``.
+
+    >>> import tempfile, growir
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> src = tempfile.mkdtemp()
+    >>> GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100)).save_pretrained(src)
+    >>> growir.grow_checkpoint(src, tempfile.mkdtemp() + "/big", width=2.0, depth=2.0).params_after > 0
+    True
+    """
+    from .api import PRESETS, Options, growth_rules
+    from .passes.depth import target_layers
+    from .plan import resolve_width
+
+    start = time.perf_counter()
+    src, out = Path(src_dir), Path(out_dir)
+    if out.resolve() == src.resolve():
+        raise SpecError(f"{out}: the output is the source folder; write the grown model somewhere else")
+    if out.exists() and not force:
+        raise SpecError(f"{out}: already exists; pass force=True to replace it")
+    if method is not None:
+        if method not in PRESETS:
+            raise SpecError(f"unknown method {method!r}: the presets are {', '.join(PRESETS)}")
+        width_method, depth_method = PRESETS[method]["width_method"], PRESETS[method]["depth_method"]
+    # a random draw per group depends on how many groups there are: plan the full model then
+    fp = plan_folder(src, proxy=width_method != "fpi_random")
+    p = fp.plan
+    sizes = resolve_width(p, width)
+    if (layers is not None or float(depth) != 1.0) and not p.blocks:
+        raise SpecError("depth growth asked for, but growir found no repeated blocks in the model")
+    wants_depth = layers is not None or float(depth) != 1.0
+    depth_plan = [(b, target_layers(fp.counts.get(b.prefix, b.count), depth, layers))
+                  for b in (p.blocks if wants_depth else [])]
+    from .proxy import choose_config
+
+    choice = choose_config(fp, sizes, depth_plan, width, width_method, depth_method)
+    opts = Options(width_method, depth_method, 0, 0.0, keep_eps=choice.keep_eps)
+    _, rules, schedules, layer_info, reasons = growth_rules(p, sizes, depth_plan, opts, fp.counts)
+    if strict and reasons:
+        raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(reasons))
+    ck = Checkpoint(src, _names(fp.model))
+    items = _targets(fp, rules, ck, dtype)
+    target = meta_model(choice.config, fp.cls)
+    _check_target(target, items, fp.model)
+    layout = shard_layout(items, parse_size(max_shard_size))
+
+    def write(staging: Path) -> None:
+        bar = _bar(sum(it.nbytes for it in items.values()), progress)
+        try:
+            for filename, names in layout.files.items():
+                write_shard(staging / filename, [items[n] for n in names],
+                            lambda it: _make(it, rules, ck), bar.update)
+        finally:
+            bar.close()
+        layout.write_index(staging)
+        cfg = choice.config
+        cfg.dtype = dtype or _main_dtype(items)
+        cfg.save_pretrained(staging)
+        copy_side_files(src, staging)
+    write_atomically(out, write, force)
+    report = StreamReport(str(src), str(out), _params(fp.model), _params(target),
+                          sum(it.nbytes for it in items.values()), len(layout.files),
+                          time.perf_counter() - start, choice.changes, layer_info, reasons, choice.deviation)
+    if verify:
+        report.check = _verify(src, out, fp.cls, report)
+    return report
+
+
+@dataclass
+class Item:
+    """One target tensor: its name, shape and dtype, and where its values come from."""
+    name: str
+    rule_name: str
+    source: str
+    donor: str | None
+    shape: tuple
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * self.dtype.itemsize
+
+
+def _names(model) -> list:
+    return [n for n, _ in model.named_parameters(remove_duplicate=False)] + [
+        n for n, _ in model.named_buffers(remove_duplicate=False)]
+
+
+def _ties(model) -> dict:
+    """name -> every name of the same tensor (tied weights)."""
+    by_id = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        by_id.setdefault(id(t), []).append(n)
+    return {n: names for names in by_id.values() for n in names}
+
+
+def _targets(fp, rules: dict, ck: Checkpoint, dtype) -> dict:
+    """The tensors to write: each rule's output under the names the checkpoint stores it by (a tied head
+    absent from the checkpoint is not written; a non-persistent buffer the model recomputes is skipped)."""
+    ties, buffers, items = _ties(fp.model), {n for n, _ in fp.model.named_buffers()}, {}
+    known = set(ties)
+    for name, rule in rules.items():
+        stored = lambda n: next((m for m in ties.get(n, [n]) if ck.has(m)), None)
+        source = stored(rule.source)
+        if source is None:
+            if rule.source in buffers:
+                continue  # not saved: the model makes it from its config
+            raise CheckpointError(f"{ck.folder}: `{rule.source}` is not in the checkpoint (nor under a tied or "
+                                  f"prefixed name); the weights do not match {fp.cls.__name__}")
+        donor = rule.donor and stored(rule.donor)
+        old = ck.meta(source)
+        shape = rule.new_shape(old.shape)
+        out_dtype = dtype if dtype is not None and old.is_floating_point() else old.dtype
+        names = [name] if name not in known else [m for m in ties[name] if ck.has(m)]
+        for n in names:
+            items[n] = Item(n, name, source, donor, shape, out_dtype)
+    return items
+
+
+def _make(it: Item, rules: dict, ck: Checkpoint) -> torch.Tensor:
+    """The target tensor: the rule applied in float32 (exact copies and divisions), cast once."""
+    rule = rules[it.rule_name]
+    old = ck.read(it.source)
+    if not old.is_floating_point():
+        return rule.apply(old).to(it.dtype)
+    donor = ck.read(it.donor).float() if it.donor else None
+    return rule.apply(old.float(), donor).to(it.dtype)
+
+
+def _check_target(target, items: dict, source) -> None:
+    """The rebuilt class, on meta, holds exactly the tensors written with their shapes (tied and
+    non-persistent ones aside)."""
+    shapes = dict(_shapes(target))
+    check_shapes({n: it.shape for n, it in items.items()}, shapes, "the rebuilt config")
+    extra = sorted(set(items) - set(shapes))
+    if extra:
+        raise MaterializeError(f"the rebuilt {type(target).__name__} has no tensor `{extra[0]}` that growir grew; "
+                               f"nothing was written")
+    ties = _ties(target)
+    persistent = set(target.state_dict())
+    missing = sorted(n for n in persistent if not any(m in items for m in ties.get(n, [n])))
+    if missing:
+        raise MaterializeError(f"the rebuilt {type(target).__name__} needs `{missing[0]}`, which growir did not "
+                               f"produce; nothing was written")
+
+
+def _shapes(model):
+    return [(n, tuple(t.shape)) for n, t in
+            list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _params(model) -> int:
+    return sum(t.numel() for t in model.parameters())
+
+
+def _main_dtype(items: dict) -> torch.dtype:
+    sizes = {}
+    for it in items.values():
+        if it.dtype.is_floating_point:
+            sizes[it.dtype] = sizes.get(it.dtype, 0) + it.nbytes
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+def _bar(total: int, progress):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="growir grow", file=sys.stderr,
+                disable=None if progress is None else not progress, delay=0 if progress else 2, leave=False)
+
+
+def _verify(src: Path, out: Path, cls, report: StreamReport):
+    """Both models loaded and compared in ONNX Runtime (the block-by-block check is not built yet)."""
+    from .verify import check
+
+    source = cls.from_pretrained(src, dtype=torch.float32).eval()
+    grown = cls.from_pretrained(out, dtype=torch.float32).eval()
+    result = check(source, grown)
+    if report.exact and not result.preserved:
+        from .errors import PreservationError
+        raise PreservationError(f"ONNX Runtime says the streamed model does not preserve the function:\n{result}")
+    return result
