@@ -44,7 +44,10 @@ def load_config(folder):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json here; expected a folder written by save_pretrained")
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{folder}: cannot load the model: {first_sentence(error)}") from error
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None or not hasattr(cls, "from_pretrained"):
@@ -191,8 +194,12 @@ class Checkpoint:
         from safetensors import safe_open
 
         self.folder = Path(folder)
-        files = self._files()
-        self._open = {f: safe_open(str(self.folder / f), framework="pt") for f in files}
+        from safetensors import SafetensorError
+
+        try:
+            self._open = {f: safe_open(str(self.folder / f), framework="pt") for f in self._files()}
+        except (OSError, SafetensorError) as error:
+            raise CheckpointError(f"{self.folder}: cannot load the model: {first_sentence(error)}") from error
         self.where = {k: f for f, h in self._open.items() for k in h.keys()}
         self.key_of = _match_keys(set(self.where), set(names))
 
@@ -244,6 +251,12 @@ def _match_keys(keys: set, names: set) -> dict:
     if prefixes:
         out.update(max(prefixes.values(), key=len))
     return out
+
+
+def first_sentence(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    cut = text.find(". ")
+    return text[:cut + 1] if 0 < cut < 300 else text[:300]
 
 
 def check_shapes(expected: dict, built: dict, what: str) -> None:

@@ -2,11 +2,14 @@
 
     growir plan SRC
     growir grow SRC OUT --width 2 --depth 2 [--width-method fpi] [--depth-method auto] [--layers N]
+                        [--dtype bfloat16] [--max-shard-size 5GB] [--in-memory]
                         [--verify] [--strict] [--force] [--debug]
     growir check SRC GROWN
     growir export SRC OUT.onnx [--opset N] [--force]
 
-SRC is a model folder (config.json plus safetensors weights, sharded or not), loaded offline. Outputs are
+SRC is a model folder (config.json plus safetensors weights, sharded or not), loaded offline. ``plan`` needs
+only config.json. ``grow`` streams a safetensors folder tensor by tensor (``growir.grow_checkpoint``: the
+model is never loaded whole); ``--in-memory`` loads it and uses ``growir.grow`` instead. Outputs are
 written atomically: into a temporary folder or file beside OUT, moved into place at the end, so a failure
 leaves no OUT. Exit status: 0 on success (``check``: the function is preserved), 1 on failure (``check``: it
 is not), 2 on bad usage. Errors are one line on stderr; ``--debug`` shows the traceback instead.
@@ -21,15 +24,10 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model", "chat_template.jinja")
 
 
 class CliError(Exception):
@@ -103,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     plan = sub.add_parser("plan", parents=[common], help="show the width groups and blocks growir finds")
-    plan.add_argument("src", help="Hugging Face model folder")
+    plan.add_argument("src", help="Hugging Face model folder (config.json is enough)")
     plan.set_defaults(run=_run_plan)
 
     grow = sub.add_parser("grow", parents=[common], help="grow a model and save it to OUT")
@@ -114,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     grow.add_argument("--layers", type=_positive_int, help="target number of layers (instead of --depth)")
     grow.add_argument("--width-method", default="fpi", help="how new width is filled (default fpi)")
     grow.add_argument("--depth-method", default="auto", help="how new layers are made (default auto)")
+    grow.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                      help="dtype of the written weights (default: the source's)")
+    grow.add_argument("--max-shard-size", default="50GB", help="largest output shard (default 50GB, as "
+                                                               "save_pretrained)")
+    grow.add_argument("--in-memory", action="store_true", help="load the whole model instead of streaming")
     grow.add_argument("--verify", action="store_true", help="also compare source and grown in onnxruntime")
     grow.add_argument("--strict", action="store_true", help="refuse growths that cannot be exact")
     grow.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -179,6 +182,8 @@ def load_model(src: str):
     import safetensors
     import transformers
 
+    from .checkpoint import first_sentence
+
     transformers.utils.logging.disable_progress_bar()
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -188,7 +193,7 @@ def load_model(src: str):
             cls = transformers.AutoModel
         model, info = cls.from_pretrained(folder, config=config, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError, safetensors.SafetensorError) as error:
-        raise CliError(f"{src}: cannot load the model: {_first_sentence(error)}") from error
+        raise CliError(f"{src}: cannot load the model: {first_sentence(error)}") from error
     missing = sorted(info.get("missing_keys", ())) + sorted(str(k) for k in info.get("mismatched_keys", ()))
     if missing:
         raise CliError(f"{src}: the weights do not match {type(model).__name__}: {len(missing)} tensors missing or "
@@ -196,20 +201,14 @@ def load_model(src: str):
     return model.eval()
 
 
-def _first_sentence(error: Exception) -> str:
-    text = " ".join(str(error).split())
-    cut = text.find(". ")
-    return text[:cut + 1] if 0 < cut < 300 else text[:300]
-
-
 def _run_plan(args) -> int:
-    from .api import plan as make_plan  # not growir.plan: once growir/plan.py is imported, that is the module
+    from .checkpoint import plan_folder
 
-    with _Stages("plan", ["load", "trace"]) as stages:
-        with stages.stage("load"):
-            model = load_model(args.src)
-        with stages.stage("trace"):
-            plan = make_plan(model)
+    folder = Path(args.src)
+    if not (folder / "config.json").is_file():
+        raise CliError(f"{args.src}: no config.json here; expected a Hugging Face model folder")
+    with _Stages("plan", ["trace"]) as stages, stages.stage("trace"):
+        plan = plan_folder(folder)
     print(plan)
     return 0
 
@@ -220,6 +219,8 @@ def _run_grow(args) -> int:
     if out.resolve() == Path(args.src).resolve():
         raise CliError(f"{args.out}: OUT is the source folder; write the grown model somewhere else")
     depth = args.depth if args.layers is None else 1.0
+    if not args.in_memory and any(Path(args.src).glob("*.safetensors")):
+        return _stream(args, depth)
     with _Stages("grow", ["load", "grow", "save"]) as stages:
         with stages.stage("load"):
             model = load_model(args.src)
@@ -232,12 +233,16 @@ def _run_grow(args) -> int:
                          strict=args.strict, verify=args.verify)
         with stages.stage("save"):
             _write_folder(out, lambda staging: _save(grown, Path(args.src), staging), args.force)
+    _print_warnings(caught)
+    print(_grow_summary(args.src, out, model, grown))
+    return 0
+
+
+def _print_warnings(caught) -> None:
     for warning in caught:
         if str(warning.message).startswith("growir"):
             message = " ".join(str(warning.message).split()).removeprefix("growir: ")
             print(f"growir grow: warning: {message}", file=sys.stderr)
-    print(_grow_summary(args.src, out, model, grown))
-    return 0
 
 
 def _refuse_existing(out: Path, force: bool) -> None:
@@ -246,28 +251,40 @@ def _refuse_existing(out: Path, force: bool) -> None:
 
 
 def _save(grown, src: Path, staging: Path) -> None:
+    from .shards import copy_side_files
+
     grown.save_pretrained(staging)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, staging / name)
+    copy_side_files(src, staging)
 
 
 def _write_folder(out: Path, write, force: bool) -> None:
-    """``write(staging)`` into a temporary folder beside ``out``, then move it to ``out`` (replacing it if forced)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    from .shards import write_atomically
+
     try:
-        write(staging)
-        _refuse_existing(out, force)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already when the move succeeded
+        write_atomically(out, write, force)
+    except FileExistsError as error:
+        raise CliError(str(error)) from None
+
+
+def _stream(args, depth: float) -> int:
+    """``growir grow`` on a safetensors folder: disk to disk, one tensor at a time."""
+    import torch
+
+    import transformers
+
+    from .stream import grow_checkpoint
+
+    transformers.utils.logging.disable_progress_bar()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        report = grow_checkpoint(args.src, args.out, width=args.width, depth=depth, layers=args.layers,
+                                 width_method=args.width_method, depth_method=args.depth_method,
+                                 dtype=getattr(torch, args.dtype) if args.dtype else None,
+                                 max_shard_size=args.max_shard_size, strict=args.strict, force=args.force,
+                                 verify=args.verify)
+    _print_warnings(caught)
+    print(report)
+    return 0
 
 
 def _grow_summary(src: str, out: Path, model, grown) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .shards import copy_side_files, parse_size, shard_layout, write_atomically,
 
 @dataclass
 class StreamReport:
-    """What ``grow_checkpoint`` wrote; ``print(report)`` shows it."""
+    """What ``grow_checkpoint`` wrote; ``print(report)`` shows it like a growth record."""
     src: str
     out: str
     params_before: int
@@ -41,25 +42,25 @@ class StreamReport:
     shards: int
     seconds: float
     config_changes: dict
-    layers: dict
-    reasons: list = field(default_factory=list)
+    layers: dict  # block prefix -> (old count, new count, method)
+    reasons: list = field(default_factory=list)  # why the growth is not exact (empty: exact)
     deviation: float | None = None  # measured on the random-weight proxy (same widths, two blocks)
     check: object = None  # the ONNX Runtime report, with verify=True
+    plan: object = field(default=None, repr=False)
+    sizes: dict = field(default_factory=dict, repr=False)  # group id -> new size
 
     @property
     def exact(self) -> bool:
         return not self.reasons
 
     def __str__(self) -> str:
-        lines = [f"grew {self.src} -> {self.out}: {self.params_before:,} -> {self.params_after:,} parameters, "
-                 f"{self.bytes_written / 2**20:,.1f} MiB in {self.shards} shard(s), {self.seconds:.1f} s",
-                 f"config: {self.config_changes}"]
-        lines += [f"blocks `{k}`: {a} -> {b} ({m})" for k, (a, b, m) in self.layers.items() if a != b]
-        dev = "" if self.deviation is None else f" (measured on a two-block proxy: {self.deviation:.2g})"
-        lines.append(("exact" if self.exact else "not exact: " + "; ".join(self.reasons)) + dev)
+        from .report import record_table
+
+        lines = [f"grew {self.src} -> {self.out}: {self.bytes_written / 2**20:,.1f} MiB in {self.shards} "
+                 f"shard(s), {self.seconds:.1f} s", record_table(self) + " (on a two-block proxy)"]
         if self.check is not None:
             lines.append(f"onnxruntime check: {'preserved' if self.check.preserved else 'NOT preserved'}; "
-                         f"max abs error {self.check.max_abs_error:.2e}")
+                         f"max abs error {self.check.max_abs_error:.2e} over {len(self.check.samples)} samples")
         return "\n".join(lines)
 
 
@@ -107,12 +108,13 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
 
     choice = choose_config(fp, sizes, depth_plan, width, width_method, depth_method)
     opts = Options(width_method, depth_method, 0, 0.0, keep_eps=choice.keep_eps)
+    target = meta_model(choice.config, fp.cls)
+    sizes = {**sizes, **_config_sizes(p, target)}
     _, rules, schedules, layer_info, reasons = growth_rules(p, sizes, depth_plan, opts, fp.counts)
     if strict and reasons:
         raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(reasons))
     ck = Checkpoint(src, _names(fp.model))
     items = _targets(fp, rules, ck, dtype)
-    target = meta_model(choice.config, fp.cls)
     _check_target(target, items, fp.model)
     layout = shard_layout(items, parse_size(max_shard_size))
 
@@ -130,9 +132,13 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
         cfg.save_pretrained(staging)
         copy_side_files(src, staging)
     write_atomically(out, write, force)
+    if reasons:
+        warnings.warn(f"growir: the grown model is not function-preserving (measured deviation {choice.deviation:.3g} "
+                      f"on a two-block proxy): " + "; ".join(reasons), stacklevel=2)
     report = StreamReport(str(src), str(out), _params(fp.model), _params(target),
                           sum(it.nbytes for it in items.values()), len(layout.files),
-                          time.perf_counter() - start, choice.changes, layer_info, reasons, choice.deviation)
+                          time.perf_counter() - start, choice.changes, layer_info, reasons, choice.deviation,
+                          plan=p, sizes=sizes)
     if verify:
         report.check = _verify(src, out, fp.cls, report)
     return report
@@ -151,6 +157,18 @@ class Item:
     @property
     def nbytes(self) -> int:
         return _numel(self.shape) * self.dtype.itemsize
+
+
+def _config_sizes(p, target) -> dict:
+    """Output-only groups (a pooler) take the size the rebuilt config gives them, as in ``grow``."""
+    shapes, out = dict(_shapes(target)), {}
+    for g in p.groups:
+        if g.role is None and g.size and not g.pinned and g.producers and not g.consumers and g.in_output:
+            first = g.producers[0]
+            size = shapes.get(first.param, (None,) * (first.axis + 1))[first.axis]
+            if size is not None and size != g.size and all(shapes[q.param][q.axis] == size for q in g.producers):
+                out[g.id] = size
+    return out
 
 
 def _names(model) -> list:
