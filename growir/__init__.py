@@ -14,11 +14,12 @@ from .errors import (AnalysisError, GrowthError, MaterializeError, NotExactError
 
 __all__ = ["GrowthError", "SpecError", "TraceError", "UnsupportedOpError", "AnalysisError", "NotExactError",
            "MaterializeError", "PreservationError", "grow", "plan", "grow_with_optimizer", "check",
-           "export_onnx"]
+           "export_onnx", "grow_checkpoint"]
 
 
 from .api import grow, plan  # noqa: E402  (after the errors; binds `plan` over the submodule's name)
 from .optim import grow_with_optimizer  # noqa: E402
+from .stream import grow_checkpoint  # noqa: E402
 
 
 def __getattr__(name):  # lazy: ONNX tooling loads on first use

@@ -1,0 +1,141 @@
+"""Streaming a sharded bf16 checkpoint disk to disk, and planning from config.json alone.
+
+The streamed folder must equal the in-memory ``growir.grow`` of the same model tensor by tensor (rules in
+float32, one cast to bf16), reload with ``from_pretrained`` to the same outputs, and never appear half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import growir
+from growir import stream
+from growir.api import Options, growth_rules
+from growir.checkpoint import load_config, meta_model, plan_folder
+from growir.cli import main
+from growir.plan import resolve_width
+from zoo import randomize_norms
+
+BF16 = torch.bfloat16
+
+
+def llama_config(layers=2):
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True,
+                       architectures=["LlamaForCausalLM"])
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A tied 2-layer Llama in bf16, saved in several shards, with a tokenizer file to carry along."""
+    torch.manual_seed(0)
+    model = randomize_norms(LlamaForCausalLM(llama_config())).to(BF16).eval()
+    folder = tmp_path_factory.mktemp("src") / "llama"
+    model.save_pretrained(folder, max_shard_size="20KB")
+    (folder / "tokenizer.json").write_text("{}")
+    assert len(list(folder.glob("*.safetensors"))) > 2 and "lm_head.weight" not in _stored(folder)
+    return folder, model
+
+
+def _stored(folder) -> dict:
+    from safetensors.torch import load_file
+    out = {}
+    for f in folder.glob("*.safetensors"):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("spec", [dict(width=1.5), dict(width=2.0, depth=2.0), dict(width=2.0, width_method="aki")],
+                         ids=["x1.5-fill", "x2-depth2", "aki"])
+def test_streamed_equals_in_memory_and_reloads(sharded, tmp_path, spec):
+    folder, model = sharded
+    report = growir.grow_checkpoint(folder, tmp_path / "out", max_shard_size="40KB", **spec)
+    with pytest.warns(UserWarning) if spec.get("width_method") == "aki" else _nothing():
+        memory = growir.grow(model.float(), **spec)
+    model.to(BF16)
+    stored = _stored(tmp_path / "out")
+    expected = {k: v.to(BF16) for k, v in memory.state_dict().items() if k in stored}
+    assert set(stored) == set(expected) and "lm_head.weight" not in stored
+    for name, tensor in stored.items():
+        assert tensor.dtype == BF16 and torch.equal(tensor, expected[name]), name
+    assert report.exact == memory.growir_record.exact
+    assert len(json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]) == len(stored)
+    assert (tmp_path / "out" / "tokenizer.json").is_file() and os.listdir(tmp_path) == ["out"]
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "out").float().eval()
+    memory.load_state_dict({k: v.to(BF16).float() for k, v in memory.state_dict().items()})
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, memory.eval()(ids).logits)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_an_interrupted_stream_leaves_no_output(sharded, tmp_path, monkeypatch):
+    folder, _ = sharded
+    made = []
+    real = stream._make
+
+    def failing(*args):
+        if len(made) == 5:
+            raise RuntimeError("disk full")
+        made.append(1)
+        return real(*args)
+    monkeypatch.setattr(stream, "_make", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        growir.grow_checkpoint(folder, tmp_path / "out", width=2.0, max_shard_size="20KB")
+    assert os.listdir(tmp_path) == []
+
+
+def test_plan_from_config_alone(tmp_path, capsys):
+    llama_config(layers=6).save_pretrained(tmp_path)
+    assert os.listdir(tmp_path) == ["config.json"]
+    fp = plan_folder(tmp_path)
+    assert fp.counts == {"model.layers": 6} and fp.plan.blocks[0].count == 2
+    assert sorted({g.role for g in fp.plan.groups if g.role}) == ['ffn', 'head_dim', 'heads', 'hidden', 'kv_heads']
+    assert main(["plan", str(tmp_path)]) == 0
+    assert "blocks `model.layers`: 6 x pre-norm" in capsys.readouterr().out
+
+
+def _same_rule(a, b) -> bool:
+    same = lambda x, y: (x is None) == (y is None) and (x is None or torch.equal(x, y))
+    return (a.source, a.donor, a.scale, a.zero) == (b.source, b.donor, b.scale, b.zero) and all(
+        same(p.index, q.index) and same(p.divide, q.divide) and same(p.scale, q.scale) and p.fill == q.fill
+        and same(p.source, q.source) for p, q in zip(a.axes, b.axes)) and (
+        (a.donor_axis is None) == (b.donor_axis is None)
+        and (a.donor_axis is None or (a.donor_axis[0] == b.donor_axis[0]
+                                      and torch.equal(a.donor_axis[1], b.donor_axis[1]))))
+
+
+@pytest.mark.parametrize("method", ["fpi", "aki"])
+def test_meta_and_proxy_rules_equal_the_rules_built_with_weights(tmp_path, method):
+    """Rules of a 4-block model: from a two-block proxy on meta, expanded by index, and from the real model."""
+    llama_config(layers=4).save_pretrained(tmp_path)
+    fp = plan_folder(tmp_path)
+    depth_plan = [(fp.plan.blocks[0], 8)]
+    opts = Options(width_method=method, depth_method="identity")
+    _, proxy_rules, *_ = growth_rules(fp.plan, resolve_width(fp.plan, 2.0), depth_plan, opts, fp.counts)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning) if method == "aki" else _nothing():
+        grown = growir.grow(LlamaForCausalLM(llama_config(layers=4)), width=2.0, depth=2.0,
+                            width_method=method, depth_method="identity")
+    weighted = grown.growir_record.rules
+    assert set(proxy_rules) == set(weighted)
+    for name in weighted:
+        assert _same_rule(proxy_rules[name], weighted[name]), name
+
+
+def test_meta_model_is_built_without_memory(tmp_path):
+    llama_config(layers=3).save_pretrained(tmp_path)
+    model = meta_model(*load_config(tmp_path))
+    assert all(p.device.type == "meta" for p in model.parameters())
