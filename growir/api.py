@@ -18,6 +18,7 @@ from .passes.attention import compensate_head_dim, rewrite_scales, rotary_fills
 from .passes.exactness import compensate_tied, deviations
 from .passes.fill import FillPlan, adjust_norms, open_fill_columns, plan_fill, rewrite_eps
 from .passes.rescale import rescale_residuals
+from .passes.tensor_rule import rounding_reason
 from .passes.width import fpi_index, group_maps, random_index, tree_map, width_rules
 from .verify_torch import measure, output_maps
 
@@ -52,6 +53,7 @@ class GrowthRecord:
     rules: dict = field(default_factory=dict)  # state_dict name -> TensorRule that made it
     params_before: int = 0
     params_after: int = 0
+    rounding: str | None = None  # grown values the source's dtype could not hold exactly (a reason if measurable)
 
     @property
     def exact(self) -> bool:
@@ -126,6 +128,10 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     record.params_before = sum(t.numel() for t in model.parameters())
     record.params_after = sum(t.numel() for t in grown.parameters())
     record.deviation = measure(model, grown, p.captured, record.output_maps)
+    if record.rounding and record.deviation > TOLERANCE:  # rounding below the float32 tolerance is harmless
+        record.reasons.append(record.rounding)
+        if strict:
+            raise NotExactError("strict=True and this growth is not exact: " + record.rounding)
     grown.growir_record = record
     _judge(record, verify, model, grown)
     return grown
@@ -207,16 +213,17 @@ def _build(p: Plan, sizes: dict, depth_plan: list, opts: Options) -> _Built:
     """Index maps -> per-tensor rules -> grown tensors -> rewritten GraphModule."""
     from .materialize import build_graph_module
     w, rules, schedules, layer_info, reasons = growth_rules(p, sizes, depth_plan, opts)
-    source_state = _state(p)
-    state = {name: rule.apply(source_state[rule.source], source_state.get(rule.donor))
-             for name, rule in rules.items()}
+    source_state, state, rounded = _state(p), {}, []
+    for name, rule in rules.items():
+        state[name], lossy = rule.apply_checked(source_state[rule.source], source_state.get(rule.donor))
+        rounded += [name] if lossy else []
     gm = p.captured.gm
     params = set(dict(gm.named_parameters(remove_duplicate=False))) | (
         set(rules) - set(dict(gm.named_buffers(remove_duplicate=False))))
     grown = build_graph_module(gm, state, params, schedules, lambda g: [edit(g) for edit in w.graph_edits],
                                p.facts.aliases)
     record = GrowthRecord(p, dict(sizes), layer_info, reasons, output_maps=output_maps(p, w.maps), rules=rules,
-                          filled=w.filled)
+                          filled=w.filled, rounding=rounding_reason(rounded, state) if rounded else None)
     return _Built(record, state, grown, w.maps, w.eps_values)
 
 

@@ -5,6 +5,10 @@ same seeded inputs: several batch sizes and sequence lengths, with padding in th
 output (named by its pytree path: ``last_hidden_state``, ``logits``, ``output[0]``) is compared after
 mapping the source output into the grown coordinates (:func:`map_source_output`).
 
+Precision. Both models run in float32: bfloat16/float16 weights and inputs are upcast (exactly) into a float32
+twin of each model (:func:`growir.precision.float32_twin`), so a low-precision growth is judged by the float32
+standard; the models themselves are not modified.
+
 Tolerance. An output is preserved when, on every sample and element,
 
     |grown_i - source_i| <= atol * max(1, max_j |source_j|) + rtol * |source_i|
@@ -37,6 +41,7 @@ import torch.utils._pytree as pytree
 
 from .errors import TraceError
 from .inputs import Inputs, hf_example_inputs, is_hf_model, normalize_inputs
+from .precision import float32_twin, upcast_inputs
 from .onnx_export import SAMPLE_SHAPES, eval_mode, export_onnx, ort_session, run_session, to_onnx_program
 
 __all__ = ["check", "CheckReport", "OutputCheck", "map_source_output", "default_tolerance", "export_onnx"]
@@ -197,8 +202,9 @@ def check(source: torch.nn.Module, grown: torch.nn.Module, example_inputs=None, 
         raise ValueError(f"check(samples={samples}): need at least one sample")
     sample_inputs, dynamic = _sample_inputs(source, example_inputs, samples)
     with tempfile.TemporaryDirectory(prefix="growir-check-") as workdir:
-        src = _run_both(source, sample_inputs, dynamic, Path(workdir) / "source.onnx")
-        big = _run_both(grown, sample_inputs, dynamic, Path(workdir) / "grown.onnx")
+        upcast = upcast_inputs(sample_inputs)  # judged in float32: see growir.precision
+        src = _run_both(float32_twin(source), upcast, dynamic, Path(workdir) / "source.onnx")
+        big = _run_both(float32_twin(grown), upcast, dynamic, Path(workdir) / "grown.onnx")
     maps = _output_maps(grown)
     vocab = getattr(getattr(source, "config", None), "vocab_size", None)
     outputs, problems = [], []

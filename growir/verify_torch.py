@@ -1,6 +1,8 @@
 """The in-process preservation measurement ``grow`` runs on every result (PyTorch; ``growir.check`` does the
 same comparison in ONNX Runtime): outputs on the example inputs and on a second shape, source outputs
-mapped into the grown coordinates by the groups' index maps.
+mapped into the grown coordinates by the groups' index maps. Both models run in float32
+(:mod:`growir.precision`), one after the other, so a bfloat16 growth is judged by the float32 standard and
+only one float32 twin exists at a time.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .frontend import Captured
+from .precision import float32_twin, upcast_inputs
 
 
 def output_maps(plan, maps: dict) -> list:
@@ -44,23 +47,15 @@ def _inputs_at(captured: Captured, batch: int, seq: int):
 
 
 def measure(source, grown, captured: Captured, maps: list, quick: bool = False) -> float:
-    """max|Δ| / max(1, max|y|) over all outputs, at the example shape and (unless quick) one other shape."""
+    """max|Δ| / max(1, max|y|) over all outputs, at the example shape and (unless quick) one other shape,
+    both models run in float32."""
     from .verify import map_source_output
-    worst = 0.0
-    shapes = [None]
+    inputs = [(captured.args, captured.kwargs)]
     if not quick and any(isinstance(v, torch.Tensor) and v.dim() >= 2 and not v.is_floating_point()
-           for v in list(captured.kwargs.values()) + list(captured.args)):
-        shapes.append((3, 5))
-    for shape in shapes:
-        args, kwargs = (captured.args, captured.kwargs) if shape is None else _inputs_at(captured, *shape)
-        with torch.no_grad():
-            was_s, was_g = source.training, grown.training
-            source.eval(), grown.eval()
-            try:
-                ys = pytree.tree_leaves(source(*args, **kwargs))
-                yg = pytree.tree_leaves(grown(*args, **kwargs))
-            finally:
-                source.train(was_s), grown.train(was_g)
+                         for v in list(captured.kwargs.values()) + list(captured.args)):
+        inputs.append(_inputs_at(captured, 3, 5))
+    worst = 0.0
+    for ys, yg in zip(_outputs(source, inputs), _outputs(grown, inputs)):
         for i, (a, b) in enumerate(zip(ys, yg)):
             if not isinstance(a, torch.Tensor) or not a.is_floating_point():
                 continue
@@ -69,3 +64,11 @@ def measure(source, grown, captured: Captured, maps: list, quick: bool = False) 
             scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
             worst = max(worst, float((b[index] - expected).abs().max()) / scale if expected.numel() else 0.0)
     return worst
+
+
+def _outputs(model, inputs: list) -> list:
+    """The flat outputs of ``model``'s float32 twin on each (args, kwargs), in eval mode."""
+    from .onnx_export import eval_mode
+    twin = float32_twin(model)
+    with eval_mode(twin), torch.no_grad():
+        return [pytree.tree_leaves(twin(*args, **kwargs)) for args, kwargs in upcast_inputs(inputs)]

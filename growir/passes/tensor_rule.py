@@ -49,15 +49,42 @@ class TensorRule:
         return tuple(len(m.index) if m.index is not None else s for m, s in zip(self.axes, old_shape))
 
     def apply(self, old: torch.Tensor, donor: torch.Tensor | None = None) -> torch.Tensor:
-        new = self._mapped(old)
+        """The grown tensor, on ``old``'s device and in its dtype. Arithmetic runs in float32 (float64 stays
+        float64) and is cast once at the end, so a bfloat16 weight divided by its copy count is the
+        float32 quotient rounded once; integer tensors are only gathered.
+
+        >>> rule = TensorRule("w", [AxisMap(torch.tensor([0, 1, 0]), torch.tensor([2, 1]))])
+        >>> rule.apply(torch.tensor([1.0, 3.0], dtype=torch.bfloat16))
+        tensor([0.5000, 3.0000, 0.5000], dtype=torch.bfloat16)
+        """
+        return self.apply_checked(old, donor)[0]
+
+    def apply_checked(self, old: torch.Tensor, donor: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """``apply`` and whether casting back to ``old.dtype`` rounded a value: then the grown tensor is the
+        exact one only up to that rounding (a bfloat16 weight divided by 3, say), and so is the growth."""
+        compute = _compute_dtype(old) if self.arithmetic else old.dtype
+        wide = self._mapped(old.detach().to(compute))
         if self.donor_axis is not None and donor is not None:
             axis, mask = self.donor_axis
-            index = [slice(None)] * new.dim()
-            index[axis] = mask
-            new[tuple(index)] = self._mapped(donor)[tuple(index)]
-        if self.noise is not None:
-            new = new + self._cancelling_noise(new)
-        return new
+            shape = [1] * wide.dim()
+            shape[axis] = -1
+            taken = self._mapped(donor.detach().to(compute))
+            wide = torch.where(mask.to(wide.device).reshape(shape), taken, wide)
+        if self.noise is not None and not wide.is_meta:
+            wide = wide + self._cancelling_noise(wide).to(wide.device)
+        if wide.data_ptr() == old.data_ptr() and not wide.is_meta:  # an unchanged tensor: never share storage
+            wide = wide.clone()
+        if not old.is_floating_point() or wide.dtype == old.dtype:
+            return wide.contiguous(), False
+        new = wide.to(old.dtype).contiguous()
+        return new, not new.is_meta and not torch.equal(new.to(wide.dtype), wide)
+
+    @property
+    def arithmetic(self) -> bool:
+        """Whether values are computed, not only gathered or zeroed (then they are computed in float32)."""
+        return (self.scale != 1.0 or self.noise is not None
+                or any(m.divide is not None or m.scale is not None or m.fill in ("mean", "geometric")
+                       for m in self.axes))
 
     def _cancelling_noise(self, new: torch.Tensor) -> torch.Tensor:
         """Noise on a consumer axis whose copies sum to zero: sum_k (W/c + e_k) x = W x when sum_k e_k = 0.
@@ -81,7 +108,7 @@ class TensorRule:
         return any(m.divide is not None and m.index is not None and len(m.index) > len(m.divide) for m in self.axes)
 
     def _mapped(self, old: torch.Tensor) -> torch.Tensor:
-        new = old.detach()
+        new, on = old, (lambda t: t.to(old.device))  # index tables live on the CPU: move them to the tensor
         for axis, m in enumerate(self.axes):
             mean = new.mean(axis, keepdim=True) if m.fill == "mean" else None
             index = m.index
@@ -89,26 +116,25 @@ class TensorRule:
                 index = torch.where(m.index >= 0, m.index, m.source)  # filled from an old entry, no history
             if index is not None:
                 geometric = _geometric(new, index, m) if m.fill == "geometric" else None
-                new = new.index_select(axis, index.clamp(min=0))
+                new = new.index_select(axis, on(index.clamp(min=0)))
             shape = [1] * new.dim()
             shape[axis] = -1
             if m.divide is not None:
                 counts = m.divide if index is None else m.divide[index.clamp(min=0)]
-                new = new / counts.to(new.dtype).reshape(shape)
+                new = new / on(counts).to(new.dtype).reshape(shape)
             if m.scale is not None:
                 factor = m.scale if index is None else m.scale[index.clamp(min=0)]
-                new = new * factor.to(new.dtype).reshape(shape)
+                new = new * on(factor).to(new.dtype).reshape(shape)
             if m.fill is not None:
-                where = [slice(None)] * new.dim()
-                where[axis] = index < 0
-                new[tuple(where)] = 0.0 if mean is None else mean.expand_as(new)[tuple(where)]
+                fill = new.new_zeros(()) if mean is None else mean.expand_as(new)
+                new = torch.where(on(index < 0).reshape(shape), fill, new)
                 if m.fill == "geometric" and geometric is not None:
-                    new = geometric
+                    new = geometric.to(new.device)
         if self.scale != 1.0:
             new = new * self.scale
         if self.zero:
             new = torch.zeros_like(new)
-        return new.clone().contiguous()
+        return new
 
     @property
     def changes(self) -> bool:
@@ -120,7 +146,7 @@ def _geometric(old: torch.Tensor, index: torch.Tensor, m: AxisMap) -> torch.Tens
     """A 1-D positive geometric sequence old[j] = a·r^j at new positions i: a·r^(i/k) for k = new/old, so that
     old entry j lands at k·j (``interleave_index``) and the entries between continue the sequence. None when
     ``old`` is not such a sequence (copies are used then)."""
-    if old.dim() != 1 or len(old) < 2 or not bool((old > 0).all()) or len(m.index) % len(old):
+    if old.is_meta or old.dim() != 1 or len(old) < 2 or not bool((old > 0).all()) or len(m.index) % len(old):
         return None
     logs = old.double().log()
     steps = logs[1:] - logs[:-1]
@@ -130,4 +156,17 @@ def _geometric(old: torch.Tensor, index: torch.Tensor, m: AxisMap) -> torch.Tens
     if not torch.equal(m.index[::k], torch.arange(len(old))):
         return None
     i = torch.arange(len(m.index), dtype=torch.float64)
-    return (logs[0] + steps.mean() * i / k).exp().to(old.dtype)
+    return (logs[0].cpu() + steps.mean().cpu() * i / k).exp().to(old.dtype)
+
+
+def rounding_reason(names: list, state: dict) -> str:
+    """Why a growth whose grown values had to be rounded into the source's dtype is not exact."""
+    dtypes = sorted({str(state[n].dtype).replace("torch.", "") for n in names})
+    return (f"{'/'.join(dtypes)} cannot hold the grown values of {len(names)} tensors exactly (e.g. `{names[0]}`: "
+            f"a division by a copy count, a scale or noise that is not exact in that dtype); they were computed "
+            f"in float32 and rounded once, and the deviation measured is that rounding")
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 for floating tensors, float64 kept; other dtypes are only gathered, in their own dtype."""
+    return (torch.float64 if t.dtype == torch.float64 else torch.float32) if t.is_floating_point() else t.dtype

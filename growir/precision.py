@@ -1,0 +1,73 @@
+"""Exactness is judged in float32: a bfloat16 or float16 model is measured through a float32 twin.
+
+Why not the model's own dtype: a wider bfloat16 matmul rounds differently from a narrower one, so two models
+with the same function differ by about bfloat16's epsilon (2^-8) in their outputs, and a tolerance that loose
+would also pass a real bug of that size. Upcasting is exact (every bfloat16/float16 value is a float32 value),
+so the twins compute, in float32, the functions the stored weights define; an exact growth then measures
+~1e-6 and a wrong weight shows at its own size.
+
+>>> import torch
+>>> net = torch.nn.Linear(4, 3).to(torch.bfloat16)
+>>> twin = float32_twin(net)
+>>> twin.weight.dtype, net.weight.dtype, bool((twin.weight == net.weight.float()).all())
+(torch.float32, torch.bfloat16, True)
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def needs_upcast(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds a bfloat16 or float16 parameter or buffer."""
+    return any(t.dtype in LOW_PRECISION for t in _tensors(model))
+
+
+def float32_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` itself if it holds no low-precision tensor, else a copy whose bfloat16/float16 parameters and
+    buffers are float32 (other tensors are shared, not copied: the twin is for measuring under no_grad).
+    A GraphModule's graph has the dtype it was traced in written into its casts (``x.to(bfloat16)``): the
+    twin's graph has those literals rewritten to float32, so the whole forward runs in float32.
+    The source is not modified; the extra memory is one float32 copy of its low-precision tensors."""
+    if not needs_upcast(model):
+        return model
+    memo = {}
+    for t in _tensors(model):
+        if id(t) not in memo:
+            wide = t.detach().float() if t.dtype in LOW_PRECISION else t
+            memo[id(t)] = torch.nn.Parameter(wide, requires_grad=False) if isinstance(t, torch.nn.Parameter) \
+                else wide
+    twin = copy.deepcopy(model, memo)
+    if isinstance(twin, fx.GraphModule):
+        _upcast_graph(twin)
+    return twin
+
+
+def upcast_inputs(inputs):
+    """``inputs`` (any pytree) with bfloat16/float16 tensors as float32; everything else as is."""
+    return pytree.tree_map(lambda v: v.float() if isinstance(v, torch.Tensor) and v.dtype in LOW_PRECISION
+                           else v, inputs)
+
+
+def _upcast_graph(gm: fx.GraphModule) -> None:
+    """Every low-precision dtype literal in the graph's calls (casts, factory ops) becomes float32."""
+    swap = lambda v: torch.float32 if isinstance(v, torch.dtype) and v in LOW_PRECISION else v
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        args, kwargs = fx.node.map_aggregate(node.args, swap), fx.node.map_aggregate(node.kwargs, swap)
+        if args != node.args or kwargs != node.kwargs:
+            node.args, node.kwargs, changed = args, kwargs, True
+    if changed:
+        gm.recompile()
+
+
+def _tensors(model: torch.nn.Module) -> list:
+    return [t for _, t in model.named_parameters(remove_duplicate=False)] + list(model.buffers())
