@@ -11,6 +11,7 @@ import torch
 
 from .errors import MaterializeError, NotExactError, PreservationError, SpecError
 from .frontend import capture
+from .materialize import release_weights
 from .plan import Plan, make_plan, resolve_width
 from .passes.depth import DEPTH_METHODS, depth_rules, schedule, target_layers
 from .passes.aki import aki_rules
@@ -46,7 +47,7 @@ class GrowthRecord:
     sizes: dict  # group id -> new size
     layers: dict = field(default_factory=dict)  # block prefix -> (old count, new count, method)
     reasons: list = field(default_factory=list)  # why the growth is not exact (empty: exact)
-    deviation: float | None = None  # measured max|Δ| / max(1, max|y|)
+    deviation: float | None = None  # measured max|Δ| / max(1, max|y|); None: not measured (meta device)
     output_maps: list = field(default_factory=list)  # per flat output, per axis: index map or None
     config_changes: dict = field(default_factory=dict)
     filled: dict = field(default_factory=dict)  # group label -> fill kind, where repeat-and-fill was used
@@ -128,12 +129,13 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     record.params_before = sum(t.numel() for t in model.parameters())
     record.params_after = sum(t.numel() for t in grown.parameters())
     record.deviation = measure(model, grown, p.captured, record.output_maps)
-    if record.rounding and record.deviation > TOLERANCE:  # rounding below the float32 tolerance is harmless
+    if record.rounding and (record.deviation or 0.0) > TOLERANCE:  # rounding below the float32 tolerance is harmless
         record.reasons.append(record.rounding)
         if strict:
             raise NotExactError("strict=True and this growth is not exact: " + record.rounding)
     grown.growir_record = record
     _judge(record, verify, model, grown)
+    release_weights(p.captured.gm)  # the record keeps the graph, not the source's weights
     return grown
 
 
@@ -259,7 +261,7 @@ def _fit_config(model, p: Plan, sizes: dict, depth_plan, opts: Options, built: _
         candidate = _build(p, {**sizes, **extra}, depth_plan, opts) if extra else built
         grown = load_hf(model, cfg, _with_source_ties(model, candidate.state))
         deviation = measure(candidate.grown, grown, p.captured, [None] * len(p.facts.outputs), quick=True)
-        if deviation <= TOLERANCE:
+        if deviation is None or deviation <= TOLERANCE:  # None: a meta-device model, shapes only
             candidate.grown, candidate.record.config_changes = grown, changes
             return candidate
         tried.append(f"{changes} (differs from the rewritten graph by {deviation:.2g})")
@@ -283,6 +285,13 @@ def _head_pairs(p: Plan, maps: dict) -> dict:
 
 
 def _judge(record: GrowthRecord, verify: bool, model, grown) -> None:
+    if record.deviation is None:  # a meta-device model: the theorem's verdict only, said as such
+        if verify:
+            raise SpecError("verify=True needs weights, but the model is on the meta device: grow the real model")
+        if not record.exact:
+            warnings.warn("growir: the grown model is not function-preserving (not measured: meta device): "
+                          + "; ".join(record.reasons), stacklevel=3)
+        return
     if record.exact and record.deviation > TOLERANCE:
         raise PreservationError(f"this growth should be exact but its outputs moved by {record.deviation:.3g} "
                                 f"(relative to max(1, max|y|)); this is a growir bug: please report it with "

@@ -30,7 +30,8 @@ def hf_example_inputs(model: torch.nn.Module, batch: int = EXAMPLE_BATCH, seq: i
     Text models get random ``input_ids`` below ``vocab_size`` and an ``attention_mask`` in which every row
     but the first ends in padding (zeros); vision models get ``pixel_values`` of shape
     (batch, num_channels, image_size, image_size); encoder-decoders also get ``decoder_input_ids``; models
-    whose forward takes ``use_cache`` get ``use_cache=False`` (a cache is not a traceable output).
+    whose forward takes ``use_cache`` get ``use_cache=False`` (a cache is not a traceable output). The
+    tensors are drawn on the CPU (the same values everywhere) and put on the model's device.
 
     >>> from transformers import BertConfig, BertModel
     >>> m = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
@@ -54,7 +55,19 @@ def hf_example_inputs(model: torch.nn.Module, batch: int = EXAMPLE_BATCH, seq: i
         inputs["decoder_input_ids"] = _token_ids(config, batch, max(2, seq // 2), gen)
     if "use_cache" in _forward_parameters(model):
         inputs["use_cache"] = False
+    device = model_device(model)
+    if device.type != "meta":  # a meta model is traced with CPU inputs (tracing fakes them anyway)
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     return inputs
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s first parameter lives (the CPU for a model without parameters).
+
+    >>> model_device(torch.nn.Linear(2, 2).to("meta"))
+    device(type='meta')
+    """
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _vocab_size(config) -> int:

@@ -5,6 +5,7 @@ against the grown tensors before anything is loaded, and a mismatch loads nothin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 
@@ -33,11 +34,21 @@ def set_tensor(root: torch.nn.Module, dotted: str, value: torch.Tensor, as_param
         mod.register_buffer(leaf, value)
 
 
+def release_weights(gm: torch.nn.Module) -> None:
+    """Replace ``gm``'s tensors by meta tensors of the same shape and dtype (its graph stays readable), so a
+    growth record that keeps the traced graph does not keep the source's weights alive. The tensors are
+    swapped in ``gm``'s own modules: whoever else holds them (the source model) keeps them."""
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers()):
+        if not t.is_meta:
+            set_tensor(gm, name, t.detach().to("meta"), isinstance(t, torch.nn.Parameter))
+
+
 def build_graph_module(gm: fx.GraphModule, state: dict, params: set, schedules: list[Schedule],
                        rewrite=None, aliases: dict | None = None) -> fx.GraphModule:
     """A copy of ``gm`` holding the grown tensors, its size literals rewritten, blocks copied per schedule.
     Tied tensors (``aliases``: name -> the name the graph reads) stay one tensor."""
-    new = copy.deepcopy(gm)
+    shared = [t for _, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers())]
+    new = copy.deepcopy(gm, {id(t): t for t in shared})  # the graph and modules, not the weights it replaces
     if rewrite is not None:
         rewrite(new)
     aliases = aliases or {}
@@ -51,12 +62,21 @@ def build_graph_module(gm: fx.GraphModule, state: dict, params: set, schedules: 
         owner._parameters.pop(leaf, None)
         owner._buffers.pop(leaf, None)
         setattr(owner, leaf, target) if canonical in params else owner.register_buffer(leaf, target)
+    _unshare(new, shared)
     for sched in schedules:
         _copy_blocks(new, sched)
     new.graph.eliminate_dead_code()
     new.graph.lint()
     new.recompile()
     return new
+
+
+def _unshare(new: fx.GraphModule, shared: list) -> None:
+    """A source tensor no grown one replaced (none, normally) is copied: the grown model shares nothing."""
+    ids = {id(t) for t in shared}
+    for name, t in list(new.named_parameters(remove_duplicate=False)) + list(new.named_buffers()):
+        if id(t) in ids:
+            set_tensor(new, name, t.detach().clone(), isinstance(t, torch.nn.Parameter))
 
 
 def _copy_blocks(gm: fx.GraphModule, sched: Schedule) -> None:
@@ -206,20 +226,74 @@ def _first_mismatch(shapes, expected, required=frozenset()) -> str:
 
 
 def load_hf(model, cfg_dict: dict, state: dict):
-    """Instantiate the rebuilt class and load ``state`` into it, after checking every shape exactly."""
+    """Instantiate the rebuilt class and load ``state`` into it, after checking every shape exactly.
+
+    The parameters are built on the meta device and the grown tensors assigned (no random initialisation
+    to overwrite); buffers are built by the class itself, so non-persistent ones that no checkpoint holds
+    (rotary frequencies) are computed as usual, then follow the dtype of the source's same buffer.
+    """
     cfg = _config(model, cfg_dict)
     rebuilt = _shapes_of(model, cfg_dict)
     grown = {k: tuple(v.shape) for k, v in state.items() if k in (rebuilt or {})}
     if rebuilt is None or not _fits(rebuilt, grown) or set(rebuilt) - set(state):
         raise MaterializeError(f"the rebuilt {type(model).__name__} does not fit the grown tensors "
                                f"({_first_mismatch(rebuilt, grown)}); nothing was loaded")
-    dtype = next(model.parameters()).dtype
-    new = type(model)(cfg).to(dtype)
+    with _parameters_on_meta():
+        new = type(model)(cfg)
     own = new.state_dict()
     missing = sorted(set(own) - set(state))
     if missing:
         raise MaterializeError(f"the rebuilt {type(model).__name__} has tensors growir did not produce: "
                                f"{missing[:4]}; nothing was loaded")
-    new.load_state_dict({k: state[k] for k in own}, strict=True)
+    ties = _tie_groups(new)
+    new.load_state_dict({k: state[k] for k in own}, strict=True, assign=True)
+    _retie(new, ties)
+    _place_other_buffers(new, model, set(own), next(iter(state.values())).device)
     new.eval() if not model.training else new.train()
     return new
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside register their parameters on the meta device; buffers stay where they are made.
+    (As accelerate's ``init_empty_weights(include_buffers=False)``; not thread-safe while it runs.)"""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            kind = type(param)
+            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _tie_groups(model) -> list:
+    """Names that share one parameter (a tied head): load_state_dict(assign=True) would untie them."""
+    by_id = {}
+    for name, t in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(t), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _retie(model, groups: list) -> None:
+    for first, *rest in groups:
+        param = model.get_parameter(first)
+        for name in rest:
+            *path, leaf = name.split(".")
+            setattr(model.get_submodule(".".join(path)) if path else model, leaf, param)
+
+
+def _place_other_buffers(new, model, loaded: set, device) -> None:
+    """Buffers the state did not hold: on the grown tensors' device, in the dtype of the source's buffer."""
+    source = dict(model.named_buffers())
+    for name, buf in list(new.named_buffers()):
+        if name in loaded:
+            continue
+        dtype = source[name].dtype if name in source and buf.is_floating_point() else buf.dtype
+        *path, leaf = name.split(".")
+        owner = new.get_submodule(".".join(path)) if path else new
+        owner._buffers[leaf] = buf.to(device=device, dtype=dtype)

@@ -63,5 +63,7 @@ def record_table(rec) -> str:
     if rec.config_changes:
         lines.append("config: " + ", ".join(f"{k}={v}" for k, v in rec.config_changes.items()))
     verdict = "exact" if rec.exact else "not exact: " + "; ".join(rec.reasons)
-    lines.append(f"preservation: {verdict}; measured deviation {rec.deviation:.2e}")
+    measured = ("deviation not measured (meta device: shapes only)" if rec.deviation is None
+                else f"measured deviation {rec.deviation:.2e}")
+    lines.append(f"preservation: {verdict}; {measured}")
     return "\n".join(lines)

@@ -38,18 +38,20 @@ def _inputs_at(captured: Captured, batch: int, seq: int):
         if t.dim() >= 2 and not t.is_floating_point():
             shape[1] = seq
         if t.is_floating_point():
-            return torch.randn(shape, generator=gen, dtype=t.dtype)
+            return torch.randn(shape, generator=gen, dtype=t.dtype).to(t.device)
         if t.dtype == torch.bool or name == "attention_mask":
-            return torch.ones(shape, dtype=t.dtype)
+            return torch.ones(shape, dtype=t.dtype, device=t.device)
         hi = int(t.max()) + 1
-        return torch.randint(0, max(hi, 2), shape, generator=gen, dtype=t.dtype)
+        return torch.randint(0, max(hi, 2), shape, generator=gen, dtype=t.dtype).to(t.device)
     return tuple(resize(a) for a in captured.args), {k: resize(v, k) for k, v in captured.kwargs.items()}
 
 
-def measure(source, grown, captured: Captured, maps: list, quick: bool = False) -> float:
+def measure(source, grown, captured: Captured, maps: list, quick: bool = False) -> float | None:
     """max|Δ| / max(1, max|y|) over all outputs, at the example shape and (unless quick) one other shape,
-    both models run in float32."""
+    both models run in float32. None when either model is on the meta device (no values to measure)."""
     from .verify import map_source_output
+    if not measurable(source) or not measurable(grown):
+        return None
     inputs = [(captured.args, captured.kwargs)]
     if not quick and any(isinstance(v, torch.Tensor) and v.dim() >= 2 and not v.is_floating_point()
                          for v in list(captured.kwargs.values()) + list(captured.args)):
@@ -72,3 +74,8 @@ def _outputs(model, inputs: list) -> list:
     twin = float32_twin(model)
     with eval_mode(twin), torch.no_grad():
         return [pytree.tree_leaves(twin(*args, **kwargs)) for args, kwargs in upcast_inputs(inputs)]
+
+
+def measurable(model) -> bool:
+    """Whether ``model`` holds values: a meta-device model has shapes only."""
+    return not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
