@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: setup demo test test-long benchmark benchmark-quick
+.PHONY: setup demo test test-long benchmark benchmark-quick benchmark-speed
 
 setup: $(VENV)/.installed
 
@@ -33,3 +33,7 @@ benchmark: setup
 
 benchmark-quick: setup
 	$(PY) benchmarks/savings.py --quick
+
+# Grow speed and memory against from_config and a state-dict copy (minutes; see benchmarks/grow_speed.py).
+benchmark-speed: setup
+	OMP_NUM_THREADS=1 $(PY) benchmarks/grow_speed.py

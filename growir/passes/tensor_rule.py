@@ -119,19 +119,19 @@ class TensorRule:
                 new = new.index_select(axis, on(index.clamp(min=0)))
             shape = [1] * new.dim()
             shape[axis] = -1
-            if m.divide is not None:
-                counts = m.divide if index is None else m.divide[index.clamp(min=0)]
-                new = new / on(counts).to(new.dtype).reshape(shape)
+            if m.divide is not None:  # in place once ``new`` is no longer the source tensor itself
+                counts = on(m.divide if index is None else m.divide[index.clamp(min=0)]).to(new.dtype)
+                new = new.div_(counts.reshape(shape)) if new is not old else new / counts.reshape(shape)
             if m.scale is not None:
-                factor = m.scale if index is None else m.scale[index.clamp(min=0)]
-                new = new * on(factor).to(new.dtype).reshape(shape)
+                factor = on(m.scale if index is None else m.scale[index.clamp(min=0)]).to(new.dtype)
+                new = new.mul_(factor.reshape(shape)) if new is not old else new * factor.reshape(shape)
             if m.fill is not None:
                 fill = new.new_zeros(()) if mean is None else mean.expand_as(new)
                 new = torch.where(on(index < 0).reshape(shape), fill, new)
                 if m.fill == "geometric" and geometric is not None:
                     new = geometric.to(new.device)
         if self.scale != 1.0:
-            new = new * self.scale
+            new = new.mul_(self.scale) if new is not old else new * self.scale
         if self.zero:
             new = torch.zeros_like(new)
         return new

@@ -1,0 +1,169 @@
+"""How fast growir grows, against what a user would do instead. Not a test: it writes a table.
+
+    python benchmarks/grow_speed.py [--sections memory] [--sizes 30M,134M] [--dtype float32]
+
+Sections (``--sections`` picks some, comma-separated; results of sections not run are kept from the last run):
+  memory  in-memory ``growir.grow`` of Llama-shaped models at x2 width, against building the target with
+          ``from_config`` (random init) and against cloning the target's state dict (the copy floor), and the
+          extra peak RSS of the grow over the target's bytes.
+Each measurement runs in its own subprocess, so its peak RSS is its own (the kernel's high-water mark is
+reset once the source model is built). Writes ``benchmarks/results/grow_speed.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+# Llama-shaped sources (vocab 32000, untied head); grown x2 in width.
+SIZES = {
+    "30M": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6),
+    "134M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
+    "500M": dict(hidden_size=1280, intermediate_size=3456, num_hidden_layers=20, num_attention_heads=20),
+}
+GOALS = {"grow / from_config": 1.0, "extra peak / target bytes": 1.3}
+
+
+# --- measurements, each run in a child process -------------------------------------------------------------------
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM, the peak RSS
+        f.write("5")
+
+
+def _peak() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def _config(size: str, scale: int = 1):
+    import torch
+    from transformers import LlamaConfig
+    shape = {k: v * scale for k, v in SIZES[size].items() if k != "num_hidden_layers"}
+    cfg = LlamaConfig(**shape, num_hidden_layers=SIZES[size]["num_hidden_layers"],
+                      num_key_value_heads=shape["num_attention_heads"], vocab_size=32000)
+    return cfg
+
+
+def child_grow(size: str, dtype: str) -> dict:
+    import torch
+    import growir
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(_config(size)).to(getattr(torch, dtype))
+    base = _rss_now()
+    _reset_peak()
+    start = time.perf_counter()
+    grown = growir.grow(source, width=2.0)
+    seconds = time.perf_counter() - start
+    peak = _peak()
+    target_bytes = sum(t.numel() * t.element_size() for t in grown.state_dict().values())
+    return {"grow_s": seconds, "extra_peak_bytes": peak - base, "target_bytes": target_bytes,
+            "source_params": sum(p.numel() for p in source.parameters()),
+            "target_params": sum(p.numel() for p in grown.parameters()),
+            "exact": grown.growir_record.exact, "deviation": grown.growir_record.deviation}
+
+
+def child_from_config(size: str, dtype: str) -> dict:
+    """The alternatives: the target class built from its config (random init), and a copy of its weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+    cfg = _config(size, scale=2)
+    start = time.perf_counter()
+    target = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    from_config = time.perf_counter() - start
+    state = target.state_dict()
+    start = time.perf_counter()
+    copy = {k: v.clone() for k, v in state.items()}
+    clone = time.perf_counter() - start
+    return {"from_config_s": from_config, "clone_s": clone, "copied": len(copy)}
+
+
+CHILDREN = {"grow": child_grow, "from_config": child_from_config}
+
+
+def run_child(kind: str, *args) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    out = subprocess.run([sys.executable, __file__, "--child", kind, *args], capture_output=True, text=True,
+                         env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- sections ----------------------------------------------------------------------------------------------------
+def section_memory(args) -> dict:
+    rows = []
+    for size in args.sizes.split(","):
+        grow = run_child("grow", size, args.dtype)
+        alt = run_child("from_config", size, args.dtype)
+        rows.append({"size": size, "dtype": args.dtype, **grow, **alt,
+                     "grow / from_config": grow["grow_s"] / alt["from_config_s"],
+                     "grow / clone": grow["grow_s"] / alt["clone_s"],
+                     "extra peak / target bytes": grow["extra_peak_bytes"] / grow["target_bytes"]})
+        print(f"memory {size}: {rows[-1]['grow / from_config']:.2f}x from_config, "
+              f"{rows[-1]['extra peak / target bytes']:.2f}x target bytes", file=sys.stderr)
+    return {"rows": rows, "goals": GOALS}
+
+
+def markdown_memory(result: dict) -> list[str]:
+    lines = ["## In memory: `growir.grow(width=2.0)` of a Llama-shaped model", "",
+             "| source | dtype | params (source -> target) | grow s | from_config s | clone s | grow / from_config "
+             "| grow / clone | extra peak / target bytes | exact |", "|" + "---|" * 10]
+    for r in result["rows"]:
+        lines.append(f"| {r['size']} | {r['dtype']} | {r['source_params'] / 1e6:.0f}M -> {r['target_params'] / 1e6:.0f}M "
+                     f"| {r['grow_s']:.1f} | {r['from_config_s']:.1f} | {r['clone_s']:.2f} "
+                     f"| {r['grow / from_config']:.2f} | {r['grow / clone']:.1f} "
+                     f"| {r['extra peak / target bytes']:.2f} | {r['exact']} |")
+    lines += ["", "Goals: " + ", ".join(f"{k} <= {v}" for k, v in result["goals"].items()), ""]
+    return lines
+
+
+# Other sections (streaming, planning) register here: name -> (run, markdown).
+SECTIONS = {"memory": (section_memory, markdown_memory)}
+
+
+def write(results: dict, machine: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "grow_speed.json").write_text(json.dumps({"machine": machine, **results}, indent=1) + "\n")
+    lines = ["# grow_speed", "", f"Machine: {machine}. Written by `benchmarks/grow_speed.py`.", ""]
+    for name, (_, markdown) in SECTIONS.items():
+        if name in results:
+            lines += markdown(results[name])
+    (RESULTS / "grow_speed.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--sizes", default="30M,134M")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(CHILDREN[args.child[0]](*args.child[1:])))
+        return
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    old = RESULTS / "grow_speed.json"
+    results = json.loads(old.read_text()) if old.exists() else {}
+    results.pop("machine", None)
+    for name in args.sections.split(","):
+        results[name] = SECTIONS[name][0](args)
+    write(results, f"{os.cpu_count()} CPUs, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+
+
+if __name__ == "__main__":
+    main()
