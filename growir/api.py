@@ -248,8 +248,8 @@ def _fit_config(model, p: Plan, sizes: dict, depth_plan, opts: Options, built: _
     heads = _head_pairs(p, built.maps)
     tried = []
     required = set(dict(model.named_parameters(remove_duplicate=False))) | {
-        f"{b.prefix}.{i}.{sfx}" for b, n in depth_plan for i in range(n) for sfx in b.suffixes
-        if f"{b.paths[0]}.{sfx}" in dict(model.named_parameters(remove_duplicate=False))}
+        b.name(i, sfx) for b, n in depth_plan for i in range(n) for sfx in b.suffixes
+        if b.name(0, sfx) in dict(model.named_parameters(remove_duplicate=False))}
     sources = {b.count: schedule(b, n, opts.depth_method).sources for b, n in depth_plan}
     for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads, required, sources,
                                                   built.eps_values):

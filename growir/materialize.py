@@ -103,12 +103,12 @@ def _copy_blocks(gm: fx.GraphModule, sched: Schedule) -> None:
     for pos, src in enumerate(sched.sources):
         env = dict(latest)
         env[by_name[b.chain_in[src].name] if src else chain_in] = current
-        src_path, dst_path = b.paths[src] + ".", f"{b.prefix}.{pos}."
         for n in blocks[src]:
             for a in n.all_input_nodes:
-                if a.op == "get_attr" and a not in env and a.target.startswith(src_path):
+                suffix = b.suffix_of(src, a.target) if a.op == "get_attr" and a not in env else None
+                if suffix is not None:
                     with gm.graph.inserting_before(cursor):
-                        env[a] = gm.graph.get_attr(dst_path + a.target[len(src_path):])
+                        env[a] = gm.graph.get_attr(b.name(pos, suffix))
             with gm.graph.inserting_before(cursor):
                 copied = gm.graph.node_copy(n, lambda a: env.get(a, a))
             env[n] = copied

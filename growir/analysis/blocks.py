@@ -2,7 +2,10 @@
 
 A block list is a module container whose integer-indexed children have the same class, the same parameter
 shapes and the same sequence of aten ops, and that run one after another with each block's residual input
-being the previous block's output. Names decide nothing here; indices and the graph do.
+being the previous block's output. Blocks may also be stored as parallel lists (``ln1[i]``, ``attn[i]``,
+``mlp[i]``): block i is then the stretch of the graph from the first op of any list's i-th entry to the first
+op of the (i+1)-th entries, glue included, and the same tests apply. Names decide nothing here; indices and
+the graph do.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from .residual import stream_terms, zeroing_params
 from .walker import Facts, op_name
 
 CONTRACTIONS = {"aten.linear", "aten.addmm", "aten.mm", "aten.matmul", "aten.bmm", "aten.conv1d", "aten.conv2d",
-                "aten.einsum", "aten.baddbmm"}
+                "aten.einsum", "aten.baddbmm", "aten._grouped_mm", "transformers.grouped_mm_fallback"}
 
 
 @dataclass
@@ -32,10 +36,30 @@ class Blocks:
     chain_out: list = field(default_factory=list)  # per block: the node carrying the residual output
     pre_norm: bool = False
     writers: list = field(default_factory=list)  # parameter suffixes whose zeroing makes a block an identity
+    containers: list = field(default_factory=list)  # parallel lists (block i = their i-th entries); [] if nested
 
     @property
     def count(self) -> int:
         return len(self.paths)
+
+    def name(self, i: int, suffix: str) -> str:
+        """The state name of a block parameter in block ``i`` (old or new position).
+
+        >>> Blocks("h", ["h.0", "h.1"], [], ["ln.weight"]).name(3, "ln.weight")
+        'h.3.ln.weight'
+        >>> Blocks("ln1, mlp", ["ln1.0", "ln1.1"], [], [], containers=["ln1", "mlp"]).name(3, "mlp.{}.fc.weight")
+        'mlp.3.fc.weight'
+        """
+        return suffix.format(i) if self.containers else f"{self.prefix}.{i}.{suffix}"
+
+    def suffix_of(self, i: int, state: str) -> str | None:
+        """The suffix of ``state`` if it belongs to block ``i``, else None (the inverse of ``name``)."""
+        for c in self.containers or [self.prefix]:
+            head = f"{c}.{i}."
+            if state.startswith(head):
+                rest = state[len(head):]
+                return f"{c}.{{}}.{rest}" if self.containers else rest
+        return None
 
 
 def _stack_paths(node: fx.Node) -> list:
@@ -61,7 +85,6 @@ def find_blocks(gm: fx.GraphModule, facts: Facts) -> list[Blocks]:
     for n in gm.graph.nodes:
         for path in set(_stack_paths(n)):
             members[path].append(n)
-    state = {**{k: v for k, v in facts.params.items()}}
     found = []
     for prefix, kids in children.items():
         idx = sorted(kids)
@@ -70,19 +93,60 @@ def find_blocks(gm: fx.GraphModule, facts: Facts) -> list[Blocks]:
         if any(prefix.startswith(b.prefix + ".") for b in found):
             continue
         paths = [kids[i] for i in idx]
-        found.append(_describe(gm, facts, prefix, paths, [members[p] for p in paths], state))
+        found.append(_describe(gm, facts, prefix, [members[p] for p in paths], Blocks(prefix, paths, [], [])))
+    return _merge_parallel(gm, facts, found, members)
+
+
+def _merge_parallel(gm, facts, found: list, members: dict) -> list:
+    """Lists of equal length whose entries do not chain on their own: try them as one block list, block i
+    being the graph from the first op of their i-th entries up to the first op of their (i+1)-th."""
+    by_count = defaultdict(list)
+    for b in found:
+        if not b.homogeneous:
+            by_count[b.count].append(b)
+    for count, lists in by_count.items():
+        if len(lists) < 2:
+            continue
+        spans = _spans(gm, [[members[b.paths[i]] for b in lists] for i in range(count)])
+        if spans is None:
+            continue
+        names = [b.prefix for b in lists]
+        merged = Blocks(", ".join(names), [f"{names[0]}.{i}" for i in range(count)], [], [], containers=names)
+        merged = _describe(gm, facts, merged.prefix, spans, merged)
+        if merged.homogeneous:
+            found = [b for b in found if b not in lists] + [merged]
     return found
 
 
-def _param_suffixes(gm: fx.GraphModule, path: str) -> dict:
+def _spans(gm, entries: list) -> list | None:
+    """Per block, the nodes from its first entry op to the next block's (the last block: as many tensor ops
+    as the first); None where the entries of different blocks interleave."""
+    order = [n for n in gm.graph.nodes if n.op == "call_function"]
+    pos = {n: k for k, n in enumerate(order)}
+    ranges = [(min(pos[n] for ns in e for n in ns if n in pos), max(pos[n] for ns in e for n in ns if n in pos))
+              for e in entries]
+    starts = [r[0] for r in ranges] + [len(order)]
+    if any(ranges[i][1] >= starts[i + 1] for i in range(len(ranges))) or starts != sorted(starts):
+        return None
+    spans = [order[starts[i]:starts[i + 1]] for i in range(len(ranges) - 1)]
+    want, last = sum(map(_is_tensor, spans[0])), []
+    for n in order[starts[-2]:]:
+        if sum(map(_is_tensor, last)) == want:
+            break
+        last.append(n)
+    return spans + [last]
+
+
+def _param_suffixes(gm: fx.GraphModule, b: Blocks, i: int) -> dict:
     tensors = list(gm.named_parameters()) + list(gm.named_buffers())
-    return {name[len(path) + 1:]: tuple(p.shape) for name, p in tensors if name.startswith(path + ".")}
+    return {b.suffix_of(i, name): tuple(p.shape) for name, p in tensors if b.suffix_of(i, name) is not None}
 
 
-def _describe(gm, facts, prefix, paths, nodes, state) -> Blocks:
-    shapes = [_param_suffixes(gm, p) for p in paths]
+def _describe(gm, facts, prefix, nodes, b: Blocks) -> Blocks:
+    paths = b.paths
+    shapes = [_param_suffixes(gm, b, i) for i in range(len(paths))]
     sigs = [tuple(op_name(n) for n in ns if _is_tensor(n)) for ns in nodes]
-    b = Blocks(prefix, paths, nodes, sorted(shapes[0]))
+    b.nodes, b.suffixes = nodes, sorted(shapes[0])
     if any(s != shapes[0] for s in shapes):
         odd = next(i for i, s in enumerate(shapes) if s != shapes[0])
         extra = sorted(set(shapes[odd]) ^ set(shapes[0]))
@@ -153,38 +217,17 @@ def _at(tree, path):
     return tree
 
 
-def _is_contraction(n: fx.Node, facts: Facts) -> bool:
-    return n.op == "call_function" and op_name(n) in CONTRACTIONS and any(
-        isinstance(a, fx.Node) and a.name in facts.params for a in n.args)
-
-
 def _residual_structure(gm, facts, b: Blocks):
-    """(pre_norm, writer suffixes) of block 0: the residual path from input to output must hold no norm."""
-    inside = set(b.nodes[0])
-    norm_nodes = {name for name, _ in facts.norms} | {r.node for r in facts.reads if r.kind == "norm"}
-    forward, stack = set(), [b.chain_in[0]]
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u in inside and u not in forward and not _is_contraction(u, facts):
-                forward.add(u)
-                stack.append(u)
-    backward, stack, writers = set(), [b.chain_out[0]], set()
-    while stack:
-        n = stack.pop()
-        if n in backward:
-            continue
-        backward.add(n)
-        for a in n.all_input_nodes:
-            if a not in inside:
-                continue
-            if _is_contraction(a, facts):
-                writers.add(a)
-            else:
-                stack.append(a)
-    on_path = forward & backward
-    pre_norm = not any(n.name in norm_nodes for n in on_path)
-    path = b.paths[0] + "."
-    suffixes = sorted({facts.params[a.name][len(path):] for w in writers for a in w.all_input_nodes
-                       if a.name in facts.params and facts.params[a.name].startswith(path)})
-    return pre_norm, suffixes
+    """(identity-ready, writer suffixes) of block 0: the stream from input to output only adds terms, and
+    zeroing the writers zeroes every term (see ``residual.py``)."""
+    terms = stream_terms(b.chain_in[0], b.chain_out[0])
+    if terms is None:
+        return False, []
+    owns = lambda state: b.suffix_of(0, state) is not None
+    memo, writers = {}, set()
+    for t in terms:
+        z = zeroing_params(t, facts, owns, memo)
+        if z is None:
+            return False, []
+        writers |= z
+    return True, sorted(b.suffix_of(0, facts.params[w]) for w in writers)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from .routing_rules import ROUTING_RULES
 from .shape_rules import SHAPE_RULES
-from .walker import Walker
+from .walker import Walker, where
 
 
 def _tensors(args) -> list:
@@ -197,14 +198,16 @@ def embedding(w: Walker, node: fx.Node) -> None:
 
 
 def conv(w: Walker, node: fx.Node) -> None:
+    """Convolution: the input channels are contracted with the weight's axis 1; grouped and depthwise
+    convolutions see ``grouped_channels``. Kernel and spatial axes never grow."""
     xa, wa, out = w.ax(node.args[0]), w.ax(node.args[1]), w.out(node)
-    groups = node.args[-1] if isinstance(node.args[-1], int) else 1
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
     if groups == 1:
         w.eq(xa[1], wa[1], node)
         w.contract(node.args[0], xa[1], node.args[1], wa[1], node)
+        w.eq(wa[0], out[1], node)
     else:
-        w.pin(wa[0], f"the channels of the grouped convolution at `{node.name}`")
-    w.eq(wa[0], out[1], node)
+        grouped_channels(w, node, xa, wa, out, groups)
     w.eq(xa[0], out[0], node)
     for a in wa[2:] + out[2:]:
         w.pin(a, f"a spatial axis of the convolution at `{node.name}`")
@@ -327,7 +330,7 @@ RULES: dict = {f"aten.{name}": unary for name in UNARY}
 RULES.update({f"aten.{name}": elementwise for name in BINARY + ["pow"]})
 RULES.update({f"aten.{name}": reduction(kind) for name, kind in REDUCTIONS.items()})
 RULES.update({f"aten.{n}": along_dim("softmax") for n in ("softmax", "_softmax", "log_softmax", "_log_softmax")})
-RULES.update({f"aten.{n}": along_dim("cumsum") for n in ("cumsum", "cumprod", "flip", "roll")})
+RULES.update({f"aten.{n}": along_dim("cumsum") for n in ("cumsum", "cumprod")})
 RULES.update({f"aten.{n}": fresh_sized for n in ("zeros", "ones", "full", "empty", "rand", "randn", "arange",
                                                    "scalar_tensor", "tensor", "randint", "linspace")})
 RULES.update({f"aten.{n}": new_sized for n in ("new_zeros", "new_ones", "new_full", "new_empty")})
@@ -342,3 +345,43 @@ RULES.update({
     "aten.index_select": index_select, "aten.min": min_max, "aten.max": min_max,
 })
 RULES.update(SHAPE_RULES)
+
+# --- rules added for mixture-of-experts, routing and the ops issue #11 found missing ---------------------------
+
+
+def baddbmm(w: Walker, node: fx.Node) -> None:
+    """baddbmm(x, a, b) = beta * x + alpha * (a @ b), batched; x broadcasts to the product's shape."""
+    out = w.out(node)
+    matmul(w, node, node.args[1], node.args[2], out)
+    broadcast(w, node, [node.args[0]], out)
+
+
+def grouped_channels(w: Walker, node: fx.Node, xa: list, wa: list, out: list, groups: int) -> None:
+    """conv(groups=G): input channels = G x (in per group), output channels = G x (out per group), and group g's
+    outputs contract group g's inputs with the weight's axis 1. Depthwise (one input channel per group): the
+    groups *are* the channels, so the channel group grows and the ``groups`` literal with it (each channel is
+    filtered on its own, so copying channels copies outputs). Otherwise the group count is pinned and the
+    channels per group may grow."""
+    if w.size(wa[1]) == 1:  # depthwise: groups == input channels
+        w.eq(wa[0], out[1], node)
+        if w.size(out[1]) == w.size(xa[1]):
+            w.eq(xa[1], out[1], node)
+        else:  # a channel multiplier m: output channel c * m + j filters input channel c
+            mult = w.f.ag.fresh(w.size(out[1]) / w.size(xa[1]), f"channel multiplier at `{node.name}`")
+            w.pin(mult, f"the channel multiplier of the depthwise convolution at {where(node)}")
+            w.f.ag.set_structure(out[1], "prod", [xa[1], mult], where(node))
+        w.const(node, ("args", 6), xa[1])
+        w.produce(node.args[1])
+        w.pin(wa[1], f"the one input channel per group of the depthwise convolution at `{node.name}`")
+        return
+    g = w.f.ag.fresh(groups, f"the groups of the convolution at `{node.name}`")
+    w.pin(g, f"the group count of the grouped convolution at {where(node)} (its `groups` literal)")
+    w.f.ag.set_structure(xa[1], "prod", [g, wa[1]], where(node))
+    w.contract(node.args[0], xa[1], node.args[1], wa[1], node)
+    per_out = w.f.ag.fresh(w.size(wa[0]) / groups, f"output channels per group at `{node.name}`")
+    w.f.ag.set_structure(wa[0], "prod", [g, per_out], where(node))
+    w.eq(wa[0], out[1], node)
+
+
+RULES.update(ROUTING_RULES)
+RULES.update({"aten.baddbmm": baddbmm, "aten.detach_": unary})

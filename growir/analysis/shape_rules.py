@@ -49,7 +49,7 @@ def permute(w: Walker, node: fx.Node) -> None:
     name = node.target._overloadpacket.__name__
     if name == "permute":
         order = [d % len(x) for d in node.args[1]]
-    elif name == "t":
+    elif name in ("t", "numpy_T"):
         order = list(reversed(range(len(x))))
     else:  # transpose / swapaxes
         order = list(range(len(x)))
@@ -79,15 +79,16 @@ def repeat(w: Walker, node: fx.Node) -> None:
     for i, r in enumerate(reps):
         o = out[i]
         src = x[i - lead] if i >= lead else None
-        if src is None:
+        if src is None or (w.size(src) == 1 and w.size(o) != 1):  # a new axis, or one broadcast from 1
             w.f.expanded.add(o)
-        elif r == 1:
+        elif isinstance(r, int) and r == 1:
             w.eq(src, o, node)
-        else:
-            rep = w.f.ag.fresh(r, f"repeat at `{node.name}`")
+        else:  # r copies of src, r a literal or a symbolic size (position_ids.repeat(batch, 1))
+            rep = w.f.ag.fresh(w.size(o) / w.size(src), f"repeat at `{node.name}`")
             w.f.expanded.add(rep)
             w.f.ag.set_structure(o, "prod", [rep, src], where(node))
-            w.const(node, ("args", 1, i), rep)
+            if isinstance(r, int):
+                w.const(node, ("args", 1, i), rep)
 
 
 def repeat_interleave(w: Walker, node: fx.Node) -> None:
@@ -237,7 +238,7 @@ def pad(w: Walker, node: fx.Node) -> None:
 
 SHAPE_RULES = {f"aten.{n}": reshape for n in ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze",
                                                 "unsqueeze", "view_as", "reshape_as")}
-SHAPE_RULES.update({f"aten.{n}": permute for n in ("permute", "transpose", "t", "swapaxes")})
+SHAPE_RULES.update({f"aten.{n}": permute for n in ("permute", "transpose", "t", "numpy_T", "swapaxes")})
 SHAPE_RULES.update({f"aten.{n}": expand for n in ("expand", "expand_as", "broadcast_to")})
 SHAPE_RULES.update({"aten.repeat": repeat, "aten.repeat_interleave": repeat_interleave, "aten.select": select,
                     "aten.slice": slice_, "aten.narrow": narrow, "aten.cat": cat, "aten.concat": cat,

@@ -17,16 +17,16 @@ import torch.fx as fx
 from ..errors import UnsupportedOpError
 from .axes import AxisGraph
 
-LAYOUT_OPS = {"aten.to", "aten._to_copy", "aten.t", "aten.transpose", "aten.permute", "aten.contiguous",
+LAYOUT_OPS = {"aten.to", "aten._to_copy", "aten.t", "aten.numpy_T", "aten.transpose", "aten.permute", "aten.contiguous",
               "aten.alias", "aten.detach", "aten.clone", "aten.type_as", "aten.lift_fresh_copy",
               "aten.view", "aten.reshape", "aten._unsafe_view"}
 
 
 def op_name(node: fx.Node) -> str:
-    """'aten.linear' for aten.linear.default; the function name for Python callables."""
+    """'aten.linear' for aten.linear.default (namespace, then the op); the function name for Python callables."""
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
-        return f"aten.{target._overloadpacket.__name__}"
+        return f"{target.namespace}.{target._overloadpacket.__name__}"
     return getattr(target, "__name__", str(target))
 
 
@@ -183,12 +183,12 @@ class Walker:
         while operand.op != "get_attr":
             name = op_name(operand)
             src = operand.args[0]
-            if name in ("aten.t", "aten.transpose", "aten.permute"):
+            if name in ("aten.t", "aten.numpy_T", "aten.transpose", "aten.permute"):
                 n = len(self.ax(src))
                 order = list(range(n))
                 if name == "aten.permute":
                     order = [d % n for d in operand.args[1]]
-                elif name == "aten.t":
+                elif name in ("aten.t", "aten.numpy_T"):
                     order = order[::-1]
                 else:
                     a, b = operand.args[1] % n, operand.args[2] % n

@@ -41,11 +41,10 @@ def aki_rules(plan: Plan, maps: dict, rules: dict) -> int:
     for b in plan.blocks:
         if not b.homogeneous:
             continue
-        for level, path in enumerate(b.paths[:-1]):
-            prefix, upper = path + ".", b.paths[level + 1] + "."
+        for level in range(b.count - 1):
             for g in plan.groups:
                 axes = g.producers + g.consumers
-                if g.root not in maps or not axes or not all(pa.param.startswith(prefix) for pa in axes):
+                if g.root not in maps or not axes or any(b.suffix_of(level, pa.param) is None for pa in axes):
                     continue
                 for pa in axes:
                     tree = ag.expand(plan.facts.axes[nodes[pa.param]][pa.axis])
@@ -53,7 +52,7 @@ def aki_rules(plan: Plan, maps: dict, rules: dict) -> int:
                     rule = rules[pa.param]
                     if rule.donor_axis is not None:  # two of the block's groups on one tensor: join masks
                         mask = mask | rule.donor_axis[1] if rule.donor_axis[0] == pa.axis else mask
-                    rules[pa.param] = dataclasses.replace(rule, donor=upper + pa.param[len(prefix):],
+                    rules[pa.param] = dataclasses.replace(rule, donor=b.name(level + 1, b.suffix_of(level, pa.param)),
                                                           donor_axis=(pa.axis, mask))
                     changed += 1
     return changed

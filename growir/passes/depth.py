@@ -74,7 +74,7 @@ def depth_rules(sched: Schedule, width_rules: dict) -> dict:
         raise AnalysisError(f"cannot grow the depth of `{b.prefix}`: {b.why_not}")
     for pos, (src, fresh) in enumerate(zip(sched.sources, sched.fresh)):
         for suffix in b.suffixes:
-            old_name, new_name = f"{b.paths[src]}.{suffix}", f"{b.prefix}.{pos}.{suffix}"
+            old_name, new_name = b.name(src, suffix), b.name(pos, suffix)
             base = width_rules[old_name]
             zero = fresh and sched.method == "identity" and suffix in b.writers
             out[new_name] = dataclasses.replace(base, zero=zero, notes=list(base.notes))

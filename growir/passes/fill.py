@@ -121,13 +121,30 @@ def _feeds_contractions(node: fx.Node, facts) -> bool:
             seen.add(u)
             name = op_name(u) if u.op == "call_function" else u.op
             if u.op == "output" or (name in CONTRACTIONS and any(
-                    isinstance(a, fx.Node) and a.name in facts.params for a in u.args)):
+                    _param_operand(a, facts) for a in u.all_input_nodes)):
                 continue
-            if name in THROUGH:
+            if name in THROUGH or _gathers_rows(u):
                 stack.append(u)
             else:
                 return False
     return True
+
+
+def _param_operand(a: fx.Node, facts) -> bool:
+    """Whether ``a`` is a parameter, through layout ops (an expert weight is transposed before its matmul)."""
+    while a.op == "call_function" and op_name(a) in THROUGH:
+        a = a.args[0]
+    return a.name in facts.params
+
+
+def _gathers_rows(n: fx.Node) -> bool:
+    """An index on leading axes only (tokens routed to experts): the normalized last axis passes intact."""
+    if n.op != "call_function" or op_name(n) not in ("aten.index", "aten.index_select"):
+        return False
+    ndim = len(n.args[0].meta["val"].shape)
+    if op_name(n) == "aten.index":
+        return len(n.args[1]) < ndim
+    return n.args[1] % ndim != ndim - 1
 
 
 def plan_fill(plan: Plan, sizes: dict) -> FillPlan:
@@ -214,7 +231,7 @@ def reads_from(node: fx.Node, facts) -> fx.Node | None:
     """The activation a contraction reads, back through layout ops and multiplications by constants."""
     x = next((a for a in node.args if isinstance(a, fx.Node) and a.name not in facts.params), None)
     while isinstance(x, fx.Node) and x.op == "call_function" and (
-            op_name(x) in THROUGH or (op_name(x) in ("aten.mul", "aten.div") and not isinstance(x.args[1], fx.Node))):
+            op_name(x) in THROUGH or _gathers_rows(x) or (op_name(x) in ("aten.mul", "aten.div") and not isinstance(x.args[1], fx.Node))):
         x = x.args[0]
     return x
 
