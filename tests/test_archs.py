@@ -35,9 +35,12 @@ def moe_models() -> dict:
     }
 
 
-def make_moe(name: str) -> nn.Module:
+def make_moe(name: str, experts_implementation: str | None = None) -> nn.Module:
     torch.manual_seed(0)
-    return randomize_norms(moe_models()[name]().eval())
+    model = moe_models()[name]()
+    if experts_implementation is not None:
+        model.config._experts_implementation = experts_implementation
+    return randomize_norms(model.eval())
 
 
 def grow_quietly(model, **kw):
@@ -86,6 +89,15 @@ def test_moe_width_and_depth_identity_exact(name):
     (old, new, method), = grown.growir_record.layers.values()
     assert (old, new, method) == (2, 4, "identity")
     assert_same(source, grown, [ids(2, 9, 3)])
+
+
+def test_moe_experts_as_gathered_weights_and_as_a_loop():
+    """transformers' batched_mm experts gather per-token weights (``w[expert_ids]``): exact too; the eager loop
+    over the experts hit is data-dependent, which torch.export cannot trace: a TraceError says so."""
+    source = make_moe("mixtral", "batched_mm")
+    assert_same(source, grow_quietly(source, width=2.0, depth=2), [ids(2, 9, 5)])
+    with pytest.raises(growir.TraceError, match="data-dependent"):
+        growir.grow(make_moe("mixtral", "eager"), width=2.0)
 
 
 def test_moe_any_ratio_by_repeat_and_fill():
@@ -164,11 +176,13 @@ def test_depthwise_groups_literal_follows_the_channels():
 
 # --- depth: einsum/matmul residual writers, blocks as parallel lists ------------------------------------------
 class EinsumBlock(nn.Module):
-    """Pre-norm block whose projections are raw parameters used by einsum and matmul."""
+    """Pre-norm block whose projections are raw parameters used by einsum and matmul; with ``sandwich``, the
+    FFN's output passes a LayerNorm before it joins the stream (zeroing that norm's weight and bias zeroes it)."""
 
-    def __init__(self, d=32, heads=4):
+    def __init__(self, d=32, heads=4, sandwich=False):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.post = nn.LayerNorm(d) if sandwich else nn.Identity()
         self.wqkv = nn.Parameter(torch.randn(3, heads, d, d // heads) * 0.2)
         self.wo = nn.Parameter(torch.randn(heads, d // heads, d) * 0.2)
         self.w1, self.w2 = nn.Parameter(torch.randn(d, 2 * d) * 0.2), nn.Parameter(torch.randn(2 * d, d) * 0.2)
@@ -176,7 +190,7 @@ class EinsumBlock(nn.Module):
     def forward(self, x):
         q, k, v = torch.einsum("bsd,thde->tbhse", self.ln1(x), self.wqkv).unbind(0)
         x = x + torch.einsum("bhse,hed->bsd", F.scaled_dot_product_attention(q, k, v, is_causal=True), self.wo)
-        return x + torch.matmul(F.gelu(self.ln2(x) @ self.w1), self.w2)
+        return x + self.post(torch.matmul(F.gelu(self.ln2(x) @ self.w1), self.w2))
 
 
 class Attention(nn.Module):
@@ -194,9 +208,10 @@ class Attention(nn.Module):
 class Decoder(nn.Module):
     """Blocks either as one ModuleList of EinsumBlocks, or as parallel lists ln1[i], attn[i], ln2[i], mlp[i]."""
 
-    def __init__(self, parallel: bool, d=32, layers=2):
+    def __init__(self, parallel: bool, d=32, layers=2, sandwich=False):
         super().__init__()
-        self.emb, self.lnf, self.head, self.parallel = nn.Embedding(VOCAB, d), nn.LayerNorm(d), nn.Linear(d, VOCAB), parallel
+        self.emb, self.lnf, self.head = nn.Embedding(VOCAB, d), nn.LayerNorm(d), nn.Linear(d, VOCAB)
+        self.parallel = parallel
         if parallel:
             self.ln1 = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
             self.attn = nn.ModuleList(Attention(d) for _ in range(layers))
@@ -204,7 +219,7 @@ class Decoder(nn.Module):
             self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
                                      for _ in range(layers))
         else:
-            self.blocks = nn.ModuleList(EinsumBlock(d) for _ in range(layers))
+            self.blocks = nn.ModuleList(EinsumBlock(d, sandwich=sandwich) for _ in range(layers))
 
     def forward(self, ids):
         x = self.emb(ids)
@@ -217,11 +232,12 @@ class Decoder(nn.Module):
         return self.head(self.lnf(x))
 
 
-@pytest.mark.parametrize("parallel", [False, True], ids=["einsum_writers", "parallel_lists"])
-@pytest.mark.parametrize("width", [1.0, 1.5])
-def test_identity_depth_found_from_the_graph(parallel, width):
+@pytest.mark.parametrize("parallel, sandwich, width", [
+    (False, False, 1.0), (False, False, 1.5), (True, False, 1.0), (True, False, 1.5), (False, True, 2.0)],
+    ids=["einsum_writers", "einsum_writers_x1.5", "parallel_lists", "parallel_lists_x1.5", "sandwich_norm_x2"])
+def test_identity_depth_found_from_the_graph(parallel, sandwich, width):
     torch.manual_seed(0)
-    model = randomize_norms(Decoder(parallel).eval())
+    model = randomize_norms(Decoder(parallel, sandwich=sandwich).eval())
     x = torch.randint(0, VOCAB, (2, 7))
     grown = grow_quietly(model, example_inputs=(x,), width=width, depth=2)
     (old, new, method), = grown.growir_record.layers.values()

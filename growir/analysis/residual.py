@@ -6,7 +6,8 @@ zero once some of the block's parameters are zero. Whether a term can be zeroed 
 produced it, whatever that op is: a contraction with a parameter (linear, einsum, matmul, grouped matmul,
 convolution) is zero when its parameter operands are; an op linear in one operand (a reshape, an index, a
 sum, an RMS normalization ``x * rsqrt(mean(x^2) + eps)``) is zero when that operand is; a product when one
-factor is; a sum, a concatenation or a scatter when all its tensor operands are. Then ``x + 0 = x``: a new
+factor is; a sum, a concatenation or a scatter when all its tensor operands are; a LayerNorm inside the branch
+when its weight and bias are. Then ``x + 0 = x``: a new
 block with those *writers* zeroed preserves the function (pre-norm blocks; see docs/preservation.md).
 
 Example: in ``y = x + W2 relu(W1 ln(x))`` the stream is ``x -> add`` with one term, zeroed by ``W2`` and its bias.
@@ -118,6 +119,9 @@ def _zeroing(n: fx.Node, facts: Facts, owns, memo: dict) -> frozenset | None:
         return None if any(z is None for z in zs) else frozenset().union(*zs)
     if name == "aten.scaled_dot_product_attention":  # zero values give zero outputs
         return zeroing_params(n.args[2], facts, owns, memo)
+    if name in ("aten.layer_norm", "aten.native_layer_norm"):  # a norm inside the branch: zero weight and bias
+        affine = [zeroing_params(a, facts, owns, memo) for a in n.args[2:4] if isinstance(a, fx.Node)]
+        return frozenset().union(*affine) if len(affine) == 2 and None not in affine else None
     return None
 
 

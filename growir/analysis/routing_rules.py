@@ -85,13 +85,19 @@ def index_put(w: Walker, node: fx.Node) -> None:
     _trailing_eq(w, node, w.ax(node.args[2]), x[used[-1] + 1:] if used else x)
 
 
-def index_add(w: Walker, node: fx.Node) -> None:
-    """index_add(x, dim, index, source): source's axes are x's except ``dim``, which has the index's length."""
+def _updated_along(w: Walker, node: fx.Node) -> tuple[list, int]:
+    """For ops that write into x along ``dim`` (args 0 and 1): the output is x, and ``dim`` is read."""
     x, out = w.ax(node.args[0]), w.out(node)
     dim = node.args[1] % len(x)
     for a, o in zip(x, out):
         w.eq(a, o, node)
     w.read(x[dim], "index", node)
+    return x, dim
+
+
+def index_add(w: Walker, node: fx.Node) -> None:
+    """index_add(x, dim, index, source): source's axes are x's except ``dim``, which has the index's length."""
+    x, dim = _updated_along(w, node)
     src = w.ax(node.args[3])
     w.eq_except(x, src, dim, node)
     w.eq(w.ax(node.args[2])[0], src[dim], node)
@@ -99,11 +105,7 @@ def index_add(w: Walker, node: fx.Node) -> None:
 
 def scatter(w: Walker, node: fx.Node) -> None:
     """scatter(x, dim, index, src): index and src have one shape, at most x's on every axis but ``dim``."""
-    x, out = w.ax(node.args[0]), w.out(node)
-    dim = node.args[1] % len(x)
-    for a, o in zip(x, out):
-        w.eq(a, o, node)
-    w.read(x[dim], "index", node)
+    x, dim = _updated_along(w, node)
     idx = w.ax(node.args[2])
     src = w.ax(node.args[3]) if len(node.args) > 3 and isinstance(node.args[3], fx.Node) else []
     for i, a in enumerate(idx):

@@ -40,6 +40,14 @@ def module_of(node: fx.Node) -> tuple[str, str]:
     return path or "<top>", cls_name.rsplit(".", 1)[-1]
 
 
+def gathers_rows(node: fx.Node) -> bool:
+    """``x[idx]`` with one 1-d index: whole rows of x, every other axis kept in place."""
+    if op_name(node) != "aten.index" or len(node.args[1]) != 1 or not isinstance(node.args[1][0], fx.Node):
+        return False
+    idx = node.args[1][0].meta.get("val")
+    return idx is not None and idx.dim() == 1 and not idx.dtype == torch.bool
+
+
 def where(node: fx.Node) -> str:
     path, cls = module_of(node)
     return f"`{node.name}` ({op_name(node)}) in module `{path}`" + (f" ({cls})" if cls else "")
@@ -158,11 +166,12 @@ class Walker:
         self.f.consts.append(SizeConst(node.name, path, axis, kind))
 
     def param_of(self, arg) -> str | None:
-        """The state_dict name of the parameter an operand is, through layout-only ops; else None."""
+        """The state_dict name of the parameter an operand is, through layout-only ops and gathers of whole
+        rows (``weight[expert_ids]``: per-token expert weights); else None."""
         while isinstance(arg, fx.Node):
             if arg.op == "get_attr":
                 return self.f.params.get(arg.name)
-            if arg.op != "call_function" or op_name(arg) not in LAYOUT_OPS:
+            if arg.op != "call_function" or (op_name(arg) not in LAYOUT_OPS and not gathers_rows(arg)):
                 return None
             arg = arg.args[0]
         return None

@@ -231,7 +231,8 @@ def reads_from(node: fx.Node, facts) -> fx.Node | None:
     """The activation a contraction reads, back through layout ops and multiplications by constants."""
     x = next((a for a in node.args if isinstance(a, fx.Node) and a.name not in facts.params), None)
     while isinstance(x, fx.Node) and x.op == "call_function" and (
-            op_name(x) in THROUGH or _gathers_rows(x) or (op_name(x) in ("aten.mul", "aten.div") and not isinstance(x.args[1], fx.Node))):
+            op_name(x) in THROUGH or _gathers_rows(x)
+            or (op_name(x) in ("aten.mul", "aten.div") and not isinstance(x.args[1], fx.Node))):
         x = x.args[0]
     return x
 
