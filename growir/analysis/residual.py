@@ -107,15 +107,18 @@ def _zeroing(n: fx.Node, facts: Facts, owns, memo: dict) -> frozenset | None:
         return frozenset()
     if name in LINEAR_IN_FIRST:
         return zeroing_params(n.args[0], facts, owns, memo)
-    if name in PRODUCTS:  # any one factor (a parameter operand first: a contraction's writer)
-        operands = sorted(tensors, key=lambda a: _param_behind(a, facts) is None)
-        for a in operands:
+    if name in PRODUCTS:  # one factor zero (a parameter first: a contraction's writer), and any bias added
+        factors, added = _factors_and_bias(n, name)
+        biases = [zeroing_params(a, facts, owns, memo) for a in added]
+        if None in biases:
+            return None
+        for a in sorted(factors, key=lambda a: _param_behind(a, facts) is None):
             z = zeroing_params(a, facts, owns, memo)
             if z is not None:
-                return z | _biases(n, a, facts, owns)
+                return z.union(*biases)
         return None
     if name in SUMS:
-        zs = [zeroing_params(a, facts, owns, memo) for a in tensors if not _is_index(n, a)]
+        zs = [zeroing_params(a, facts, owns, memo) for a in tensors if not _is_index(a)]
         return None if any(z is None for z in zs) else frozenset().union(*zs)
     if name == "aten.scaled_dot_product_attention":  # zero values give zero outputs
         return zeroing_params(n.args[2], facts, owns, memo)
@@ -125,14 +128,17 @@ def _zeroing(n: fx.Node, facts: Facts, owns, memo: dict) -> frozenset | None:
     return None
 
 
-def _biases(n: fx.Node, factor: fx.Node, facts: Facts, owns) -> frozenset:
-    """Parameters added inside a contraction (a linear's or a convolution's bias) once ``factor`` is zero."""
-    out = set()
-    for a in n.all_input_nodes:
-        p = _param_behind(a, facts)
-        if a is not factor and p is not None and owns(facts.params[p]) and _param_behind(factor, facts) is not None:
-            out.add(p)
-    return frozenset(out)
+BIAS_AT = {"aten.linear": 2, "aten.conv1d": 2, "aten.conv2d": 2, "aten.conv3d": 2, "aten.addmm": 0, "aten.baddbmm": 0}
+
+
+def _factors_and_bias(n: fx.Node, name: str) -> tuple[list, list]:
+    """A product's float operands, split into factors and the bias it adds (``linear(x, W, b)``: [x, W], [b])."""
+    pos = BIAS_AT.get(name)
+    added = [n.args[pos]] if pos is not None and len(n.args) > pos else []
+    added += [n.kwargs.get("bias")]
+    added = [a for a in added if isinstance(a, fx.Node)]
+    factors = [a for a in n.all_input_nodes if _is_tensor(a) and not _is_index(a) and a not in added]
+    return factors, added
 
 
 def _param_behind(a: fx.Node, facts: Facts) -> str | None:
@@ -141,7 +147,7 @@ def _param_behind(a: fx.Node, facts: Facts) -> str | None:
     return a.name if isinstance(a, fx.Node) and a.name in facts.params else None
 
 
-def _is_index(n: fx.Node, a: fx.Node) -> bool:
+def _is_index(a: fx.Node) -> bool:
     """Integer operands (positions, masks of a where) are not data."""
     val = a.meta.get("val")
     return val is not None and not val.is_floating_point()
