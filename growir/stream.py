@@ -18,6 +18,7 @@ plus three times the largest target tensor in float32. The output appears atomic
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -81,9 +82,7 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
     >>> growir.grow_checkpoint(src, tempfile.mkdtemp() + "/big", width=2.0, depth=2.0).params_after > 0
     True
     """
-    from .api import PRESETS, Options, growth_rules
-    from .passes.depth import target_layers
-    from .plan import resolve_width
+    from .api import PRESETS
 
     start = time.perf_counter()
     src, out = Path(src_dir), Path(out_dir)
@@ -95,53 +94,79 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
         if method not in PRESETS:
             raise SpecError(f"unknown method {method!r}: the presets are {', '.join(PRESETS)}")
         width_method, depth_method = PRESETS[method]["width_method"], PRESETS[method]["depth_method"]
+    job = _prepare(src, width, depth, layers, width_method, depth_method, dtype, strict)
+    layout = shard_layout(job.items, parse_size(max_shard_size))
+    checked = []
+
+    def write(staging: Path) -> None:
+        _write(job, layout, staging, dtype, progress)
+        if verify:  # before the rename: a failed check leaves no OUT
+            checked.append(_verify(src, staging, job))
+    write_atomically(out, write, force)
+    if job.reasons:
+        warnings.warn(f"growir: the grown model is not function-preserving (measured deviation "
+                      f"{job.choice.deviation:.3g} on a two-block proxy): " + "; ".join(job.reasons), stacklevel=2)
+    return StreamReport(str(src), str(out), _params(job.fp.model), _params(job.target),
+                        sum(it.nbytes for it in job.items.values()), len(layout.files), time.perf_counter() - start,
+                        job.choice.changes, job.layer_info, job.reasons, job.choice.deviation,
+                        checked[0] if checked else None, plan=job.fp.plan, sizes=job.sizes)
+
+
+@dataclass
+class _Job:
+    fp: object
+    choice: object
+    target: torch.nn.Module  # the grown model, on the meta device
+    sizes: dict
+    rules: dict
+    items: dict  # target name -> Item
+    ck: Checkpoint
+    layer_info: dict
+    reasons: list
+
+
+def _prepare(src: Path, width, depth, layers, width_method, depth_method, dtype, strict) -> _Job:
+    """Plan (meta, proxy), config (random-weight proxy), rules, and every target tensor's shape: no weights."""
+    from .api import Options, growth_rules
+    from .passes.depth import target_layers
+    from .plan import resolve_width
+    from .proxy import choose_config
+
     # a random draw per group depends on how many groups there are: plan the full model then
     fp = plan_folder(src, proxy=width_method != "fpi_random")
     p = fp.plan
     sizes = resolve_width(p, width)
-    if (layers is not None or float(depth) != 1.0) and not p.blocks:
-        raise SpecError("depth growth asked for, but growir found no repeated blocks in the model")
     wants_depth = layers is not None or float(depth) != 1.0
+    if wants_depth and not p.blocks:
+        raise SpecError("depth growth asked for, but growir found no repeated blocks in the model")
     depth_plan = [(b, target_layers(fp.counts.get(b.prefix, b.count), depth, layers))
                   for b in (p.blocks if wants_depth else [])]
-    from .proxy import choose_config
-
     choice = choose_config(fp, sizes, depth_plan, width, width_method, depth_method)
-    opts = Options(width_method, depth_method, 0, 0.0, keep_eps=choice.keep_eps)
     target = meta_model(choice.config, fp.cls)
     sizes = {**sizes, **_config_sizes(p, target)}
-    _, rules, schedules, layer_info, reasons = growth_rules(p, sizes, depth_plan, opts, fp.counts)
+    opts = Options(width_method, depth_method, 0, 0.0, keep_eps=choice.keep_eps)
+    _, rules, _, layer_info, reasons = growth_rules(p, sizes, depth_plan, opts, fp.counts)
     if strict and reasons:
         raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(reasons))
     ck = Checkpoint(src, _names(fp.model))
     items = _targets(fp, rules, ck, dtype)
-    _check_target(target, items, fp.model)
-    layout = shard_layout(items, parse_size(max_shard_size))
+    _check_target(target, items)
+    return _Job(fp, choice, target, sizes, rules, items, ck, layer_info, reasons)
 
-    def write(staging: Path) -> None:
-        bar = _bar(sum(it.nbytes for it in items.values()), progress)
-        try:
-            for filename, names in layout.files.items():
-                write_shard(staging / filename, [items[n] for n in names],
-                            lambda it: _make(it, rules, ck), bar.update)
-        finally:
-            bar.close()
-        layout.write_index(staging)
-        cfg = choice.config
-        cfg.dtype = dtype or _main_dtype(items)
-        cfg.save_pretrained(staging)
-        copy_side_files(src, staging)
-    write_atomically(out, write, force)
-    if reasons:
-        warnings.warn(f"growir: the grown model is not function-preserving (measured deviation {choice.deviation:.3g} "
-                      f"on a two-block proxy): " + "; ".join(reasons), stacklevel=2)
-    report = StreamReport(str(src), str(out), _params(fp.model), _params(target),
-                          sum(it.nbytes for it in items.values()), len(layout.files),
-                          time.perf_counter() - start, choice.changes, layer_info, reasons, choice.deviation,
-                          plan=p, sizes=sizes)
-    if verify:
-        report.check = _verify(src, out, fp.cls, report)
-    return report
+
+def _write(job: _Job, layout, staging: Path, dtype, progress) -> None:
+    bar = _bar(sum(it.nbytes for it in job.items.values()), progress)
+    try:
+        for filename, names in layout.files.items():
+            write_shard(staging / filename, [job.items[n] for n in names],
+                        lambda it: _make(it, job.rules, job.ck), bar.update)
+    finally:
+        bar.close()
+    layout.write_index(staging)
+    cfg = job.choice.config
+    cfg.dtype = dtype or _main_dtype(job.items)
+    cfg.save_pretrained(staging)
+    copy_side_files(job.ck.folder, staging)
 
 
 @dataclass
@@ -217,7 +242,7 @@ def _make(it: Item, rules: dict, ck: Checkpoint) -> torch.Tensor:
     return rule.apply(old.float(), donor).to(it.dtype)
 
 
-def _check_target(target, items: dict, source) -> None:
+def _check_target(target, items: dict) -> None:
     """The rebuilt class, on meta, holds exactly the tensors written with their shapes (tied and
     non-persistent ones aside)."""
     shapes = dict(_shapes(target))
@@ -265,14 +290,21 @@ def _bar(total: int, progress):
                 disable=None if progress is None else not progress, delay=0 if progress else 2, leave=False)
 
 
-def _verify(src: Path, out: Path, cls, report: StreamReport):
-    """Both models loaded and compared in ONNX Runtime (the block-by-block check is not built yet)."""
+def _verify(src: Path, grown_dir: Path, job: _Job):
+    """Both models loaded in float32 and compared in ONNX Runtime; refused when they would not fit in memory
+    (comparing them block by block, each block's tensors read from the shards, is not built yet)."""
+    from .errors import GrowthError, PreservationError
     from .verify import check
 
-    source = cls.from_pretrained(src, dtype=torch.float32).eval()
-    grown = cls.from_pretrained(out, dtype=torch.float32).eval()
+    need = 4 * (_params(job.fp.model) + _params(job.target)) * 3  # float32 twins, plus the export's copies
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if need > have:
+        raise GrowthError(f"verify=True loads both models in float32 (about {need / 2**30:.1f} GiB with the export) "
+                          f"but {have / 2**30:.1f} GiB are free; growir cannot yet verify block by block: run "
+                          f"without verify, or `growir check` on a machine with more memory")
+    source = job.fp.cls.from_pretrained(src, dtype=torch.float32).eval()
+    grown = job.fp.cls.from_pretrained(grown_dir, dtype=torch.float32).eval()
     result = check(source, grown)
-    if report.exact and not result.preserved:
-        from .errors import PreservationError
+    if not job.reasons and not result.preserved:
         raise PreservationError(f"ONNX Runtime says the streamed model does not preserve the function:\n{result}")
     return result

@@ -54,7 +54,9 @@ def _stored(folder) -> dict:
                          ids=["x1.5-fill", "x2-depth2", "aki"])
 def test_streamed_equals_in_memory_and_reloads(sharded, tmp_path, spec):
     folder, model = sharded
-    report = growir.grow_checkpoint(folder, tmp_path / "out", max_shard_size="40KB", **spec)
+    verify = spec.get("depth") == 2.0  # ONNX Runtime on both models, loaded in float32
+    report = growir.grow_checkpoint(folder, tmp_path / "out", max_shard_size="40KB", verify=verify, **spec)
+    assert (report.check is not None and report.check.preserved) == verify
     with pytest.warns(UserWarning) if spec.get("width_method") == "aki" else _nothing():
         memory = growir.grow(model.float(), **spec)
     model.to(BF16)
@@ -117,9 +119,9 @@ def _same_rule(a, b) -> bool:
                                       and torch.equal(a.donor_axis[1], b.donor_axis[1]))))
 
 
-@pytest.mark.parametrize("method", ["fpi", "aki"])
-def test_meta_and_proxy_rules_equal_the_rules_built_with_weights(tmp_path, method):
-    """Rules of a 4-block model: from a two-block proxy on meta, expanded by index, and from the real model."""
+def test_meta_and_proxy_rules_equal_the_rules_built_with_weights(tmp_path, method="aki"):
+    """Rules of a 4-block model: from a two-block proxy on meta, expanded by index (AKI: each block's donor is
+    the next block, the last has none), and from the real model."""
     llama_config(layers=4).save_pretrained(tmp_path)
     fp = plan_folder(tmp_path)
     depth_plan = [(fp.plan.blocks[0], 8)]
