@@ -131,7 +131,10 @@ def markdown_memory(result: dict) -> list[str]:
 
 
 # Other sections (streaming, planning) register here: name -> (run, markdown).
-SECTIONS = {"memory": (section_memory, markdown_memory)}
+sys.path.insert(0, str(HERE))
+from stream_speed import SECTIONS as STREAM_SECTIONS  # noqa: E402  (stream, plan: benchmarks/stream_speed.py)
+
+SECTIONS = {"memory": (section_memory, markdown_memory), **STREAM_SECTIONS}
 
 
 def write(results: dict, machine: str) -> None:
@@ -149,6 +152,7 @@ def main() -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--sizes", default="30M,134M")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quick", action="store_true", help="stream: a 4-block source instead of 16 blocks")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

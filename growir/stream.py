@@ -47,6 +47,7 @@ class StreamReport:
     reasons: list = field(default_factory=list)  # why the growth is not exact (empty: exact)
     deviation: float | None = None  # measured on the random-weight proxy (same widths, two blocks)
     check: object = None  # the ONNX Runtime report, with verify=True
+    prepare_seconds: float = 0.0  # planning, config choice and rules, before any weight is read
     plan: object = field(default=None, repr=False)
     sizes: dict = field(default_factory=dict, repr=False)  # group id -> new size
 
@@ -95,6 +96,7 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
             raise SpecError(f"unknown method {method!r}: the presets are {', '.join(PRESETS)}")
         width_method, depth_method = PRESETS[method]["width_method"], PRESETS[method]["depth_method"]
     job = _prepare(src, width, depth, layers, width_method, depth_method, dtype, strict)
+    prepared = time.perf_counter() - start
     layout = shard_layout(job.items, parse_size(max_shard_size))
     checked = []
 
@@ -105,11 +107,12 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
     write_atomically(out, write, force)
     if job.reasons:
         warnings.warn(f"growir: the grown model is not function-preserving (measured deviation "
-                      f"{job.choice.deviation:.3g} on a two-block proxy): " + "; ".join(job.reasons), stacklevel=2)
+                      f"{job.choice.deviation:.3g} on a float32 two-block proxy): " + "; ".join(job.reasons),
+                      stacklevel=2)
     return StreamReport(str(src), str(out), _params(job.fp.model), _params(job.target),
                         sum(it.nbytes for it in job.items.values()), len(layout.files), time.perf_counter() - start,
                         job.choice.changes, job.layer_info, job.reasons, job.choice.deviation,
-                        checked[0] if checked else None, plan=job.fp.plan, sizes=job.sizes)
+                        checked[0] if checked else None, prepared, plan=job.fp.plan, sizes=job.sizes)
 
 
 @dataclass
@@ -156,12 +159,15 @@ def _prepare(src: Path, width, depth, layers, width_method, depth_method, dtype,
 
 def _write(job: _Job, layout, staging: Path, dtype, progress) -> None:
     bar = _bar(sum(it.nbytes for it in job.items.values()), progress)
+    rounded = []
     try:
         for filename, names in layout.files.items():
             write_shard(staging / filename, [job.items[n] for n in names],
-                        lambda it: _make(it, job.rules, job.ck), bar.update)
+                        lambda it: _make(it, job.rules, job.ck, rounded), bar.update)
     finally:
         bar.close()
+    if rounded:
+        job.reasons.append(_rounding_reason(rounded, job.items))
     layout.write_index(staging)
     cfg = job.choice.config
     cfg.dtype = dtype or _main_dtype(job.items)
@@ -232,14 +238,26 @@ def _targets(fp, rules: dict, ck: Checkpoint, dtype) -> dict:
     return items
 
 
-def _make(it: Item, rules: dict, ck: Checkpoint) -> torch.Tensor:
-    """The target tensor: the rule applied in float32 (exact copies and divisions), cast once."""
+def _make(it: Item, rules: dict, ck: Checkpoint, rounded: list) -> torch.Tensor:
+    """The target tensor: the rule applied in float32 (exact copies and divisions), cast once. A cast that
+    changes a value (a bf16 weight divided by 3) is recorded in ``rounded``."""
     rule = rules[it.rule_name]
-    old = ck.read(it.source)
-    if not old.is_floating_point():
-        return rule.apply(old).to(it.dtype)
+    if not ck.meta(it.source).is_floating_point():
+        return rule.apply(ck.read(it.source)).to(it.dtype)
     donor = ck.read(it.donor).float() if it.donor else None
-    return rule.apply(old.float(), donor).to(it.dtype)
+    wide = rule.apply(ck.read(it.source).float(), donor)  # the bf16 original is dropped as soon as it is read
+    del donor
+    new = wide.to(it.dtype)
+    if new.dtype != wide.dtype and not torch.equal(new.to(wide.dtype), wide):
+        rounded.append(it.name)
+    return new
+
+
+def _rounding_reason(rounded: list, items: dict) -> str:
+    dtypes = sorted({str(items[n].dtype).removeprefix("torch.") for n in rounded})
+    return (f"the grown values of {len(rounded)} tensors (e.g. `{rounded[0]}`) are not representable in "
+            f"{', '.join(dtypes)} (a division by a copy count that is not a power of two, a rescaling): they were "
+            f"rounded once, so the growth is exact in float32 only; write --dtype float32 to keep it exact")
 
 
 def _check_target(target, items: dict) -> None:

@@ -1,0 +1,231 @@
+"""The ``stream`` and ``plan`` sections of ``benchmarks/grow_speed.py`` (not a timed test).
+
+    python benchmarks/grow_speed.py --sections stream,plan [--quick]
+
+Each measurement runs in a fresh subprocess (``python benchmarks/stream_speed.py --child JOB``), so its peak
+RSS is its own:
+- ``stream``: a synthesised sharded bf16 Llama checkpoint (~250M parameters) grown disk to disk by
+  ``growir.grow_checkpoint`` ×2 width (~0.9B) and ×2 width + ×2 depth (~1.6B): seconds, seconds over the I/O
+  floor (reading the source's bytes and writing the target's), peak RSS against the bound "imports + 3× the
+  largest target tensor in float32".
+- ``plan``: ``growir plan`` on folders holding only a 7B- and a 70B-shaped Llama ``config.json``: seconds and
+  peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GOALS = {"stream": "time <= 2x the I/O floor; peak RSS <= imports + 3x the largest target tensor (float32)",
+         "plan": "70B-shaped plan <= 10 s"}
+LLAMA_250M = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+                  num_key_value_heads=4, vocab_size=32000)
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000)
+LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                 num_key_value_heads=8, vocab_size=128256)
+
+
+# --- what runs inside the subprocesses ----------------------------------------------------------------------------
+def _child(job: dict) -> dict:
+    """One measured run in this (fresh) process; returns seconds and peak RSS."""
+    sys.path.insert(0, str(ROOT))
+    import growir  # noqa: F401  (imports are part of the baseline, not of the run)
+    from growir.checkpoint import plan_folder
+    import transformers  # noqa: F401
+
+    base = _rss_mib()
+    start = time.perf_counter()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime
+    extra = {}
+    if job["kind"] == "imports":
+        pass
+    elif job["kind"] == "plan":
+        fp = plan_folder(job["src"])
+        extra["groups"] = len(fp.plan.groups)
+    elif job["kind"] == "stream":
+        report = growir.grow_checkpoint(job["src"], job["out"], progress=False, **job["spec"])
+        extra.update(params_after=report.params_after, bytes_written=report.bytes_written, exact=report.exact,
+                     prepare_seconds=report.prepare_seconds)
+    elif job["kind"] == "floor":
+        extra["bytes"] = _io_floor(Path(job["src"]), Path(job["out"]), job["bytes"])
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": usage.ru_utime + usage.ru_stime - cpu,
+            "peak_rss_mib": _rss_mib(), "rss_after_imports_mib": base, **extra}
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _io_floor(src: Path, out: Path, nbytes: int) -> int:
+    """Read every source shard, write ``nbytes`` in 64 MiB chunks: what any disk-to-disk growth must do."""
+    chunk = 64 * 2**20
+    for f in sorted(src.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while fh.read(chunk):
+                pass
+    out.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(chunk)
+    with open(out / "floor.bin", "wb") as fh:
+        left = nbytes
+        while left > 0:
+            fh.write(block[:min(chunk, left)])
+            left -= chunk
+    return nbytes
+
+
+def run_child(job: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                               "TRANSFORMERS_VERBOSITY": "error"})
+    if proc.returncode:
+        raise RuntimeError(f"{job['kind']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- building the inputs ------------------------------------------------------------------------------------------
+def synth_checkpoint(folder: Path, shape: dict, shard: str = "200MB") -> int:
+    """A random bf16 LlamaForCausalLM saved in shards, built tensor by tensor (never as a whole model)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(ROOT))
+    from growir.shards import parse_size
+
+    config = LlamaConfig(**shape, architectures=["LlamaForCausalLM"], tie_word_embeddings=False, dtype="bfloat16")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    gen = torch.Generator().manual_seed(0)
+    shards, current, size, limit = [], {}, 0, parse_size(shard)
+    for name, p in model.state_dict().items():
+        t = (1 + 0.1 * torch.randn(p.shape, generator=gen)) if p.dim() == 1 else 0.02 * torch.randn(p.shape, generator=gen)
+        t = t.to(torch.bfloat16)
+        if current and size + t.numel() * 2 > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = t, size + t.numel() * 2
+    shards.append(current)
+    folder.mkdir(parents=True)
+    weight_map = {}
+    for i, part in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(part, folder / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    total = sum(t.numel() * 2 for part in shards for t in part.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
+    config.save_pretrained(folder)
+    return sum(t.numel() for part in shards for t in part.values())
+
+
+# --- sections -----------------------------------------------------------------------------------------------------
+def section_stream(work: Path, quick: bool) -> list:
+    shape = dict(LLAMA_250M, num_hidden_layers=4) if quick else LLAMA_250M
+    src = work / "src"
+    params = synth_checkpoint(src, shape)
+    imports = run_child({"kind": "imports"})
+    rows = []
+    for label, spec in (("x2 width", dict(width=2.0)), ("x2 width + x2 depth", dict(width=2.0, depth=2.0))):
+        out = work / "out"
+        run = run_child({"kind": "stream", "src": str(src), "out": str(out), "spec": spec})
+        largest = max(_largest_f32(out), 0)
+        shutil.rmtree(out)
+        floor = run_child({"kind": "floor", "src": str(src), "out": str(work / "floor"),
+                           "bytes": run["bytes_written"]})
+        shutil.rmtree(work / "floor")
+        bound = imports["peak_rss_mib"] + 3 * largest / 2**20
+        rows.append({"case": f"Llama {params / 1e6:.0f}M bf16 {label}", "params_before": params,
+                     "params_after": run["params_after"], "seconds": round(run["seconds"], 2),
+                     "prepare_seconds": round(run["prepare_seconds"], 2), "cpu_seconds": round(run["cpu_seconds"], 2),
+                     "io_floor_cpu_seconds": round(floor["cpu_seconds"], 2),
+                     "io_floor_seconds": round(floor["seconds"], 2),
+                     "time_over_floor": round(run["seconds"] / floor["seconds"], 2),
+                     "peak_rss_mib": round(run["peak_rss_mib"]), "imports_rss_mib": round(imports["peak_rss_mib"]),
+                     "bound_mib": round(bound), "within_bound": run["peak_rss_mib"] <= bound,
+                     "exact": run["exact"]})
+    return rows
+
+
+def _largest_f32(folder: Path) -> int:
+    from safetensors import safe_open
+
+    largest = 0
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                n = 1
+                for s in h.get_slice(k).get_shape():
+                    n *= s
+                largest = max(largest, 4 * n)
+    return largest
+
+
+def section_plan(work: Path, quick: bool) -> list:
+    from transformers import LlamaConfig
+
+    rows = []
+    for label, shape in (("7B-shaped Llama", LLAMA_7B), ("70B-shaped Llama", LLAMA_70B)):
+        folder = work / label.split("-")[0]
+        LlamaConfig(**shape, architectures=["LlamaForCausalLM"]).save_pretrained(folder)
+        run = run_child({"kind": "plan", "src": str(folder)})
+        rows.append({"case": f"{label} ({shape['num_hidden_layers']} blocks), config.json only",
+                     "seconds": round(run["seconds"], 2), "cpu_seconds": round(run["cpu_seconds"], 2),
+                     "peak_rss_mib": round(run["peak_rss_mib"]),
+                     "imports_rss_mib": round(run["rss_after_imports_mib"]), "groups": run["groups"]})
+    return rows
+
+
+def markdown_stream(result: dict) -> list:
+    lines = ["## Streaming: `growir grow SRC OUT` on a sharded bf16 Llama folder", "",
+             "| case | params (source -> target) | seconds (plan + config + rules) | CPU s | I/O floor s (CPU s) "
+             "| time / floor | peak RSS MiB | imports MiB | bound MiB | within bound | exact |", "|" + "---|" * 11]
+    for r in result["rows"]:
+        lines.append(f"| {r['case']} | {r['params_before'] / 1e6:.0f}M -> {r['params_after'] / 1e6:.0f}M "
+                     f"| {r['seconds']:.1f} ({r['prepare_seconds']:.1f}) | {r['cpu_seconds']:.1f} "
+                     f"| {r['io_floor_seconds']:.1f} ({r['io_floor_cpu_seconds']:.1f}) | {r['time_over_floor']:.2f} "
+                     f"| {r['peak_rss_mib']} | {r['imports_rss_mib']} | {r['bound_mib']} | {r['within_bound']} "
+                     f"| {r['exact']} |")
+    lines += ["", "Goal: " + GOALS["stream"] + ".", ""] + ([result["note"], ""] if result.get("note") else [])
+    return lines
+
+
+def markdown_plan(result: dict) -> list:
+    lines = ["## Planning from config.json alone (meta device, two-block proxy)", "",
+             "| case | seconds | CPU s | peak RSS MiB | imports MiB | groups |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['peak_rss_mib']} "
+              f"| {r['imports_rss_mib']} | {r['groups']} |"
+              for r in result["rows"]]
+    return lines + ["", "Goal: " + GOALS["plan"] + ".", ""]
+
+
+def _with_work_dir(section):
+    def run(args) -> dict:
+        work = Path(tempfile.mkdtemp(prefix="grow_speed_"))
+        try:
+            rows = section(work, getattr(args, "quick", False))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return {"rows": rows, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "load_average": os.getloadavg()[0]}
+    return run
+
+
+# name -> (run(args) -> result, markdown(result) -> lines), as grow_speed.SECTIONS
+SECTIONS = {"stream": (_with_work_dir(section_stream), markdown_stream),
+            "plan": (_with_work_dir(section_plan), markdown_plan)}
+
+
+if __name__ == "__main__":  # a child: one measured run
+    print(json.dumps(_child(json.loads(sys.argv[sys.argv.index("--child") + 1]))))
