@@ -1,11 +1,14 @@
 """How fast growir grows, against what a user would do instead. Not a test: it writes a table.
 
-    python benchmarks/grow_speed.py [--sections memory] [--sizes 30M,134M] [--dtype float32]
+    python benchmarks/grow_speed.py [--sections memory,stream,plan] [--sizes 30M,134M] [--dtype float32] [--quick]
 
 Sections (``--sections`` picks some, comma-separated; results of sections not run are kept from the last run):
   memory  in-memory ``growir.grow`` of Llama-shaped models at x2 width, against building the target with
           ``from_config`` (random init) and against cloning the target's state dict (the copy floor), and the
           extra peak RSS of the grow over the target's bytes.
+  stream  ``growir grow SRC OUT`` streaming a synthesised sharded bf16 Llama (~250M -> ~0.9B, ~1.6B) against the
+          I/O floor, peak RSS against "imports + 3x the largest target tensor" (``stream_speed.py``).
+  plan    ``growir plan`` on 7B- and 70B-shaped Llama folders holding only config.json (``stream_speed.py``).
 Each measurement runs in its own subprocess, so its peak RSS is its own (the kernel's high-water mark is
 reset once the source model is built). Writes ``benchmarks/results/grow_speed.{json,md}``.
 """

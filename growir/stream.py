@@ -29,6 +29,7 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointError, check_shapes, meta_model, plan_folder
 from .errors import MaterializeError, NotExactError, SpecError
+from .passes.tensor_rule import rounding_reason
 from .shards import copy_side_files, parse_size, shard_layout, write_atomically, write_shard
 
 
@@ -167,7 +168,8 @@ def _write(job: _Job, layout, staging: Path, dtype, progress) -> None:
     finally:
         bar.close()
     if rounded:
-        job.reasons.append(_rounding_reason(rounded, job.items))
+        job.reasons.append(rounding_reason(rounded, job.items) + " (on the proxy's float32 weights, it is "
+                           "not measured: --verify measures it; --dtype float32 avoids it)")
     layout.write_index(staging)
     cfg = job.choice.config
     cfg.dtype = dtype or _main_dtype(job.items)
@@ -251,13 +253,6 @@ def _make(it: Item, rules: dict, ck: Checkpoint, rounded: list) -> torch.Tensor:
     if new.dtype != wide.dtype and not torch.equal(new.to(wide.dtype), wide):
         rounded.append(it.name)
     return new
-
-
-def _rounding_reason(rounded: list, items: dict) -> str:
-    dtypes = sorted({str(items[n].dtype).removeprefix("torch.") for n in rounded})
-    return (f"the grown values of {len(rounded)} tensors (e.g. `{rounded[0]}`) are not representable in "
-            f"{', '.join(dtypes)} (a division by a copy count that is not a power of two, a rescaling): they were "
-            f"rounded once, so the growth is exact in float32 only; write --dtype float32 to keep it exact")
 
 
 def _check_target(target, items: dict) -> None:
