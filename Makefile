@@ -25,8 +25,10 @@ demo: setup
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --durations=15
 
+# the long hypothesis profile, and the README's slow blocks (`<!-- test: run slow -->`: the real MiniLM)
 test-long: setup
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_properties.py
+	GROWIR_DOCS=all $(PY) -m pytest tests/test_docs.py
 
 benchmark: setup
 	$(PY) benchmarks/savings.py

@@ -12,6 +12,8 @@
 from .errors import (AnalysisError, GrowthError, MaterializeError, NotExactError, PreservationError,
                      SpecError, TraceError, UnsupportedOpError)
 
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it
+
 __all__ = ["GrowthError", "SpecError", "TraceError", "UnsupportedOpError", "AnalysisError", "NotExactError",
            "MaterializeError", "PreservationError", "grow", "plan", "grow_with_optimizer", "check",
            "export_onnx", "grow_checkpoint"]

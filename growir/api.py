@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -55,6 +56,7 @@ class GrowthRecord:
     params_before: int = 0
     params_after: int = 0
     rounding: str | None = None  # grown values the source's dtype could not hold exactly (a reason if measurable)
+    seconds: float = 0.0  # wall time of the grow call: trace, rules, rebuild, measurement (and --verify)
 
     @property
     def exact(self) -> bool:
@@ -113,6 +115,7 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
         raise SpecError(f"unknown width_method {width_method!r}: choose one of {', '.join(WIDTH_METHODS)}")
     if depth_method not in DEPTH_METHODS:
         raise SpecError(f"unknown depth_method {depth_method!r}: choose one of {', '.join(DEPTH_METHODS)}")
+    started = time.perf_counter()
     p = plan(model, example_inputs)
     sizes = resolve_width(p, width)
     wants_depth = layers is not None or float(depth) != 1.0
@@ -136,6 +139,7 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     grown.growir_record = record
     _judge(record, verify, model, grown)
     release_weights(p.captured.gm)  # the record keeps the graph, not the source's weights
+    record.seconds = time.perf_counter() - started
     return grown
 
 

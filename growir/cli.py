@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import math
 import os
 import sys
 import warnings
 from pathlib import Path
 
+from .quiet import hf_quiet
 
 
 class CliError(Exception):
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as stop:  # --help, or a usage error already reported on one line
         return stop.code if isinstance(stop.code, int) else 0
-    _quiet_libraries(args.debug)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are read from folders, never downloaded
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -96,8 +96,11 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="growir", description="Grow a pretrained transformer into a larger one that computes "
                                                 "the same function.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"growir {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     plan = sub.add_parser("plan", parents=[common], help="show the width groups and blocks growir finds")
@@ -137,17 +140,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries(debug: bool) -> None:
-    """Our own progress bars and messages only: library logs and bars would break one-line errors."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if debug:
-        return
-    for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
 class _Stages:
     """A tqdm bar on stderr that advances one named stage at a time (hidden when stderr is not a terminal)."""
 
@@ -184,14 +176,15 @@ def load_model(src: str):
 
     from .checkpoint import first_sentence
 
-    transformers.utils.logging.disable_progress_bar()
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        if cls is None or not hasattr(cls, "from_pretrained"):
-            cls = transformers.AutoModel
-        model, info = cls.from_pretrained(folder, config=config, local_files_only=True, output_loading_info=True)
+        with hf_quiet():  # no "Loading weights" bar or info logs: the stage bar says what runs
+            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+            arch = (getattr(config, "architectures", None) or [None])[0]
+            cls = getattr(transformers, arch, None) if arch else None
+            if cls is None or not hasattr(cls, "from_pretrained"):
+                cls = transformers.AutoModel
+            model, info = cls.from_pretrained(folder, config=config, local_files_only=True,
+                                              output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError, safetensors.SafetensorError) as error:
         raise CliError(f"{src}: cannot load the model: {first_sentence(error)}") from error
     missing = sorted(info.get("missing_keys", ())) + sorted(str(k) for k in info.get("mismatched_keys", ()))
@@ -253,7 +246,8 @@ def _refuse_existing(out: Path, force: bool) -> None:
 def _save(grown, src: Path, staging: Path) -> None:
     from .shards import copy_side_files
 
-    grown.save_pretrained(staging)
+    with hf_quiet():  # no "Writing model shards" bar: the stage bar says what runs
+        grown.save_pretrained(staging)
     copy_side_files(src, staging)
 
 

@@ -9,6 +9,7 @@ from torch.export import Dim
 
 from .errors import TraceError
 from .inputs import example_inputs_for
+from .quiet import library_noise_off
 
 
 @dataclass
@@ -55,18 +56,24 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Captured:
     was_training = model.training
     model.eval()
     try:
-        ds_args, ds_kwargs = _dynamic_shapes(args, kwargs)
-        ds = None if (args and kwargs) else (ds_args if args else ds_kwargs)
-        try:
-            ep = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=ds, strict=False)
-        except Exception as first:  # noqa: BLE001 - retried with static shapes, then reported
-            try:
-                ep = torch.export.export(model, args, kwargs=kwargs, strict=False)
-            except Exception as exc:
-                raise TraceError(f"torch.export could not trace {type(model).__name__}: "
-                                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}. growir needs a model "
-                                 f"that torch.export.export(..., strict=False) accepts; check that the "
-                                 f"example inputs match forward()'s signature") from first
+        with library_noise_off():  # torch.export's own deprecation warnings are not the user's
+            gm = _export(model, args, kwargs).module()
     finally:
         model.train(was_training)
-    return Captured(ep.module(), args, kwargs, is_hf(model))
+    return Captured(gm, args, kwargs, is_hf(model))
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """``torch.export.export`` with dynamic batch and sequence axes, else static shapes, else a TraceError."""
+    ds_args, ds_kwargs = _dynamic_shapes(args, kwargs)
+    ds = None if (args and kwargs) else (ds_args if args else ds_kwargs)
+    try:
+        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=ds, strict=False)
+    except Exception as first:  # noqa: BLE001 - retried with static shapes, then reported
+        try:
+            return torch.export.export(model, args, kwargs=kwargs, strict=False)
+        except Exception as exc:
+            raise TraceError(f"torch.export could not trace {type(model).__name__}: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}. growir needs a model "
+                             f"that torch.export.export(..., strict=False) accepts; check that the "
+                             f"example inputs match forward()'s signature") from first

@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from .errors import MaterializeError
 from .passes.depth import Schedule
+from .quiet import library_noise_off
 
 
 # --- the rewritten GraphModule ----------------------------------------------------------------------------------
@@ -48,7 +49,8 @@ def build_graph_module(gm: fx.GraphModule, state: dict, params: set, schedules: 
     """A copy of ``gm`` holding the grown tensors, its size literals rewritten, blocks copied per schedule.
     Tied tensors (``aliases``: name -> the name the graph reads) stay one tensor."""
     shared = [t for _, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers())]
-    new = copy.deepcopy(gm, {id(t): t for t in shared})  # the graph and modules, not the weights it replaces
+    with library_noise_off():  # copying the GraphModule's pytree specs warns inside torch
+        new = copy.deepcopy(gm, {id(t): t for t in shared})  # the graph and modules, not the weights it replaces
     if rewrite is not None:
         rewrite(new)
     aliases = aliases or {}

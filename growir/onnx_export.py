@@ -25,6 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import TraceError
+from .quiet import library_noise_off
 
 from .inputs import EXAMPLE_BATCH, EXAMPLE_SEQ, Inputs, example_inputs_for, is_hf_model
 
@@ -80,7 +81,7 @@ def to_onnx_program(model: torch.nn.Module, inputs: Inputs, *, dynamic: bool = T
     dynamic_shapes = dynamic_shapes_for(inputs, HF_STATIC_AXES if is_hf_model(model) else None) if dynamic else None
     options = {"opset_version": opset} if opset is not None else {}
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), library_noise_off():
             return torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
                                      verbose=False, optimize=optimize, **options)
     except Exception as error:  # torch.export and the ONNX translator raise many types; keep the cause chained

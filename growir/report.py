@@ -59,7 +59,8 @@ def record_table(rec) -> str:
     lines = [_table(["role", "groups", "old", "new", "tensor axes"], table) if table else "no width change"]
     for prefix, (old, new, method) in rec.layers.items():
         lines.append(f"blocks `{prefix}`: {old} -> {new} ({method})")
-    lines.append(f"parameters: {rec.params_before:,} -> {rec.params_after:,}")
+    ratio = f" (x{rec.params_after / rec.params_before:.2f})" if rec.params_before else ""
+    lines.append(f"parameters: {rec.params_before:,} -> {rec.params_after:,}{ratio}; grown in {rec.seconds:.1f} s")
     if rec.config_changes:
         lines.append("config: " + ", ".join(f"{k}={v}" for k, v in rec.config_changes.items()))
     verdict = "exact" if rec.exact else "not exact: " + "; ".join(rec.reasons)
