@@ -1,6 +1,7 @@
 """growir's command line: plan, grow, check and export Hugging Face model folders.
 
     growir plan SRC
+    growir doctor SRC
     growir grow SRC OUT --width 2 --depth 2 [--width-method fpi] [--depth-method auto] [--layers N]
                         [--dtype bfloat16] [--max-shard-size 5GB] [--in-memory]
                         [--verify] [--strict] [--force] [--debug]
@@ -107,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("src", help="Hugging Face model folder (config.json is enough)")
     plan.set_defaults(run=_run_plan)
 
+    doctor = sub.add_parser("doctor", parents=[common], help="say in words what growir finds and what can grow "
+                                                             "exactly")
+    doctor.add_argument("src", help="Hugging Face model folder")
+    doctor.set_defaults(run=_run_doctor)
+
     grow = sub.add_parser("grow", parents=[common], help="grow a model and save it to OUT")
     grow.add_argument("src", help="Hugging Face model folder")
     grow.add_argument("out", help="folder to write (must not exist unless --force)")
@@ -203,6 +209,19 @@ def _run_plan(args) -> int:
     with _Stages("plan", ["trace"]) as stages, stages.stage("trace"):
         plan = plan_folder(folder)
     print(plan)
+    return 0
+
+
+def _run_doctor(args) -> int:
+    from .doctor import doctor
+
+    with _Stages("doctor", ["load", "trace"]) as stages:
+        with stages.stage("load"):
+            model = load_model(args.src)
+        with stages.stage("trace"):
+            diagnosis = doctor(model)
+    diagnosis.model = f"{diagnosis.model} ({args.src})"
+    print(diagnosis)
     return 0
 
 
