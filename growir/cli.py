@@ -213,15 +213,15 @@ def _run_plan(args) -> int:
 
 
 def _run_doctor(args) -> int:
-    from .doctor import doctor
+    from .checkpoint import plan_folder
+    from .doctor import diagnose
 
-    with _Stages("doctor", ["load", "trace"]) as stages:
-        with stages.stage("load"):
-            model = load_model(args.src)
-        with stages.stage("trace"):
-            diagnosis = doctor(model)
-    diagnosis.model = f"{diagnosis.model} ({args.src})"
-    print(diagnosis)
+    folder = Path(args.src)
+    if not (folder / "config.json").is_file():
+        raise CliError(f"{args.src}: no config.json here; expected a Hugging Face model folder")
+    with _Stages("doctor", ["trace"]) as stages, stages.stage("trace"):
+        fp = plan_folder(folder)  # config.json alone, on the meta device: no weights are read
+    print(diagnose(fp.plan, f"{fp.cls.__name__} ({args.src})", fp.counts))
     return 0
 
 

@@ -49,20 +49,20 @@ def doctor(model, example_inputs=None) -> Diagnosis:
     return diagnose(make_plan(model, example_inputs), type(model).__name__)
 
 
-def diagnose(p: Plan, name: str = "model") -> Diagnosis:
-    """The Diagnosis of an existing plan."""
-    facts = _blocks(p) + _norms(p) + _attention(p) + _tied(p) + _groups(p)
+def diagnose(p: Plan, name: str = "model", counts: dict | None = None) -> Diagnosis:
+    """The Diagnosis of an existing plan; ``counts``: the real block counts where ``p`` was made on a proxy."""
+    facts = _blocks(p, counts or {}) + _norms(p) + _attention(p) + _tied(p) + _groups(p)
     return Diagnosis(name, facts, _verdicts(p))
 
 
-def _blocks(p: Plan) -> list[str]:
+def _blocks(p: Plan, counts: dict) -> list[str]:
     if not p.blocks:
         return ["blocks: none repeated (depth cannot grow)"]
     out = []
     for b in p.blocks:
         kind = ("pre-norm (no norm on the residual path from a block's input to its output)" if b.pre_norm else
                 "post-norm (a norm on the residual path between a block's input and its output)")
-        line = f"blocks: `{b.prefix}`, {b.count} of the same ops and shapes, {kind}"
+        line = f"blocks: `{b.prefix}`, {counts.get(b.prefix, b.count)} of the same ops and shapes, {kind}"
         out.append(line + ("" if b.homogeneous else f"; not copyable: {b.why_not}"))
     return out
 
