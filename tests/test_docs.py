@@ -131,3 +131,58 @@ def test_markers_are_known():
                 assert re.fullmatch(r"run( slow)?|skip .+", b.marker), f"{b.id}: unknown marker {b.marker!r}"
                 assert (b.lang in SHELLS) == b.marker.startswith("run") or b.marker.startswith("skip"), \
                     f"{b.id}: `{b.marker}` on a {b.lang or 'plain'} block"
+
+
+# --- figures quoted in the docs come from the committed results files they name ------------------------------
+NUMBER = re.compile(r"(?<![\w.])\d+\.\d+(?:e[-+]?\d+)?(?![\w.]*\d)(?!\s*(?:min|s|h|ms|hours?|minutes?|seconds?)\b)")
+RESULTS = re.compile(r"benchmarks/results/[\w.-]+\.(?:md|json)")
+
+
+def figures(text: str) -> list[str]:
+    """Decimal figures (0.873, 54.8, 1.7e-07) in a text. Not figures: whole numbers (sizes, counts), growth
+    specs (x1.5) and durations (26.0 min: how long a run took on some machine).
+
+    >>> figures("deviation 0.873, x1.5, 54.8% of 1.7e-07; v1.2.3, 3 layers, 26.0 min, 2.5 s")
+    ['0.873', '54.8', '1.7e-07']
+    """
+    return NUMBER.findall(text)
+
+
+def _matches(figure: str, values: list[float]) -> bool:
+    """The figure is one of the values as printed: equal after rounding to the figure's own precision."""
+    mantissa, _, exp = figure.partition("e")
+    step = 10.0 ** -len(mantissa.split(".")[1]) * (10.0 ** int(exp) if exp else 1.0)
+    x = float(figure)
+    return any(abs(v - x) <= step / 2 * (1 + 1e-9) for v in values)
+
+
+def _paragraphs(path: Path):
+    """(first line, text) of each paragraph, table or list item."""
+    chunk, start = [], 1
+    for i, line in enumerate(path.read_text().splitlines() + [""], 1):
+        if chunk and re.match(r"\s*(?:[-*]|\d+\.)\s", line):  # a list item starts a new chunk
+            yield start, "\n".join(chunk)
+            chunk = []
+        if line.strip():
+            chunk or (start := i)
+            chunk.append(line)
+        elif chunk:
+            yield start, "\n".join(chunk)
+            chunk = []
+
+
+@pytest.mark.parametrize("path", [p for p in DOCS if RESULTS.search(p.read_text())],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_figures_come_from_the_results_files_named_beside_them(path):
+    """A paragraph (or table) that names `benchmarks/results/X` quotes only figures that X holds."""
+    wrong = []
+    for line, text in _paragraphs(path):
+        sources = [ROOT / name for name in RESULTS.findall(text)]
+        if not sources:
+            continue
+        missing = [str(s.relative_to(ROOT)) for s in sources if not s.is_file()]
+        assert not missing, f"{path.name}:{line}: names {missing}, which is not committed"
+        values = [float(f) for s in sources for f in figures(s.read_text())]
+        values += [float(m) for s in sources for m in re.findall(r"(?<![\w.])\d+(?:\.\d+)?", s.read_text())]
+        wrong += [f"{path.name}:{line}: {f}" for f in figures(text) if not _matches(f, values)]
+    assert not wrong, "figures not found in the results files their paragraph names:\n" + "\n".join(wrong)
