@@ -147,13 +147,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class _Stages:
-    """A tqdm bar on stderr that advances one named stage at a time (hidden when stderr is not a terminal)."""
+    """A tqdm bar on stderr that advances one named stage at a time: only on a terminal, and only once the
+    command has run for 2 seconds (short work shows no bar)."""
 
     def __init__(self, command: str, stages: list[str]):
         from tqdm import tqdm
 
         self.bar = tqdm(total=len(stages), desc=f"growir {command}", unit="stage", file=sys.stderr,
-                        disable=None, leave=False, bar_format="{desc}: {n_fmt}/{total_fmt} {postfix}")
+                        disable=None, delay=2, leave=False, bar_format="{desc}: {n_fmt}/{total_fmt} {postfix}")
 
     @contextlib.contextmanager
     def stage(self, name: str):
