@@ -123,6 +123,18 @@ class ConvNet(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+class Pooled(nn.Module):
+    """Max and adaptive average pooling over spatial axes (the channels pass through)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, d, 3, padding=1), nn.Conv2d(d, d, 1), nn.Linear(d, 5)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.a(x)), 2)
+        return self.head(F.adaptive_avg_pool2d(self.b(h), 1).flatten(1))
+
+
 class ShiftedWindows(nn.Module):
     """Swin-style cyclic shift and a flip, along spatial axes; ``.T`` on a weight."""
 
@@ -154,8 +166,8 @@ class BiasedAttention(nn.Module):
 
 @pytest.mark.parametrize("model, shape", [
     (ConvNet(), (2, 3, 8, 8)), (ConvNet(mult=2), (2, 3, 8, 8)), (ConvNet(groups=4), (2, 3, 8, 8)),
-    (ShiftedWindows(), (2, 4, 4, 16)), (BiasedAttention(), (2, 7))],
-    ids=["depthwise", "depthwise_multiplier", "grouped", "roll_flip_T", "baddbmm_repeat"])
+    (Pooled(), (2, 3, 8, 8)), (ShiftedWindows(), (2, 4, 4, 16)), (BiasedAttention(), (2, 7))],
+    ids=["depthwise", "depthwise_multiplier", "grouped", "pooling", "roll_flip_T", "baddbmm_repeat"])
 @pytest.mark.parametrize("width", [2.0, 1.5])
 def test_missing_op_rules_grow_exactly(model, shape, width):
     torch.manual_seed(1)
@@ -245,3 +257,47 @@ def test_identity_depth_found_from_the_graph(parallel, sandwich, width):
     per_block = {k for k in grown.state_dict() if ".3." in k}
     assert per_block and len(per_block) == len({k for k in model.state_dict() if ".1." in k})
     assert_same(model, grown, [(x,), (torch.randint(0, VOCAB, (3, 5)),)])
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class Stage(nn.Module):
+    def __init__(self, d, project: bool):
+        super().__init__()
+        self.project = nn.Linear(d, d) if project else None  # only some stages: the stages are no blocks
+        self.blocks = nn.ModuleList(MLPBlock(d) for _ in range(2))
+
+    def forward(self, x):
+        x = self.project(x) if self.project is not None else x
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+class Staged(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(VOCAB, d), nn.Linear(d, 4)
+        self.stages = nn.ModuleList([Stage(d, False), Stage(d, True)])
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for s in self.stages:
+            x = s(x)
+        return self.head(x)
+
+
+def test_block_lists_inside_stages_that_differ():
+    torch.manual_seed(0)
+    model = randomize_norms(Staged().eval())
+    x = torch.randint(0, VOCAB, (2, 7))
+    grown = grow_quietly(model, example_inputs=(x,), depth=2)
+    assert grown.growir_record.layers == {"stages.0.blocks": (2, 4, "identity"), "stages.1.blocks": (2, 4, "identity")}
+    assert_same(model, grown, [(x,)])

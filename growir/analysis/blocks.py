@@ -90,10 +90,13 @@ def find_blocks(gm: fx.GraphModule, facts: Facts) -> list[Blocks]:
         idx = sorted(kids)
         if len(idx) < 2 or idx != list(range(len(idx))) or len({classes[kids[i]] for i in idx}) != 1:
             continue
-        if any(prefix.startswith(b.prefix + ".") for b in found):
+        if any(prefix.startswith(b.prefix + ".") and b.homogeneous for b in found):
             continue
         paths = [kids[i] for i in idx]
         found.append(_describe(gm, facts, prefix, [members[p] for p in paths], Blocks(prefix, paths, [], [])))
+    # stages that differ (a downsampling layer here and there) are no blocks, but the block lists inside them are
+    found = [b for b in found if b.homogeneous or not any(
+        c.prefix.startswith(b.prefix + ".") and c.homogeneous for c in found)]
     return _merge_parallel(gm, facts, found, members)
 
 

@@ -9,6 +9,7 @@ Literal sizes in the op's arguments are recorded, so a rewritten graph can updat
 from __future__ import annotations
 
 import operator
+import re
 
 import sympy
 import torch.fx as fx
@@ -236,6 +237,21 @@ def pad(w: Walker, node: fx.Node) -> None:
             w.read(a, "index", node)
 
 
+def pool(w: Walker, node: fx.Node) -> None:
+    """avg/max/adaptive pooling over the last k axes (k from the op: 1d, 2d, 3d): those axes are pooled, and
+    the output's are new (sized by the op's literals); the leading (batch, channel) axes pass through."""
+    x, out = w.ax(node.args[0]), (w.tuple_out(node)[0] if isinstance(node.meta.get("val"), (list, tuple))
+                                  else w.out(node))
+    name = node.target._overloadpacket.__name__
+    k = int(re.search(r"(\d)d", name).group(1))
+    for a, o in zip(x[:len(x) - k], out):
+        w.eq(a, o, node)
+    for a in x[len(x) - k:]:
+        w.read(a, "max" if "max" in name else "sum", node)
+    for o in out[len(out) - k:]:
+        w.pin(o, f"a pooled axis of {where(node)}")
+
+
 SHAPE_RULES = {f"aten.{n}": reshape for n in ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze",
                                                 "unsqueeze", "view_as", "reshape_as")}
 SHAPE_RULES.update({f"aten.{n}": permute for n in ("permute", "transpose", "t", "numpy_T", "swapaxes")})
@@ -245,3 +261,7 @@ SHAPE_RULES.update({"aten.repeat": repeat, "aten.repeat_interleave": repeat_inte
                     "aten.split": split, "aten.split_with_sizes": split, "aten.unsafe_split": split,
                     "aten.chunk": chunk, "aten.unbind": unbind, "aten.stack": stack, "aten.constant_pad_nd": pad,
                     "aten.pad": pad})
+SHAPE_RULES.update({f"aten.{n}": pool for n in (
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "avg_pool1d",
+    "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d",
+    "adaptive_max_pool2d", "max_pool2d_with_indices")})
