@@ -1,6 +1,6 @@
 """How fast growir grows, against what a user would do instead. Not a test: it writes a table.
 
-    python benchmarks/grow_speed.py [--sections memory,stream,plan] [--sizes 30M,134M] [--dtype float32] [--quick]
+    python benchmarks/grow_speed.py [--sections memory,stream,plan] [--sizes 30M,134M] [--dtype float32,bfloat16] [--quick]
 
 Sections (``--sections`` picks some, comma-separated; results of sections not run are kept from the last run):
   memory  in-memory ``growir.grow`` of Llama-shaped models at x2 width, against building the target with
@@ -108,10 +108,10 @@ def run_child(kind: str, *args) -> dict:
 # --- sections ----------------------------------------------------------------------------------------------------
 def section_memory(args) -> dict:
     rows = []
-    for size in args.sizes.split(","):
-        grow = run_child("grow", size, args.dtype)
-        alt = run_child("from_config", size, args.dtype)
-        rows.append({"size": size, "dtype": args.dtype, **grow, **alt,
+    for size, dtype in ((s, d) for d in args.dtype.split(",") for s in args.sizes.split(",")):
+        grow = run_child("grow", size, dtype)
+        alt = run_child("from_config", size, dtype)
+        rows.append({"size": size, "dtype": dtype, **grow, **alt,
                      "grow / from_config": grow["grow_s"] / alt["from_config_s"],
                      "grow / clone": grow["grow_s"] / alt["clone_s"],
                      "extra peak / target bytes": grow["extra_peak_bytes"] / grow["target_bytes"]})
@@ -154,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--sizes", default="30M,134M")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", help="comma-separated: float32,bfloat16")
     parser.add_argument("--quick", action="store_true", help="stream: a 4-block source instead of 16 blocks")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
