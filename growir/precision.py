@@ -15,6 +15,7 @@ so the twins compute, in float32, the functions the stored weights define; an ex
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -47,6 +48,65 @@ def float32_twin(model: torch.nn.Module) -> torch.nn.Module:
     if isinstance(twin, fx.GraphModule):
         _upcast_graph(twin)
     return twin
+
+
+@contextlib.contextmanager
+def float32_modules(model: torch.nn.Module):
+    """``model`` computing in float32 while the block runs, without a float32 copy of all of it: each module's
+    own bfloat16/float16 parameters and buffers are float32 copies only while its forward runs, so the extra
+    memory is one module's tensors, and everything is put back after (also on an error). Type promotion
+    upcasts exactly wherever a forward reads a tensor it does not own; a forward that mixes dtypes in a
+    matmul fails instead, and the caller falls back to :func:`float32_twin`. A GraphModule (its casts are
+    in its graph) is given as its twin.
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3)).to(torch.bfloat16)
+    >>> with float32_modules(net) as m:
+    ...     m(torch.ones(1, 4)).dtype
+    torch.float32
+    >>> net[0].weight.dtype
+    torch.bfloat16
+    """
+    if not needs_upcast(model) or isinstance(model, fx.GraphModule):
+        yield float32_twin(model)
+        return
+    saved, depth, handles = {}, {}, []
+
+    def swap_in(module, *_):
+        depth[module] = depth.get(module, 0) + 1
+        if depth[module] == 1:
+            saved[module] = _upcast_own(module)
+
+    def swap_out(module, *_):
+        depth[module] -= 1
+        if depth[module] == 0:
+            _restore(module, saved.pop(module))
+    for module in model.modules():
+        if any(t is not None and t.dtype in LOW_PRECISION
+               for t in list(module._parameters.values()) + list(module._buffers.values())):
+            handles += [module.register_forward_pre_hook(swap_in), module.register_forward_hook(swap_out)]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, originals in saved.items():
+            _restore(module, originals)
+
+
+def _upcast_own(module: torch.nn.Module) -> dict:
+    originals = {}
+    for table in (module._parameters, module._buffers):
+        for name, t in table.items():
+            if t is not None and t.dtype in LOW_PRECISION:
+                originals[name] = t
+                wide = t.detach().float()
+                table[name] = torch.nn.Parameter(wide, requires_grad=False) if table is module._parameters else wide
+    return originals
+
+
+def _restore(module: torch.nn.Module, originals: dict) -> None:
+    for name, t in originals.items():
+        (module._parameters if name in module._parameters else module._buffers)[name] = t
 
 
 def upcast_inputs(inputs):

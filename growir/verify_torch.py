@@ -1,8 +1,8 @@
 """The in-process preservation measurement ``grow`` runs on every result (PyTorch; ``growir.check`` does the
 same comparison in ONNX Runtime): outputs on the example inputs and on a second shape, source outputs
 mapped into the grown coordinates by the groups' index maps. Both models run in float32
-(:mod:`growir.precision`), one after the other, so a bfloat16 growth is judged by the float32 standard and
-only one float32 twin exists at a time.
+(:mod:`growir.precision`, module by module), one after the other, so a bfloat16 growth is judged by the
+float32 standard without a float32 copy of either model.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .frontend import Captured
-from .precision import float32_twin, upcast_inputs
+from .precision import float32_modules, float32_twin, needs_upcast, upcast_inputs
 
 
 def output_maps(plan, maps: dict) -> list:
@@ -69,11 +69,21 @@ def measure(source, grown, captured: Captured, maps: list, quick: bool = False) 
 
 
 def _outputs(model, inputs: list) -> list:
-    """The flat outputs of ``model``'s float32 twin on each (args, kwargs), in eval mode."""
+    """The flat outputs of ``model`` computing in float32 on each (args, kwargs), in eval mode: module by
+    module where its forward allows, else through a whole float32 twin."""
+    try:
+        with float32_modules(model) as wide:
+            return _run(wide, inputs)
+    except RuntimeError:  # a forward that multiplies another module's low-precision tensor: copy it all
+        if not needs_upcast(model):
+            raise
+        return _run(float32_twin(model), inputs)
+
+
+def _run(model, inputs: list) -> list:
     from .onnx_export import eval_mode
-    twin = float32_twin(model)
-    with eval_mode(twin), torch.no_grad():
-        return [pytree.tree_leaves(twin(*args, **kwargs)) for args, kwargs in upcast_inputs(inputs)]
+    with eval_mode(model), torch.no_grad():
+        return [pytree.tree_leaves(model(*args, **kwargs)) for args, kwargs in upcast_inputs(inputs)]
 
 
 def measurable(model) -> bool:
