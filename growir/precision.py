@@ -57,7 +57,7 @@ def float32_modules(model: torch.nn.Module):
     memory is one module's tensors, and everything is put back after (also on an error). Type promotion
     upcasts exactly wherever a forward reads a tensor it does not own; a forward that mixes dtypes in a
     matmul fails instead, and the caller falls back to :func:`float32_twin`. A GraphModule (its casts are
-    in its graph) is given as its twin.
+    in its graph) is given as a copy sharing its tensors whose graph upcasts each one where it is read.
 
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3)).to(torch.bfloat16)
     >>> with float32_modules(net) as m:
@@ -66,8 +66,11 @@ def float32_modules(model: torch.nn.Module):
     >>> net[0].weight.dtype
     torch.bfloat16
     """
-    if not needs_upcast(model) or isinstance(model, fx.GraphModule):
-        yield float32_twin(model)
+    if not needs_upcast(model):
+        yield model
+        return
+    if isinstance(model, fx.GraphModule):
+        yield _reading_in_float32(model)
         return
     saved, depth, handles = {}, {}, []
 
@@ -91,6 +94,28 @@ def float32_modules(model: torch.nn.Module):
             handle.remove()
         for module, originals in saved.items():
             _restore(module, originals)
+
+
+def _reading_in_float32(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` sharing its tensors, its dtype literals float32 and each low-precision tensor upcast
+    right after its ``get_attr`` (the float32 value is freed after its last use, like any intermediate)."""
+    twin = copy.deepcopy(gm, {id(t): t for t in _tensors(gm)})
+    _upcast_graph(twin)
+    graph = twin.graph
+    for node in [n for n in graph.nodes if n.op == "get_attr"]:
+        value = _attr(twin, node.target)
+        if isinstance(value, torch.Tensor) and value.dtype in LOW_PRECISION:
+            with graph.inserting_after(node):
+                wide = graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": torch.float32})
+            node.replace_all_uses_with(wide, delete_user_cb=lambda user: user is not wide)
+    twin.recompile()
+    return twin
+
+
+def _attr(root, dotted: str):
+    for part in dotted.split("."):
+        root = getattr(root, part)
+    return root
 
 
 def _upcast_own(module: torch.nn.Module) -> dict:

@@ -103,3 +103,15 @@ def test_module_by_module_float32_equals_the_float32_twin_and_restores_the_model
     twin = _run(float32_twin(source), inputs)[0][0]
     assert lazy.dtype == torch.float32 and torch.allclose(lazy, twin, atol=1e-6, rtol=0)
     assert all(p is before[k] and p.dtype == torch.bfloat16 for k, p in source.named_parameters())
+
+
+def test_graph_module_read_in_float32_shares_its_tensors():
+    from growir.precision import float32_modules
+    source = make("nanogpt").to(torch.bfloat16)
+    grown = growir.grow(source, width=2.0, example_inputs=example_inputs("nanogpt"))
+    x = example_inputs("nanogpt")[0]
+    with float32_modules(grown) as lazy:
+        shared = {t.data_ptr() for t in grown.parameters()} == {t.data_ptr() for t in lazy.parameters()}
+        out = lazy(x)
+    assert shared and out.dtype == torch.float32
+    assert torch.allclose(out, float32_twin(grown)(x), atol=1e-6, rtol=0)
