@@ -77,7 +77,7 @@ class TensorRule:
         if not old.is_floating_point() or wide.dtype == old.dtype:
             return wide.contiguous(), False
         new = wide.to(old.dtype).contiguous()
-        return new, not new.is_meta and not torch.equal(new.to(wide.dtype), wide)
+        return new, not new.is_meta and not _equal_in(wide.dtype, new, wide)
 
     @property
     def arithmetic(self) -> bool:
@@ -165,6 +165,12 @@ def rounding_reason(names: list, state: dict) -> str:
     return (f"{'/'.join(dtypes)} cannot hold the grown values of {len(names)} tensors exactly (e.g. `{names[0]}`: "
             f"a division by a copy count, a scale or noise that is not exact in that dtype); they were computed "
             f"in float32 and rounded once, and the deviation measured is that rounding")
+
+
+def _equal_in(dtype: torch.dtype, new: torch.Tensor, wide: torch.Tensor, rows: int = 1 << 20) -> bool:
+    """``new`` upcast to ``dtype`` equals ``wide``, compared a slice at a time (no full-size upcast copy)."""
+    a, b = new.reshape(-1), wide.reshape(-1)
+    return all(torch.equal(a[i:i + rows].to(dtype), b[i:i + rows]) for i in range(0, a.numel(), rows))
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
