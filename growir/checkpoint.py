@@ -13,7 +13,7 @@ model (``expand_block_rules``); the proxy's findings are checked against the ful
 ...             num_key_value_heads=2, vocab_size=100).save_pretrained(d)
 >>> fp = plan_folder(d)
 >>> fp.counts, fp.plan.blocks[0].count
-({'model.layers': 6}, 2)
+({'layers': 6}, 2)
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def plan_folder(folder, proxy: bool = True) -> FolderPlan:
     >>> from transformers import GPT2Config
     >>> d = tempfile.mkdtemp()
     >>> GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=100).save_pretrained(d)
-    >>> str(plan_folder(d)).count("blocks `transformer.h`: 3 x")
+    >>> str(plan_folder(d)).count("blocks `h`: 3 x")
     1
     """
     from .api import plan as make_plan

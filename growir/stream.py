@@ -168,8 +168,8 @@ def _write(job: _Job, layout, staging: Path, dtype, progress) -> None:
     finally:
         bar.close()
     if rounded:
-        job.reasons.append(rounding_reason(rounded, job.items) + " (on the proxy's float32 weights, it is "
-                           "not measured: --verify measures it; --dtype float32 avoids it)")
+        job.reasons.append(rounding_reason(rounded, job.items) + " (streamed: that rounding is not "
+                           "measured here; --verify measures it, --dtype float32 avoids it)")
     layout.write_index(staging)
     cfg = job.choice.config
     cfg.dtype = dtype or _main_dtype(job.items)
@@ -241,18 +241,25 @@ def _targets(fp, rules: dict, ck: Checkpoint, dtype) -> dict:
 
 
 def _make(it: Item, rules: dict, ck: Checkpoint, rounded: list) -> torch.Tensor:
-    """The target tensor: the rule applied in float32 (exact copies and divisions), cast once. A cast that
-    changes a value (a bf16 weight divided by 3) is recorded in ``rounded``."""
+    """The target tensor. A rule that only gathers runs in the stored dtype (copies are exact); one that
+    computes (divides, scales, fills) runs in float32 and is cast once; a cast that changes a value (a bf16
+    weight divided by 3) is recorded in ``rounded``."""
     rule = rules[it.rule_name]
-    if not ck.meta(it.source).is_floating_point():
+    if not rule.arithmetic and not it.donor:
         return rule.apply(ck.read(it.source)).to(it.dtype)
     donor = ck.read(it.donor).float() if it.donor else None
-    wide = rule.apply(ck.read(it.source).float(), donor)  # the bf16 original is dropped as soon as it is read
+    wide = rule.apply(ck.read(it.source).float(), donor)  # the stored original is dropped as soon as it is read
     del donor
     new = wide.to(it.dtype)
-    if new.dtype != wide.dtype and not torch.equal(new.to(wide.dtype), wide):
+    if new.dtype != wide.dtype and _rounds(new, wide):
         rounded.append(it.name)
     return new
+
+
+def _rounds(new: torch.Tensor, wide: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether the cast changed a value, compared a chunk at a time (no second full-size float32 copy)."""
+    return any(not torch.equal(a.to(b.dtype), b) for a, b in zip(new.reshape(-1).split(chunk),
+                                                                   wide.reshape(-1).split(chunk)))
 
 
 def _check_target(target, items: dict) -> None:
