@@ -19,7 +19,9 @@ from .passes.aki import aki_rules
 from .passes.attention import compensate_head_dim, rewrite_scales, rotary_fills
 from .passes.exactness import compensate_tied, deviations
 from .passes.fill import FillPlan, adjust_norms, open_fill_columns, plan_fill, rewrite_eps
+from .passes.offsets import mark_offsets
 from .passes.rescale import rescale_residuals
+from .passes.size_values import absorb_size_values
 from .passes.tensor_rule import rounding_reason
 from .passes.width import fpi_index, group_maps, random_index, tree_map, width_rules
 from .verify_torch import measure, output_maps
@@ -169,6 +171,8 @@ def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
     index_fn = random_index if opts.width_method == "fpi_random" else fpi_index
     maps = group_maps(p, sizes, opts.seed, index_fn, {**fp.fills, **rotary_fills(p, sizes)})
     wres = width_rules(p, maps)
+    mark_offsets(p, wres.rules)
+    size_literals, kept_values = absorb_size_values(p, maps, wres)  # before compensate_tied: it reads the scale
     hd_reasons, compensated, scales = compensate_head_dim(p, maps, wres)
     rescaled = rescale_residuals(p, fp, maps, wres.rules)
     eps, eps_values = adjust_norms(fp, maps, wres.rules, rescaled)
@@ -186,7 +190,7 @@ def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
     if opts.noise:
         _add_noise(wres.rules, opts)
     edits = [lambda g: rewrite_constants(p, maps, g), lambda g: rewrite_scales(g, scales),
-             lambda g: rewrite_eps(g, eps)]
+             lambda g: rewrite_eps(g, eps), lambda g: rewrite_eps(g, size_literals)]
     filled = {p.group_of(root).label: kind for root, kind in fp.fills.items()}
     return _Width(maps, wres.rules, reasons, edits, eps_values, filled)
 

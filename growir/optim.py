@@ -135,7 +135,7 @@ def moment_rule(rule: TensorRule, power: int, old_shape) -> TensorRule:
         if getattr(m, "fill", None) is not None:
             change["fill"] = "zero" if power == 1 else "mean"
         axes.append(dataclasses.replace(m, **change))
-    change = {"axes": axes, "scale": float(rule.scale) ** -power, "notes": []}
+    change = {"axes": axes, "scale": float(rule.scale) ** -power, "notes": [], "offset": 0.0}  # moments: linear
     if hasattr(rule, "noise"):
         change["noise"] = None
     return dataclasses.replace(rule, **change)

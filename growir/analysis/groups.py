@@ -120,7 +120,7 @@ def _assign_roles(facts: Facts, groups: list[Group]) -> None:
                 set_role(leaf, "heads", per_kv=True) if leaf in replicas else set_role(leaf, "kv_heads")
     for g in groups:  # attention written out as matmuls: contracted dim and batch (head) dims
         kinds = {r.kind for r in g.reads}
-        if g.role is None and g.size is not None and "contract" in kinds:
+        if g.role is None and g.size is not None and kinds & {"contract", "value"}:
             g.role = "head_dim"
     for g in groups:
         if g.role is None and g.size is not None and "batch" in {r.kind for r in g.reads} and g.consumers:

@@ -151,6 +151,20 @@ def matmul(w: Walker, node: fx.Node, a, b, out: list) -> None:
     if w.param_of(a) is None and w.param_of(b) is None:  # attention written out: batch dims hold the heads
         for o in batch_out:
             w.read(o, "batch", node)
+        if len(ba) >= 2 and _after_softmax(a):  # probabilities @ values: the values' last axis is a head_dim
+            w.read(ba[-1], "value", node)
+
+
+def _after_softmax(x) -> bool:
+    """Whether ``x`` is a softmax's output, through casts, dropout and copies."""
+    while isinstance(x, fx.Node) and x.op == "call_function":
+        name = x.target._overloadpacket.__name__ if hasattr(x.target, "_overloadpacket") else ""
+        if name in ("softmax", "_softmax"):
+            return True
+        if name not in ("to", "_to_copy", "type_as", "dropout", "clone", "contiguous", "detach", "alias"):
+            return False
+        x = x.args[0]
+    return False
 
 
 def mm(w: Walker, node: fx.Node) -> None:

@@ -13,9 +13,10 @@ import torch.fx as fx
 
 from ..analysis.walker import LAYOUT_OPS, op_name
 from ..plan import Plan
+from .offsets import weight_param
 from .width import WidthResult
 
-HARMLESS = {"max", "select", "batch"}
+HARMLESS = {"max", "select", "batch", "value"}
 PASS_THROUGH = LAYOUT_OPS | {"aten.dropout", "aten.clone", "aten.contiguous", "aten.slice", "aten.select"}
 
 
@@ -88,7 +89,7 @@ def _norm_params(x, facts) -> list[str]:
         bias = [facts.params[t.name] for t in (a, b) if isinstance(t, fx.Node) and t.name in facts.params]
         rest = [t for t in (a, b) if isinstance(t, fx.Node) and t.name not in facts.params]
         return bias + _norm_params(rest[0], facts) if len(bias) == 1 and len(rest) == 1 else []
-    if name == "aten.mul":
-        ps = [facts.params[t.name] for t in x.args[:2] if isinstance(t, fx.Node) and t.name in facts.params]
+    if name == "aten.mul":  # a norm's weight: w, or c + w (a (1 + w) norm; its rule's offset keeps it right)
+        ps = [p for t in x.args[:2] if (p := weight_param(t, facts)) is not None]
         return ps if len(ps) == 1 else []
     return []

@@ -24,11 +24,11 @@ import torch.fx as fx
 from ..analysis.blocks import CONTRACTIONS
 from ..analysis.walker import op_name
 from ..plan import Plan
+from .offsets import ASSERTS, weight_param
 
 THROUGH = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.to", "aten._to_copy", "aten.dropout",
            "aten.clone", "aten.contiguous", "aten.alias", "aten.slice", "aten.select", "aten.type_as",
            "aten.transpose", "aten.permute", "aten.unsqueeze", "aten.squeeze", "aten.flatten", "aten.unflatten"}
-ASSERTS = {"aten._assert_tensor_metadata", "_assert_scalar", "aten._assert_scalar"}
 
 
 def _users(n: fx.Node) -> list:
@@ -103,8 +103,8 @@ def _rms_site(mean: fx.Node, axis, facts) -> NormSite | None:
     while len(_users(out)) == 1 and op_name(_users(out)[0]) in ("aten.to", "aten._to_copy", "aten.type_as"):
         out = _users(out)[0]
     nxt = _users(out)[0] if len(_users(out)) == 1 else None
-    if nxt is not None and op_name(nxt) == "aten.mul":
-        params = [facts.params[a.name] for a in nxt.args[:2] if isinstance(a, fx.Node) and a.name in facts.params]
+    if nxt is not None and op_name(nxt) == "aten.mul":  # the weight: w, or c + w (a (1 + w) norm)
+        params = [p for a in nxt.args[:2] if a is not out and (p := weight_param(a, facts)) is not None]
         if len(params) == 1:
             out, weight = nxt, params[0]
     return NormSite(mean.name, "rms", axis, out, weight, None, (add.name, 1), add.args[1])

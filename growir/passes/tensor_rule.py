@@ -5,6 +5,8 @@ through the same rules one tensor at a time.
 
     new[j0, j1, ...] = scale * old[g0(j0), g1(j1), ...] * prod_a s_a(g_a(j_a)) / prod_k c_k(g_k(j_k))
 
+(for a weight the graph reads as ``offset + w``, the scale applies to that sum: offset + new = scale·(offset + ...)).
+
 over consumer axes k (copy counts c) and axes a with per-position factors s (a fused projection's query rows).
 """
 
@@ -44,6 +46,7 @@ class TensorRule:
     donor: str | None = None  # AKI: a second source whose (identically mapped) values fill the new units
     donor_axis: tuple | None = None  # (axis, bool mask over new positions) taken from the donor
     noise: tuple | None = None  # (std relative to the tensor's std, seed): cancels over copies, see apply
+    offset: float = 0.0  # the graph reads ``offset + w`` (a (1+w) norm weight): ``scale`` applies to that sum
 
     def new_shape(self, old_shape) -> tuple:
         return tuple(len(m.index) if m.index is not None else s for m, s in zip(self.axes, old_shape))
@@ -130,7 +133,9 @@ class TensorRule:
                 new = torch.where(on(index < 0).reshape(shape), fill, new)
                 if m.fill == "geometric" and geometric is not None:
                     new = geometric.to(new.device)
-        if self.scale != 1.0:
+        if self.scale != 1.0 and self.offset:  # (offset + w') = scale * (offset + w)
+            new = (new + self.offset) * self.scale - self.offset
+        elif self.scale != 1.0:
             new = new.mul_(self.scale) if new is not old else new * self.scale
         if self.zero:
             new = torch.zeros_like(new)
