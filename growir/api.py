@@ -20,6 +20,7 @@ from .passes.attention import compensate_head_dim, rewrite_scales, rotary_fills
 from .passes.exactness import compensate_tied, deviations
 from .passes.fill import FillPlan, adjust_norms, open_fill_columns, plan_fill, rewrite_eps
 from .passes.offsets import mark_offsets
+from .passes.per_unit import find_unit_constants, freeze_constants, grown_value, rebuilt_values, unit_maps
 from .passes.rescale import rescale_residuals
 from .passes.size_values import absorb_size_values
 from .passes.tensor_rule import rounding_reason
@@ -82,6 +83,7 @@ class Options:
     seed: int = 0
     noise: float = 0.0
     keep_eps: bool = False  # the rebuilt config cannot express a changed eps: keep it and measure
+    unit_values: dict = field(default_factory=dict)  # per-unit constants as the rebuilt model computes them
 
 
 def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="fpi", depth_method="auto",
@@ -152,6 +154,7 @@ class _Built:
     grown: torch.nn.Module
     maps: dict
     eps_values: dict = field(default_factory=dict)  # old eps -> new eps (repeat-and-fill), for the config
+    units: list = field(default_factory=list)  # per-unit constants (ALiBi slopes): read back from a rebuilt model
 
 
 @dataclass
@@ -162,6 +165,7 @@ class _Width:
     graph_edits: list  # functions that rewrite the copied graph (sizes, scales, eps)
     eps_values: dict
     filled: dict
+    units: list
 
 
 def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
@@ -170,6 +174,10 @@ def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
     fp = plan_fill(p, sizes) if opts.width_method == "fpi" else FillPlan()
     index_fn = random_index if opts.width_method == "fpi_random" else fpi_index
     maps = group_maps(p, sizes, opts.seed, index_fn, {**fp.fills, **rotary_fills(p, sizes)})
+    units = find_unit_constants(p, maps)
+    placed, unit_reasons = unit_maps(units, opts.unit_values)  # old units where the rebuilt values match
+    maps.update(placed)
+    frozen = {c.node: opts.unit_values.get(c.node, grown_value(c, maps)) for c in units}
     wres = width_rules(p, maps)
     mark_offsets(p, wres.rules)
     size_literals, kept_values = absorb_size_values(p, maps, wres)  # before compensate_tied: it reads the scale
@@ -179,7 +187,8 @@ def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
     open_fill_columns(p, fp, maps, wres.rules)
     reasons = (deviations(p, maps, compensated | {(root, "norm") for root in fp.fills})
                + compensate_tied(p, maps, wres) + hd_reasons
-               + [f"repeat-and-fill cannot make {p.group_of(r).label} exact: {why}" for r, why in fp.reasons.items()])
+               + [f"repeat-and-fill cannot make {p.group_of(r).label} exact: {why}" for r, why in fp.reasons.items()]
+               + unit_reasons)
     if opts.keep_eps and eps:
         eps, eps_values = {}, {}
         reasons.append("the rebuilt config cannot express the norms' rescaled eps (repeat-and-fill), so eps was "
@@ -190,9 +199,10 @@ def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
     if opts.noise:
         _add_noise(wres.rules, opts)
     edits = [lambda g: rewrite_constants(p, maps, g), lambda g: rewrite_scales(g, scales),
-             lambda g: rewrite_eps(g, eps), lambda g: rewrite_eps(g, size_literals)]
+             lambda g: rewrite_eps(g, eps), lambda g: rewrite_eps(g, size_literals),
+             lambda g: freeze_constants(g, frozen)]
     filled = {p.group_of(root).label: kind for root, kind in fp.fills.items()}
-    return _Width(maps, wres.rules, reasons, edits, eps_values, filled)
+    return _Width(maps, wres.rules, reasons, edits, eps_values, filled, units)
 
 
 def growth_rules(p: Plan, sizes: dict, depth_plan: list, opts: Options, counts: dict | None = None):
@@ -234,7 +244,7 @@ def _build(p: Plan, sizes: dict, depth_plan: list, opts: Options) -> _Built:
                                p.facts.aliases)
     record = GrowthRecord(p, dict(sizes), layer_info, reasons, output_maps=output_maps(p, w.maps), rules=rules,
                           filled=w.filled, rounding=rounding_reason(rounded, state) if rounded else None)
-    return _Built(record, state, grown, w.maps, w.eps_values)
+    return _Built(record, state, grown, w.maps, w.eps_values, w.units)
 
 
 def _add_noise(rules: dict, opts: Options) -> None:
@@ -268,6 +278,11 @@ def _fit_config(model, p: Plan, sizes: dict, depth_plan, opts: Options, built: _
                 extra[g.id] = size
         candidate = _build(p, {**sizes, **extra}, depth_plan, opts) if extra else built
         grown = load_hf(model, cfg, _with_source_ties(model, candidate.state))
+        if candidate.units and not opts.unit_values:  # the rebuilt model's own per-unit constants
+            values = rebuilt_values(candidate.units, candidate.maps, grown)
+            if values:
+                candidate = _build(p, {**sizes, **extra}, depth_plan, dataclasses.replace(opts, unit_values=values))
+                grown = load_hf(model, cfg, _with_source_ties(model, candidate.state))
         deviation = measure(candidate.grown, grown, p.captured, [None] * len(p.facts.outputs), quick=True)
         if deviation is None or deviation <= TOLERANCE:  # None: a meta-device model, shapes only
             candidate.grown, candidate.record.config_changes = grown, changes
@@ -289,6 +304,9 @@ def _head_pairs(p: Plan, maps: dict) -> dict:
         old, new = sympy.sympify(old), sympy.sympify(new)
         if old.is_Integer and old != new:
             out.setdefault(int(old), set()).add(int(new))
+    for g in p.by_role("heads"):  # attention written out as matmuls records no site: its head groups
+        if g.root in maps and not g.per_kv:
+            out.setdefault(maps[g.root].old, set()).add(maps[g.root].new)
     return out
 
 

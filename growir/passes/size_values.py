@@ -76,7 +76,7 @@ def _scalar(arg, plan: Plan):
     x = _through_layout(arg)
     if isinstance(x, fx.Node) and x.op == "get_attr" and x.name in plan.facts.buffers:
         t = plan.captured.gm.get_buffer(x.target)
-        if t.numel() == 1 and t.is_floating_point():
+        if t.numel() == 1 and t.is_floating_point() and not t.is_meta:  # a meta plan holds no values
             return float(t), plan.facts.buffers[x.name]
     return None
 

@@ -28,7 +28,8 @@ class GroupMap:
     index: torch.Tensor  # [new] -> old position, or -1 at a fill position (repeat-and-fill)
     counts: torch.Tensor  # [old] copy counts
     fill: str | None = None  # what producers write at fill positions: "mean" (LayerNorm) or "zero" (RMSNorm)
-    copies: torch.Tensor | None = None  # "interleave": [new] -> the old position each new one sits beside
+    # ("interleave": rotary head_dim; "fresh": units whose consumers read zero, see per_unit.py)
+    copies: torch.Tensor | None = None  # "interleave"/"fresh": [new] -> the old position each new one sits beside
 
     def as_copies(self) -> "GroupMap":
         return GroupMap(self.old, self.new, self.copies, self.counts) if self.copies is not None else self
@@ -175,9 +176,9 @@ def _fill_kind(tree, maps: dict) -> str:
     """What a producer writes at fill positions: a plain axis says; inside a composite axis only zero works."""
     m = maps.get(tree) if not is_structured(tree) else None
     if m is not None and m.fill is not None:
-        return "zero" if m.fill == "interleave" else m.fill
+        return "zero" if m.fill in ("interleave", "fresh") else m.fill
     kinds = {maps[leaf].fill for leaf in tree_leaves(tree) if leaf in maps and maps[leaf].fill is not None}
-    if kinds <= {"zero", "interleave"}:
+    if kinds <= {"zero", "interleave", "fresh"}:
         return "zero"
     raise ValueError("a mean fill inside a composite axis: repeat-and-fill applies to plain axes only")
 
