@@ -7,13 +7,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-import sympy
 import torch
 
-from .errors import MaterializeError, NotExactError, PreservationError, SpecError
+from .errors import (AnalysisError, MaterializeError, NotExactError, PreservationError, RewriteError, SpecError,
+                     first_line, stage)
 from .frontend import capture
 from .materialize import release_weights
-from .plan import Plan, make_plan, resolve_width
+from .plan import Plan, make_plan, resolve_width, unused_width_notes
+from .rebuild import MATERIALIZE, materialize_hf
 from .passes.depth import DEPTH_METHODS, depth_rules, schedule, target_layers
 from .passes.aki import aki_rules
 from .passes.attention import compensate_head_dim, rewrite_scales, rotary_fills
@@ -25,7 +26,7 @@ from .passes.rescale import rescale_residuals
 from .passes.size_values import absorb_size_values
 from .passes.tensor_rule import rounding_reason
 from .passes.width import fpi_index, group_maps, random_index, tree_map, width_rules
-from .verify_torch import measure, output_maps
+from .verify_torch import failing_node, measure, output_maps
 
 WIDTH_METHODS = ("fpi", "fpi_balanced", "fpi_random", "aki")
 PRESETS = {"bert2bert": {"width_method": "aki", "depth_method": "stack"}}  # the paper's recipe
@@ -41,7 +42,9 @@ def plan(model: torch.nn.Module, example_inputs=None) -> Plan:
     >>> len(p.by_role("heads")) > 0
     True
     """
-    return make_plan(capture(model, example_inputs))
+    captured = capture(model, example_inputs)
+    with stage("analysing the exported graph", AnalysisError):
+        return make_plan(captured)
 
 
 @dataclass
@@ -53,7 +56,8 @@ class GrowthRecord:
     reasons: list = field(default_factory=list)  # why the growth is not exact (empty: exact)
     deviation: float | None = None  # measured max|Δ| / max(1, max|y|); None: not measured (meta device)
     output_maps: list = field(default_factory=list)  # per flat output, per axis: index map or None
-    config_changes: dict = field(default_factory=dict)
+    config_changes: dict = field(default_factory=dict)  # every config field whose value changed
+    notes: list = field(default_factory=list)  # what the caller should know beyond exactness (kept groups, ...)
     filled: dict = field(default_factory=dict)  # group label -> fill kind, where repeat-and-fill was used
     rules: dict = field(default_factory=dict)  # state_dict name -> TensorRule that made it
     params_before: int = 0
@@ -87,7 +91,7 @@ class Options:
 
 
 def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="fpi", depth_method="auto",
-         method=None, noise=0.0, example_inputs=None, strict=False, seed=0, verify=False):
+         method=None, noise=0.0, example_inputs=None, strict=False, seed=0, verify=False, materialize="auto"):
     """Grow ``model`` wider and deeper, starting from the same function where mathematics allows.
 
     Returns an instance of the same class for Hugging Face models (config updated), else a rewritten
@@ -99,6 +103,9 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     units of block l from block l+1; not exact). ``method="bert2bert"`` is the paper's recipe (AKI width, stacked depth).
     ``noise=σ`` perturbs split consumer copies by noise that cancels over the copies (relative std σ):
     the function stays exact while copies stop receiving identical gradients.
+    ``materialize``: ``"auto"`` rebuilds a Hugging Face model's class from a changed config, or returns the
+    rewritten GraphModule with a warning where no config computes the grown function; ``"hf"`` raises
+    MaterializeError there instead; ``"graph"`` always returns the GraphModule.
 
     >>> import growir
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -119,23 +126,33 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
         raise SpecError(f"unknown width_method {width_method!r}: choose one of {', '.join(WIDTH_METHODS)}")
     if depth_method not in DEPTH_METHODS:
         raise SpecError(f"unknown depth_method {depth_method!r}: choose one of {', '.join(DEPTH_METHODS)}")
+    if materialize not in MATERIALIZE:
+        raise SpecError(f"unknown materialize {materialize!r}: choose one of {', '.join(MATERIALIZE)}")
     started = time.perf_counter()
     p = plan(model, example_inputs)
-    sizes = resolve_width(p, width)
+    with stage("resolving the width spec against the plan", SpecError):
+        sizes = resolve_width(p, width)
     wants_depth = layers is not None or float(depth) != 1.0
     if wants_depth and not p.blocks:
         raise SpecError("depth growth asked for, but growir found no repeated blocks in the model")
     depth_plan = [(b, target_layers(b.count, depth, layers)) for b in (p.blocks if wants_depth else [])]
     opts = Options(width_method, depth_method, seed, float(noise))
-    built = _build(p, sizes, depth_plan, opts)
+    with stage("computing the grown tensors and rewriting the graph"):
+        built = _build(p, sizes, depth_plan, opts)
+    notes = unused_width_notes(p, width, sizes) + _aki_notes(p, built.record, width_method)
+    for note in notes:
+        warnings.warn("growir: " + note, stacklevel=2)
+    built.record.notes += notes + ([f"the graph was exported at fixed shapes ({p.captured.static})"]
+                                   if p.captured.static else [])
     if p.captured.is_hf:
-        built = _fit_config(model, p, sizes, depth_plan, opts, built)
+        with stage("rebuilding the model's class from its config", MaterializeError):
+            built = materialize_hf(model, p, sizes, depth_plan, opts, built, _build, materialize)
     if strict and built.record.reasons:
         raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(built.record.reasons))
     record, grown = built.record, built.grown
     record.params_before = sum(t.numel() for t in model.parameters())
     record.params_after = sum(t.numel() for t in grown.parameters())
-    record.deviation = measure(model, grown, p.captured, record.output_maps)
+    record.deviation = _measure(model, built, p)
     if record.rounding and (record.deviation or 0.0) > TOLERANCE:  # rounding below the float32 tolerance is harmless
         record.reasons.append(record.rounding)
         if strict:
@@ -254,62 +271,6 @@ def _add_noise(rules: dict, opts: Options) -> None:
             rules[name] = dataclasses.replace(rule, noise=(opts.noise, opts.seed * 100003 + k))
 
 
-def _fit_config(model, p: Plan, sizes: dict, depth_plan, opts: Options, built: _Built) -> _Built:
-    """Rebuild the Hugging Face class. Output-only groups (a pooler) take the size the config gives them."""
-    from .materialize import candidate_configs, load_hf
-    free = [g for g in p.groups if g.role is None and g.size and not g.pinned and g.producers
-            and not g.consumers and g.in_output]
-    free_axes = {(pa.param, pa.axis) for g in free for pa in g.producers}
-    expected = {k: tuple(None if (p.facts.aliases.get(k, k), i) in free_axes else n for i, n in enumerate(v.shape))
-                for k, v in _with_source_ties(model, built.state).items()}
-    pairs = _size_pairs(p, built.maps, {b.prefix: (b.count, n, "") for b, n in depth_plan})
-    heads = _head_pairs(p, built.maps)
-    tried = []
-    required = set(dict(model.named_parameters(remove_duplicate=False))) | {
-        b.name(i, sfx) for b, n in depth_plan for i in range(n) for sfx in b.suffixes
-        if b.name(0, sfx) in dict(model.named_parameters(remove_duplicate=False))}
-    sources = {b.count: schedule(b, n, opts.depth_method).sources for b, n in depth_plan}
-    for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads, required, sources,
-                                                  built.eps_values):
-        extra = {}
-        for g in free:
-            size = shapes[g.producers[0].param][g.producers[0].axis]
-            if size != g.size and all(shapes[q.param][q.axis] == size for q in g.producers):
-                extra[g.id] = size
-        candidate = _build(p, {**sizes, **extra}, depth_plan, opts) if extra else built
-        grown = load_hf(model, cfg, _with_source_ties(model, candidate.state))
-        if candidate.units and not opts.unit_values:  # the rebuilt model's own per-unit constants
-            values = rebuilt_values(candidate.units, candidate.maps, grown)
-            if values:
-                candidate = _build(p, {**sizes, **extra}, depth_plan, dataclasses.replace(opts, unit_values=values))
-                grown = load_hf(model, cfg, _with_source_ties(model, candidate.state))
-        deviation = measure(candidate.grown, grown, p.captured, [None] * len(p.facts.outputs), quick=True)
-        if deviation is None or deviation <= TOLERANCE:  # None: a meta-device model, shapes only
-            candidate.grown, candidate.record.config_changes = grown, changes
-            return candidate
-        tried.append(f"{changes} (differs from the rewritten graph by {deviation:.2g})")
-    if built.eps_values and not opts.keep_eps:  # e.g. an eps the config does not hold: keep it
-        kept = dataclasses.replace(opts, keep_eps=True)
-        return _fit_config(model, p, sizes, depth_plan, kept, _build(p, sizes, depth_plan, kept))
-    raise MaterializeError(f"every config that fits the grown shapes computes something else than the rewritten "
-                           f"graph: {'; '.join(tried[:4])}. growir found no faithful {type(model).__name__}; "
-                           f"nothing was returned")
-
-
-def _head_pairs(p: Plan, maps: dict) -> dict:
-    """old -> {new} query-head counts: sizes that shape attention but no parameter."""
-    ag, out = p.facts.ag, {}
-    for site in p.facts.attention:
-        _, _, old, new = tree_map(ag.expand(site["q"][1]), ag, maps)
-        old, new = sympy.sympify(old), sympy.sympify(new)
-        if old.is_Integer and old != new:
-            out.setdefault(int(old), set()).add(int(new))
-    for g in p.by_role("heads"):  # attention written out as matmuls records no site: its head groups
-        if g.root in maps and not g.per_kv:
-            out.setdefault(maps[g.root].old, set()).add(maps[g.root].new)
-    return out
-
-
 def _judge(record: GrowthRecord, verify: bool, model, grown) -> None:
     if record.deviation is None:  # a meta-device model: the theorem's verdict only, said as such
         if verify:
@@ -338,39 +299,24 @@ def _state(p: Plan) -> dict:
     return {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
 
 
-def _with_source_ties(model, state: dict) -> dict:
-    """The grown tensors under every name the source model gives them: a tensor the source shares between
-    two names (a tied bias, say) that the traced graph saw under one name gets both."""
-    by_tensor = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
-        by_tensor.setdefault(id(t), []).append(name)
-    out = dict(state)
-    for names in by_tensor.values():
-        known = [n for n in names if n in state]
-        for n in names:
-            if n not in out and known:
-                out[n] = state[known[0]]
-    return out
+def _aki_notes(p: Plan, record: GrowthRecord, width_method: str) -> list[str]:
+    """Where AKI (new units from the next block) did not apply, the groups grew by FPI: say so."""
+    if width_method != "aki" or not record.sizes:
+        return []
+    notes = [f"width_method='aki' skipped blocks `{b.prefix}` ({b.why_not}): their groups grew by FPI"
+             for b in p.blocks if not b.homogeneous]
+    if not any(rule.donor for rule in record.rules.values()):
+        notes.append("width_method='aki' found no group inside a block to initialize from the next block "
+                     "(AKI applies to a block's own FFN units and heads): every group grew by FPI")
+    return notes
 
 
-def _size_pairs(p: Plan, maps: dict, layer_info: dict) -> dict:
-    """old size -> {new sizes} over every parameter axis and attention head count that changed."""
-    ag, pairs = p.facts.ag, {}
-
-    def add(axis):
-        _, _, old, new = tree_map(ag.expand(axis), ag, maps)
-        old, new = sympy.sympify(old), sympy.sympify(new)
-        if old.is_Integer and new.is_Integer and old != new:
-            pairs.setdefault(int(old), set()).add(int(new))
-    for m in maps.values():
-        pairs.setdefault(m.old, set()).add(m.new)
-    for node in list(p.facts.params) + list(p.facts.buffers):
-        for axis in p.facts.axes.get(node, []):
-            add(axis)
-    for site in p.facts.attention:
-        for axis in (site["q"][1], site["k"][1], site["q"][-1]):
-            add(axis)
-    for old, new, _ in layer_info.values():
-        if new != old:
-            pairs.setdefault(old, set()).add(new)
-    return pairs
+def _measure(model, built: _Built, p: Plan) -> float:
+    """The self-measure; a grown model that fails to run is a RewriteError naming the op that failed."""
+    try:
+        return measure(model, built.grown, p.captured, built.record.output_maps)
+    except Exception as exc:  # noqa: BLE001 - re-raised as a GrowthError, the original chained
+        at = failing_node(built.grown, p.captured)
+        raise RewriteError(f"the grown model fails to run{at}: {type(exc).__name__}: {first_line(exc)}. growir "
+                           f"grew a size this op depends on without rewriting the op (an argument above holds the "
+                           f"old size); the source is unchanged. Grow other roles, or report the op") from exc

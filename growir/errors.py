@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 
 class GrowthError(Exception):
     """Base class of every error growir raises on purpose."""
@@ -33,3 +35,36 @@ class MaterializeError(GrowthError):
 
 class PreservationError(GrowthError):
     """A growth that should be exact measured a deviation beyond tolerance."""
+
+
+class RewriteError(GrowthError):
+    """growir could not build or run the grown model (a pass, the rewritten graph); the message names the
+    stage and, where known, the op and module, and the original exception is its ``__cause__``."""
+
+
+@contextmanager
+def stage(what: str, error: type = RewriteError, advice: str = ""):
+    """Turn an unexpected exception inside one of growir's stages into ``error`` that says which stage
+    failed and why, keeping the original as ``__cause__``; GrowthErrors pass through unchanged.
+
+    >>> try:
+    ...     with stage("resolving the width spec", SpecError):
+    ...         {}["hidden"]
+    ... except SpecError as e:
+    ...     print(str(e).split(":")[0], type(e.__cause__).__name__)
+    growir failed while resolving the width spec KeyError
+    """
+    try:
+        yield
+    except GrowthError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised as a GrowthError, the original chained
+        raise error(f"growir failed while {what}: {type(exc).__name__}: {first_line(exc)}. "
+                    + (advice or "This is a limitation of growir, not of your model: the source is unchanged; "
+                       "please report it with the model's definition")) from exc
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message, at most ``limit`` characters."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else "")[:limit]

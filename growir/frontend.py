@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+import warnings
+from dataclasses import dataclass, field
 
+import sympy
 import torch
+import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from .errors import TraceError
+from .errors import TraceError, first_line
 from .inputs import example_inputs_for
 from .quiet import library_noise_off
 
@@ -18,6 +22,9 @@ class Captured:
     args: tuple
     kwargs: dict
     is_hf: bool
+    dims: list = field(default_factory=list)  # per flat input: its shape (ints and sympy symbols), or None
+    ranges: dict = field(default_factory=dict)  # symbol -> (lowest, highest or None) the export allows
+    static: str | None = None  # why the export fell back to the example's fixed shapes (None: it did not)
 
 
 def is_hf(model: torch.nn.Module) -> bool:
@@ -29,26 +36,47 @@ def is_hf(model: torch.nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def _dynamic_shapes(args: tuple, kwargs: dict):
+def _spec(t):
     """Batch and sequence axes are dynamic, so no batch or sequence size is baked into the graph."""
-    def spec(name, t):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return None
-        if not t.is_floating_point() and t.dim() >= 2:  # token ids, masks: (batch, seq, ...)
-            return {0: Dim.AUTO, 1: Dim.AUTO}
-        if name == "pixel_values" or t.dim() == 4:
-            return {0: Dim.AUTO}
-        return {0: Dim.AUTO, 1: Dim.AUTO} if t.dim() >= 3 else {0: Dim.AUTO}
-    return (tuple(spec(None, a) for a in args), {k: spec(k, v) for k, v in kwargs.items()})
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return None
+    if not t.is_floating_point() and t.dim() >= 2:  # token ids, masks: (batch, seq, ...)
+        return {0: Dim.AUTO, 1: Dim.AUTO}
+    if t.dim() == 4:  # images: (batch, channels, height, width)
+        return {0: Dim.AUTO}
+    return {0: Dim.AUTO, 1: Dim.AUTO} if t.dim() >= 3 else {0: Dim.AUTO}
+
+
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """``dynamic_shapes`` keyed by forward()'s parameter names, so positional, keyword and ``*args``
+    inputs can be mixed (torch.export wants a ``*args`` parameter's specs as one tuple)."""
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return tuple(_spec(a) for a in args) if not kwargs else {k: _spec(v) for k, v in kwargs.items()}
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(_spec(v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: _spec(v) for k, v in value.items()}
+        else:
+            out[name] = _spec(value)
+    return out
 
 
 def capture(model: torch.nn.Module, example_inputs=None) -> Captured:
     """Export ``model`` (eval mode, source untouched) to an aten graph with dynamic batch and sequence axes.
 
+    Where torch.export cannot keep those axes dynamic, the graph is exported at the example's shapes, with
+    a warning that says what failed; ``Captured.static`` records it.
+
     >>> import torch, growir.frontend as fe
     >>> cap = fe.capture(torch.nn.Linear(4, 3), (torch.randn(2, 5, 4),))
-    >>> sorted(n.target for n in cap.gm.graph.nodes if n.op == "get_attr")
-    ['bias', 'weight']
+    >>> sorted(n.target for n in cap.gm.graph.nodes if n.op == "get_attr"), cap.static
+    (['bias', 'weight'], None)
     """
     if not any(True for _ in model.parameters()):
         raise TraceError(f"{type(model).__name__} has no parameters: there is nothing to grow")
@@ -57,23 +85,52 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Captured:
     model.eval()
     try:
         with library_noise_off():  # torch.export's own deprecation warnings are not the user's
-            gm = _export(model, args, kwargs).module()
+            ep, static = _export(model, args, kwargs)
+            gm = ep.module()
     finally:
         model.train(was_training)
-    return Captured(gm, args, kwargs, is_hf(model))
+    if static is not None:
+        warnings.warn(f"growir: torch.export could not keep the batch and sequence axes of {type(model).__name__} "
+                      f"dynamic ({static}); the graph was exported at the example inputs' fixed shapes, so a "
+                      f"rewritten GraphModule accepts only those shapes and growir measures the growth at them "
+                      f"only", stacklevel=3)
+    dims, ranges = _input_dims(gm, args, kwargs, ep.range_constraints)
+    return Captured(gm, args, kwargs, is_hf(model), dims, ranges, static)
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict):
-    """``torch.export.export`` with dynamic batch and sequence axes, else static shapes, else a TraceError."""
-    ds_args, ds_kwargs = _dynamic_shapes(args, kwargs)
-    ds = None if (args and kwargs) else (ds_args if args else ds_kwargs)
+    """(exported program, None) with dynamic batch and sequence axes; else (the static export, what the
+    dynamic one failed on); else a TraceError."""
     try:
-        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=ds, strict=False)
-    except Exception as first:  # noqa: BLE001 - retried with static shapes, then reported
+        ds = _dynamic_shapes(model, args, kwargs)
+        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=ds, strict=False), None
+    except Exception as first:  # noqa: BLE001 - retried with static shapes, reported by the caller
         try:
-            return torch.export.export(model, args, kwargs=kwargs, strict=False)
+            static = torch.export.export(model, args, kwargs=kwargs, strict=False)
         except Exception as exc:
             raise TraceError(f"torch.export could not trace {type(model).__name__}: "
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}. growir needs a model "
+                             f"{type(exc).__name__}: {first_line(exc)}. growir needs a model "
                              f"that torch.export.export(..., strict=False) accepts; check that the "
                              f"example inputs match forward()'s signature") from first
+        return static, f"{type(first).__name__}: {first_line(first)}"
+
+
+def _input_dims(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, range_constraints: dict):
+    """Each flat input's shape as the export sees it (a sympy symbol where the axis is dynamic), and the
+    range each symbol may take. Empty when the placeholders do not line up with the inputs."""
+    leaves = pytree.tree_leaves((args, kwargs))
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(vals) != len(leaves):
+        return [], {}
+    dims = []
+    for leaf, val in zip(leaves, vals):
+        if not isinstance(leaf, torch.Tensor) or not isinstance(val, torch.Tensor) or leaf.dim() != val.dim():
+            dims.append(None)
+            continue
+        dims.append(tuple(int(d) if isinstance(d, int) else d.node.expr for d in val.shape))
+    ranges = {}
+    for sym, vr in range_constraints.items():
+        if isinstance(sym, sympy.Symbol):
+            lo, hi = vr.lower, vr.upper  # an unbounded end is torch's int_oo, not a sympy Integer
+            ranges[sym] = (int(lo) if lo.is_Integer else 0, int(hi) if hi.is_Integer else None)
+    return dims, ranges

@@ -123,55 +123,93 @@ def _copy_blocks(gm: fx.GraphModule, sched: Schedule) -> None:
 
 
 # --- the Hugging Face class, rebuilt from its config --------------------------------------------------------------
+# Config fields that name a token, not a size: a rebuild never changes them, whatever value they hold (an
+# eos_token_id that happens to equal the hidden size is still a token). Field names are read only here.
+TOKEN_FIELDS = frozenset({"bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "cls_token_id",
+                          "mask_token_id", "unk_token_id", "decoder_start_token_id", "forced_bos_token_id",
+                          "forced_eos_token_id"})
+
+
+def is_token_field(name: str) -> bool:
+    """Whether a config field holds token ids (never rebuilt).
+
+    >>> is_token_field("eos_token_id"), is_token_field("image_token_index"), is_token_field("hidden_size")
+    (True, True, False)
+    """
+    return name in TOKEN_FIELDS or name.endswith(("_token_id", "_token_ids", "_token_index"))
+
+
 def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict, required: set,
                       layer_sources: dict, float_pairs: dict | None = None, max_tries: int = 64):
-    """Configs whose rebuilt parameter shapes match the grown ones, most likely first.
+    """Configs whose rebuilt parameter shapes match the grown ones, fewest changes first.
 
     ``expected`` maps each state_dict name to its grown shape; an axis given as None matches any size
     (an output-only group the config decides, like a pooler). ``size_pairs`` maps an old size to the new
-    sizes it may become. Candidate fields are int fields holding such an old size. Fields that change
-    shapes are searched for the smallest change that reproduces every grown shape; fields that change no
-    shape but hold a head count (``head_pairs``) are tried changed, then kept, because a head count
-    shapes the computation, not the parameters. Every name in ``required`` (the grown parameters) must
-    exist in the rebuilt model. A list field as long as a block count that changes follows the depth
-    schedule (``layer_sources``: old count -> source block per new position), like per-layer attention types.
-    Float fields equal to a key of ``float_pairs`` (a norm's eps under repeat-and-fill) take its value.
-    The caller checks each candidate numerically. Yields (config dict, changes, rebuilt shapes).
+    sizes it may become. Candidate fields are int fields holding such an old size, never a token id.
+    A field changes only where the shapes require it: the search finds changes that reproduce every grown
+    shape, then keeps (reverts) each change the shapes do not need. Changes no shape requires -- those
+    reverted, and fields holding a head count (``head_pairs``: a head count shapes the computation, not
+    the parameters) -- are offered fewest first, for the caller's numeric check to decide. Every name in
+    ``required`` (the grown parameters) must exist in the rebuilt model. A list field as long as a block
+    count that changes follows the depth schedule (``layer_sources``: old count -> source block per new
+    position), like per-layer attention types. Float fields equal to a key of ``float_pairs`` (a norm's
+    eps under repeat-and-fill) take its value. Yields (config dict, changes, rebuilt shapes).
     """
     base = model.config.to_dict()
     floats = {k: float_pairs[v] for k, v in base.items() if isinstance(v, float) and v in (float_pairs or {})}
     base = {**base, **floats}
-    _shapes = lambda m, d: _shapes_of(m, _follow_lists(base, d, layer_sources))
-    _matches = lambda sh, ex: _fits(sh, ex, required)
-    fields = {k: v for k, v in base.items() if isinstance(v, int) and not isinstance(v, bool) and v in size_pairs}
-    base_shapes = _shapes(model, base)
-    relevant = {k: v for k, v in fields.items() if any(_shapes(model, {**base, k: n}) != base_shapes
+    shapes_of = lambda changes: _shapes_of(model, _follow_lists(base, {**base, **changes}, layer_sources))
+    fits = lambda sh: _fits(sh, expected, required)
+    fields = {k: v for k, v in base.items() if isinstance(v, int) and not isinstance(v, bool)
+              and v in size_pairs and not is_token_field(k)}
+    base_shapes = shapes_of({})
+    relevant = {k: v for k, v in fields.items() if any(shapes_of({k: n}) != base_shapes
                                                        for n in size_pairs[v] if n != v)}
-    neutral = [(k, n) for k, v in fields.items() if k not in relevant and v in head_pairs for n in head_pairs[v]]
+    needed = _shape_changes(relevant, size_pairs, shapes_of, fits, max_tries)
+    if needed is None:
+        diff = _first_mismatch(shapes_of({k: max(size_pairs[v]) for k, v in relevant.items()}), expected, required)
+        raise MaterializeError(
+            f"no change of {type(model.config).__name__}'s size fields ({', '.join(relevant) or 'none'}) rebuilds "
+            f"{type(model).__name__} with the grown shapes ({diff}): its config cannot express this growth. "
+            f"Nothing was loaded; grow(..., materialize='graph') returns the rewritten GraphModule instead")
+    needed, optional = _required_only(needed, shapes_of, fits)
+    optional += [(k, n) for k, v in fields.items() if k not in relevant and v in head_pairs for n in sorted(head_pairs[v])]
+    for count in range(len(optional) + 1):
+        for extra in itertools.combinations(optional, count):
+            if len({k for k, _ in extra}) < count:
+                continue  # two values for one field
+            changes = {**needed, **dict(extra)}
+            shapes = shapes_of(changes)
+            if fits(shapes):
+                yield _follow_lists(base, {**base, **changes}, layer_sources), {**changes, **floats}, shapes
+
+
+def _required_only(changes: dict, shapes_of, fits) -> tuple[dict, list]:
+    """Split ``changes`` into those the shapes need and those they do not (reverted one at a time)."""
+    needed, reverted = dict(changes), []
+    for key in list(changes):
+        without = {k: v for k, v in needed.items() if k != key}
+        if fits(shapes_of(without)):
+            reverted.append((key, needed[key]))
+            needed = without
+    return needed, reverted
+
+
+def _shape_changes(relevant: dict, size_pairs: dict, shapes_of, fits, max_tries: int) -> dict | None:
+    """Changes of the shape-relevant fields that rebuild every grown shape (None: none found)."""
     options = [[(k, n) for n in sorted(size_pairs[v]) if n != v] for k, v in relevant.items()]
-    tried, found = 0, False
+    tried = 0
     for keep in range(len(options) + 1):
         for reverted in itertools.combinations(range(len(options)), keep):
             choices = [[None] if i in reverted else opts for i, opts in enumerate(options)]
             for combo in itertools.product(*choices):
                 changes = dict(c for c in combo if c is not None)
-                shapes = _shapes(model, {**base, **changes})
+                if fits(shapes_of(changes)):
+                    return changes
                 tried += 1
-                if _matches(shapes, expected):
-                    found = True
-                    for n_kept in range(len(neutral) + 1):
-                        for kept in itertools.combinations(range(len(neutral)), n_kept):
-                            extra = dict(c for i, c in enumerate(neutral) if i not in kept)
-                            yield (_follow_lists(base, {**base, **changes, **extra}, layer_sources),
-                                   {**changes, **extra, **floats}, shapes)
                 if tried >= max_tries:
-                    break
-    if not found:
-        diff = _first_mismatch(_shapes(model, {**base, **dict(o[0] for o in options if o)}), expected, required)
-        raise MaterializeError(
-            f"no change of {type(model.config).__name__}'s size fields ({', '.join(relevant) or 'none'}) rebuilds "
-            f"{type(model).__name__} with the grown shapes ({diff}); nothing was loaded. Give a width dict whose "
-            f"sizes the config can express, or grow a plain nn.Module to get a rewritten GraphModule")
+                    return None
+    return None
 
 
 def _follow_lists(base: dict, cfg: dict, layer_sources: dict) -> dict:

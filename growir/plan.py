@@ -230,3 +230,19 @@ def _checked(value, g: Group, role: str) -> int:
         raise SpecError(f"{role} group {g.label} cannot grow: it is {g.pinned}. Growing it would change the "
                         f"model's inputs; wrap the model so that its inputs are token ids or pixels")
     return value
+
+
+def unused_width_notes(plan: Plan, width, sizes: dict) -> list[str]:
+    """What a width multiplier left unchanged: role groups it skipped because they are pinned, or every
+    group (no group has a role a multiplier grows). A role dict naming a pinned group is a SpecError."""
+    if isinstance(width, dict) or float(width) == 1:
+        return []
+    notes = []
+    skipped = [g for g in plan.groups if g.role in ("hidden", "ffn", "heads") and g.pinned and g.id not in sizes]
+    if skipped:
+        notes.append(f"width={float(width):g} left {', '.join(g.label for g in skipped)} at their size: "
+                     f"{skipped[0].pinned}; nothing grows there")
+    if not any(sizes.get(g.id, g.size) != g.size for g in plan.groups):
+        notes.append(f"width={float(width):g} grew nothing: growir found no group with a role a multiplier "
+                     f"grows ({', '.join(r for r in WIDTH_ROLES if r != 'head_dim')}) that is free to grow")
+    return notes

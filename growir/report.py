@@ -63,6 +63,7 @@ def record_table(rec) -> str:
     lines.append(f"parameters: {rec.params_before:,} -> {rec.params_after:,}{ratio}; grown in {rec.seconds:.1f} s")
     if rec.config_changes:
         lines.append("config: " + ", ".join(f"{k}={v}" for k, v in rec.config_changes.items()))
+    lines += [f"note: {n}" for n in getattr(rec, "notes", [])]
     verdict = "exact" if rec.exact else "not exact: " + "; ".join(rec.reasons)
     measured = ("deviation not measured (meta device: shapes only)" if rec.deviation is None
                 else f"measured deviation {rec.deviation:.2e}")

@@ -2,11 +2,13 @@
 same comparison in ONNX Runtime): outputs on the example inputs and on a second shape, source outputs
 mapped into the grown coordinates by the groups' index maps. Both models run in float32
 (:mod:`growir.precision`, module by module), one after the other, so a bfloat16 growth is judged by the
-float32 standard without a float32 copy of either model.
+float32 standard without a float32 copy of either model. Only axes the export proved dynamic change size,
+and only within the range the export allows.
 """
 
 from __future__ import annotations
 
+import sympy
 import torch
 import torch.utils._pytree as pytree
 
@@ -27,44 +29,94 @@ def output_maps(plan, maps: dict) -> list:
     return out
 
 
-def _inputs_at(captured: Captured, batch: int, seq: int):
-    """The example inputs resized on their batch/sequence axes (token ids stay in range)."""
-    def resize(t, name=None):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return t
-        gen = torch.Generator().manual_seed(batch * 100 + seq)
-        shape = list(t.shape)
-        shape[0] = batch
-        if t.dim() >= 2 and not t.is_floating_point():
-            shape[1] = seq
-        if t.is_floating_point():
-            return torch.randn(shape, generator=gen, dtype=t.dtype).to(t.device)
-        if t.dtype == torch.bool or name == "attention_mask":
-            return torch.ones(shape, dtype=t.dtype, device=t.device)
-        hi = int(t.max()) + 1
-        return torch.randint(0, max(hi, 2), shape, generator=gen, dtype=t.dtype).to(t.device)
-    return tuple(resize(a) for a in captured.args), {k: resize(v, k) for k, v in captured.kwargs.items()}
+def _hints(captured: Captured) -> dict:
+    """symbol -> its value in the example inputs, and whether it is ever a leading (batch) axis."""
+    leaves = pytree.tree_leaves((captured.args, captured.kwargs))
+    hints, leading = {}, set()
+    for leaf, dims in zip(leaves, captured.dims):
+        for i, d in enumerate(dims or ()):
+            if isinstance(d, sympy.Symbol):
+                hints[d] = int(leaf.shape[i])
+                if i == 0:
+                    leading.add(d)
+    return {s: (h, s in leading) for s, h in hints.items()}
 
 
-def measure(source, grown, captured: Captured, maps: list, quick: bool = False) -> float | None:
-    """max|Δ| / max(1, max|y|) over all outputs, at the example shape and (unless quick) one other shape,
-    both models run in float32. None when either model is on the meta device (no values to measure)."""
+def _clamp(captured: Captured, sym, value: int) -> int:
+    lo, hi = captured.ranges.get(sym, (0, None))
+    return max(lo, value if hi is None else min(hi, value))
+
+
+def other_sizes(captured: Captured) -> dict:
+    """A second value for every dynamic axis (batch 2 -> 3, sequence 8 -> 5 within the allowed range);
+    empty when no axis is dynamic. Symbols with one example value move together (the export may name the
+    batch of two inputs apart)."""
+    out = {}
+    for sym, (hint, leading) in _hints(captured).items():
+        want = hint + 1 if leading else max(2, hint - 3) if hint > 4 else hint + 3
+        value = _clamp(captured, sym, want)
+        if value == hint:
+            value = _clamp(captured, sym, hint - 1 if hint > 2 else hint + 1)
+        out[sym] = value
+    return {s: v for s, v in out.items() if v != _hints(captured)[s][0]}
+
+
+def long_sizes(captured: Captured, length: int) -> dict:
+    """Every dynamic non-batch axis at ``length`` (clamped to the range the export allows)."""
+    return {sym: _clamp(captured, sym, length) for sym, (hint, leading) in _hints(captured).items()
+            if not leading and length > hint}
+
+
+def inputs_at(captured: Captured, values: dict):
+    """The example inputs with their dynamic axes at ``values`` (symbol -> size). New token ids stay in
+    the example's range; an input holding one value (a mask of ones, token types of zero) keeps it."""
+    leaves, spec = pytree.tree_flatten((captured.args, captured.kwargs))
+    values = {**{s: h for s, (h, _) in _hints(captured).items()}, **values}
+    out = []
+    for k, (leaf, dims) in enumerate(zip(leaves, captured.dims)):
+        if dims is None:
+            out.append(leaf)
+            continue
+        shape = [int(sympy.sympify(d).subs(values)) for d in dims]
+        out.append(leaf if shape == list(leaf.shape) else _resized(leaf, shape, k))
+    return pytree.tree_unflatten(out, spec)
+
+
+def _resized(t: torch.Tensor, shape: list, k: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(sum(shape) * 100 + k)
+    if t.is_floating_point():
+        return torch.randn(shape, generator=gen, dtype=t.dtype).to(t.device)
+    flat = t.flatten()
+    if t.numel() and bool((flat == flat[0]).all()):
+        return torch.full(shape, flat[0].item(), dtype=t.dtype, device=t.device)
+    if t.dtype == torch.bool or bool(((flat == 0) | (flat == 1)).all()):
+        return torch.ones(shape, dtype=t.dtype, device=t.device)  # a mask: keep every position
+    hi = int(t.max()) + 1
+    return torch.randint(0, max(hi, 2), shape, generator=gen, dtype=t.dtype).to(t.device)
+
+
+def measure(source, grown, captured: Captured, maps: list, quick: bool = False,
+            sizes: dict | None = None) -> float | None:
+    """max|Δ| / max(1, max|y|) over all outputs, at the example shape and (unless quick) one other shape
+    of the axes the export proved dynamic; ``sizes`` (symbol -> size) measures at that shape only. Both
+    models run in float32. None when either model is on the meta device (no values to measure)."""
     from .verify import map_source_output
     if not measurable(source) or not measurable(grown):
         return None
-    inputs = [(captured.args, captured.kwargs)]
-    if not quick and any(isinstance(v, torch.Tensor) and v.dim() >= 2 and not v.is_floating_point()
-                         for v in list(captured.kwargs.values()) + list(captured.args)):
-        inputs.append(_inputs_at(captured, 3, 5))
+    if sizes is not None:
+        inputs = [inputs_at(captured, sizes)]
+    else:
+        other = {} if quick or not captured.dims else other_sizes(captured)
+        inputs = [(captured.args, captured.kwargs)] + ([inputs_at(captured, other)] if other else [])
     worst = 0.0
     for ys, yg in zip(_outputs(source, inputs), _outputs(grown, inputs)):
         for i, (a, b) in enumerate(zip(ys, yg)):
-            if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+            if not isinstance(a, torch.Tensor) or not a.is_floating_point() or not a.numel():
                 continue
             m = maps[i] if i < len(maps) else None
             expected, index = map_source_output(a, b.shape, m)
-            scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-            worst = max(worst, float((b[index] - expected).abs().max()) / scale if expected.numel() else 0.0)
+            scale = max(1.0, float(expected.abs().max()))
+            worst = max(worst, float((b[index] - expected).abs().max()) / scale)
     return worst
 
 
@@ -89,3 +141,34 @@ def _run(model, inputs: list) -> list:
 def measurable(model) -> bool:
     """Whether ``model`` holds values: a meta-device model has shapes only."""
     return not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+
+
+def failing_node(grown, captured: Captured) -> str:
+    """' at `node` (op) in module `path` (args ...)': the node of a rewritten GraphModule that raises on the
+    example inputs or the second shape; empty when ``grown`` is not a GraphModule or nothing raises."""
+    import torch.fx as fx
+    from .analysis.walker import where
+    if not isinstance(grown, fx.GraphModule):
+        return ""
+    other = other_sizes(captured) if captured.dims else {}
+    for args, kwargs in [(captured.args, captured.kwargs)] + ([inputs_at(captured, other)] if other else []):
+        interp = _Tracking(grown)
+        try:
+            with torch.no_grad():
+                interp.run(*pytree.tree_leaves((args, kwargs)))
+        except Exception:  # noqa: BLE001 - we only want to know where
+            node = interp.current
+            if node is None:
+                return ""
+            literals = [a for a in node.args if not isinstance(a, fx.Node)]
+            return f" at {where(node)} (its literal arguments: {literals})"
+    return ""
+
+
+class _Tracking(torch.fx.Interpreter):
+    """An interpreter that remembers the node it is running."""
+    current = None
+
+    def run_node(self, n):
+        self.current = n
+        return super().run_node(n)

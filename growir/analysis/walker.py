@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..errors import UnsupportedOpError
+from ..errors import AnalysisError, GrowthError, UnsupportedOpError, first_line
 from .axes import AxisGraph
 
 LAYOUT_OPS = {"aten.to", "aten._to_copy", "aten.t", "aten.numpy_T", "aten.transpose", "aten.permute", "aten.contiguous",
@@ -247,7 +247,17 @@ class Walker:
             raise UnsupportedOpError(
                 f"growir has no rule for the op `{node.target}` at {where(node)}. It stops rather than guess "
                 f"how the op treats tensor axes; add a rule for it in growir/analysis/rules.py")
-        rule(self, node)
+        try:
+            rule(self, node)
+        except GrowthError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a rule that fails is an AnalysisError naming the node
+            literals = [a for a in node.args if not isinstance(a, fx.Node)]
+            raise AnalysisError(
+                f"growir's rule for `{name}` cannot read {where(node)} (its literal arguments: {literals}): "
+                f"{type(exc).__name__}: {first_line(exc)}. It stops rather than guess how the op treats tensor "
+                f"axes; write that step with ops growir reads (see docs/design.md, 'Adding an op'), or report "
+                f"it") from exc
 
 
 def _has_tensor(val) -> bool:

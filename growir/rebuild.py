@@ -1,0 +1,239 @@
+"""The Hugging Face class rebuilt around the grown tensors, or the rewritten GraphModule where no config can
+express the growth.
+
+A config field changes only where the grown shapes or the numeric check require it (the candidates come
+fewest changes first from :func:`growir.materialize.candidate_configs`). A candidate is accepted when the
+rebuilt model computes what the rewritten graph computes at the example inputs, at sequences longer than
+the config's small integer fields (a sliding window, a chunk size), and derives the same generation
+settings. ``record.config_changes`` lists every field whose value differs from the source's config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+
+import sympy
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import MaterializeError
+from .passes.depth import schedule
+from .passes.width import tree_map
+from .verify_torch import long_sizes, measure
+
+TOLERANCE = 1e-5  # as api.TOLERANCE: max|Δ| <= TOLERANCE * max(1, max|y|) in float32
+MAX_CHECK_LEN = 512  # the longest sequence the config check runs (it runs on the full grown model)
+MATERIALIZE = ("auto", "hf", "graph")
+
+
+def materialize_hf(model, p, sizes: dict, depth_plan: list, opts, built, rebuild, mode: str = "auto"):
+    """``built`` with its grown model replaced by ``model``'s own class, rebuilt from a changed config.
+
+    ``mode="hf"`` raises MaterializeError where no config computes the grown function; ``"auto"`` keeps
+    the rewritten GraphModule there, with a warning and a note in the record that say why; ``"graph"``
+    always keeps it. ``rebuild(p, sizes, depth_plan, opts)`` builds again (a pooler the config sizes).
+    """
+    if mode == "graph":
+        return built
+    try:
+        return _fit_config(model, p, sizes, depth_plan, opts, built, rebuild)
+    except MaterializeError as err:
+        if mode == "hf":
+            raise
+        note = (f"returned the rewritten torch.fx.GraphModule, not a {type(model).__name__}, because {err}. "
+                f"It computes the grown function; pass materialize='hf' to make this an error")
+        built.record.notes.append(note)
+        warnings.warn("growir: " + note, stacklevel=3)
+        return built
+
+
+def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
+    """Rebuild the Hugging Face class. Output-only groups (a pooler) take the size the config gives them."""
+    from .materialize import candidate_configs, load_hf
+    from .passes.per_unit import rebuilt_values
+    free = [g for g in p.groups if g.role is None and g.size and not g.pinned and g.producers
+            and not g.consumers and g.in_output]
+    free_axes = {(pa.param, pa.axis) for g in free for pa in g.producers}
+    expected = {k: tuple(None if (p.facts.aliases.get(k, k), i) in free_axes else n for i, n in enumerate(v.shape))
+                for k, v in with_source_ties(model, built.state).items()}
+    pairs = _size_pairs(p, built.maps, {b.prefix: (b.count, n, "") for b, n in depth_plan})
+    heads = _head_pairs(p, built.maps)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    required = set(params) | {b.name(i, sfx) for b, n in depth_plan for i in range(n) for sfx in b.suffixes
+                              if b.name(0, sfx) in params}
+    sources = {b.count: schedule(b, n, opts.depth_method).sources for b, n in depth_plan}
+    tried = []
+    for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads, required, sources,
+                                                  built.eps_values):
+        extra = {}
+        for g in free:
+            size = shapes[g.producers[0].param][g.producers[0].axis]
+            if size != g.size and all(shapes[q.param][q.axis] == size for q in g.producers):
+                extra[g.id] = size
+        candidate = rebuild(p, {**sizes, **extra}, depth_plan, opts) if extra else built
+        grown = load_hf(model, cfg, with_source_ties(model, candidate.state))
+        if candidate.units and not opts.unit_values:  # the rebuilt model's own per-unit constants
+            values = rebuilt_values(candidate.units, candidate.maps, grown)
+            if values:
+                candidate = rebuild(p, {**sizes, **extra}, depth_plan, dataclasses.replace(opts, unit_values=values))
+                grown = load_hf(model, cfg, with_source_ties(model, candidate.state))
+        why = _differs(model, candidate, grown, p.captured)
+        if why is None:
+            _keep_generation_config(model, grown)
+            candidate.grown, candidate.record.config_changes = grown, config_diff(model.config, grown.config)
+            return candidate
+        tried.append(f"{changes} ({why})")
+    if built.eps_values and not opts.keep_eps:  # e.g. an eps the config does not hold: keep it
+        kept = dataclasses.replace(opts, keep_eps=True)
+        return _fit_config(model, p, sizes, depth_plan, kept, rebuild(p, sizes, depth_plan, kept), rebuild)
+    raise MaterializeError(f"every {type(model).__name__} config that fits the grown shapes computes something "
+                           f"else than the rewritten graph: {'; '.join(tried[:4])}")
+
+
+def _differs(model, candidate, grown, captured) -> str | None:
+    """Why the rebuilt ``grown`` is not the rewritten graph (None: it is): outputs at the example, outputs
+    at a long sequence, or the generation settings its config derives."""
+    outputs = len(candidate.record.plan.facts.outputs)
+    deviation = measure(candidate.grown, grown, captured, [None] * outputs, quick=True)
+    if deviation is None:  # a meta-device model: shapes only, nothing to run
+        return None
+    if deviation > TOLERANCE:
+        return f"differs from the rewritten graph by {deviation:.2g}"
+    exact = candidate.record.exact  # the source is the reference where the growth is exact: the graph's own
+    ref, maps = (model, candidate.record.output_maps) if exact else (candidate.grown, [None] * outputs)
+    deviation, length = _long_deviation(ref, grown, captured, maps, check_length(model.config.to_dict(), captured))
+    if deviation is not None and deviation > TOLERANCE:
+        return f"differs from the {'source' if exact else 'rewritten graph'} by {deviation:.2g} at {length} tokens"
+    gen = _generation_diff(model.config, grown.config)
+    return f"derives other generation settings: {gen}" if gen else None
+
+
+def _long_deviation(ref, grown, captured, maps: list, length: int):
+    """(deviation, length) at the longest sequence up to ``length`` the reference model accepts (a position
+    table may stop it earlier than the export's range says); (None, 0) where no axis is dynamic."""
+    example = _example_length(captured)
+    while captured.dims and length > example:
+        sizes = long_sizes(captured, length)
+        if not sizes:
+            break
+        try:
+            return measure(ref, grown, captured, maps, sizes=sizes), length
+        except Exception:  # noqa: BLE001 - too long for the reference itself: halve; else the grown model fails
+            try:
+                measure(ref, ref, captured, [None] * len(maps), sizes=sizes)
+            except Exception:  # noqa: BLE001
+                length //= 2
+                continue
+            raise
+    return None, 0
+
+
+def _example_length(captured) -> int:
+    leaves = pytree.tree_leaves((captured.args, captured.kwargs)) if captured is not None else []
+    return max((t.shape[1] for t in leaves if isinstance(t, torch.Tensor) and t.dim() >= 2), default=8)
+
+
+def check_length(cfg: dict, captured) -> int:
+    """A sequence length beyond every small integer field of the config (a sliding window, a chunk size):
+    twice the largest field below the model's position count, at least twice the example's sequence, at
+    most the position count and MAX_CHECK_LEN.
+
+    >>> check_length({"sliding_window": 8, "hidden_size": 32, "eos_token_id": 400}, None)
+    64
+    """
+    from .inputs import _max_positions
+    from .materialize import is_token_field
+    limit = min(MAX_CHECK_LEN, _max_positions(_Fields(cfg), MAX_CHECK_LEN))
+    ints = [v for k, v in cfg.items() if isinstance(v, int) and not isinstance(v, bool) and not is_token_field(k)
+            and 0 < v < limit]
+    return min(limit, 2 * max(ints + [_example_length(captured)]))
+
+
+class _Fields:
+    """A config dict read as attributes."""
+    def __init__(self, cfg: dict):
+        self.__dict__.update(cfg)
+
+
+def config_diff(old, new) -> dict:
+    """Every field whose value differs between two configs (added or removed fields included).
+
+    >>> from transformers import BertConfig
+    >>> config_diff(BertConfig(hidden_size=32), BertConfig(hidden_size=64))
+    {'hidden_size': 64}
+    """
+    a, b = old.to_dict(), new.to_dict()
+    skip = {"transformers_version", "_name_or_path"}
+    return {k: b.get(k) for k in list(b) + [k for k in a if k not in b] if k not in skip and a.get(k) != b.get(k)}
+
+
+def _generation_diff(old, new) -> dict:
+    """The generation settings (token ids, lengths) the two configs derive, where they differ."""
+    try:
+        from transformers import GenerationConfig
+        a = GenerationConfig.from_model_config(old).to_diff_dict()
+        b = GenerationConfig.from_model_config(new).to_diff_dict()
+    except (ImportError, AttributeError, TypeError, ValueError):  # a config that derives no generation settings
+        return {}
+    return {k: b.get(k) for k in set(a) | set(b) if k != "transformers_version" and a.get(k) != b.get(k)}
+
+
+def _keep_generation_config(model, grown) -> None:
+    """The source's own generation settings (maybe loaded from its folder, not derived) carry over."""
+    source = getattr(model, "generation_config", None)
+    if source is not None and hasattr(grown, "generation_config"):
+        grown.generation_config = copy.deepcopy(source)
+
+
+def _head_pairs(p, maps: dict) -> dict:
+    """old -> {new} query-head counts: sizes that shape attention but no parameter."""
+    ag, out = p.facts.ag, {}
+    for site in p.facts.attention:
+        _, _, old, new = tree_map(ag.expand(site["q"][1]), ag, maps)
+        old, new = sympy.sympify(old), sympy.sympify(new)
+        if old.is_Integer and old != new:
+            out.setdefault(int(old), set()).add(int(new))
+    for g in p.by_role("heads"):  # attention written out as matmuls records no site: its head groups
+        if g.root in maps and not g.per_kv:
+            out.setdefault(maps[g.root].old, set()).add(maps[g.root].new)
+    return out
+
+
+def with_source_ties(model, state: dict) -> dict:
+    """The grown tensors under every name the source model gives them: a tensor the source shares between
+    two names (a tied bias, say) that the traced graph saw under one name gets both."""
+    by_tensor = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        by_tensor.setdefault(id(t), []).append(name)
+    out = dict(state)
+    for names in by_tensor.values():
+        known = [n for n in names if n in state]
+        for n in names:
+            if n not in out and known:
+                out[n] = state[known[0]]
+    return out
+
+
+def _size_pairs(p, maps: dict, layer_info: dict) -> dict:
+    """old size -> {new sizes} over every parameter axis and attention head count that changed."""
+    ag, pairs = p.facts.ag, {}
+
+    def add(axis):
+        _, _, old, new = tree_map(ag.expand(axis), ag, maps)
+        old, new = sympy.sympify(old), sympy.sympify(new)
+        if old.is_Integer and new.is_Integer and old != new:
+            pairs.setdefault(int(old), set()).add(int(new))
+    for m in maps.values():
+        pairs.setdefault(m.old, set()).add(m.new)
+    for node in list(p.facts.params) + list(p.facts.buffers):
+        for axis in p.facts.axes.get(node, []):
+            add(axis)
+    for site in p.facts.attention:
+        for axis in (site["q"][1], site["k"][1], site["q"][-1]):
+            add(axis)
+    for old, new, _ in layer_info.values():
+        if new != old:
+            pairs.setdefault(old, set()).add(new)
+    return pairs
