@@ -10,7 +10,7 @@ import torch.utils._pytree as pytree
 
 import growir
 from growir.verify import map_source_output
-from zoo import ALL, PRE_NORM, NanoGPT, TorchEncoder, example_inputs, make
+from zoo import ALL, PRE_NORM, SIZE_FIELDS, NanoGPT, TorchEncoder, example_inputs, make
 
 TOL = 1e-5
 
@@ -77,6 +77,7 @@ def test_width_two_is_exact(name):
     grown_groups = [g for g in rec.plan.groups if rec.sizes.get(g.id, g.size) != g.size]
     assert grown_groups and all(rec.sizes[g.id] == 2 * g.size for g in grown_groups)
     assert rec.params_after == fresh_count(name, grown)
+    assert set(rec.config_changes) <= SIZE_FIELDS, rec.config_changes
 
 
 @pytest.mark.parametrize("name", sorted(PRE_NORM - {"t5"}))
@@ -91,6 +92,7 @@ def test_width_and_depth_exact_for_pre_norm(name):
     if hasattr(grown, "config"):
         layers = [v for k, v in rec.config_changes.items() if v == 4]
         assert layers, rec.config_changes
+        assert set(rec.config_changes) <= SIZE_FIELDS, rec.config_changes
 
 
 def test_t5_depth_refused_with_reason():

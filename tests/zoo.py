@@ -141,3 +141,10 @@ def example_inputs(name: str, batch: int = 2, seq: int = 7, seed: int = 0):
 
 
 ALL = list(hf_models()) + ["nanogpt", "torchenc"]
+
+
+# The config fields a width or depth growth of the zoo may change: sizes only (never a token id, a window,
+# a position count). A rebuild that changes anything else is a silent wrong model.
+SIZE_FIELDS = {"hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+               "n_embd", "n_head", "n_layer", "n_inner", "ffn_dim", "word_embed_proj_dim", "d_model", "d_ff",
+               "num_heads", "num_layers", "num_decoder_layers", "d_kv", "head_dim", "layer_types"}

@@ -97,7 +97,11 @@ def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
 
 
 def _is_causal(model: nn.Module) -> bool:
-    return "CausalLM" in type(model).__name__
+    """A decoder-only generator: its loss predicts token t+1 from tokens up to t (labels shifted by one).
+    Decided from what the model can do, not from its class name."""
+    can_generate = getattr(model, "can_generate", None)
+    config = getattr(model, "config", None)
+    return bool(callable(can_generate) and can_generate() and not getattr(config, "is_encoder_decoder", False))
 
 
 def train(model: nn.Module, batcher: Batcher, cfg: TrainConfig, *, callbacks=(), flops_offset: float = 0.0,
