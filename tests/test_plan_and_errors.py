@@ -47,11 +47,77 @@ def test_plan_groups_agree_with_parameter_shapes():
             assert shapes[pa.param].shape[pa.axis] % g.size == 0
 
 
+# CamelCase class names of architectures and of Hugging Face heads (LlamaAttention, GPT2Block, ...ForCausalLM)
+CLASS_NAMES = re.compile(r"(Bert|Roberta|Llama|Mistral|Mixtral|Qwen\d*|T5|ViT|Gemma\d*|Phi\d*|GPT2|GPTNeoX|OPT|Bloom"
+                         r"|Falcon|Olmo\w*|Mpt|Deberta|Electra|Bart|Whisper)[A-Z]\w*|\w+(ForCausalLM|ForMaskedLM|"
+                         r"ForConditionalGeneration|ForSequenceClassification|LMHeadModel)\b")
+# Config field names may appear only where a config is rebuilt, or read for what the graph cannot say: example
+# inputs (inputs.py), which output is the vocabulary (verify.py), and the training experiments, which slice
+# and size configs of their own (train/).
+CONFIG_FILES = {"materialize.py", "rebuild.py", "inputs.py", "verify.py", "blocks.py", "baselines.py", "flops.py"}
+
+
+def _code_strings_and_names(tree):
+    """Identifiers and string constants of the code, docstrings left out (their examples name real classes)."""
+    import ast
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs:
+            yield n.lineno, n.value
+        elif isinstance(n, ast.Name):
+            yield n.lineno, n.id
+        elif isinstance(n, ast.Attribute):
+            yield n.lineno, n.attr
+
+
+def _sources():
+    import ast
+    root = pathlib.Path(growir.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        yield path.relative_to(root), ast.parse(path.read_text())
+
+
 def test_no_architecture_names_in_growir():
     root = pathlib.Path(growir.__file__).parent
     hits = [f"{path.relative_to(root)}:{i}: {line.strip()}" for path in root.rglob("*.py")
             for i, line in enumerate(path.read_text().splitlines(), 1) if ARCH_NAMES.search(line)]
+    hits += [f"{path}:{i}: {text[:80]}" for path, tree in _sources() for i, text in _code_strings_and_names(tree)
+             if CLASS_NAMES.search(text)]
     assert not hits, "growir must decide from the graph, not from names:\n" + "\n".join(hits[:20])
+
+
+def test_no_class_name_matching_in_growir():
+    """A class's ``__name__`` may be printed, never compared or searched (``"CausalLM" in type(m).__name__``)."""
+    import ast
+    hits = []
+    for path, tree in _sources():
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Compare):
+                parts = [n.left, *n.comparators]
+            elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in (
+                    "startswith", "endswith", "find", "index", "count", "match", "search", "fullmatch"):
+                parts = [n.func.value, *n.args]
+            else:
+                continue
+            if any(isinstance(a, ast.Attribute) and a.attr in ("__name__", "__qualname__", "__class__")
+                   and not (isinstance(a.value, ast.Attribute) and a.value.attr == "_overloadpacket")  # an op
+                   for p in parts for a in ast.walk(p)):
+                hits.append(f"{path}:{n.lineno}")
+    assert not hits, "growir decides from the model, not its class name:\n" + "\n".join(hits)
+
+
+def test_config_field_names_only_where_a_config_is_rebuilt():
+    from transformers import AutoConfig
+    from growir.plan import WIDTH_ROLES
+    fields = set()
+    for kind in ("bert", "gpt2", "llama", "mistral", "qwen2", "t5", "opt", "gpt_neox", "phi3", "vit"):
+        fields |= {k for k in AutoConfig.for_model(kind).to_dict() if "_" in k}
+    fields -= set(WIDTH_ROLES) | {"use_cache", "return_dict", "output_attentions", "output_hidden_states"}
+    hits = [f"{path}:{i}: {text}" for path, tree in _sources() if path.name not in CONFIG_FILES
+            for i, text in _code_strings_and_names(tree) if text in fields]
+    assert not hits, "config field names belong in " + ", ".join(sorted(CONFIG_FILES)) + ":\n" + "\n".join(hits)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

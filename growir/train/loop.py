@@ -21,6 +21,8 @@ global schedule. Every ``eval_every`` steps (and at steps 0 and ``steps``) one r
 
 from __future__ import annotations
 
+import inspect
+
 import math
 from dataclasses import dataclass
 
@@ -100,8 +102,9 @@ def _is_causal(model: nn.Module) -> bool:
     """A decoder-only generator: its loss predicts token t+1 from tokens up to t (labels shifted by one).
     Decided from what the model can do, not from its class name."""
     can_generate = getattr(model, "can_generate", None)
-    config = getattr(model, "config", None)
-    return bool(callable(can_generate) and can_generate() and not getattr(config, "is_encoder_decoder", False))
+    forward = getattr(model, "forward", None)
+    has_encoder = forward is not None and "decoder_input_ids" in inspect.signature(forward).parameters  # seq2seq
+    return bool(callable(can_generate) and can_generate() and not has_encoder)
 
 
 def train(model: nn.Module, batcher: Batcher, cfg: TrainConfig, *, callbacks=(), flops_offset: float = 0.0,
