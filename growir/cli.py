@@ -243,7 +243,7 @@ def _run_grow(args) -> int:
             warnings.simplefilter("always", UserWarning)
             grown = grow(model, width=args.width, depth=depth, layers=args.layers,
                          width_method=args.width_method, depth_method=args.depth_method,
-                         strict=args.strict, verify=args.verify)
+                         strict=args.strict, verify=args.verify, materialize="hf")  # a folder holds the class
         with stages.stage("save"):
             _write_folder(out, lambda staging: _save(grown, Path(args.src), staging), args.force)
     _print_warnings(caught)

@@ -42,7 +42,8 @@ def choose_config(fp, sizes: dict, depth_plan: list, width, width_method: str, d
     spec = _proxy_depth(fp, depth_plan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        grown = grow(proxy, width=width, width_method=width_method, depth_method=depth_method, **spec)
+        grown = grow(proxy, width=width, width_method=width_method, depth_method=depth_method, materialize="hf",
+                     **spec)  # the config is what we want: no GraphModule in its place
     record = grown.growir_record
     changes = {k: v for k, v in record.config_changes.items() if k not in small}
     full_layers, sources = {}, {}

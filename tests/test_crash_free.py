@@ -160,3 +160,20 @@ def test_an_unexpected_failure_in_a_pass_is_a_growth_error(monkeypatch):
     with pytest.raises(growir.GrowthError, match="computing the grown tensors.*IndexError") as info:
         growir.grow(VarArgs().eval(), width=2.0, example_inputs=ids())
     assert isinstance(info.value.__cause__, IndexError)
+
+
+class MixedReshape(nn.Module):  # a reshape that regroups the sequence with feature sizes
+    def __init__(self):
+        super().__init__()
+        self.emb, self.a = nn.Embedding(50, 6), nn.Linear(6, 6)
+
+    def forward(self, idx):
+        x = self.a(self.emb(idx))
+        return x.reshape(x.shape[0], 3, 2 * x.shape[1])
+
+
+def test_unalignable_reshape_is_explained_in_words():
+    with pytest.raises(growir.AnalysisError) as info:
+        growir.plan(MixedReshape(), ids())
+    msg = str(info.value)
+    assert "aten.reshape" in msg and "axis 1 of the input `idx`" in msg and "split or merge whole axes" in msg

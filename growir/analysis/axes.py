@@ -63,6 +63,7 @@ class AxisGraph:
     parent: dict = field(default_factory=dict)
     size: dict = field(default_factory=dict)  # root -> sympy size
     structure: dict = field(default_factory=dict)  # root -> Structure
+    names: dict = field(default_factory=dict)  # size symbol -> what it is, in words (for error messages)
     _fresh: int = 0
 
     # --- nodes -----------------------------------------------------------------------------------
@@ -187,9 +188,20 @@ class AxisGraph:
             elif i >= len(x) or before(y[j], x[i]):
                 chain.append(y[j]); j += 1
             else:
-                raise AnalysisError(f"{why}: the layouts {x} and {y} cannot be aligned (neither boundary "
-                                    f"divides the other)")
+                raise AnalysisError(self._unaligned(why, x, y))
         return chain
+
+    def _unaligned(self, why: str, x: list, y: list) -> str:
+        """A reshape growir cannot follow, in plain words: the running sizes of both sides, what each
+        symbol is (an input's batch or sequence length), and the form growir needs."""
+        symbols = sorted({s for e in x + y for s in sympy.sympify(e).free_symbols}, key=str)
+        legend = "; ".join(f"{s} is {self.names.get(s, 'a size only known at run time')}" for s in symbols)
+        return (f"{why}: this reshape regroups elements in a way growir cannot follow: one side's axes end after "
+                f"{', '.join(map(str, x))} elements, the other's after {', '.join(map(str, y))}, and neither "
+                f"boundary divides the other" + (f" ({legend})" if legend else "") + ". growir follows reshapes "
+                f"that split or merge whole axes, like (batch, seq, heads*head_dim) <-> (batch, seq, heads, "
+                f"head_dim); one that mixes a batch or sequence axis with feature sizes cannot be grown. "
+                f"Reshape over whole axes there, or report the model")
 
     def _segments(self, kind: str, chain: list, why: str) -> list:
         segs, prev = [], sympy.Integer(1 if kind == PROD else 0)

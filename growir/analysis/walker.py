@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -220,6 +221,7 @@ class Walker:
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 self.f.inputs.append(node.name)
+                self._name_sizes(node)
                 for a in self.ax(node):
                     self.pin(a, f"an axis of the model input `{node.name}`")
             elif node.op == "get_attr":
@@ -237,6 +239,14 @@ class Walker:
             for user in node.users:
                 self.f.param_uses[self.f.params.get(pname) or self.f.buffers[pname]].add(user.name)
         return self.f
+
+    def _name_sizes(self, node: fx.Node) -> None:
+        """Remember, for error messages, which input axis each dynamic size symbol is."""
+        val = node.meta.get("val")
+        for i, d in enumerate(val.shape if isinstance(val, torch.Tensor) else ()):
+            expr = getattr(getattr(d, "node", None), "expr", None)
+            if isinstance(expr, sympy.Symbol):
+                self.f.ag.names.setdefault(expr, f"axis {i} of the input `{node.name}`")
 
     def _apply(self, node: fx.Node) -> None:
         name = op_name(node)
