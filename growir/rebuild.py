@@ -97,13 +97,12 @@ def _differs(model, candidate, grown, captured) -> str | None:
     at a long sequence, or the generation settings its config derives."""
     outputs = len(candidate.record.plan.facts.outputs)
     deviation = measure(candidate.grown, grown, captured, [None] * outputs, quick=True)
-    if deviation is None:  # a meta-device model: shapes only, nothing to run
-        return None
-    if deviation > TOLERANCE:
+    if deviation is not None and deviation > TOLERANCE:  # None: a meta-device model, shapes only
         return f"differs from the rewritten graph by {deviation:.2g}"
-    exact = candidate.record.exact  # the source is the reference where the growth is exact: the graph's own
+    exact = candidate.record.exact  # where exact, the source is the reference: the graph's literals are checked too
     ref, maps = (model, candidate.record.output_maps) if exact else (candidate.grown, [None] * outputs)
-    deviation, length = _long_deviation(ref, grown, captured, maps, check_length(model.config.to_dict(), captured))
+    length = check_length(model.config.to_dict(), captured) if deviation is not None else 0
+    deviation, length = _long_deviation(ref, grown, captured, maps, length)
     if deviation is not None and deviation > TOLERANCE:
         return f"differs from the {'source' if exact else 'rewritten graph'} by {deviation:.2g} at {length} tokens"
     gen = _generation_diff(model.config, grown.config)
