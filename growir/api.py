@@ -20,6 +20,7 @@ from .passes.aki import aki_rules
 from .passes.attention import compensate_head_dim, rewrite_scales, rotary_fills
 from .passes.exactness import compensate_tied, deviations
 from .passes.fill import FillPlan, adjust_norms, open_fill_columns, plan_fill, rewrite_eps
+from .passes.fresh import fresh_units, seed_random_fills
 from .passes.offsets import mark_offsets
 from .passes.per_unit import find_unit_constants, freeze_constants, grown_value, rebuilt_values, unit_maps
 from .passes.rescale import rescale_residuals
@@ -28,7 +29,7 @@ from .passes.tensor_rule import rounding_reason
 from .passes.width import fpi_index, group_maps, random_index, tree_map, width_rules
 from .verify_torch import failing_node, measure, output_maps
 
-WIDTH_METHODS = ("fpi", "fpi_balanced", "fpi_random", "aki")
+WIDTH_METHODS = ("fpi", "fpi_balanced", "fpi_random", "aki", "fresh")
 PRESETS = {"bert2bert": {"width_method": "aki", "depth_method": "stack"}}  # the paper's recipe
 TOLERANCE = 1e-5  # max|Δ| <= TOLERANCE * max(1, max|y|) in float32 counts as exact
 
@@ -188,9 +189,11 @@ class _Width:
 def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
     """Index maps and per-tensor rules for the width spec, with every compensation and its reasons."""
     from .passes.constants import rewrite_constants
-    fp = plan_fill(p, sizes) if opts.width_method == "fpi" else FillPlan()
+    fresh = opts.width_method == "fresh"
+    fp = plan_fill(p, sizes, every=fresh) if opts.width_method in ("fpi", "fresh") else FillPlan()
     index_fn = random_index if opts.width_method == "fpi_random" else fpi_index
-    maps = group_maps(p, sizes, opts.seed, index_fn, {**fp.fills, **rotary_fills(p, sizes)})
+    new_units = fresh_units(p, sizes, fp) if fresh else {}
+    maps = group_maps(p, sizes, opts.seed, index_fn, {**fp.fills, **new_units, **rotary_fills(p, sizes)}, fresh)
     units = find_unit_constants(p, maps)
     placed, unit_reasons = unit_maps(units, opts.unit_values)  # old units where the rebuilt values match
     maps.update(placed)
@@ -201,7 +204,7 @@ def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
     hd_reasons, compensated, scales = compensate_head_dim(p, maps, wres)
     rescaled = rescale_residuals(p, fp, maps, wres.rules)
     eps, eps_values = adjust_norms(fp, maps, wres.rules, rescaled)
-    open_fill_columns(p, fp, maps, wres.rules)
+    open_fill_columns(p, fp, maps, wres.rules, "random" if fresh else "copy")
     reasons = (deviations(p, maps, compensated | {(root, "norm") for root in fp.fills})
                + compensate_tied(p, maps, wres) + hd_reasons
                + [f"repeat-and-fill cannot make {p.group_of(r).label} exact: {why}" for r, why in fp.reasons.items()]
@@ -218,7 +221,8 @@ def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
     edits = [lambda g: rewrite_constants(p, maps, g), lambda g: rewrite_scales(g, scales),
              lambda g: rewrite_eps(g, eps), lambda g: rewrite_eps(g, size_literals),
              lambda g: freeze_constants(g, frozen)]
-    filled = {p.group_of(root).label: kind for root, kind in fp.fills.items()}
+    filled = {p.group_of(root).label: kind for root, kind in {**fp.fills, **new_units}.items()}
+    filled.update({p.group_of(root).label: f"copies ({why})" for root, why in fp.copied.items()})
     return _Width(maps, wres.rules, reasons, edits, eps_values, filled, units)
 
 
@@ -243,6 +247,7 @@ def growth_rules(p: Plan, sizes: dict, depth_plan: list, opts: Options, counts: 
         if not sched.exact:
             reasons.append(f"depth growth of `{b.prefix}` by `{sched.method}` is not function-preserving"
                            + (" (its blocks are post-norm)" if sched.method == "identity" else ""))
+    seed_random_fills(rules, p.facts.aliases, opts.seed)
     return w, rules, schedules, layer_info, reasons
 
 

@@ -60,6 +60,7 @@ class FillPlan:
     fills: dict = field(default_factory=dict)  # group root -> "mean" | "zero"
     sites: dict = field(default_factory=dict)  # group root -> [NormSite]
     reasons: dict = field(default_factory=dict)  # group root -> why repeat-and-fill does not apply
+    copied: dict = field(default_factory=dict)  # whole-ratio group root -> why it is copied instead (exact)
 
 
 def norm_sites(plan: Plan) -> list[NormSite]:
@@ -147,18 +148,20 @@ def _gathers_rows(n: fx.Node) -> bool:
     return n.args[1] % ndim != ndim - 1
 
 
-def plan_fill(plan: Plan, sizes: dict) -> FillPlan:
-    """Which grown groups repeat and fill (a normalized group whose new size is not a whole multiple)."""
+def plan_fill(plan: Plan, sizes: dict, every: bool = False) -> FillPlan:
+    """Which grown groups repeat and fill: a normalized group whose new size is not a whole multiple, or with
+    ``every`` each grown normalized group (the fresh width method fills whole ratios too)."""
     ag, out = plan.facts.ag, FillPlan()
     sites = norm_sites(plan)
     for g in plan.groups:
         new = sizes.get(g.id, g.size)
-        if g.size is None or new == g.size or new % g.size == 0 or not any(r.kind == "norm" for r in g.reads):
+        if g.size is None or new == g.size or (new % g.size == 0 and not every) or not any(
+                r.kind == "norm" for r in g.reads):
             continue
         mine = [s for s in sites if g.root in ag.leaf_roots(s.axis)]
         why = _why_not(plan, g, mine)
         if why:
-            out.reasons[g.root] = why
+            (out.copied if new % g.size == 0 else out.reasons)[g.root] = why
             continue
         out.fills[g.root] = "mean" if mine[0].kind == "layer" else "zero"
         out.sites[g.root] = mine
@@ -189,7 +192,7 @@ def adjust_norms(fp: FillPlan, maps: dict, rules: dict, rescaled: set = frozense
     eps, values = {}, {}
     for root, sites in fp.sites.items():
         m = maps[root]
-        ratio = (m.new // m.old) * m.old / m.new
+        ratio = kept_fraction(m)
         for s in sites:
             for p, scale in ((s.weight, math.sqrt(ratio)), (s.bias, 1.0)):
                 if p is not None:
@@ -202,16 +205,25 @@ def adjust_norms(fp: FillPlan, maps: dict, rules: dict, rescaled: set = frozense
     return eps, values
 
 
-def open_fill_columns(plan: Plan, fp: FillPlan, maps: dict, rules: dict) -> None:
+def kept_fraction(m) -> float:
+    """ρ = n·d/d': the share of the filled axis that holds copies (the norms' statistics shrink by it)."""
+    return float(m.counts.sum()) / m.new
+
+
+def open_fill_columns(plan: Plan, fp: FillPlan, maps: dict, rules: dict, kind: str = "copy") -> None:
     """Give the fill dimensions something to learn from. The norm's output is 0 there whatever its weight, and
-    a contraction that reads only norm outputs may hold any column there: with copies in both (instead of
-    zeros), the fill dimensions of the residual receive gradients; with zeros in both they never would."""
+    a contraction that reads only norm outputs may hold any column there: with copies (or ``kind="random"``
+    draws) in both instead of zeros, the fill dimensions of the residual receive gradients; with zeros in
+    both they never would."""
     for root, sites in fp.sites.items():
         m, outputs = maps[root], {s.output for s in sites}
         for p, i, source in group_reads(plan, root):
             axis = rules[p].axes[i]
             if axis.divide is not None and source in outputs:
-                _fill_from_copies(axis, m.new, m.old, True)
+                if kind == "random":
+                    axis.fill, axis.source = "random", None
+                else:
+                    _fill_from_copies(axis, m.new, m.old, True)
 
 
 def group_reads(plan: Plan, root) -> list[tuple[str, int, fx.Node]]:

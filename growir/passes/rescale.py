@@ -24,7 +24,7 @@ import torch.fx as fx
 from ..analysis.blocks import CONTRACTIONS
 from ..analysis.walker import op_name
 from ..plan import Plan
-from .fill import ASSERTS, THROUGH, FillPlan, group_reads
+from .fill import ASSERTS, THROUGH, FillPlan, group_reads, kept_fraction
 
 LINEAR = THROUGH | {"aten.add", "aten.sub", "aten.mul", "aten.div", "aten.neg", "aten.cat"}
 
@@ -39,7 +39,7 @@ def rescale_residuals(plan: Plan, fp: FillPlan, maps: dict, rules: dict) -> set:
             continue
         terms, readers = found
         m = maps[root]
-        c = 1 / math.sqrt((m.new // m.old) * m.old / m.new)
+        c = 1 / math.sqrt(kept_fraction(m))
         for p, factor in [(t, c) for t in terms] + [(r, 1 / c) for r in readers]:
             rules[p].scale *= factor
             rules[p].notes.append(f"x{factor:.4g}: the residual stream is rescaled so that its norms keep eps")

@@ -24,8 +24,9 @@ class AxisMap:
     index: torch.Tensor | None = None
     divide: torch.Tensor | None = None
     fill: str | None = None  # at index -1: "zero", "mean" (of the old entries along the axis), "copy" (the
-    # old entry at ``source``; zero where source is -1), or "geometric" (a 1-D table extended along the
-    # geometric sequence it holds, as rotary frequencies are; copies if it holds none)
+    # old entry at ``source``; zero where source is -1), "geometric" (a 1-D table extended along the
+    # geometric sequence it holds, as rotary frequencies are; copies if it holds none), or "random" (normal
+    # draws at the source tensor's std, seeded by the rule's ``fill_seed``: fresh units)
     source: torch.Tensor | None = None  # "copy"/"geometric": per new position, the old position to copy
     scale: torch.Tensor | None = None  # per old position: a factor on some entries only (a fused QKV's query)
 
@@ -47,6 +48,7 @@ class TensorRule:
     donor_axis: tuple | None = None  # (axis, bool mask over new positions) taken from the donor
     noise: tuple | None = None  # (std relative to the tensor's std, seed): cancels over copies, see apply
     offset: float = 0.0  # the graph reads ``offset + w`` (a (1+w) norm weight): ``scale`` applies to that sum
+    fill_seed: int = 0  # seeds the "random" fills (one draw per tensor and axis)
 
     def new_shape(self, old_shape) -> tuple:
         return tuple(len(m.index) if m.index is not None else s for m, s in zip(self.axes, old_shape))
@@ -107,11 +109,21 @@ class TensorRule:
         eps[~live] = 0.0
         return eps.movedim(0, axis)
 
+    def _random_fill(self, new: torch.Tensor, axis: int, mask: torch.Tensor, std: float) -> torch.Tensor:
+        """Normal draws at ``std`` for the positions ``mask`` of ``axis`` (zero elsewhere), seeded per tensor."""
+        gen = torch.Generator().manual_seed(self.fill_seed * 31 + axis)
+        shape = list(new.shape)
+        shape[axis] = int(mask.sum())
+        draw = torch.randn(shape, generator=gen, dtype=torch.float64) * std
+        full = torch.zeros(new.shape, dtype=torch.float64).index_copy_(axis, mask.nonzero().flatten(), draw)
+        return full.to(dtype=new.dtype, device=new.device)
+
     def has_copies_to_perturb(self) -> bool:
         return any(m.divide is not None and m.index is not None and len(m.index) > len(m.divide) for m in self.axes)
 
     def _mapped(self, old: torch.Tensor) -> torch.Tensor:
         new, on = old, (lambda t: t.to(old.device))  # index tables live on the CPU: move them to the tensor
+        std = float(old.float().std()) if old.numel() > 1 else 0.0  # "random" fills draw at the tensor's own std
         for axis, m in enumerate(self.axes):
             mean = new.mean(axis, keepdim=True) if m.fill == "mean" else None
             index = m.index
@@ -130,6 +142,8 @@ class TensorRule:
                 new = new.mul_(factor.reshape(shape)) if new is not old else new * factor.reshape(shape)
             if m.fill is not None:
                 fill = new.new_zeros(()) if mean is None else mean.expand_as(new)
+                if m.fill == "random":
+                    fill = self._random_fill(new, axis, index < 0, std)
                 new = torch.where(on(index < 0).reshape(shape), fill, new)
                 if m.fill == "geometric" and geometric is not None:
                     new = geometric.to(new.device)

@@ -28,7 +28,8 @@ class GroupMap:
     index: torch.Tensor  # [new] -> old position, or -1 at a fill position (repeat-and-fill)
     counts: torch.Tensor  # [old] copy counts
     fill: str | None = None  # what producers write at fill positions: "mean" (LayerNorm) or "zero" (RMSNorm)
-    # ("interleave": rotary head_dim; "fresh": units whose consumers read zero, see per_unit.py)
+    # ("interleave": rotary head_dim; "fresh": units whose consumers read zero, see per_unit.py; "random": fresh
+    # units of the fresh width method, random producers and zero consumers, see fresh.py)
     copies: torch.Tensor | None = None  # "interleave"/"fresh": [new] -> the old position each new one sits beside
 
     def as_copies(self) -> "GroupMap":
@@ -52,10 +53,10 @@ def random_index(old: int, new: int, gen: torch.Generator) -> torch.Tensor:
     return torch.cat([torch.arange(old), torch.randint(0, old, (new - old,), generator=gen)])
 
 
-def fill_index(old: int, new: int) -> torch.Tensor:
-    """Repeat-and-fill (LEMON): n = new // old whole copies, then fill positions marked -1."""
-    reps, rem = divmod(new, old)
-    return torch.cat([torch.arange(old).repeat(reps), torch.full((rem,), -1, dtype=torch.long)])
+def fill_index(old: int, new: int, reps: int | None = None) -> torch.Tensor:
+    """Repeat-and-fill (LEMON): n = new // old whole copies (or ``reps``), then fill positions marked -1."""
+    reps = new // old if reps is None else reps
+    return torch.cat([torch.arange(old).repeat(reps), torch.full((new - reps * old,), -1, dtype=torch.long)])
 
 
 def interleave_index(old: int, new: int) -> torch.Tensor:
@@ -66,9 +67,11 @@ def interleave_index(old: int, new: int) -> torch.Tensor:
     return torch.where(i % k == 0, i // k, -1)
 
 
-def group_maps(plan: Plan, sizes: dict, seed: int = 0, index_fn=fpi_index, fills: dict | None = None) -> dict:
-    """A ``GroupMap`` per grown group root; groups in ``fills`` (root -> fill kind) repeat and fill, or
-    interleave (rotary frequencies, fill kind "interleave": zero rows between)."""
+def group_maps(plan: Plan, sizes: dict, seed: int = 0, index_fn=fpi_index, fills: dict | None = None,
+               one_copy: bool = False) -> dict:
+    """A ``GroupMap`` per grown group root; groups in ``fills`` (root -> fill kind) repeat and fill (with
+    ``one_copy``: the old units once, the rest filled), or interleave (rotary frequencies, fill kind
+    "interleave": zero rows between)."""
     gen = torch.Generator().manual_seed(seed)
     maps, fills = {}, fills or {}
     for g in plan.groups:
@@ -77,7 +80,7 @@ def group_maps(plan: Plan, sizes: dict, seed: int = 0, index_fn=fpi_index, fills
             if fills.get(g.root) == "interleave":
                 index = interleave_index(g.size, new)
             elif g.root in fills:
-                index = fill_index(g.size, new)
+                index = fill_index(g.size, new, 1 if one_copy else None)
             else:
                 index = index_fn(g.size, new, gen)
             counts = torch.bincount(index[index >= 0], minlength=g.size)
@@ -173,12 +176,15 @@ def width_rules(plan: Plan, maps: dict) -> WidthResult:
 
 
 def _fill_kind(tree, maps: dict) -> str:
-    """What a producer writes at fill positions: a plain axis says; inside a composite axis only zero works."""
+    """What a producer writes at fill positions: a plain axis says; inside a composite axis only zero works,
+    or random where every filled part is fresh units."""
     m = maps.get(tree) if not is_structured(tree) else None
     if m is not None and m.fill is not None:
-        return "zero" if m.fill in ("interleave", "fresh") else m.fill
+        return {"interleave": "zero", "fresh": "zero", "random": "random"}.get(m.fill, m.fill)
     kinds = {maps[leaf].fill for leaf in tree_leaves(tree) if leaf in maps and maps[leaf].fill is not None}
-    if kinds <= {"zero", "interleave", "fresh"}:
+    if kinds == {"random"}:
+        return "random"
+    if kinds <= {"zero", "interleave", "fresh", "random"}:
         return "zero"
     raise ValueError("a mean fill inside a composite axis: repeat-and-fill applies to plain axes only")
 

@@ -108,12 +108,14 @@ def _is_causal(model: nn.Module) -> bool:
 
 
 def train(model: nn.Module, batcher: Batcher, cfg: TrainConfig, *, callbacks=(), flops_offset: float = 0.0,
-          progress: bool = True, desc: str = "train") -> list[dict]:
+          progress: bool = True, desc: str = "train", optimizer: torch.optim.Optimizer | None = None) -> list[dict]:
     """Train ``model`` for ``cfg.steps`` steps; return the log rows. ``flops_offset`` starts the FLOP counter
-    (e.g. at what a growth schedule already spent)."""
+    (e.g. at what a growth schedule already spent). ``optimizer``: one to continue (its state is kept, e.g.
+    from ``growir.grow_with_optimizer``), else a fresh ``make_optimizer``; the schedule sets its lr."""
     val = batcher.val_batches()
     log = [_row(0, 0, flops_offset, float("nan"), evaluate(model, val), 0.0)]
-    opt, rebuilt_at, flops, losses = make_optimizer(model, cfg), 0, flops_offset, []
+    opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
+    rebuilt_at, flops, losses = 0, flops_offset, []
     model.train()
     for step in tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False):
         if any([cb.on_step_begin(model, step) for cb in callbacks]):

@@ -1,0 +1,53 @@
+"""The fresh width method: exact growth that brings new random directions and copies nothing.
+
+Copies of a unit receive identical gradients and train as one (growth-math §7); noise that cancels over copies
+breaks that but is ill-conditioned when large (§8). This method copies nothing:
+
+* a normalized group (the residual stream) keeps its old units once and fills the rest (repeat-and-fill with
+  n = 1, ``fill.py``): RMSNorm fills 0, LayerNorm fills the mean, which the norm maps to 0. The residual is
+  rescaled by ``sqrt(d'/d)`` so every norm keeps its statistics and its eps (``rescale.py``); the consumers'
+  columns at the fill positions are random at each tensor's own std (they multiply zeros), so the fill
+  dimensions receive gradients in new directions from the first step.
+* any other grown group (FFN neurons, heads, kv heads) gets fresh units: producer rows random at the tensor's
+  std, consumer columns zero. A fresh unit adds nothing at first; its consumer weights get a gradient
+  (activation × upstream gradient) at the first step.
+
+Nothing cancels, so nothing is amplified (rounding stays rounding). A normalized group whose norm is post-norm
+cannot be filled exactly (``fill.py``); at a whole ratio it is copied (exact), else balanced copies (reported).
+
+>>> import growir
+>>> from transformers import LlamaConfig, LlamaForCausalLM
+>>> small = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+...                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=100))
+>>> big = growir.grow(small, width=2.0, width_method="fresh")
+>>> big.growir_record.exact, float(big.model.layers[0].mlp.down_proj.weight[:, 64:].abs().max())
+(True, 0.0)
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from ..plan import Plan
+from .fill import FillPlan
+
+
+def fresh_units(plan: Plan, sizes: dict, fp: FillPlan) -> dict:
+    """root -> "random" (fresh units) for every grown group no norm reads (FFN neurons, heads); head_dim keeps its own rules
+    (rotary interleaving, score scales) and normalized groups are filled or copied."""
+    out = {}
+    for g in plan.groups:
+        new = sizes.get(g.id, g.size)
+        if g.size is None or new == g.size or g.role == "head_dim" or g.root in fp.fills:
+            continue
+        if not any(r.kind == "norm" for r in g.reads):
+            out[g.root] = "random"
+    return out
+
+
+def seed_random_fills(rules: dict, aliases: dict, seed: int) -> None:
+    """One seed per tensor for its "random" fills, from its (canonical) name: tied names draw the same values,
+    and a new block's tensors draw other values than the block they copy."""
+    for name, rule in rules.items():
+        if any(m.fill == "random" for m in rule.axes):
+            rule.fill_seed = zlib.crc32(f"{seed}:{aliases.get(name, name)}".encode())

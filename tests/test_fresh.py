@@ -1,0 +1,82 @@
+"""The fresh width method: one copy of the residual plus a zero (RMSNorm) or mean (LayerNorm) fill, fresh FFN
+neurons and heads; exact on pre-norm models at any ratio, and every new parameter learns from step 1."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import growir
+from test_core import assert_preserves
+from zoo import example_inputs, make
+
+
+def grow(name, **kw):
+    if name in ("nanogpt", "torchenc"):
+        kw["example_inputs"] = example_inputs(name)
+    return growir.grow(make(name), width_method="fresh", **kw)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "nanogpt"])
+@pytest.mark.parametrize("width,depth", [(2.0, 1), (1.5, 1), (2.0, 2)])
+def test_fresh_is_exact_on_pre_norm_models(name, width, depth):
+    grown = grow(name, width=width, depth=depth, strict=True)
+    rec = grown.growir_record
+    assert rec.exact and rec.deviation < 1e-6, (rec.reasons, rec.deviation)
+    assert "random" in rec.filled.values() and {"zero", "mean"} & set(rec.filled.values())
+    assert_preserves(make(name), grown, name)
+
+
+def _fill(rec, name, axis):
+    return (rec.rules[name].axes[axis].index < 0).nonzero().flatten()
+
+
+def test_fresh_layout_and_gradients_at_step_one():
+    """Residual: old units once (×√2 at ×2), fill rows zero, readers' fill columns random. FFN: new neurons'
+    producer rows random, their consumer columns zero. One backward step reaches every new block of weights."""
+    src, grown = make("llama"), grow("llama", width=2.0)
+    rec, p = grown.growir_record, dict(grown.named_parameters())
+    hid = _fill(rec, "model.embed_tokens.weight", 1)
+    ffn = _fill(rec, "model.layers.0.mlp.down_proj.weight", 1)
+    assert len(hid) == 32 and len(ffn) == 64
+    old = src.model.embed_tokens.weight
+    assert torch.allclose(p["model.embed_tokens.weight"][:, :32], old * 2 ** 0.5)
+    assert p["model.embed_tokens.weight"][:, hid].abs().max() == 0
+    assert p["model.layers.0.mlp.down_proj.weight"][hid].abs().max() == 0        # fill producers: zero
+    assert p["model.layers.0.mlp.down_proj.weight"][:, ffn].abs().max() == 0     # fresh neurons' consumers
+    up = p["model.layers.0.mlp.up_proj.weight"]
+    assert up[ffn].std() > 0.5 * src.model.layers[0].mlp.up_proj.weight.std()   # fresh producers at the std
+    assert up[:, hid].std() > 0.5 * src.model.layers[0].mlp.up_proj.weight.std()  # readers' fill columns
+    grown.zero_grad()
+    grown(**example_inputs("llama")).logits.pow(2).mean().backward()
+    g = {k: v.grad for k, v in p.items()}
+    assert g["model.embed_tokens.weight"][:, hid].abs().max() > 0
+    assert g["model.layers.0.self_attn.o_proj.weight"][hid].abs().max() > 0
+    assert g["model.layers.1.mlp.down_proj.weight"][hid].abs().max() > 0
+    assert g["model.layers.0.mlp.down_proj.weight"][:, ffn].abs().max() > 0
+    heads = _fill(rec, "model.layers.0.self_attn.o_proj.weight", 1)
+    assert len(heads) > 0 and g["model.layers.0.self_attn.o_proj.weight"][:, heads].abs().max() > 0
+
+
+def test_new_blocks_and_tied_names_draw_their_own_values():
+    grown = grow("llama", width=2.0, depth=2)
+    rec, p = grown.growir_record, dict(grown.named_parameters())
+    ffn = _fill(rec, "model.layers.0.mlp.up_proj.weight", 0)
+    assert not torch.equal(p["model.layers.0.mlp.up_proj.weight"][ffn], p["model.layers.1.mlp.up_proj.weight"][ffn])
+    nano = grow("nanogpt", width=2.0, strict=True)
+    assert nano.lm_head.weight is nano.wte.weight or torch.equal(nano.lm_head.weight, nano.wte.weight)
+
+
+def test_post_norm_copies_the_residual_and_says_so():
+    """BERT normalizes the residual in place: at ×2 the hidden group is copied (exact), heads and FFN are fresh;
+    at ×1.5 no construction is exact and the measured deviation is reported."""
+    grown = grow("bert", width=2.0, strict=True)
+    rec = grown.growir_record
+    assert rec.exact and any(v.startswith("copies (") for v in rec.filled.values())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = grow("bert", width=1.5).growir_record
+    assert not rec.exact and rec.deviation > 1e-3
+    assert any("not function-preserving" in str(w.message) for w in caught)
