@@ -1,6 +1,7 @@
 """Measured output deviation of each width method on the test zoo, at x1.5 and x2 (docs/methods.md).
 
-    python benchmarks/methods_table.py   # writes benchmarks/results/methods.md and methods.json
+    python benchmarks/methods_table.py          # writes benchmarks/results/methods.md and methods.json
+    python benchmarks/methods_table.py fresh    # re-measure these methods only, keep the other columns
 
 Deviation: max|grown(x) - source(x)| / max(1, max|source(x)|) over all outputs (source outputs mapped by
 the growth's index maps), float32, eval mode, two input shapes. "exact" is what the theory says.
@@ -20,7 +21,7 @@ import growir  # noqa: E402
 from zoo import example_inputs, make  # noqa: E402
 
 MODELS = ["bert", "gpt2", "llama", "qwen3", "neox", "phi3", "opt", "t5", "vit", "nanogpt", "torchenc"]
-METHODS = ["fpi_random", "fpi_balanced", "fpi", "aki"]
+METHODS = ["fpi_random", "fpi_balanced", "fpi", "aki", "fresh"]
 RATIOS = [1.5, 2.0]
 # head_dim 8 -> 16 (and 24) with heads kept; configs that derive head_dim from hidden also grow hidden
 HEAD_DIM = {"bert": True, "llama": False, "qwen3": False, "neox": True, "phi3": True, "t5": False,
@@ -38,9 +39,11 @@ def measure(name: str, method: str, ratio) -> dict:
     return {"deviation": rec.deviation, "exact": rec.exact, "filled": bool(rec.filled)}
 
 
-def main() -> None:
-    out = {f"{n}@{r}": {m: measure(n, m, r) for m in METHODS} for n in MODELS for r in RATIOS}
+def main(only: list[str] | None = None) -> None:
     results = ROOT / "benchmarks" / "results"
+    old = json.loads((results / "methods.json").read_text()) if only else {"width": {}}
+    out = {f"{n}@{r}": {m: measure(n, m, r) if not only or m in only else old["width"][f"{n}@{r}"][m]
+                        for m in METHODS} for n in MODELS for r in RATIOS}
     results.mkdir(parents=True, exist_ok=True)
     lines = ["| model | width | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
     for key, row in out.items():
@@ -50,8 +53,9 @@ def main() -> None:
             r = row[m]
             cells.append("refused" if "error" in r else f"{r['deviation']:.1e}" + (" (exact)" if r["exact"] else ""))
         lines.append(f"| {name} | x{ratio} | " + " | ".join(cells) + " |")
-    hd = {f"{n}@{k}": measure(n, "fpi", {"head_dim": 8 * k, **({"hidden": 32 * k} if with_hidden else {})})
-          for n, with_hidden in HEAD_DIM.items() for k in (2, 3)}
+    hd = old["head_dim"] if only else {
+        f"{n}@{k}": measure(n, "fpi", {"head_dim": 8 * k, **({"hidden": 32 * k} if with_hidden else {})})
+        for n, with_hidden in HEAD_DIM.items() for k in (2, 3)}
     (results / "methods.json").write_text(json.dumps({"width": out, "head_dim": hd}, indent=1))
     lines += ["", "| model | head_dim | deviation |", "|---|---|---|"]
     for key, r in hd.items():
@@ -63,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:] or None)

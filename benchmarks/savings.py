@@ -28,17 +28,23 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from growir.errors import GrowthError  # noqa: E402
 from growir.train import baselines  # noqa: E402
 from growir.train.data import MLM_VOCAB, VOCAB, Batcher, load_corpus  # noqa: E402
 from growir.train.flops import non_embedding_params  # noqa: E402
-from growir.train.loop import TrainConfig, train  # noqa: E402
+from growir.train.loop import TrainConfig, make_optimizer, train  # noqa: E402
 from growir.train.metrics import flops_to_reach, mean_std, saving  # noqa: E402
 from growir.train.schedule import TwoStage  # noqa: E402
+from savings_report import plot, write_markdown  # noqa: E402
 
-METHODS = ["scratch", "stackbert", "mslt", "directcopy", "fpi", "aki", "bert2bert", "growir"]
-USES_SOURCE = {"directcopy", "fpi", "aki", "bert2bert", "growir"}
+METHODS = ["scratch", "stackbert", "mslt", "directcopy", "fpi", "aki", "bert2bert", "fpi+noise", "growir",
+           "growir+optimizer", "growir-nowarmup", "growir-halfpeak"]
+USES_SOURCE = {"directcopy", "fpi", "aki", "bert2bert", "fpi+noise", "growir", "growir+optimizer",
+               "growir-nowarmup", "growir-halfpeak"}
+# learning-rate policies after growth, tried on growir's default growth: TrainConfig fields (lr as a factor)
+LR_POLICIES = {"growir-nowarmup": {"warmup": 0.0}, "growir-halfpeak": {"lr": 0.5}}
 HEADLINE = "decoder-wide"
 
 
@@ -59,7 +65,7 @@ class Sizes:
     rewarmup: int = 20          # after StackBERT/MSLT stackings (fresh optimizer state)
     stage1_fraction: float = 0.25   # bert2BERT stage 1 share of the steps
     mslt_final_fraction: float = 0.2  # MSLT's last all-layer stage
-    noise: float = 1e-3         # growir's symmetry-breaking noise
+    noise: float = 1e-3         # the fpi+noise method's symmetry-breaking noise
     corpus_bytes: int = 4_000_000
     val_windows: int = 128
 
@@ -129,9 +135,14 @@ def target_config(setting: Setting, sizes: Sizes):
                         sizes)
 
 
-def train_config(arch: str, sizes: Sizes, steps: int) -> TrainConfig:
+def train_config(arch: str, sizes: Sizes, steps: int, method: str = "") -> TrainConfig:
+    """The shared schedule; the LR_POLICIES methods change one field of it (the peak ``lr`` by a factor)."""
     lr = sizes.lr_decoder if arch == "decoder" else sizes.lr_encoder
-    return TrainConfig(steps=steps, lr=lr, warmup=sizes.warmup, eval_every=sizes.eval_every, rewarmup=sizes.rewarmup)
+    cfg = TrainConfig(steps=steps, lr=lr, warmup=sizes.warmup, eval_every=sizes.eval_every, rewarmup=sizes.rewarmup)
+    change = dict(LR_POLICIES.get(method, {}))
+    if "lr" in change:
+        change["lr"] *= lr
+    return dataclasses.replace(cfg, **change)
 
 
 def batcher(arch: str, sizes: Sizes, seed: int) -> Batcher:
@@ -147,26 +158,34 @@ def source_path(arch: str, sizes: Sizes, seed: int, cache: str) -> str:
 
 
 def pretrain_source(arch: str, sizes: Sizes, seed: int, cache: str) -> str:
-    """Train (or find cached) the seed's source; returns the cache file (state_dict, config, log)."""
+    """Train (or find cached) the seed's source; returns the cache file (state_dict, config, log, optimizer).
+    A cache file from before the optimizer state was kept is trained again (the run is deterministic)."""
     path = source_path(arch, sizes, seed, cache)
-    if not os.path.exists(path):
+    if not os.path.exists(path) or "optimizer" not in torch.load(path, weights_only=False):
         torch.set_num_threads(1)
         config = model_config(arch, sizes.hidden, sizes.layers, sizes)
         model = new_model(arch, config, seed)
+        opt = make_optimizer(model, train_config(arch, sizes, sizes.source_steps))
         log = train(model, batcher(arch, sizes, seed + 1000), train_config(arch, sizes, sizes.source_steps),
-                    progress=False)
+                    progress=False, optimizer=opt)
         os.makedirs(cache, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "config": config.to_dict(), "log": log}, path + ".tmp")
+        torch.save({"state_dict": model.state_dict(), "config": config.to_dict(), "log": log,
+                    "optimizer": opt.state_dict()}, path + ".tmp")
         os.replace(path + ".tmp", path)
     return path
 
 
-def load_source(arch: str, path: str):
+def load_source(arch: str, path: str, sizes: Sizes | None = None):
+    """(model, log), and with ``sizes`` also the source's AdamW with its final state."""
     blob = torch.load(path, weights_only=False)
     config = type(model_config(arch, 16, 1, QUICK)).from_dict(blob["config"])
     model = model_class(arch)(config)
     model.load_state_dict(blob["state_dict"])
-    return model, blob["log"]
+    if sizes is None:
+        return model, blob["log"]
+    opt = make_optimizer(model, train_config(arch, sizes, sizes.source_steps))
+    opt.load_state_dict(blob["optimizer"])
+    return model, blob["log"], opt
 
 
 # --- methods ----------------------------------------------------------------------------------------------
@@ -177,14 +196,19 @@ def grow_candidates(method: str, setting: Setting, sizes: Sizes, seed: int) -> l
     stack = {"depth_method": "stack"} if setting.depth > 1 else {}
     if method in ("fpi", "aki", "bert2bert"):
         return [{**base, **stack, "width_method": "aki" if method != "fpi" else "fpi"}]
-    return [{**base, "depth_method": "auto", "width_method": wm, "noise": sizes.noise}
-            for wm in ("fpi",)]  # fpi: copies, or repeat-and-fill where a ratio is not whole (exact, pre-norm)
+    if method == "fpi+noise":  # copies (repeat-and-fill where a ratio is not whole) with cancelling noise
+        return [{**base, "depth_method": "auto", "width_method": "fpi", "noise": sizes.noise}]
+    return [{**base, "depth_method": "auto", "width_method": "fresh"}]  # growir's default growth
 
 
-def grow_source(source, method: str, setting: Setting, sizes: Sizes, seed: int):
+def grow_source(source, method: str, setting: Setting, sizes: Sizes, seed: int, optimizer=None):
+    """(grown model, the grow kwargs used); with ``optimizer``, (grown model, grown optimizer) and kwargs."""
     grow, reasons = grow_fn(), []
     for kwargs in grow_candidates(method, setting, sizes, seed):
         try:
+            if optimizer is not None:
+                from growir.optim import grow_with_optimizer
+                return grow_with_optimizer(source, optimizer, **kwargs), kwargs
             return grow(copy.deepcopy(source), **kwargs), kwargs
         except (GrowthError, TypeError, NotImplementedError) as e:
             reasons.append(f"grow({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): "
@@ -192,8 +216,9 @@ def grow_source(source, method: str, setting: Setting, sizes: Sizes, seed: int):
     raise Unavailable("; ".join(reasons))
 
 
-def build(method: str, setting: Setting, sizes: Sizes, seed: int, source):
-    """(model, callbacks, info) for one method; raises Unavailable when the core lacks the method."""
+def build(method: str, setting: Setting, sizes: Sizes, seed: int, source, optimizer=None):
+    """(model, callbacks, info) for one method; raises Unavailable when the core lacks the method. With the
+    source's ``optimizer`` (growir+optimizer) info["optimizer"] is the grown one."""
     cfg, steps = target_config(setting, sizes), sizes.target_steps
     depth = cfg.num_hidden_layers
     if method == "scratch":
@@ -207,8 +232,10 @@ def build(method: str, setting: Setting, sizes: Sizes, seed: int, source):
         return model, [cb], {"stages": stages}
     if method == "directcopy":
         return baselines.directcopy(source, cfg, seed), [], {}
-    model, kwargs = grow_source(source, method, setting, sizes, seed)
+    model, kwargs = grow_source(source, method, setting, sizes, seed, optimizer)
     callbacks, info = [], {"grow_kwargs": kwargs}
+    if optimizer is not None:
+        model, info["optimizer"] = model
     if method == "bert2bert":
         block = max(1, depth // 4)
         callbacks.append(TwoStage(block_size=block, stage1_steps=round(sizes.stage1_fraction * steps), seed=seed))
@@ -222,14 +249,21 @@ def run_job(setting_name: str, method: str, seed: int, sizes: Sizes, source_file
     warnings.filterwarnings("ignore", category=UserWarning)  # tracing chatter from torch.fx/export
     warnings.filterwarnings("ignore", category=FutureWarning)
     setting = SETTINGS[setting_name]
-    source = load_source(setting.arch, source_file)[0] if source_file else None
+    source, opt = None, None
+    if source_file and method == "growir+optimizer":
+        source, _, opt = load_source(setting.arch, source_file, sizes)
+    elif source_file:
+        source = load_source(setting.arch, source_file)[0]
     start = time.time()
     try:
-        model, callbacks, info = build(method, setting, sizes, seed, source)
+        model, callbacks, info = build(method, setting, sizes, seed, source, opt)
     except Unavailable as e:
         return {"setting": setting_name, "method": method, "seed": seed, "available": False, "reason": str(e)}
-    log = train(model, batcher(setting.arch, sizes, seed), train_config(setting.arch, sizes, sizes.target_steps),
-                callbacks=callbacks, progress=False)
+    cfg = train_config(setting.arch, sizes, sizes.target_steps, method)
+    if method in LR_POLICIES:
+        info["train_config"] = LR_POLICIES[method]
+    log = train(model, batcher(setting.arch, sizes, seed), cfg, callbacks=callbacks, progress=False,
+                optimizer=info.pop("optimizer", None))
     return {"setting": setting_name, "method": method, "seed": seed, "available": True, "log": log,
             "params": non_embedding_params(model), "hidden": model.config.hidden_size,
             "layers": model.config.num_hidden_layers, "seconds": time.time() - start, **info}
@@ -246,21 +280,27 @@ def summarize_method(method: str, runs: list[dict], scratch: dict[int, dict], so
     pairs = [(r, scratch[r["seed"]]["log"]) for r in runs]
     reach = [f for f in (flops_to_reach(r["log"], base[-1]["val_loss"]) for r, base in pairs) if f is not None]
     extra = source_flops if method in USES_SOURCE else {}
-    plain = mean_std([v for v in (saving(r["log"], base) for r, base in pairs) if v is not None])
+    per_seed = {str(r["seed"]): saving(r["log"], base) for r, base in pairs}
+    plain = mean_std([v for v in per_seed.values() if v is not None])
+    ranked = mean_std([v or 0.0 for v in per_seed.values()])  # an unreached seed counts as 0% saved
     with_source = mean_std([v for v in (saving(r["log"], base, extra.get(r["seed"], 0.0)) for r, base in pairs)
                             if v is not None])
     finals = mean_std([r["log"][-1]["val_loss"] for r in runs])
     return {"name": method, "available": True, "saving": plain[0], "saving_std": plain[1],
+            "saving_ranked": ranked[0], "saving_ranked_std": ranked[1], "per_seed_saving": per_seed,
+            "per_seed_final_val_loss": {str(r["seed"]): r["log"][-1]["val_loss"] for r in runs},
             "saving_with_source": with_source[0], "saving_with_source_std": with_source[1],
             "flops_to_target": mean_std(reach)[0], "final_val_loss": finals[0], "final_val_loss_std": finals[1],
             "initial_val_loss": mean_std([r["log"][0]["val_loss"] for r in runs])[0],
-            "reached": len(reach) == len(runs), "reached_seeds": len(reach), "params": runs[0]["params"],
-            "grow_kwargs": runs[0].get("grow_kwargs"), "seconds": mean_std([r["seconds"] for r in runs])[0]}
+            "reached": len(reach) == len(runs), "reached_seeds": len(reach), "seeds": len(runs),
+            "params": runs[0]["params"], "grow_kwargs": runs[0].get("grow_kwargs"),
+            "train_config": runs[0].get("train_config"), "seconds": mean_std([r["seconds"] for r in runs])[0]}
 
 
 def summarize_setting(setting: Setting, sizes: Sizes, jobs: list[dict], sources: dict[int, list[dict]]) -> dict:
     mine = [j for j in jobs if j["setting"] == setting.name]
     scratch = {j["seed"]: j for j in mine if j["method"] == "scratch"}
+    sources = {s: log for s, log in sources.items() if s in scratch}  # the seeds this setting ran
     source_flops = {s: log[-1]["flops"] for s, log in sources.items()}
     methods = [summarize_method(m, [j for j in mine if j["method"] == m], scratch, source_flops) for m in METHODS]
     src_loss = mean_std([log[-1]["val_loss"] for log in sources.values()])
@@ -278,76 +318,6 @@ def summarize_setting(setting: Setting, sizes: Sizes, jobs: list[dict], sources:
             "methods": methods}
 
 
-# --- outputs ----------------------------------------------------------------------------------------------
-
-def _fmt(v, pct=False, digits=3):
-    if v is None:
-        return "—"
-    return f"{100 * v:.1f}%" if pct else f"{v:.{digits}g}" if abs(v) >= 1e4 else f"{v:.{digits}f}"
-
-
-def write_markdown(result: dict, path: str) -> None:
-    lines = ["# Savings after growth", "", f"Seeds {result['seeds']}; sizes {json.dumps(result['sizes'])}.",
-             f"Corpus: Python {result['python']} stdlib, digest {result['corpus_digest']}; "
-             f"run took {result['seconds'] / 60:.1f} min with {result['workers']} worker(s).", ""]
-    for s in result["settings"]:
-        src, tgt = s["source"], s["target"]
-        lines += [f"## {s['name']}: {s['arch']} {src['hidden']}×{src['layers']} → {tgt['hidden']}×{tgt['layers']}",
-                  "", f"Scratch target ends {tgt['scratch_below_source']:.3f} below the source's validation loss "
-                  f"({tgt['scratch_final_val_loss']:.3f} ± {tgt['scratch_final_val_loss_std']:.3f} vs "
-                  f"{src['final_val_loss']:.3f}); budget {tgt['tokens']:,} tokens, {tgt['scratch_flops']:.3g} FLOPs.",
-                  "", "| method | saving | saving with source | FLOPs to target | initial val loss | final val loss | reached |",
-                  "|---|---|---|---|---|---|---|"]
-        for m in s["methods"]:
-            if not m["available"]:
-                lines.append(f"| {m['name']} | unavailable | | | | | {m['reason'][:120]} |")
-                continue
-            sav = f"{_fmt(m['saving'], True)} ± {_fmt(m['saving_std'], True)}" if m["saving"] is not None else "—"
-            lines.append(f"| {m['name']} | {sav} | {_fmt(m['saving_with_source'], True)} | "
-                         f"{_fmt(m['flops_to_target'])} | {_fmt(m['initial_val_loss'])} | "
-                         f"{_fmt(m['final_val_loss'])} ± {_fmt(m['final_val_loss_std'])} | "
-                         f"{m['reached_seeds']}/{len(result['seeds'])} |")
-        lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-
-
-def plot(result: dict, jobs: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    settings = result["settings"]
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
-    for ax, s in zip(axes[0], settings):
-        for i, method in enumerate(METHODS):
-            runs = [j for j in jobs if j["setting"] == s["name"] and j["method"] == method and j["available"]]
-            if not runs:
-                continue
-            end = min(r["log"][-1]["flops"] for r in runs)
-            grid = torch.linspace(0, end, 60)
-            curves = torch.stack([_interp(grid, r["log"]) for r in runs])
-            color = f"C{i}"
-            ax.plot(grid, curves.mean(0), color=color, label=method)
-            ax.fill_between(grid, curves.min(0).values, curves.max(0).values, color=color, alpha=0.2)
-        ax.axhline(s["target"]["scratch_final_val_loss"], color="k", ls="--", lw=0.8, label="scratch final")
-        ax.axhline(s["source"]["final_val_loss"], color="gray", ls=":", lw=0.8, label="source final")
-        low = s["target"]["scratch_final_val_loss"]
-        ax.set_ylim(low - 0.3, low + 1.2)
-        ax.set(title=s["name"], xlabel="training FLOPs (source not counted)", ylabel="validation loss")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _interp(grid: torch.Tensor, log: list[dict]) -> torch.Tensor:
-    xs = torch.tensor([r["flops"] for r in log], dtype=torch.float64)
-    ys = torch.tensor([r["val_loss"] for r in log], dtype=torch.float64)
-    idx = torch.searchsorted(xs, grid.double()).clamp(1, len(xs) - 1)
-    x0, x1, y0, y1 = xs[idx - 1], xs[idx], ys[idx - 1], ys[idx]
-    return (y0 + (grid - x0) / (x1 - x0).clamp_min(1e-9) * (y1 - y0)).float()
-
-
 # --- driver -----------------------------------------------------------------------------------------------
 
 def _map(pool, fn, args_list):
@@ -356,44 +326,63 @@ def _map(pool, fn, args_list):
     return [f.result() for f in [pool.submit(fn, *a) for a in args_list]]
 
 
-def previous_runs(out: str, sizes: Sizes) -> dict[tuple, dict]:
-    """Available runs of an earlier result in ``out`` with the same sizes, keyed (setting, method, seed)."""
+def previous_runs(out: str, sizes: Sizes) -> tuple[dict[tuple, dict], dict]:
+    """Available runs of an earlier result in ``out`` with the same sizes, keyed (setting, method, seed), and
+    its sources' training logs ({arch: {seed: log}})."""
     try:
         with open(os.path.join(out, "savings.json")) as f:
             same = json.load(f)["sizes"] == dataclasses.asdict(sizes)
         with open(os.path.join(out, "savings_logs.json")) as f:
-            runs = json.load(f)["runs"]
+            logs = json.load(f)
     except (OSError, KeyError, ValueError):
-        return {}
-    return {(r["setting"], r["method"], r["seed"]): r for r in runs if same and r["available"]}
+        return {}, {}
+    if not same:
+        return {}, {}
+    sources = {a: {int(s): log for s, log in v.items()} for a, v in logs.get("sources", {}).items()}
+    return {(r["setting"], r["method"], r["seed"]): r for r in logs["runs"] if r["available"]}, sources
+
+
+def same_recipe(run: dict, sizes: Sizes) -> bool:
+    """Whether an earlier run was built and trained as the method is now (a changed default recipe retrains)."""
+    setting, method = SETTINGS[run["setting"]], run["method"]
+    if method in USES_SOURCE and method != "directcopy":
+        if run.get("grow_kwargs") != grow_candidates(method, setting, sizes, run["seed"])[0]:
+            return False
+    return run.get("train_config") == LR_POLICIES.get(method)
 
 
 def run(sizes: Sizes, seeds: list[int], settings: list[str], out: str, cache: str, workers: int = 1,
-        reuse: bool = False) -> dict:
+        reuse: bool = False, methods: list[str] | None = None) -> dict:
     """The whole benchmark; writes savings.json, savings_logs.json, savings.md and savings.png into ``out``.
-    With ``reuse``, runs already in ``out`` with the same sizes are kept and only the others (e.g. methods
-    that were unavailable) are trained."""
+    With ``reuse``, runs already in ``out`` with the same sizes and recipe are kept and only the others (e.g.
+    methods that were unavailable) are trained; settings and seeds of the earlier result that were not asked
+    for are kept in the output as they were. ``methods``: train only these (others are reused or left out)."""
     start = time.time()
     torch.set_num_threads(1)
-    chosen = [SETTINGS[n] for n in settings]
-    archs = sorted({s.arch for s in chosen})
+    done, old_sources = previous_runs(out, sizes) if reuse else ({}, {})
+    done = {k: r for k, r in done.items() if same_recipe(r, sizes)}
+    chosen = [SETTINGS[n] for n in SETTINGS if n in settings or any(k[0] == n for k in done)]
+    seeds_shown = sorted(set(seeds) | {k[2] for k in done})
+    archs = sorted({SETTINGS[n].arch for n in settings})  # sources to train (or find in the cache)
     pool = cf.ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         files = _map(pool, pretrain_source, [(a, sizes, s, cache) for a in archs for s in seeds])
         source_file = dict(zip([(a, s) for a in archs for s in seeds], files))
-        done = previous_runs(out, sizes) if reuse else {}
-        todo = [(st.name, m, s) for st in chosen for s in seeds for m in METHODS if (st.name, m, s) not in done]
+        todo = [(st.name, m, s) for st in chosen if st.name in settings for m in (methods or METHODS) for s in seeds
+                if (st.name, m, s) not in done]  # method by method: the first finish on every seed first
         fresh = _map(pool, run_job, [(n, m, s, sizes, source_file[SETTINGS[n].arch, s] if m in USES_SOURCE else None)
                                      for n, m, s in todo])
-        fresh = dict(zip(todo, fresh))
-        jobs = [fresh.get((st.name, m, s)) or done[st.name, m, s] for st in chosen for s in seeds for m in METHODS]
+        fresh = {**done, **dict(zip(todo, fresh))}
+        jobs = [fresh[st.name, m, s] for st in chosen for s in seeds_shown for m in METHODS if (st.name, m, s) in fresh]
     finally:
         if pool is not None:
             pool.shutdown()
-    sources = {a: {s: load_source(a, source_file[a, s])[1] for s in seeds} for a in archs}
+    sources = {a: dict(v) for a, v in old_sources.items()}  # settings kept from the earlier result
+    for (a, s), path in source_file.items():
+        sources.setdefault(a, {})[s] = load_source(a, path)[1]
     summaries = [summarize_setting(st, sizes, jobs, sources[st.arch]) for st in chosen]
     headline = next((s for s in summaries if s["name"] == HEADLINE), summaries[0])
-    result = {"seeds": seeds, "headline": headline["name"], "methods": headline["methods"], "settings": summaries,
+    result = {"seeds": seeds_shown, "headline": headline["name"], "methods": headline["methods"], "settings": summaries,
               "sizes": dataclasses.asdict(sizes), "workers": workers, "seconds": time.time() - start,
               "python": sys.version.split()[0], "corpus_digest": load_corpus(sizes.corpus_bytes).digest()}
     os.makedirs(out, exist_ok=True)
@@ -403,7 +392,7 @@ def run(sizes: Sizes, seeds: list[int], settings: list[str], out: str, cache: st
         json.dump({"sources": {a: {str(s): log for s, log in v.items()} for a, v in sources.items()},
                    "runs": jobs}, f)
     write_markdown(result, os.path.join(out, "savings.md"))
-    plot(result, jobs, os.path.join(out, "savings.png"))
+    plot(result, jobs, os.path.join(out, "savings.png"), METHODS)
     return result
 
 
@@ -420,11 +409,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cache", default=os.path.join(here, "cache"))
     p.add_argument("--reuse", action="store_true", help="keep runs already in --out with the same sizes; "
                    "train only the missing or previously unavailable ones")
+    p.add_argument("--methods", nargs="+", choices=METHODS, help="train only these methods (with --reuse, the "
+                   "others' earlier runs are kept; without, they are left out)")
     args = p.parse_args(argv)
     sizes = (QUICK if args.quick else Sizes()).scaled(args.scale)
     if args.hidden:
         sizes = dataclasses.replace(sizes, hidden=args.hidden)
-    return run(sizes, args.seeds, args.settings, args.out, args.cache, args.workers, args.reuse)
+    return run(sizes, args.seeds, args.settings, args.out, args.cache, args.workers, args.reuse, args.methods)
 
 
 if __name__ == "__main__":

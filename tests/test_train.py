@@ -273,9 +273,12 @@ def test_quick_benchmark_pipeline_and_schema(tmp_path, monkeypatch):
     on_disk = json.loads((tmp_path / "out" / "savings.json").read_text())
     assert on_disk["seeds"] == [0, 1] == result["seeds"]
     names = [m["name"] for m in on_disk["methods"]]
-    assert names == ["scratch", "stackbert", "mslt", "directcopy", "fpi", "aki", "bert2bert", "growir"]
+    assert names == ["scratch", "stackbert", "mslt", "directcopy", "fpi", "aki", "bert2bert", "fpi+noise", "growir",
+                     "growir+optimizer", "growir-nowarmup", "growir-halfpeak"]
     for m in on_disk["methods"]:
         assert {"name", "saving", "saving_std", "flops_to_target", "final_val_loss", "reached"} <= set(m)
+        if m["available"]:
+            assert {"saving_ranked", "per_seed_saving", "per_seed_final_val_loss", "seeds"} <= set(m)
     by_name = {m["name"]: m for m in on_disk["methods"]}
     assert by_name["scratch"]["saving"] == 0.0 and by_name["scratch"]["reached"]
     assert by_name["fpi"]["available"] and not by_name["aki"]["available"] and not by_name["growir"]["available"]
@@ -315,6 +318,12 @@ def test_savings_are_paired_with_the_scratch_run_of_the_same_seed():
     assert out["saving_with_source"] == pytest.approx(0.525)
     never = [{**runs[0], "log": log((0, 4.0), (50, 2.5))}]
     assert bench.summarize_method("fpi", never, scratch, {0: 10.0})["reached"] is False
+    half = bench.summarize_method("fpi", [runs[0], {**runs[1], "log": log((0, 4.0), (50, 3.5))}], scratch,
+                                  {0: 10.0, 1: 10.0})
+    # seed 1 never reaches 3.0: the mean over reached seeds is seed 0's 50%, the rank figure counts seed 1 as 0%
+    assert half["saving"] == pytest.approx(0.5) and half["reached_seeds"] == 1 and half["seeds"] == 2
+    assert half["saving_ranked"] == pytest.approx(0.25)
+    assert half["per_seed_saving"] == {"0": pytest.approx(0.5), "1": None}
 
 
 def test_reuse_keeps_earlier_runs_and_trains_only_missing_ones(tmp_path, monkeypatch):
@@ -329,7 +338,8 @@ def test_reuse_keeps_earlier_runs_and_trains_only_missing_ones(tmp_path, monkeyp
     monkeypatch.setattr(bench, "run_job", lambda *a: trained.append(a[1]) or real(*a))
     bench.main(argv + ["--reuse"])
     second = json.loads((tmp_path / "out" / "savings_logs.json").read_text())["runs"]
-    assert sorted(trained) == ["aki", "bert2bert", "growir"]           # the unavailable ones
+    # the unavailable ones (the stand-in knows only plain fpi); growir+optimizer grows through the real core
+    assert sorted(trained) == ["aki", "bert2bert", "fpi+noise", "growir", "growir-halfpeak", "growir-nowarmup"]
     assert [r["log"] for r in first if r["available"]] == [r["log"] for r in second if r["available"]]
 
 
