@@ -29,7 +29,7 @@ from .passes.tensor_rule import rounding_reason
 from .passes.width import fpi_index, group_maps, random_index, tree_map, width_rules
 from .verify_torch import failing_node, measure, output_maps
 
-WIDTH_METHODS = ("fpi", "fpi_balanced", "fpi_random", "aki", "fresh")
+WIDTH_METHODS = ("auto", "fresh", "fpi", "fpi_balanced", "fpi_random", "aki")
 PRESETS = {"bert2bert": {"width_method": "aki", "depth_method": "stack"}}  # the paper's recipe
 TOLERANCE = 1e-5  # max|Δ| <= TOLERANCE * max(1, max|y|) in float32 counts as exact
 
@@ -60,6 +60,7 @@ class GrowthRecord:
     config_changes: dict = field(default_factory=dict)  # every config field whose value changed
     notes: list = field(default_factory=list)  # what the caller should know beyond exactness (kept groups, ...)
     filled: dict = field(default_factory=dict)  # group label -> fill kind, where repeat-and-fill was used
+    width_method: str = ""  # the one used ("auto" resolves to "fresh" or "fpi")
     rules: dict = field(default_factory=dict)  # state_dict name -> TensorRule that made it
     params_before: int = 0
     params_after: int = 0
@@ -83,7 +84,7 @@ class GrowthRecord:
 
 @dataclass
 class Options:
-    width_method: str = "fpi"
+    width_method: str = "fresh"  # "auto" is resolved by grow() before Options are made
     depth_method: str = "auto"
     seed: int = 0
     noise: float = 0.0
@@ -91,19 +92,25 @@ class Options:
     unit_values: dict = field(default_factory=dict)  # per-unit constants as the rebuilt model computes them
 
 
-def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="fpi", depth_method="auto",
+def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="auto", depth_method="auto",
          method=None, noise=0.0, example_inputs=None, strict=False, seed=0, verify=False, materialize="auto"):
     """Grow ``model`` wider and deeper, starting from the same function where mathematics allows.
 
     Returns an instance of the same class for Hugging Face models (config updated), else a rewritten
     ``torch.fx.GraphModule``. The source is never modified. ``grown.growir_record`` says what was done.
 
-    ``width_method``: ``"fpi"`` (function-preserving: copies, and repeat-and-fill for a normalized group
-    whose ratio is not whole, exact for pre-norm models), ``"fpi_balanced"`` (copies only, counts differing
-    by at most one), ``"fpi_random"`` (bert2BERT's uniformly random copies) or ``"aki"`` (bert2BERT: new
-    units of block l from block l+1; not exact). ``method="bert2bert"`` is the paper's recipe (AKI width, stacked depth).
+    ``width_method``: ``"auto"`` (the default: ``"fresh"``, or ``"fpi"`` where only copies are exact, e.g. a
+    residual stream that is itself an output and whose norms' eps the config cannot change), ``"fresh"``
+    (exact and copies nothing — the residual stream once plus a zero/mean fill whose readers' columns are
+    random, fresh FFN neurons and heads; a post-norm residual is copied; it trained best in
+    benchmarks/savings.py, see docs/savings.md), ``"fpi"`` (function-preserving
+    copies, and repeat-and-fill for a normalized group whose ratio is not whole, exact for pre-norm models),
+    ``"fpi_balanced"`` (copies only, counts differing by at most one), ``"fpi_random"`` (bert2BERT's uniformly
+    random copies) or ``"aki"`` (bert2BERT: new units of block l from block l+1; not exact).
+    ``method="bert2bert"`` is the paper's recipe (AKI width, stacked depth).
     ``noise=σ`` perturbs split consumer copies by noise that cancels over the copies (relative std σ):
-    the function stays exact while copies stop receiving identical gradients.
+    the function stays exact while copies stop receiving identical gradients (``"fpi"``: fresh has no copies
+    except a post-norm residual's).
     ``materialize``: ``"auto"`` rebuilds a Hugging Face model's class from a changed config, or returns the
     rewritten GraphModule with a warning where no config computes the grown function; ``"hf"`` raises
     MaterializeError there instead; ``"graph"`` always returns the GraphModule.
@@ -137,17 +144,12 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     if wants_depth and not p.blocks:
         raise SpecError("depth growth asked for, but growir found no repeated blocks in the model")
     depth_plan = [(b, target_layers(b.count, depth, layers)) for b in (p.blocks if wants_depth else [])]
-    opts = Options(width_method, depth_method, seed, float(noise))
-    with stage("computing the grown tensors and rewriting the graph"):
-        built = _build(p, sizes, depth_plan, opts)
-    notes = unused_width_notes(p, width, sizes) + _aki_notes(p, built.record, width_method)
-    for note in notes:
-        warnings.warn("growir: " + note, stacklevel=2)
-    built.record.notes += notes + ([f"the graph was exported at fixed shapes ({p.captured.static})"]
-                                   if p.captured.static else [])
-    if p.captured.is_hf:
-        with stage("rebuilding the model's class from its config", MaterializeError):
-            built = materialize_hf(model, p, sizes, depth_plan, opts, built, _build, materialize)
+    opts = Options("fresh" if width_method == "auto" else width_method, depth_method, seed, float(noise))
+    built = _grown(model, p, sizes, depth_plan, opts, width, materialize)
+    if width_method == "auto" and built.record.reasons:  # copies may still be exact where fresh is not
+        copies = _grown(model, p, sizes, depth_plan, dataclasses.replace(opts, width_method="fpi"), width,
+                        materialize)
+        built = copies if not copies.record.reasons else built
     if strict and built.record.reasons:
         raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(built.record.reasons))
     record, grown = built.record, built.grown
@@ -163,6 +165,20 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     release_weights(p.captured.gm)  # the record keeps the graph, not the source's weights
     record.seconds = time.perf_counter() - started
     return grown
+
+
+def _grown(model, p: Plan, sizes: dict, depth_plan: list, opts: Options, width, materialize) -> "_Built":
+    with stage("computing the grown tensors and rewriting the graph"):
+        built = _build(p, sizes, depth_plan, opts)
+    notes = unused_width_notes(p, width, sizes) + _aki_notes(p, built.record, opts.width_method)
+    for note in notes:
+        warnings.warn("growir: " + note, stacklevel=3)
+    built.record.notes += notes + ([f"the graph was exported at fixed shapes ({p.captured.static})"]
+                                   if p.captured.static else [])
+    if p.captured.is_hf:
+        with stage("rebuilding the model's class from its config", MaterializeError):
+            built = materialize_hf(model, p, sizes, depth_plan, opts, built, _build, materialize)
+    return built
 
 
 @dataclass
@@ -265,7 +281,8 @@ def _build(p: Plan, sizes: dict, depth_plan: list, opts: Options) -> _Built:
     grown = build_graph_module(gm, state, params, schedules, lambda g: [edit(g) for edit in w.graph_edits],
                                p.facts.aliases)
     record = GrowthRecord(p, dict(sizes), layer_info, reasons, output_maps=output_maps(p, w.maps), rules=rules,
-                          filled=w.filled, rounding=rounding_reason(rounded, state) if rounded else None)
+                          filled=w.filled, rounding=rounding_reason(rounded, state) if rounded else None,
+                          width_method=opts.width_method)
     return _Built(record, state, grown, w.maps, w.eps_values, w.units)
 
 

@@ -164,7 +164,7 @@ def test_per_head_layernorm_with_rotary_growth_is_exact():
 def test_noise_with_fill_positions_keeps_the_function():
     """Symmetry-breaking noise skips fill positions (some must stay zero) and still cancels over copies."""
     for name, width in (("llama", 1.5), ("qwen3", {"head_dim": 16})):
-        grown = grow(name, width=width, noise=0.05, strict=True)
+        grown = grow(name, width=width, width_method="fpi", noise=0.05, strict=True)
         assert grown.growir_record.exact
         assert_preserves(make(name), grown, name)
 

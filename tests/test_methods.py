@@ -20,7 +20,8 @@ def quiet(fn, *a, **kw):
 @pytest.fixture(scope="module")
 def llama_pair():
     src = make("llama")
-    return src, quiet(growir.grow, src, width=2.0), quiet(growir.grow, src, width=2.0, width_method="aki")
+    return (src, quiet(growir.grow, src, width=2.0, width_method="fpi"),
+            quiet(growir.grow, src, width=2.0, width_method="aki"))
 
 
 def test_aki_differs_from_fpi_only_in_new_units_below_the_top(llama_pair):
@@ -66,8 +67,8 @@ def _copy_grad_gap(grown, inputs):
 
 def test_noise_keeps_the_function_and_breaks_symmetry():
     src, inputs = make("nanogpt"), example_inputs("nanogpt")
-    plain = growir.grow(src, width=2.0, example_inputs=inputs)
-    noisy = growir.grow(src, width=2.0, noise=0.05, example_inputs=inputs)
+    plain = growir.grow(src, width=2.0, width_method="fpi", example_inputs=inputs)
+    noisy = growir.grow(src, width=2.0, width_method="fpi", noise=0.05, example_inputs=inputs)
     assert noisy.growir_record.exact and noisy.growir_record.deviation < 1e-5
     assert _copy_grad_gap(plain, inputs) == 0.0  # copies get identical gradients and would stay identical
     assert _copy_grad_gap(noisy, inputs) > 1e-4

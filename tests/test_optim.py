@@ -37,7 +37,8 @@ def model_of(case: str):
 
 def grow_kwargs(case: str) -> dict:
     name = model_of(case)
-    return {**SPECS[case], "example_inputs": example_inputs(name) if name == "nanogpt" else None}
+    # copies: the map-back below reads a copy's gradient (the fresh default copies nothing)
+    return {"width_method": "fpi", **SPECS[case], "example_inputs": example_inputs(name) if name == "nanogpt" else None}
 
 
 def logits(model, inputs):
