@@ -74,8 +74,25 @@ def setting_header(s: dict) -> list[str]:
             f"{src['final_val_loss']:.3f}); budget {tgt['tokens']:,} tokens, {tgt['scratch_flops']:.3g} FLOPs.", ""]
 
 
-def tables(result: dict) -> list[str]:
+def findings(result: dict) -> list[str]:
+    """One line per setting: growir's default against the best other method, by the rank figure."""
     lines = []
+    for s in result["settings"]:
+        order = [m for m in ranked(s) if m["name"] != "scratch"]
+        mine = next((m for m in order if m["name"] == "growir"), None)
+        others = [m for m in order if not m["name"].startswith("growir") and m["name"] != "fpi+noise"]
+        if mine is None or not others:
+            continue
+        best = others[0]
+        lines.append(f"- `{s['name']}`: growir {pct(mine['saving_ranked'])} ({mine['reached_seeds']}/{mine['seeds']} "
+                     f"seeds reached), the best baseline {best['name']} {pct(best['saving_ranked'])} "
+                     f"({best['reached_seeds']}/{best['seeds']}); growir's final loss {_num(mine['final_val_loss'])} "
+                     f"vs {_num(best['final_val_loss'])}.")
+    return lines + [""] if lines else []
+
+
+def tables(result: dict) -> list[str]:
+    lines = findings(result)
     for s in result["settings"]:
         lines += setting_header(s) + method_table(s) + ["", "Per seed: saving (final validation loss).", ""]
         lines += seed_table(s) + [""]

@@ -84,7 +84,7 @@ class GrowthRecord:
 
 @dataclass
 class Options:
-    width_method: str = "fresh"  # "auto" is resolved by grow() before Options are made
+    width_method: str = "fpi"  # "auto" is resolved by grow() before Options are made
     depth_method: str = "auto"
     seed: int = 0
     noise: float = 0.0
@@ -92,18 +92,18 @@ class Options:
     unit_values: dict = field(default_factory=dict)  # per-unit constants as the rebuilt model computes them
 
 
-def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="auto", depth_method="auto",
+def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="fpi", depth_method="auto",
          method=None, noise=0.0, example_inputs=None, strict=False, seed=0, verify=False, materialize="auto"):
     """Grow ``model`` wider and deeper, starting from the same function where mathematics allows.
 
     Returns an instance of the same class for Hugging Face models (config updated), else a rewritten
     ``torch.fx.GraphModule``. The source is never modified. ``grown.growir_record`` says what was done.
 
-    ``width_method``: ``"auto"`` (the default: ``"fresh"``, or ``"fpi"`` where only copies are exact, e.g. a
-    residual stream that is itself an output and whose norms' eps the config cannot change), ``"fresh"``
-    (exact and copies nothing — the residual stream once plus a zero/mean fill whose readers' columns are
-    random, fresh FFN neurons and heads; a post-norm residual is copied; it trained best in
-    benchmarks/savings.py, see docs/savings.md), ``"fpi"`` (function-preserving
+    ``width_method``: ``"fpi"`` (the default for now), ``"fresh"`` (exact and copies nothing — the residual
+    stream once plus a zero/mean fill whose readers' columns are random, fresh FFN neurons and heads; a
+    post-norm residual is copied; it trained best in benchmarks/savings.py, see docs/savings.md), ``"auto"``
+    (``"fresh"``, or ``"fpi"`` where only copies are exact, e.g. a residual stream that is itself an output
+    and whose norms' eps the config cannot change), ``"fpi"`` (function-preserving
     copies, and repeat-and-fill for a normalized group whose ratio is not whole, exact for pre-norm models),
     ``"fpi_balanced"`` (copies only, counts differing by at most one), ``"fpi_random"`` (bert2BERT's uniformly
     random copies) or ``"aki"`` (bert2BERT: new units of block l from block l+1; not exact).

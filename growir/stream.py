@@ -96,6 +96,7 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
         if method not in PRESETS:
             raise SpecError(f"unknown method {method!r}: the presets are {', '.join(PRESETS)}")
         width_method, depth_method = PRESETS[method]["width_method"], PRESETS[method]["depth_method"]
+    width_method = "fresh" if width_method == "auto" else width_method  # no fallback to copies when streamed
     job = _prepare(src, width, depth, layers, width_method, depth_method, dtype, strict)
     prepared = time.perf_counter() - start
     layout = shard_layout(job.items, parse_size(max_shard_size))

@@ -82,9 +82,9 @@ def test_post_norm_copies_the_residual_and_says_so():
     assert any("not function-preserving" in str(w.message) for w in caught)
 
 
-def test_default_is_fresh():
-    """``width_method="auto"`` (the default) grows fresh where that is exact (it falls back to copies only where
-    fresh growth is not exact and copies are)."""
-    assert growir.grow(make("llama"), width=2.0).growir_record.width_method == "fresh"
-    rec = growir.grow(make("bert"), width=2.0, strict=True).growir_record
+def test_auto_is_fresh_where_exact():
+    """``width_method="auto"`` grows fresh where that is exact (it falls back to copies only where fresh growth
+    is not exact and copies are)."""
+    assert growir.grow(make("llama"), width=2.0, width_method="auto").growir_record.width_method == "fresh"
+    rec = growir.grow(make("bert"), width=2.0, width_method="auto", strict=True).growir_record
     assert rec.width_method == "fresh" and rec.exact
