@@ -95,6 +95,18 @@ def test_config_that_cannot_hold_eps_is_measured_not_broken():
     assert not grown.growir_record.exact and grown.growir_record.deviation < 1e-2
 
 
+def test_tied_head_norm_that_is_also_an_output_is_reported_not_exact():
+    """The final norm feeds a tied head (rescaled by 1/n to keep the logits) and is returned as the last hidden
+    state: that output is rescaled too, so the growth is reported inexact, never a 'growir bug'."""
+    source = make("opt")
+    source.config.output_hidden_states = True
+    with pytest.warns(UserWarning, match="also a model output"):
+        grown = growir.grow(source, width=2.0, width_method="fpi")
+    assert not grown.growir_record.exact
+    with pytest.raises(growir.NotExactError):
+        growir.grow(source, width=2.0, width_method="fpi", strict=True)
+
+
 @pytest.mark.parametrize("name", ["llama", "mistral"])
 def test_rotary_head_dim_growth_interleaves_frequencies(name):
     """Old rotary pair j becomes pair 2j at twice the head_dim (same frequency); pairs between are zero."""

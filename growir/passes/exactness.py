@@ -59,12 +59,35 @@ def compensate_tied(plan: Plan, maps: dict, width: WidthResult) -> list[str]:
                 reasons.append(f"`{state}` is tied (an embedding and the head at {site.name}) and no norm "
                                f"feeds the head, so the n-fold logits cannot be rescaled")
             else:
+                if _reaches_output(site.args[0]):
+                    reasons.append(f"the norm before the tied head `{state}` (at {site.name}) is rescaled to keep "
+                                   f"the logits, and its output is also a model output (hidden states), which "
+                                   f"is therefore rescaled too")
                 factor = float(counts[0]) * width.rules[state].scale  # the copies, and a rescaled residual
                 for p in scaled:
                     width.rules[p].scale /= factor
                     width.rules[p].notes.append(f"divided by {factor:.4g}: it feeds the tied head "
                                                 f"`{state}`")
     return reasons
+
+
+def _reaches_output(x) -> bool:
+    """Whether ``x``, the value it is a layout view of, or another view of that value is returned by the graph."""
+    todo, seen = [x], set()
+    while isinstance(x, fx.Node) and x.op == "call_function" and op_name(x) in PASS_THROUGH:
+        x = x.args[0]
+        todo.append(x)
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u.op == "output":
+                return True
+            if u.op == "call_function" and op_name(u) in PASS_THROUGH | {"getitem"}:
+                todo.append(u)
+    return False
 
 
 def _counts_on(width: WidthResult, state: str, axis: int):
