@@ -92,14 +92,14 @@ class Options:
     unit_values: dict = field(default_factory=dict)  # per-unit constants as the rebuilt model computes them
 
 
-def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="auto", depth_method="auto",
+def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="fpi", depth_method="auto",
          method=None, noise=0.0, example_inputs=None, strict=False, seed=0, verify=False, materialize="auto"):
     """Grow ``model`` wider and deeper, starting from the same function where mathematics allows.
 
     Returns an instance of the same class for Hugging Face models (config updated), else a rewritten
     ``torch.fx.GraphModule``. The source is never modified. ``grown.growir_record`` says what was done.
 
-    ``width_method``: ``"auto"`` (the default, see below), ``"fresh"`` (exact and copies nothing — the residual
+    ``width_method``: ``"fpi"`` (the default for now), ``"fresh"`` (exact and copies nothing — the residual
     stream once plus a zero/mean fill whose readers' columns are random, fresh FFN neurons and heads; a
     post-norm residual is copied; it trained best in benchmarks/savings.py, see docs/savings.md), ``"auto"``
     (``"fresh"``, or ``"fpi"`` where only copies are exact, e.g. a residual stream that is itself an output

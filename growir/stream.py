@@ -67,7 +67,7 @@ class StreamReport:
         return "\n".join(lines)
 
 
-def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, width_method="auto",
+def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, width_method="fpi",
                     depth_method="auto", method=None, dtype=None, max_shard_size="50GB", strict=False,
                     force=False, verify=False, progress=None) -> StreamReport:
     """Grow the safetensors folder ``src_dir`` into ``out_dir`` without loading the model.
