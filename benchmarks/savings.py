@@ -208,8 +208,8 @@ def grow_source(source, method: str, setting: Setting, sizes: Sizes, seed: int, 
         try:
             if optimizer is not None:
                 from growir.optim import grow_with_optimizer
-                return grow_with_optimizer(source, optimizer, **kwargs), kwargs
-            return grow(copy.deepcopy(source), **kwargs), kwargs
+                return grow_with_optimizer(source, optimizer, materialize="hf", **kwargs), kwargs
+            return grow(copy.deepcopy(source), materialize="hf", **kwargs), kwargs  # training needs the HF class
         except (GrowthError, TypeError, NotImplementedError) as e:
             reasons.append(f"grow({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): "
                            f"{type(e).__name__}: {e}")

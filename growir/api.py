@@ -99,11 +99,12 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     Returns an instance of the same class for Hugging Face models (config updated), else a rewritten
     ``torch.fx.GraphModule``. The source is never modified. ``grown.growir_record`` says what was done.
 
-    ``width_method``: ``"fpi"`` (the default for now), ``"fresh"`` (exact and copies nothing — the residual
-    stream once plus a zero/mean fill whose readers' columns are random, fresh FFN neurons and heads; a
-    post-norm residual is copied; it trained best in benchmarks/savings.py, see docs/savings.md), ``"auto"``
-    (``"fresh"``, or ``"fpi"`` where only copies are exact, e.g. a residual stream that is itself an output
-    and whose norms' eps the config cannot change), ``"fpi"`` (function-preserving
+    ``width_method``: ``"fpi"`` (the default for now), ``"auto"`` (``"fresh"``, or ``"fpi"`` where only copies
+    are exact, e.g. a residual stream that is itself an output and whose norms' eps the config cannot change;
+    ``"fpi"`` when ``noise`` is given, since noise breaks the symmetry of copies), ``"fresh"`` (exact and copies
+    nothing — the residual stream once plus a zero/mean fill whose readers' columns are random, fresh FFN neurons
+    and heads; a post-norm residual is copied; it trained best in benchmarks/savings.py, see docs/savings.md),
+    ``"fpi"`` (function-preserving
     copies, and repeat-and-fill for a normalized group whose ratio is not whole, exact for pre-norm models),
     ``"fpi_balanced"`` (copies only, counts differing by at most one), ``"fpi_random"`` (bert2BERT's uniformly
     random copies) or ``"aki"`` (bert2BERT: new units of block l from block l+1; not exact).
@@ -144,6 +145,8 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     if wants_depth and not p.blocks:
         raise SpecError("depth growth asked for, but growir found no repeated blocks in the model")
     depth_plan = [(b, target_layers(b.count, depth, layers)) for b in (p.blocks if wants_depth else [])]
+    if width_method == "auto" and noise:  # noise is symmetry breaking for copies: the user asks for copies
+        width_method = "fpi"
     opts = Options("fresh" if width_method == "auto" else width_method, depth_method, seed, float(noise))
     built = _grown(model, p, sizes, depth_plan, opts, width, materialize)
     if width_method == "auto" and built.record.reasons:  # copies may still be exact where fresh is not

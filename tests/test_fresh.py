@@ -88,3 +88,10 @@ def test_auto_is_fresh_where_exact():
     assert growir.grow(make("llama"), width=2.0, width_method="auto").growir_record.width_method == "fresh"
     rec = growir.grow(make("bert"), width=2.0, width_method="auto", strict=True).growir_record
     assert rec.width_method == "fresh" and rec.exact
+
+
+def test_noise_asks_for_copies():
+    """``noise`` breaks the symmetry of copies, so width_method="auto" grows copies when it is given."""
+    src, inputs = make("nanogpt"), example_inputs("nanogpt")
+    rec = growir.grow(src, width=2.0, width_method="auto", noise=0.05, example_inputs=inputs).growir_record
+    assert rec.width_method == "fpi" and rec.exact

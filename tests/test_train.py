@@ -253,7 +253,8 @@ def load_benchmark():
     return module
 
 
-def stand_in_grow(model, width=2.0, depth=1.0, *, width_method="fpi", depth_method="auto", seed=0, **extra):
+def stand_in_grow(model, width=2.0, depth=1.0, *, width_method="fpi", depth_method="auto", seed=0, materialize="hf",
+                  **extra):
     """Shape-only stand-in for growir.grow (not a growth method): lets the pipeline run without the core."""
     if width_method != "fpi" or extra:
         raise SpecError(f"stand-in knows only width_method='fpi', got {width_method!r} {extra}")

@@ -123,7 +123,6 @@ class TensorRule:
 
     def _mapped(self, old: torch.Tensor) -> torch.Tensor:
         new, on = old, (lambda t: t.to(old.device))  # index tables live on the CPU: move them to the tensor
-        std = float(old.float().std()) if old.numel() > 1 else 0.0  # "random" fills draw at the tensor's own std
         for axis, m in enumerate(self.axes):
             mean = new.mean(axis, keepdim=True) if m.fill == "mean" else None
             index = m.index
@@ -143,7 +142,7 @@ class TensorRule:
             if m.fill is not None:
                 fill = new.new_zeros(()) if mean is None else mean.expand_as(new)
                 if m.fill == "random":
-                    fill = self._random_fill(new, axis, index < 0, std)
+                    fill = self._random_fill(new, axis, index < 0, _own_std(old))
                 new = torch.where(on(index < 0).reshape(shape), fill, new)
                 if m.fill == "geometric" and geometric is not None:
                     new = geometric.to(new.device)
@@ -159,6 +158,11 @@ class TensorRule:
     def changes(self) -> bool:
         return self.zero or self.scale != 1.0 or any(m.index is not None or m.divide is not None
                                                      or m.scale is not None for m in self.axes)
+
+
+def _own_std(t: torch.Tensor) -> float:
+    """The std "random" fills draw at: the source tensor's own (none on the meta device, where nothing is drawn)."""
+    return float(t.float().std()) if t.numel() > 1 and not t.is_meta else 0.0
 
 
 def _geometric(old: torch.Tensor, index: torch.Tensor, m: AxisMap) -> torch.Tensor | None:
