@@ -137,7 +137,7 @@ NOTES = ("Where the time goes (63M Llama, float32): torch.export capture ~60%, t
          "the rules ~11%, the analysis ~5%; rebuilding the class is now ~1% (meta device + assign). The capture "
          "traces every block (a two-block proxy is the streaming work's). bfloat16 rows: target bytes are half, "
          "and the rules' per-tensor float32 transients (the 32000-row embedding and head) and the fixed cost of "
-         "the trace weigh twice as much relative to them. The committed run shared 2 cores with other jobs.")
+         "the trace weigh twice as much relative to them. The committed run: an idle 2-core machine.")
 
 
 # Other sections (streaming, planning) register here: name -> (run, markdown).
