@@ -95,3 +95,14 @@ def test_noise_asks_for_copies():
     src, inputs = make("nanogpt"), example_inputs("nanogpt")
     rec = growir.grow(src, width=2.0, width_method="auto", noise=0.05, example_inputs=inputs).growir_record
     assert rec.width_method == "fpi" and rec.exact
+
+
+def test_fresh_copies_a_group_whose_norm_reads_an_activation():
+    """BERT's MLM transform: dense -> GELU -> LayerNorm. A fill (or a rescale) before the GELU is not what the norm
+    sees, so that group is copied (exact at a whole ratio) instead of filled."""
+    from transformers import BertConfig, BertForMaskedLM
+    torch.manual_seed(0)
+    source = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=64, vocab_size=100, tie_word_embeddings=False)).eval()
+    grown = growir.grow(source, width=2.0, width_method="fresh")
+    assert grown.growir_record.exact and grown.growir_record.deviation < 1e-5

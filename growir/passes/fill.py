@@ -175,6 +175,10 @@ def _why_not(plan: Plan, g, mine: list[NormSite]) -> str:
         return "a norm over it is not a recognized LayerNorm/RMSNorm over this group alone"
     if len({s.kind for s in mine}) != 1:
         return "LayerNorm and RMSNorm both read it (their fills differ: the mean vs zero)"
+    nonlinear = [(s.node, op) for s in mine if (op := _nonlinear_source(s.input))]
+    if nonlinear:
+        return (f"the norm at `{nonlinear[0][0]}` reads the output of {nonlinear[0][1]}, which is not linear in "
+                f"the parameters that write the group: a fill (or a rescale) before it is not what the norm sees")
     post = [s.node for s in mine if not _feeds_contractions(s.output, f)]
     if post:
         return f"the norm at `{post[0]}` feeds the residual stream (post-norm): no exact construction exists"
@@ -183,6 +187,20 @@ def _why_not(plan: Plan, g, mine: list[NormSite]) -> str:
         if ag.expand(f.axes[node][pa.axis]) != g.root:
             return f"`{pa.param}` holds it inside a fused axis"
     return ""
+
+
+_LINEAR_SOURCES = {"aten.add", "aten.sub", "aten.neg", "aten.cat", "aten.embedding", "get_attr", "placeholder"}
+
+
+def _nonlinear_source(x: fx.Node) -> str | None:
+    """The op that makes a norm's input, through layout ops, when it is not linear in the parameters writing
+    its terms (an activation such as a GELU between a transform and its norm); None otherwise."""
+    while x.op == "call_function" and op_name(x) in THROUGH:
+        x = x.args[0]
+    name = op_name(x) if x.op == "call_function" else x.op
+    if name in _LINEAR_SOURCES or name in CONTRACTIONS or name in ("aten.mul", "aten.div"):
+        return None
+    return f"`{name}` (at {x.name})"
 
 
 def adjust_norms(fp: FillPlan, maps: dict, rules: dict, rescaled: set = frozenset()) -> tuple[dict, dict]:

@@ -117,8 +117,8 @@ def _forward(use: fx.Node, facts, norm_ends: set, residual: set) -> bool | None:
                                                  for a in u.args if a is not n):
                     continue  # a direct reader: checked on the consumer side
                 stack.append(u)
-        elif n not in norm_ends:
-            return None
+        else:
+            return None  # a nonlinear op, even one that feeds a norm: its output is not linear in the term
     residual |= on_path
     return True
 
