@@ -49,12 +49,30 @@ def materialize_hf(model, p, sizes: dict, depth_plan: list, opts, built, rebuild
         return built
 
 
+def output_only_groups(p) -> list:
+    """Groups that parameters write and nothing reads but the model's outputs (a pooler): the rebuilt config
+    decides their size."""
+    return [g for g in p.groups if g.role is None and g.size and not g.pinned and g.producers
+            and not g.consumers and g.in_output]
+
+
+def sizes_given(groups: list, shapes: dict) -> dict:
+    """group id -> the size the rebuilt model's parameter ``shapes`` give it, where that differs and every
+    producer agrees."""
+    out = {}
+    for g in groups:
+        first = g.producers[0]
+        size = shapes.get(first.param, (None,) * (first.axis + 1))[first.axis]
+        if size is not None and size != g.size and all(shapes[q.param][q.axis] == size for q in g.producers):
+            out[g.id] = size
+    return out
+
+
 def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
     """Rebuild the Hugging Face class. Output-only groups (a pooler) take the size the config gives them."""
     from .materialize import candidate_configs, load_hf
     from .passes.per_unit import rebuilt_values
-    free = [g for g in p.groups if g.role is None and g.size and not g.pinned and g.producers
-            and not g.consumers and g.in_output]
+    free = output_only_groups(p)
     free_axes = {(pa.param, pa.axis) for g in free for pa in g.producers}
     expected = {k: tuple(None if (p.facts.aliases.get(k, k), i) in free_axes else n for i, n in enumerate(v.shape))
                 for k, v in with_source_ties(model, built.state).items()}
@@ -67,11 +85,7 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
     tried = []
     for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads, required, sources,
                                                   built.eps_values):
-        extra = {}
-        for g in free:
-            size = shapes[g.producers[0].param][g.producers[0].axis]
-            if size != g.size and all(shapes[q.param][q.axis] == size for q in g.producers):
-                extra[g.id] = size
+        extra = sizes_given(free, shapes)
         candidate = rebuild(p, {**sizes, **extra}, depth_plan, opts) if extra else built
         grown = load_hf(model, cfg, with_source_ties(model, candidate.state))
         if candidate.units and not opts.unit_values:  # the rebuilt model's own per-unit constants

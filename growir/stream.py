@@ -195,14 +195,8 @@ class Item:
 
 def _config_sizes(p, target) -> dict:
     """Output-only groups (a pooler) take the size the rebuilt config gives them, as in ``grow``."""
-    shapes, out = dict(_shapes(target)), {}
-    for g in p.groups:
-        if g.role is None and g.size and not g.pinned and g.producers and not g.consumers and g.in_output:
-            first = g.producers[0]
-            size = shapes.get(first.param, (None,) * (first.axis + 1))[first.axis]
-            if size is not None and size != g.size and all(shapes[q.param][q.axis] == size for q in g.producers):
-                out[g.id] = size
-    return out
+    from .rebuild import output_only_groups, sizes_given
+    return sizes_given(output_only_groups(p), dict(_shapes(target)))
 
 
 def _names(model) -> list:
