@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -40,11 +41,17 @@ from growir.train.schedule import TwoStage  # noqa: E402
 from savings_report import plot, write_markdown  # noqa: E402
 
 METHODS = ["scratch", "stackbert", "mslt", "directcopy", "fpi", "aki", "bert2bert", "fpi+noise", "growir",
-           "growir+optimizer", "growir-nowarmup", "growir-halfpeak"]
-USES_SOURCE = {"directcopy", "fpi", "aki", "bert2bert", "fpi+noise", "growir", "growir+optimizer",
-               "growir-nowarmup", "growir-halfpeak"}
-# learning-rate policies after growth, tried on growir's default growth: TrainConfig fields (lr as a factor)
-LR_POLICIES = {"growir-nowarmup": {"warmup": 0.0}, "growir-halfpeak": {"lr": 0.5}}
+           "growir+optimizer"]
+# The learning-rate sweep after growth, on growir's default growth: TrainConfig fields changed from the shared
+# schedule (``lr`` as a factor of the peak; ``warmup`` a fraction of the steps: 0 = start at the peak, 0.15 =
+# 90 of 600 steps; the shared schedule warms up over 0.05 = 30 steps). Reported as a sweep, not as rows.
+LR_SWEEP = {"growir-w0": {"warmup": 0.0}, "growir-w90": {"warmup": 0.15}, "growir-lr.5": {"lr": 0.5},
+            "growir-w0-lr.5": {"warmup": 0.0, "lr": 0.5}, "growir-w90-lr.5": {"warmup": 0.15, "lr": 0.5}}
+GROWIR_POLICY: dict = {}  # the policy the growir rows train with (the sweep's winner, if one wins clearly)
+LR_POLICIES = {**LR_SWEEP, **({"growir": GROWIR_POLICY, "growir+optimizer": GROWIR_POLICY} if GROWIR_POLICY else {})}
+GROWIR = {"growir", "growir+optimizer", *LR_SWEEP}  # grown with growir's default recipe
+USES_SOURCE = {"directcopy", "fpi", "aki", "bert2bert", "fpi+noise", *GROWIR}
+ALL_METHODS = METHODS + list(LR_SWEEP)
 HEADLINE = "decoder-wide"
 
 
@@ -88,9 +95,11 @@ class Setting:
 
 SETTINGS = {s.name: s for s in [Setting("decoder-wide", "decoder", 2.0, 1.0),
                                 Setting("decoder-wide-deep", "decoder", 2.0, 2.0),
+                                Setting("decoder-x1.5", "decoder", 1.5, 1.0),  # bert2BERT's 512 -> 768
                                 Setting("encoder-wide", "encoder", 2.0, 1.0),
+                                Setting("encoder-x1.5", "encoder", 1.5, 1.0),
                                 Setting("encoder-wide-deep", "encoder", 2.0, 2.0)]}
-DEFAULT_SETTINGS = ["decoder-wide", "decoder-wide-deep", "encoder-wide"]
+DEFAULT_SETTINGS = ["decoder-wide", "decoder-wide-deep", "decoder-x1.5", "encoder-wide", "encoder-x1.5"]
 
 
 class Unavailable(Exception):
@@ -145,29 +154,41 @@ def train_config(arch: str, sizes: Sizes, steps: int, method: str = "") -> Train
     return dataclasses.replace(cfg, **change)
 
 
-def batcher(arch: str, sizes: Sizes, seed: int) -> Batcher:
+def batcher(arch: str, sizes: Sizes, seed: int, device: str = "cpu") -> Batcher:
     return Batcher(load_corpus(sizes.corpus_bytes), seq=sizes.seq, batch=sizes.batch, mlm=arch == "encoder",
-                   seed=seed, val_windows=sizes.val_windows)
+                   seed=seed, val_windows=sizes.val_windows, device=device)
+
+
+def to_device(model, device: str, optimizer=None):
+    """Move ``model`` (and ``optimizer``'s state, which load_state_dict puts on each parameter's device)."""
+    if device != "cpu":
+        model.to(device)  # in place: the optimizer's parameters stay the same objects
+        if optimizer is not None:
+            optimizer.load_state_dict(optimizer.state_dict())
+    return model
 
 
 # --- source -----------------------------------------------------------------------------------------------
 
-def source_path(arch: str, sizes: Sizes, seed: int, cache: str) -> str:
-    key = json.dumps([arch, dataclasses.asdict(sizes), load_corpus(sizes.corpus_bytes).digest()], sort_keys=True)
+def source_path(arch: str, sizes: Sizes, seed: int, cache: str, device: str = "cpu") -> str:
+    key = [arch, dataclasses.asdict(sizes), load_corpus(sizes.corpus_bytes).digest()] + ([device] if device != "cpu" else [])
+    key = json.dumps(key, sort_keys=True)
     return os.path.join(cache, f"source-{arch}-{hashlib.sha256(key.encode()).hexdigest()[:10]}-seed{seed}.pt")
 
 
-def pretrain_source(arch: str, sizes: Sizes, seed: int, cache: str) -> str:
-    """Train (or find cached) the seed's source; returns the cache file (state_dict, config, log, optimizer).
-    A cache file from before the optimizer state was kept is trained again (the run is deterministic)."""
-    path = source_path(arch, sizes, seed, cache)
-    if not os.path.exists(path) or "optimizer" not in torch.load(path, weights_only=False):
+def pretrain_source(arch: str, sizes: Sizes, seed: int, cache: str, device: str = "cpu") -> str:
+    """Train (or find cached) the seed's source; returns the cache file (state_dict, config, log, optimizer;
+    saved on the CPU). A cache file from before the optimizer state was kept is trained again (deterministic)."""
+    path = source_path(arch, sizes, seed, cache, device)
+    if not os.path.exists(path) or "optimizer" not in torch.load(path, weights_only=False, map_location="cpu"):
         torch.set_num_threads(1)
         config = model_config(arch, sizes.hidden, sizes.layers, sizes)
-        model = new_model(arch, config, seed)
+        model = to_device(new_model(arch, config, seed), device)
         opt = make_optimizer(model, train_config(arch, sizes, sizes.source_steps))
-        log = train(model, batcher(arch, sizes, seed + 1000), train_config(arch, sizes, sizes.source_steps),
+        log = train(model, batcher(arch, sizes, seed + 1000, device), train_config(arch, sizes, sizes.source_steps),
                     progress=False, optimizer=opt)
+        model.cpu()
+        opt.load_state_dict(opt.state_dict())  # the state follows its parameters to the CPU
         os.makedirs(cache, exist_ok=True)
         torch.save({"state_dict": model.state_dict(), "config": config.to_dict(), "log": log,
                     "optimizer": opt.state_dict()}, path + ".tmp")
@@ -177,7 +198,7 @@ def pretrain_source(arch: str, sizes: Sizes, seed: int, cache: str) -> str:
 
 def load_source(arch: str, path: str, sizes: Sizes | None = None):
     """(model, log), and with ``sizes`` also the source's AdamW with its final state."""
-    blob = torch.load(path, weights_only=False)
+    blob = torch.load(path, weights_only=False, map_location="cpu")
     config = type(model_config(arch, 16, 1, QUICK)).from_dict(blob["config"])
     model = model_class(arch)(config)
     model.load_state_dict(blob["state_dict"])
@@ -198,7 +219,7 @@ def grow_candidates(method: str, setting: Setting, sizes: Sizes, seed: int) -> l
         return [{**base, **stack, "width_method": "aki" if method != "fpi" else "fpi"}]
     if method == "fpi+noise":  # copies (repeat-and-fill where a ratio is not whole) with cancelling noise
         return [{**base, "depth_method": "auto", "width_method": "fpi", "noise": sizes.noise}]
-    return [{**base, "depth_method": "auto", "width_method": "fresh"}]  # growir's default growth
+    return [{**base, "depth_method": "auto", "width_method": "auto"}]  # growir's default growth, asked for by name
 
 
 def grow_source(source, method: str, setting: Setting, sizes: Sizes, seed: int, optimizer=None):
@@ -214,6 +235,19 @@ def grow_source(source, method: str, setting: Setting, sizes: Sizes, seed: int, 
             reasons.append(f"grow({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): "
                            f"{type(e).__name__}: {e}")
     raise Unavailable("; ".join(reasons))
+
+
+def growth_used(model) -> dict:
+    """What ``grow`` actually did, from the grown model's record: the width method ``"auto"`` resolved to (and
+    per group, where the record says), whether it is exact and the measured float32 deviation."""
+    record = getattr(model, "growir_record", None)
+    if record is None:  # a stand-in grow (tests)
+        return None
+    used = {"width_method": record.width_method, "exact": record.exact, "deviation": record.deviation}
+    for name in ("group_methods", "width_methods"):  # per-group choice, where the core records one
+        if isinstance(getattr(record, name, None), dict):
+            used[name] = {str(k): str(v) for k, v in getattr(record, name).items()}
+    return used
 
 
 def build(method: str, setting: Setting, sizes: Sizes, seed: int, source, optimizer=None):
@@ -236,6 +270,7 @@ def build(method: str, setting: Setting, sizes: Sizes, seed: int, source, optimi
     callbacks, info = [], {"grow_kwargs": kwargs}
     if optimizer is not None:
         model, info["optimizer"] = model
+    info["grown"] = growth_used(model)
     if method == "bert2bert":
         block = max(1, depth // 4)
         callbacks.append(TwoStage(block_size=block, stage1_steps=round(sizes.stage1_fraction * steps), seed=seed))
@@ -243,8 +278,10 @@ def build(method: str, setting: Setting, sizes: Sizes, seed: int, source, optimi
     return model, callbacks, info
 
 
-def run_job(setting_name: str, method: str, seed: int, sizes: Sizes, source_file: str | None) -> dict:
-    """Build and train one (setting, method, seed); a plain dict so it crosses process boundaries."""
+def run_job(setting_name: str, method: str, seed: int, sizes: Sizes, source_file: str | None,
+            device: str = "cpu") -> dict:
+    """Build and train one (setting, method, seed) on ``device`` (built on the CPU, then moved); a plain dict
+    so it crosses process boundaries."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning)  # tracing chatter from torch.fx/export
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -262,8 +299,10 @@ def run_job(setting_name: str, method: str, seed: int, sizes: Sizes, source_file
     cfg = train_config(setting.arch, sizes, sizes.target_steps, method)
     if method in LR_POLICIES:
         info["train_config"] = LR_POLICIES[method]
-    log = train(model, batcher(setting.arch, sizes, seed), cfg, callbacks=callbacks, progress=False,
-                optimizer=info.pop("optimizer", None))
+    grown_opt = info.pop("optimizer", None)
+    model = to_device(model, device, grown_opt)
+    log = train(model, batcher(setting.arch, sizes, seed, device), cfg, callbacks=callbacks, progress=False,
+                optimizer=grown_opt)
     return {"setting": setting_name, "method": method, "seed": seed, "available": True, "log": log,
             "params": non_embedding_params(model), "hidden": model.config.hidden_size,
             "layers": model.config.num_hidden_layers, "seconds": time.time() - start, **info}
@@ -293,8 +332,22 @@ def summarize_method(method: str, runs: list[dict], scratch: dict[int, dict], so
             "flops_to_target": mean_std(reach)[0], "final_val_loss": finals[0], "final_val_loss_std": finals[1],
             "initial_val_loss": mean_std([r["log"][0]["val_loss"] for r in runs])[0],
             "reached": len(reach) == len(runs), "reached_seeds": len(reach), "seeds": len(runs),
-            "params": runs[0]["params"], "grow_kwargs": runs[0].get("grow_kwargs"),
+            "params": runs[0]["params"], "grow_kwargs": runs[0].get("grow_kwargs"), "grown": grown_summary(runs),
             "train_config": runs[0].get("train_config"), "seconds": mean_std([r["seconds"] for r in runs])[0]}
+
+
+def grown_summary(runs: list[dict]) -> dict | None:
+    """The width method(s) ``grow`` used over the seeds, exact on every seed or not, the largest deviation."""
+    used = [r["grown"] for r in runs if r.get("grown")]
+    if not used:
+        return None
+    devs = [u["deviation"] for u in used if u.get("deviation") is not None]
+    out = {"width_method": "/".join(sorted({u["width_method"] for u in used})), "seeds": len(used),
+           "exact": all(u["exact"] for u in used), "max_deviation": max(devs) if devs else None}
+    for name in ("group_methods", "width_methods"):
+        if used[0].get(name):
+            out[name] = used[0][name]
+    return out
 
 
 def summarize_setting(setting: Setting, sizes: Sizes, jobs: list[dict], sources: dict[int, list[dict]]) -> dict:
@@ -303,6 +356,8 @@ def summarize_setting(setting: Setting, sizes: Sizes, jobs: list[dict], sources:
     sources = {s: log for s, log in sources.items() if s in scratch}  # the seeds this setting ran
     source_flops = {s: log[-1]["flops"] for s, log in sources.items()}
     methods = [summarize_method(m, [j for j in mine if j["method"] == m], scratch, source_flops) for m in METHODS]
+    sweep = [{**summarize_method(m, runs, scratch, source_flops), "policy": LR_SWEEP[m]}
+             for m in LR_SWEEP if (runs := [j for j in mine if j["method"] == m])]
     src_loss = mean_std([log[-1]["val_loss"] for log in sources.values()])
     scratch_loss = mean_std([j["log"][-1]["val_loss"] for j in scratch.values()])
     tgt = target_config(setting, sizes)
@@ -315,7 +370,7 @@ def summarize_setting(setting: Setting, sizes: Sizes, jobs: list[dict], sources:
                        "scratch_final_val_loss": scratch_loss[0], "scratch_final_val_loss_std": scratch_loss[1],
                        "scratch_flops": mean_std([j["log"][-1]["flops"] for j in scratch.values()])[0],
                        "scratch_below_source": src_loss[0] - scratch_loss[0]},
-            "methods": methods}
+            "methods": methods, "lr_sweep": sweep}
 
 
 # --- driver -----------------------------------------------------------------------------------------------
@@ -352,28 +407,31 @@ def same_recipe(run: dict, sizes: Sizes) -> bool:
 
 
 def run(sizes: Sizes, seeds: list[int], settings: list[str], out: str, cache: str, workers: int = 1,
-        reuse: bool = False, methods: list[str] | None = None) -> dict:
+        reuse: bool = False, methods: list[str] | None = None, device: str = "cpu") -> dict:
     """The whole benchmark; writes savings.json, savings_logs.json, savings.md and savings.png into ``out``.
     With ``reuse``, runs already in ``out`` with the same sizes and recipe are kept and only the others (e.g.
     methods that were unavailable) are trained; settings and seeds of the earlier result that were not asked
-    for are kept in the output as they were. ``methods``: train only these (others are reused or left out)."""
+    for are kept in the output as they were (even if their method's recipe changed since: each records the
+    recipe it used). ``methods``: train only these (others are reused or left out); the LR_SWEEP variants run
+    only when named here. ``device``: "cpu" or e.g. "cuda" (models and batches move there; sizes unchanged)."""
     start = time.time()
     torch.set_num_threads(1)
     done, old_sources = previous_runs(out, sizes) if reuse else ({}, {})
-    done = {k: r for k, r in done.items() if same_recipe(r, sizes)}
+    done = {k: r for k, r in done.items() if k[0] not in settings or same_recipe(r, sizes)}
     chosen = [SETTINGS[n] for n in SETTINGS if n in settings or any(k[0] == n for k in done)]
     seeds_shown = sorted(set(seeds) | {k[2] for k in done})
     archs = sorted({SETTINGS[n].arch for n in settings})  # sources to train (or find in the cache)
-    pool = cf.ProcessPoolExecutor(workers) if workers > 1 else None
+    context = multiprocessing.get_context("spawn" if device != "cpu" else None)  # CUDA cannot be forked
+    pool = cf.ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else None
     try:
-        files = _map(pool, pretrain_source, [(a, sizes, s, cache) for a in archs for s in seeds])
+        files = _map(pool, pretrain_source, [(a, sizes, s, cache, device) for a in archs for s in seeds])
         source_file = dict(zip([(a, s) for a in archs for s in seeds], files))
         todo = [(st.name, m, s) for st in chosen if st.name in settings for m in (methods or METHODS) for s in seeds
                 if (st.name, m, s) not in done]  # method by method: the first finish on every seed first
-        fresh = _map(pool, run_job, [(n, m, s, sizes, source_file[SETTINGS[n].arch, s] if m in USES_SOURCE else None)
-                                     for n, m, s in todo])
+        fresh = _map(pool, run_job, [(n, m, s, sizes, source_file[SETTINGS[n].arch, s] if m in USES_SOURCE else None,
+                                      device) for n, m, s in todo])
         fresh = {**done, **dict(zip(todo, fresh))}
-        jobs = [fresh[st.name, m, s] for st in chosen for s in seeds_shown for m in METHODS if (st.name, m, s) in fresh]
+        jobs = [fresh[k] for st in chosen for s in seeds_shown for m in ALL_METHODS if (k := (st.name, m, s)) in fresh]
     finally:
         if pool is not None:
             pool.shutdown()
@@ -384,7 +442,8 @@ def run(sizes: Sizes, seeds: list[int], settings: list[str], out: str, cache: st
     headline = next((s for s in summaries if s["name"] == HEADLINE), summaries[0])
     result = {"seeds": seeds_shown, "headline": headline["name"], "methods": headline["methods"], "settings": summaries,
               "sizes": dataclasses.asdict(sizes), "workers": workers, "seconds": time.time() - start,
-              "python": sys.version.split()[0], "corpus_digest": load_corpus(sizes.corpus_bytes).digest()}
+              "python": sys.version.split()[0], "corpus_digest": load_corpus(sizes.corpus_bytes).digest(),
+              "device": device, "growir_policy": GROWIR_POLICY, "lr_sweep": LR_SWEEP}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "savings.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -409,13 +468,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cache", default=os.path.join(here, "cache"))
     p.add_argument("--reuse", action="store_true", help="keep runs already in --out with the same sizes; "
                    "train only the missing or previously unavailable ones")
-    p.add_argument("--methods", nargs="+", choices=METHODS, help="train only these methods (with --reuse, the "
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="train only these methods (with --reuse, the "
                    "others' earlier runs are kept; without, they are left out)")
+    p.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda (cuda:N)")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device")
     sizes = (QUICK if args.quick else Sizes()).scaled(args.scale)
     if args.hidden:
         sizes = dataclasses.replace(sizes, hidden=args.hidden)
-    return run(sizes, args.seeds, args.settings, args.out, args.cache, args.workers, args.reuse, args.methods)
+    return run(sizes, args.seeds, args.settings, args.out, args.cache, args.workers, args.reuse, args.methods,
+               args.device)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,32 @@ def test_ranking_counts_an_unreached_seed_as_zero():
     assert [m["name"] for m in report.ranked(setting)] == ["steady", "lucky"]
     seeds = report.seed_table(setting)
     assert seeds[0] == "| method | seed 0 | seed 1 | seed 2 |" and seeds[3] == "| lucky | 90.0% (1.000) | — (2.000) | — (2.000) |"
+
+
+def _row(name, savings, finals=None, **extra):
+    per = {str(i): v for i, v in enumerate(savings)}
+    reached = [v for v in savings if v is not None]
+    return {"name": name, "available": True, "per_seed_saving": per, "seeds": len(savings),
+            "per_seed_final_val_loss": {k: (finals or {}).get(k, 1.0) for k in per},
+            "reached_seeds": len(reached), "reached": len(reached) == len(savings),
+            "saving_ranked": sum(v or 0.0 for v in savings) / len(savings), **extra}
+
+
+def test_goal_is_checked_on_the_seeds_both_methods_ran():
+    report = load_report()
+    mine = _row("growir", [0.7, 0.5, 0.6, 0.2, 0.2])  # seeds 3 and 4 are worse, and the baseline lacks them
+    other = _row("directcopy", [0.6, 0.5, 0.6])
+    assert report.goal_check({}, mine, [other], headline=False) == "goal met"
+    verdict = report.goal_check({}, mine, [_row("stackbert", [0.9, 0.5, 0.6, 0.2, 0.2])], headline=True)
+    assert "below 60.0%" in verdict and "behind stackbert" in verdict
+
+
+def test_sweep_table_compares_policies_on_common_seeds():
+    report = load_report()
+    sizes = {"target_steps": 600, "warmup": 0.05}
+    growir = _row("growir", [0.6, 0.5, 0.4, 0.9])
+    setting = {"methods": [growir], "lr_sweep": [{**_row("growir-w0", [0.7, 0.6, None]), "policy": {"warmup": 0.0}}]}
+    lines = report.sweep_table(setting, {"sizes": sizes, "growir_policy": {}})
+    assert lines[2].startswith("| run | warmup | peak |") and "seed 3" not in lines[2]
+    assert lines[4].startswith("| growir | 30 | ×1 | 50.0% | 3/3 |")
+    assert lines[5].startswith("| growir-w0 | 0 | ×1 | 43.3% | 2/3 |")

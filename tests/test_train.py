@@ -275,7 +275,8 @@ def test_quick_benchmark_pipeline_and_schema(tmp_path, monkeypatch):
     assert on_disk["seeds"] == [0, 1] == result["seeds"]
     names = [m["name"] for m in on_disk["methods"]]
     assert names == ["scratch", "stackbert", "mslt", "directcopy", "fpi", "aki", "bert2bert", "fpi+noise", "growir",
-                     "growir+optimizer", "growir-nowarmup", "growir-halfpeak"]
+                     "growir+optimizer"]
+    assert on_disk["device"] == "cpu" and all(s["lr_sweep"] == [] for s in on_disk["settings"])  # sweep: opt-in
     for m in on_disk["methods"]:
         assert {"name", "saving", "saving_std", "flops_to_target", "final_val_loss", "reached"} <= set(m)
         if m["available"]:
@@ -340,7 +341,7 @@ def test_reuse_keeps_earlier_runs_and_trains_only_missing_ones(tmp_path, monkeyp
     bench.main(argv + ["--reuse"])
     second = json.loads((tmp_path / "out" / "savings_logs.json").read_text())["runs"]
     # the unavailable ones (the stand-in knows only plain fpi); growir+optimizer grows through the real core
-    assert sorted(trained) == ["aki", "bert2bert", "fpi+noise", "growir", "growir-halfpeak", "growir-nowarmup"]
+    assert sorted(trained) == ["aki", "bert2bert", "fpi+noise", "growir"]
     assert [r["log"] for r in first if r["available"]] == [r["log"] for r in second if r["available"]]
 
 

@@ -145,15 +145,16 @@ class Batcher:
     mlm: bool = False
     seed: int = 0
     val_windows: int = 64
+    device: str = "cpu"  # where batches are put (drawn on the CPU: the same batches on every device)
 
     def __post_init__(self):
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def _pack(self, ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         if not self.mlm:
-            return {"input_ids": ids, "labels": ids}
+            return {"input_ids": ids.to(self.device), "labels": ids.to(self.device)}
         inputs, labels = mask_tokens(ids, generator)
-        return {"input_ids": inputs, "labels": labels}
+        return {"input_ids": inputs.to(self.device), "labels": labels.to(self.device)}
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """The next training batch (``input_ids``, ``labels``)."""
