@@ -20,7 +20,7 @@ from .passes.aki import aki_rules
 from .passes.attention import compensate_head_dim, rewrite_scales, rotary_fills
 from .passes.exactness import compensate_tied, deviations
 from .passes.fill import FillPlan, adjust_norms, open_fill_columns, plan_fill, rewrite_eps
-from .passes.fresh import fresh_units, seed_random_fills
+from .passes.fresh import fresh_units, seed_random_fills, split_copies
 from .passes.offsets import mark_offsets
 from .passes.per_unit import find_unit_constants, freeze_constants, grown_value, rebuilt_values, unit_maps
 from .passes.rescale import rescale_residuals
@@ -224,6 +224,8 @@ def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
     rescaled = rescale_residuals(p, fp, maps, wres.rules)
     eps, eps_values = adjust_norms(fp, maps, wres.rules, rescaled)
     open_fill_columns(p, fp, maps, wres.rules, "random" if fresh else "copy")
+    if fresh:
+        split_copies(p, fp.copied, wres.rules)
     reasons = (deviations(p, maps, compensated | {(root, "norm") for root in fp.fills})
                + compensate_tied(p, maps, wres) + hd_reasons
                + [f"repeat-and-fill cannot make {p.group_of(r).label} exact: {why}" for r, why in fp.reasons.items()]

@@ -106,3 +106,21 @@ def test_fresh_copies_a_group_whose_norm_reads_an_activation():
                                         intermediate_size=64, vocab_size=100, tie_word_embeddings=False)).eval()
     grown = growir.grow(source, width=2.0, width_method="fresh")
     assert grown.growir_record.exact and grown.growir_record.deviation < 1e-5
+
+
+def test_post_norm_copies_are_split_by_bounded_factors_and_train_apart():
+    """A copied (post-norm) residual's consumers split each element over its copies by factors in (0.25, 0.75)
+    that sum to 1: exact, bounded, and the copies' columns get different gradients at the first step."""
+    src = make("bert")
+    grown = grow("bert", width=2.0, strict=True)
+    assert grown.growir_record.deviation < 1e-6
+    old = src.encoder.layer[0].attention.self.query.weight
+    new = grown.encoder.layer[0].attention.self.query.weight
+    a = (new[:32, :32] / old).detach()
+    assert torch.allclose(new[:32, :32] + new[:32, 32:], old, atol=1e-6)
+    assert 0.25 <= float(a.min()) and float(a.max()) <= 0.75 and float(a.std()) > 0.05
+    assert torch.equal(grown.embeddings.word_embeddings.weight[:, :32], grown.embeddings.word_embeddings.weight[:, 32:])
+    grown.zero_grad()
+    grown(**example_inputs("bert")).last_hidden_state.pow(2).mean().backward()
+    g = grown.embeddings.word_embeddings.weight.grad
+    assert not torch.allclose(g[:, :32], g[:, 32:])  # the copies no longer train as one

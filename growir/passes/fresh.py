@@ -15,6 +15,12 @@ breaks that but is ill-conditioned when large (§8). This method copies nothing:
 Nothing cancels, so nothing is amplified (rounding stays rounding). A normalized group whose norm is post-norm
 cannot be filled exactly (``fill.py``); at a whole ratio it is copied (exact), else balanced copies (reported).
 
+A copied group's symmetry is broken by its consumers instead (``split_copies``): each consumer column is split
+over its copies by random factors drawn in ``SPLIT`` = (0.25, 0.75) and normalized to sum to 1 over each
+position's copies, per element (at ×2: a and 1 - a with a in (0.25, 0.75)), instead of 1/n each. Exact because the
+copies' inputs are equal (``sum_k a_k·W·x = W·x``), bounded so nothing is amplified, and the copies receive
+different gradients from the first step (docs/methods.md: "Copies that must stay copies").
+
 >>> import growir
 >>> from transformers import LlamaConfig, LlamaForCausalLM
 >>> small = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -29,7 +35,7 @@ from __future__ import annotations
 import zlib
 
 from ..plan import Plan
-from .fill import FillPlan
+from .fill import FillPlan, group_reads
 
 
 def fresh_units(plan: Plan, sizes: dict, fp: FillPlan) -> dict:
@@ -45,9 +51,28 @@ def fresh_units(plan: Plan, sizes: dict, fp: FillPlan) -> dict:
     return out
 
 
+SPLIT = (0.25, 0.75)  # bounds of the consumers' split factors over a copied group (before normalizing)
+
+
+def split_copies(plan: Plan, roots, rules: dict) -> list[str]:
+    """Consumers of the copied groups ``roots`` split each column over its copies by bounded random factors
+    (``AxisMap.split``) instead of dividing by the count; returns the parameters changed. A tied parameter
+    (an embedding that is also the head) copies, not splits: it is left as is."""
+    changed = []
+    for root in roots:
+        for p, i, _ in group_reads(plan, root):
+            axis = rules[p].axes[i]
+            if axis.divide is not None and axis.index is not None and axis.split is None:
+                axis.split = SPLIT
+                rules[p].notes.append(f"copies of `{plan.group_of(root).label}` split by random factors in "
+                                      f"{SPLIT} summing to 1 (exact: the copies' inputs are equal)")
+                changed.append(p)
+    return changed
+
+
 def seed_random_fills(rules: dict, aliases: dict, seed: int) -> None:
-    """One seed per tensor for its "random" fills, from its (canonical) name: tied names draw the same values,
-    and a new block's tensors draw other values than the block they copy."""
+    """One seed per tensor for its "random" fills and splits, from its (canonical) name: tied names draw the
+    same values, and a new block's tensors draw other values than the block they copy."""
     for name, rule in rules.items():
-        if any(m.fill == "random" for m in rule.axes):
+        if any(m.fill == "random" or m.split is not None for m in rule.axes):
             rule.fill_seed = zlib.crc32(f"{seed}:{aliases.get(name, name)}".encode())

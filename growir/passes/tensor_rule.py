@@ -29,6 +29,8 @@ class AxisMap:
     # draws at the source tensor's std, seeded by the rule's ``fill_seed``: fresh units)
     source: torch.Tensor | None = None  # "copy"/"geometric": per new position, the old position to copy
     scale: torch.Tensor | None = None  # per old position: a factor on some entries only (a fused QKV's query)
+    split: tuple | None = None  # consumer axis: (lo, hi) bounds of random weights that replace 1/count, per
+    # element, summing to 1 over each old position's copies (seeded by ``fill_seed``; see ``split_factors``)
 
     def scale_rows(self, rows: torch.Tensor, factor: float, size: int) -> None:
         """Multiply the entries at old positions ``rows`` by ``factor``."""
@@ -88,7 +90,7 @@ class TensorRule:
     def arithmetic(self) -> bool:
         """Whether values are computed, not only gathered or zeroed (then they are computed in float32)."""
         return (self.scale != 1.0 or self.noise is not None
-                or any(m.divide is not None or m.scale is not None or m.fill in ("mean", "geometric")
+                or any(m.divide is not None or m.split is not None or m.scale is not None or m.fill in ("mean", "geometric")
                        for m in self.axes))
 
     def _cancelling_noise(self, new: torch.Tensor) -> torch.Tensor:
@@ -119,7 +121,8 @@ class TensorRule:
         return full.to(dtype=new.dtype, device=new.device)
 
     def has_copies_to_perturb(self) -> bool:
-        return any(m.divide is not None and m.index is not None and len(m.index) > len(m.divide) for m in self.axes)
+        return any(m.divide is not None and m.index is not None and len(m.index) > len(m.divide)
+                   and m.split is None for m in self.axes)
 
     def _mapped(self, old: torch.Tensor) -> torch.Tensor:
         new, on = old, (lambda t: t.to(old.device))  # index tables live on the CPU: move them to the tensor
@@ -133,7 +136,10 @@ class TensorRule:
                 new = new.index_select(axis, on(index.clamp(min=0)))
             shape = [1] * new.dim()
             shape[axis] = -1
-            if m.divide is not None:  # in place once ``new`` is no longer the source tensor itself
+            if m.divide is not None and m.split is not None and index is not None:
+                factors = split_factors(new.shape, axis, index, m.split, self.fill_seed * 31 + axis + 7)
+                new = new * on(factors).to(new.dtype)
+            elif m.divide is not None:  # in place once ``new`` is no longer the source tensor itself
                 counts = on(m.divide if index is None else m.divide[index.clamp(min=0)]).to(new.dtype)
                 new = new.div_(counts.reshape(shape)) if new is not old else new / counts.reshape(shape)
             if m.scale is not None:
@@ -158,6 +164,27 @@ class TensorRule:
     def changes(self) -> bool:
         return self.zero or self.scale != 1.0 or any(m.index is not None or m.divide is not None
                                                      or m.scale is not None for m in self.axes)
+
+
+def split_factors(shape, axis: int, index: torch.Tensor, bounds: tuple, seed: int) -> torch.Tensor:
+    """Per-element weights for a consumer axis's copies instead of 1/count: uniform draws in ``bounds``,
+    divided by their sum over each old position's copies, so they sum to 1 there (a single copy gets exactly 1,
+    a fill position 1). ``sum_k f_k·W·x = W·x`` because the copies' inputs are equal; the factors stay within
+    [lo/(lo+(c-1)·hi), hi/(hi+(c-1)·lo)], so nothing is amplified (unlike cancelling noise).
+
+    >>> f = split_factors((3, 4), 1, torch.tensor([0, 1, 0, 1]), (0.25, 0.75), seed=0)
+    >>> torch.allclose(f[:, :2] + f[:, 2:], torch.ones(3, 2, dtype=torch.float64)), bool((f > 0.24).all())
+    (True, True)
+    """
+    lo, hi = bounds
+    gen = torch.Generator().manual_seed(seed)
+    u = (lo + (hi - lo) * torch.rand(tuple(shape), generator=gen, dtype=torch.float64)).movedim(axis, 0)
+    live = index >= 0
+    g = index.clamp(min=0)
+    sums = torch.zeros((int(g.max()) + 1,) + u.shape[1:], dtype=u.dtype).index_add_(0, g[live], u[live])
+    f = u / sums[g]
+    f[~live] = 1.0
+    return f.movedim(0, axis)
 
 
 def _own_std(t: torch.Tensor) -> float:
