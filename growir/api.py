@@ -23,7 +23,7 @@ from .passes.fill import FillPlan, adjust_norms, open_fill_columns, plan_fill, r
 from .passes.fresh import fresh_units, seed_random_fills, split_copies
 from .passes.offsets import mark_offsets
 from .passes.per_unit import find_unit_constants, freeze_constants, grown_value, rebuilt_values, unit_maps
-from .passes.rescale import rescale_residuals
+from .passes.rescale import rescale_residuals, stream_scale
 from .passes.size_values import absorb_size_values
 from .passes.tensor_rule import rounding_reason
 from .passes.width import fpi_index, group_maps, random_index, tree_map, width_rules
@@ -203,6 +203,7 @@ class _Width:
     eps_values: dict
     filled: dict
     units: list
+    stream_scales: dict = field(default_factory=dict)  # group root -> c: that residual stream is c x its copies
 
 
 def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
@@ -244,7 +245,8 @@ def _width(p: Plan, sizes: dict, opts: Options) -> _Width:
              lambda g: freeze_constants(g, frozen)]
     filled = {p.group_of(root).label: kind for root, kind in {**fp.fills, **new_units}.items()}
     filled.update({p.group_of(root).label: f"copies ({why})" for root, why in fp.copied.items()})
-    return _Width(maps, wres.rules, reasons, edits, eps_values, filled, units)
+    return _Width(maps, wres.rules, reasons, edits, eps_values, filled, units,
+                  {r: stream_scale(maps[r]) for r in rescaled})
 
 
 def growth_rules(p: Plan, sizes: dict, depth_plan: list, opts: Options, counts: dict | None = None):

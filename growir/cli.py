@@ -127,7 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     grow.add_argument("--max-shard-size", default="50GB", help="largest output shard (default 50GB, as "
                                                                "save_pretrained)")
     grow.add_argument("--in-memory", action="store_true", help="load the whole model instead of streaming")
-    grow.add_argument("--verify", action="store_true", help="also compare source and grown in onnxruntime")
+    grow.add_argument("--verify", action="store_true", help="also compare source and grown: block by block from the "
+                      "shards when streaming (neither model is loaded; names the worst block), in onnxruntime "
+                      "with --in-memory")
     grow.add_argument("--strict", action="store_true", help="refuse growths that cannot be exact")
     grow.add_argument("--force", action="store_true", help="replace OUT if it exists")
     grow.set_defaults(run=_run_grow)
@@ -285,12 +287,9 @@ def _stream(args, depth: float) -> int:
     """``growir grow`` on a safetensors folder: disk to disk, one tensor at a time."""
     import torch
 
-    import transformers
-
     from .stream import grow_checkpoint
 
-    transformers.utils.logging.disable_progress_bar()
-    with warnings.catch_warnings(record=True) as caught:
+    with hf_quiet(), warnings.catch_warnings(record=True) as caught:  # growir's own bar, not HF's
         warnings.simplefilter("always", UserWarning)
         report = grow_checkpoint(args.src, args.out, width=args.width, depth=depth, layers=args.layers,
                                  width_method=args.width_method, depth_method=args.depth_method,

@@ -30,6 +30,7 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError, check_shapes, meta_model, plan_folder
 from .errors import MaterializeError, NotExactError, SpecError
 from .passes.tensor_rule import rounding_reason
+from .quiet import hf_quiet
 from .shards import copy_side_files, parse_size, shard_layout, write_atomically, write_shard
 
 
@@ -47,7 +48,7 @@ class StreamReport:
     layers: dict  # block prefix -> (old count, new count, method)
     reasons: list = field(default_factory=list)  # why the growth is not exact (empty: exact)
     deviation: float | None = None  # measured on the random-weight proxy (same widths, two blocks)
-    check: object = None  # the ONNX Runtime report, with verify=True
+    check: object = None  # with verify: a BlockCheck (block by block) or, with verify="onnx", a CheckReport
     prepare_seconds: float = 0.0  # planning, config choice and rules, before any weight is read
     plan: object = field(default=None, repr=False)
     sizes: dict = field(default_factory=dict, repr=False)  # group id -> new size
@@ -61,7 +62,9 @@ class StreamReport:
 
         lines = [f"grew {self.src} -> {self.out}: {self.bytes_written / 2**20:,.1f} MiB in {self.shards} "
                  f"shard(s), {self.seconds:.1f} s", record_table(self) + " (on a two-block proxy)"]
-        if self.check is not None:
+        if hasattr(self.check, "deviations"):  # block by block: the table of units
+            lines.append(str(self.check))
+        elif self.check is not None:
             lines.append(f"onnxruntime check: {'preserved' if self.check.preserved else 'NOT preserved'}; "
                          f"max abs error {self.check.max_abs_error:.2e} over {len(self.check.samples)} samples")
         return "\n".join(lines)
@@ -74,8 +77,11 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
 
     Arguments as ``growir.grow``; ``dtype`` (e.g. ``torch.float32``) overrides the source's floating dtype,
     ``max_shard_size`` (bytes or "5GB") splits the output like ``save_pretrained``. ``progress``: a bar over
-    the bytes written on stderr (None: only on a terminal, after two seconds). ``verify``: compare source and
-    grown in ONNX Runtime (both models are loaded: for models that fit in memory). Returns a ``StreamReport``.
+    the bytes written on stderr (None: only on a terminal, after two seconds). ``verify``: run source and grown
+    block by block in float32, each module's tensors read from the shards (neither model is loaded; the
+    report's ``check`` names the worst block and raises ``PreservationError`` naming the first block that
+    departs, for a growth that claims to be exact); ``verify="onnx"``: both models loaded and compared in ONNX
+    Runtime instead (for models that fit in memory). Returns a ``StreamReport``.
 
     >>> import tempfile, growir
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -92,6 +98,8 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
         raise SpecError(f"{out}: the output is the source folder; write the grown model somewhere else")
     if out.exists() and not force:
         raise SpecError(f"{out}: already exists; pass force=True to replace it")
+    if verify not in (False, None, True, "blocks", "onnx"):
+        raise SpecError(f"verify={verify!r}: use True (block by block), 'blocks' or 'onnx'")
     if method is not None:
         if method not in PRESETS:
             raise SpecError(f"unknown method {method!r}: the presets are {', '.join(PRESETS)}")
@@ -105,7 +113,7 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
     def write(staging: Path) -> None:
         _write(job, layout, staging, dtype, progress)
         if verify:  # before the rename: a failed check leaves no OUT
-            checked.append(_verify(src, staging, job))
+            checked.append(_verify(src, staging, job, verify))
     write_atomically(out, write, force)
     if job.reasons:
         warnings.warn(f"growir: the grown model is not function-preserving (measured deviation "
@@ -128,6 +136,9 @@ class _Job:
     ck: Checkpoint
     layer_info: dict
     reasons: list
+    maps: dict = field(default_factory=dict)  # group -> GroupMap (the width index maps)
+    schedules: list = field(default_factory=list)  # the depth schedules
+    scales: dict = field(default_factory=dict)  # group root -> c, for residual streams grown rescaled
 
 
 def _prepare(src: Path, width, depth, layers, width_method, depth_method, dtype, strict) -> _Job:
@@ -150,13 +161,14 @@ def _prepare(src: Path, width, depth, layers, width_method, depth_method, dtype,
     target = meta_model(choice.config, fp.cls)
     sizes = {**sizes, **_config_sizes(p, target)}
     opts = Options(width_method, depth_method, 0, 0.0, keep_eps=choice.keep_eps)
-    _, rules, _, layer_info, reasons = growth_rules(p, sizes, depth_plan, opts, fp.counts)
+    w, rules, schedules, layer_info, reasons = growth_rules(p, sizes, depth_plan, opts, fp.counts)
     if strict and reasons:
         raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(reasons))
     ck = Checkpoint(src, _names(fp.model))
     items = _targets(fp, rules, ck, dtype)
     _check_target(target, items)
-    return _Job(fp, choice, target, sizes, rules, items, ck, layer_info, reasons)
+    return _Job(fp, choice, target, sizes, rules, items, ck, layer_info, reasons, w.maps, schedules,
+                getattr(w, "stream_scales", {}))
 
 
 def _write(job: _Job, layout, staging: Path, dtype, progress) -> None:
@@ -305,20 +317,37 @@ def _bar(total: int, progress):
                 disable=None if progress is None else not progress, delay=0 if progress else 2, leave=False)
 
 
-def _verify(src: Path, grown_dir: Path, job: _Job):
-    """Both models loaded in float32 and compared in ONNX Runtime; refused when they would not fit in memory
-    (comparing them block by block, each block's tensors read from the shards, is not built yet)."""
+def _verify(src: Path, grown_dir: Path, job: _Job, how):
+    """``how`` True or "blocks": block by block, each module's tensors read from the shards (neither model is
+    loaded, see ``growir.verify_blocks``); "onnx": both models loaded in float32 and compared in ONNX Runtime
+    (for models that fit in memory; refused when they would not)."""
+    from .errors import PreservationError
+    from .verify_blocks import check_blocks
+
+    if how == "onnx":
+        return _verify_onnx(src, grown_dir, job)
+    result = check_blocks(src, grown_dir, job.fp, job.choice.config, (job.maps, job.scales), job.schedules,
+                          not job.reasons)
+    if result.exact and not result.preserved:
+        raise PreservationError(f"the streamed model does not preserve the function; it departs from the source at "
+                                f"`{result.first_failing}` (deviation {result.deviations[result.first_failing]:.3g}, "
+                                f"float32, relative; tolerance 1e-05); nothing was written:\n{result}")
+    return result
+
+
+def _verify_onnx(src: Path, grown_dir: Path, job: _Job):
+    """Both models loaded in float32 and compared in ONNX Runtime; refused when they would not fit in memory."""
     from .errors import GrowthError, PreservationError
     from .verify import check
 
     need = 4 * (_params(job.fp.model) + _params(job.target)) * 3  # float32 twins, plus the export's copies
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     if need > have:
-        raise GrowthError(f"verify=True loads both models in float32 (about {need / 2**30:.1f} GiB with the export) "
-                          f"but {have / 2**30:.1f} GiB are free; growir cannot yet verify block by block: run "
-                          f"without verify, or `growir check` on a machine with more memory")
-    source = job.fp.cls.from_pretrained(src, dtype=torch.float32).eval()
-    grown = job.fp.cls.from_pretrained(grown_dir, dtype=torch.float32).eval()
+        raise GrowthError(f"verify='onnx' loads both models in float32 (about {need / 2**30:.1f} GiB with the "
+                          f"export) but {have / 2**30:.1f} GiB are free; use verify=True (block by block)")
+    with hf_quiet():
+        source = job.fp.cls.from_pretrained(src, dtype=torch.float32).eval()
+        grown = job.fp.cls.from_pretrained(grown_dir, dtype=torch.float32).eval()
     result = check(source, grown)
     if not job.reasons and not result.preserved:
         raise PreservationError(f"ONNX Runtime says the streamed model does not preserve the function:\n{result}")

@@ -18,15 +18,15 @@ from .precision import float32_modules, float32_twin, needs_upcast, upcast_input
 
 def output_maps(plan, maps: dict) -> list:
     """Per flat graph output, per axis: the index map (new position -> source position) or None."""
+    return [axis_maps(plan, axes, maps) for axes in plan.facts.outputs]
+
+
+def axis_maps(plan, axes, maps: dict) -> list | None:
+    """Per axis of one graph value (its axis ids, ``plan.facts.axes[node]``): the index map or None."""
     from .passes.width import tree_map
-    ag, out = plan.facts.ag, []
-    for axes in plan.facts.outputs:
-        per_axis = []
-        for axis in axes or []:
-            index, _, _, _ = tree_map(ag.expand(axis), ag, maps)
-            per_axis.append(index)
-        out.append(per_axis if axes else None)
-    return out
+    if not axes:
+        return None
+    return [tree_map(plan.facts.ag.expand(axis), plan.facts.ag, maps)[0] for axis in axes]
 
 
 def _hints(captured: Captured) -> dict:

@@ -54,9 +54,9 @@ def _stored(folder) -> dict:
                          ids=["x1.5-fill", "x2-depth2", "aki"])
 def test_streamed_equals_in_memory_and_reloads(sharded, tmp_path, spec):
     folder, model = sharded
-    verify = spec.get("depth") == 2.0  # ONNX Runtime on both models, loaded in float32
+    verify = spec.get("depth") == 2.0 and "onnx"  # ONNX Runtime on both models, loaded in float32
     report = growir.grow_checkpoint(folder, tmp_path / "out", max_shard_size="40KB", verify=verify, **spec)
-    assert (report.check is not None and report.check.preserved) == verify
+    assert (report.check is not None and report.check.preserved) == bool(verify)
     with pytest.warns(UserWarning) if spec.get("width_method") == "aki" else _nothing():
         memory = growir.grow(model.float(), **spec)
     model.to(BF16)

@@ -38,13 +38,17 @@ def rescale_residuals(plan: Plan, fp: FillPlan, maps: dict, rules: dict) -> set:
         if found is None:
             continue
         terms, readers = found
-        m = maps[root]
-        c = 1 / math.sqrt(kept_fraction(m))
+        c = stream_scale(maps[root])
         for p, factor in [(t, c) for t in terms] + [(r, 1 / c) for r in readers]:
             rules[p].scale *= factor
             rules[p].notes.append(f"x{factor:.4g}: the residual stream is rescaled so that its norms keep eps")
         done.add(root)
     return done
+
+
+def stream_scale(m) -> float:
+    """c = 1/sqrt(ρ): the factor a rescaled residual stream carries (grown stream = c × the repeated source's)."""
+    return 1 / math.sqrt(kept_fraction(m))
 
 
 def _terms_and_readers(plan: Plan, root, sites) -> tuple[set, set] | None:

@@ -1,0 +1,211 @@
+"""Verify a streamed growth block by block, never holding either model whole: ``check_blocks``.
+
+Source and grown run in float32 on a few short sequences (the plan's example inputs), each as a
+:class:`growir.lazy_model.LazyModel` (every module's tensors read from the shards just before its forward,
+dropped after). The blocks are the block lists the plan's graph analysis found (``growir.analysis.blocks``,
+on the two-block proxy); the units compared are: the input of each list's first block (what the embedding
+made), every block's output (the residual stream it hands on), and the model's outputs (after the final
+norm and head). The grown value is mapped back to the source's positions with the plan's index maps for
+that value's axes (the residual stream's group at a block boundary, the output maps at the end), and the
+deviation is max|Δ| / max(1, max|source|), as ``grow``'s self-check. A grown block made by depth growth is
+compared with the source block it follows (``Schedule.sources``). Errors carry forward, so the unit where
+the deviation first exceeds the tolerance is where the growth went wrong; the report names it.
+
+>>> import tempfile, torch, growir
+>>> from transformers import LlamaConfig, LlamaForCausalLM
+>>> src, out = tempfile.mkdtemp(), tempfile.mkdtemp() + "/grown"
+>>> LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+...     num_attention_heads=4, num_key_value_heads=2, vocab_size=100)).to(torch.bfloat16).save_pretrained(src)
+>>> check = growir.grow_checkpoint(src, out, width=2.0, verify=True).check
+>>> check.preserved, check.worst[0] in check.deviations
+(True, True)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+
+from .lazy_model import LazyModel
+
+TOLERANCE = 1e-5  # as grow's self-check: max|Δ| <= TOLERANCE * max(1, max|y|) in float32 counts as exact
+
+
+@dataclass
+class BlockCheck:
+    """Per unit (a block's output, a block list's input, the model's outputs): its float32 deviation."""
+    deviations: dict  # unit name -> max|Δ| / max(1, max|source|), in the grown model's order
+    exact: bool  # whether the growth claims to preserve the function (else the numbers are for information)
+    seconds: float = 0.0
+    sequences: int = 0
+    peak_bytes: int = 0  # the most float32 tensor bytes held at once (source or grown)
+    notes: list = field(default_factory=list)
+
+    @property
+    def worst(self) -> tuple:
+        """(unit, deviation) with the largest deviation."""
+        return max(self.deviations.items(), key=lambda kv: kv[1], default=(None, 0.0))
+
+    @property
+    def first_failing(self) -> str | None:
+        """The first unit, in run order, beyond the tolerance: where the grown model goes wrong."""
+        return next((k for k, v in self.deviations.items() if not v <= TOLERANCE), None)
+
+    @property
+    def preserved(self) -> bool:
+        return self.first_failing is None
+
+    def summary(self) -> str:
+        name, dev = self.worst
+        head = "preserved" if self.preserved else f"NOT preserved from `{self.first_failing}` on " \
+                                                  f"({self.deviations[self.first_failing]:.3g})"
+        return (f"block check: {head}; worst `{name}` {dev:.3g} (float32, relative) over {len(self.deviations)} "
+                f"units, {self.sequences} sequences, {self.seconds:.1f} s, at most "
+                f"{self.peak_bytes / 2**20:,.1f} MiB of weights held")
+
+    def __str__(self) -> str:
+        rows = [f"  {name:<40} {dev:.3g}" for name, dev in self.deviations.items()]
+        return "\n".join([self.summary()] + rows + self.notes)
+
+
+@dataclass
+class _Lists:
+    """The block lists to watch: (prefix, source count, grown count, grown position -> source position,
+    per-boundary index maps)."""
+    items: list
+
+
+def check_blocks(src_dir, grown_dir, fp, grown_config, maps, schedules: list, exact: bool = True) -> BlockCheck:
+    """Compare the folders ``src_dir`` and ``grown_dir`` block by block (see the module docstring).
+
+    ``fp``: the source's ``FolderPlan``; ``maps``: (width index maps: group root -> ``GroupMap``, residual
+    scales: group root -> c where the grown stream is c times its copies, see ``passes/rescale.py``);
+    ``schedules``: the depth schedules. Only one module's tensors of one model are in memory at a time.
+    """
+    maps, scales = maps
+    from .verify_torch import output_maps
+
+    start = time.perf_counter()
+    p = fp.plan
+    args, kwargs = p.captured.args, p.captured.kwargs
+    lists, notes = _block_lists(p, fp.counts, maps, scales, schedules)
+    with torch.no_grad(), LazyModel(src_dir, fp.config, fp.cls) as source:
+        seen = _run(source, lists, args, kwargs, grown=False)
+        peak = source.peak_bytes
+    del source
+    out_maps = output_maps(p, maps)
+    with torch.no_grad(), LazyModel(grown_dir, grown_config, fp.cls) as grown:
+        deviations = _compare(seen, _run(grown, lists, args, kwargs, grown=True), out_maps)
+        peak = max(peak, grown.peak_bytes)
+    sequences = int(pytree.tree_leaves((args, kwargs))[0].shape[0])
+    return BlockCheck(deviations, exact, time.perf_counter() - start, sequences, peak, notes)
+
+
+def _block_lists(p, counts: dict, maps: dict, scales: dict, schedules: list):
+    """The plan's block lists (nested ones; parallel lists are compared at the model's outputs only)."""
+    from .verify_torch import axis_maps
+
+    by_prefix = {s.blocks.prefix: s for s in schedules}
+    items, notes = [], []
+    for b in p.blocks:
+        if b.containers or not b.homogeneous or not b.chain_out:
+            notes.append(f"  (`{b.prefix}`: compared at the model's outputs only)")
+            continue
+        n = counts.get(b.prefix, b.count)
+        sched = by_prefix.get(b.prefix)
+        sources = list(sched.sources) if sched is not None else list(range(n))
+        at = lambda node: (axis_maps(p, p.facts.axes.get(node.name), maps), _scale(p, node, scales))
+        items.append((b.prefix, n, len(sources), sources, at(b.chain_in[0]),
+                      [at(b.chain_out[0]), at(b.chain_out[-1])]))
+    return _Lists(items), notes
+
+
+def _run(lazy: LazyModel, lists: _Lists, args, kwargs, grown: bool) -> dict:
+    """Run the model once; returns {unit: (name, value, index maps)} in run order."""
+    seen, mark, handles = {}, [0], []
+    inside = tuple(prefix + "." for prefix, *_ in lists.items)
+
+    def outside_since() -> list:
+        mods = [m for m in lazy.loaded[mark[0]:] if not m.startswith(inside)]
+        mark[0] = len(lazy.loaded)
+        return mods
+
+    for prefix, n, n_new, sources, in_maps, out_maps in lists.items:
+        container = lazy.model.get_submodule(prefix)
+        count = n_new if grown else n
+
+        def first_in(module, a, k, prefix=prefix, in_maps=in_maps):
+            mods = outside_since()
+            name = f"input of `{prefix}`" + (f" (after {', '.join(mods)})" if mods else "")
+            seen[("in", prefix)] = (name, _hidden(a, k), in_maps)
+        handles.append(container._modules["0"].register_forward_pre_hook(first_in, with_kwargs=True))
+        for i in range(count):
+            src = sources[i] if grown else i
+            key = (prefix, src, i) if grown else (prefix, i)
+            label = f"{prefix}.{i}" + (f" (from source block {src})" if grown and count != n else "")
+            block_maps = out_maps[0 if i < count - 1 else 1]
+
+            def out(module, a, o, key=key, label=label, block_maps=block_maps):
+                outside_since()
+                seen[key] = (label, _first_tensor(o), block_maps)
+            handles.append(container._modules[str(i)].register_forward_hook(out))
+    try:
+        outputs = pytree.tree_leaves(lazy.model(*args, **kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    mods = outside_since()
+    name = "outputs" + (f" (after {', '.join(mods)})" if mods else "")
+    seen[("out",)] = (name, outputs, None)
+    return seen
+
+
+def _scale(p, node, scales: dict) -> float:
+    """The factor the grown value carries over its copies: c for a rescaled residual stream, else 1."""
+    from .analysis.axes import is_structured
+
+    c = 1.0
+    for axis in p.facts.axes.get(node.name) or []:
+        tree = p.facts.ag.expand(axis)
+        c *= 1.0 if is_structured(tree) else scales.get(tree, 1.0)
+    return c
+
+
+def _hidden(args, kwargs):
+    """A block's residual input: its first floating tensor argument."""
+    return next(t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def _first_tensor(out):
+    return next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+def _compare(source: dict, grown: dict, out_maps: list) -> dict:
+    """{grown unit name: deviation}; a grown block is compared with the source block it follows."""
+    deviations = {}
+    for key, (name, value, maps) in grown.items():
+        skey = key[:2]  # a grown block (prefix, source position, own position) -> the source's (prefix, position)
+        if skey not in source:
+            continue
+        ref = source[skey][1]
+        if key == ("out",):
+            devs = [_deviation(a, b, out_maps[k] if k < len(out_maps) else None)
+                    for k, (a, b) in enumerate(zip(ref, value))]
+            deviations[name] = max([d for d in devs if d is not None], default=0.0)
+        else:
+            deviations[name] = _deviation(ref, value / maps[1], maps[0])
+    return deviations
+
+
+def _deviation(a: torch.Tensor, b: torch.Tensor, maps) -> float | None:
+    """max|b - a| / max(1, max|a|), ``a`` mapped to ``b``'s positions; None for non-float outputs."""
+    from .verify import map_source_output
+
+    if not isinstance(a, torch.Tensor) or not a.is_floating_point() or not a.numel():
+        return None
+    expected, index = map_source_output(a.float(), b.shape, maps)
+    scale = max(1.0, float(expected.abs().max()))
+    return float((b.float()[index] - expected).abs().max()) / scale
