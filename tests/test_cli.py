@@ -48,7 +48,8 @@ def assert_one_line_error(err: str, *fragments: str):
 
 @pytest.fixture(scope="module")
 def grown_dir(tiny_dir, tmp_path_factory):
-    """``growir grow --width 2 --verify`` of the tiny model (an exact growth), with its exit status and output."""
+    """``growir grow --width 2 --verify`` of the tiny model (an exact growth, streamed and verified block by block),
+    with its exit status and output."""
     out = tmp_path_factory.mktemp("grown") / "big"
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -65,7 +66,7 @@ def test_grow_writes_a_wider_model_with_its_tokenizer(grown_dir):
     assert (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]) == (64, 2, 128)
     assert stderr == ""
     assert "parameters:" in stdout and "hidden" in stdout
-    assert "onnxruntime check: preserved" in stdout
+    assert "block check: preserved" in stdout  # streamed: verified block by block from the shards
 
 
 def test_check_passes_on_the_grown_model_and_fails_on_a_tampered_one(capsys, tiny_dir, grown_dir):
