@@ -375,10 +375,34 @@ def summarize_setting(setting: Setting, sizes: Sizes, jobs: list[dict], sources:
 
 # --- driver -----------------------------------------------------------------------------------------------
 
-def _map(pool, fn, args_list):
+def _map(pool, fn, args_list, on_done=None):
+    """``fn`` over ``args_list`` (in ``pool`` if any); ``on_done(result)`` as each finishes."""
     if pool is None:
-        return [fn(*a) for a in args_list]
-    return [f.result() for f in [pool.submit(fn, *a) for a in args_list]]
+        results = []
+        for args in args_list:
+            results.append(fn(*args))
+            if on_done:
+                on_done(results[-1])
+        return results
+    futures = [pool.submit(fn, *a) for a in args_list]
+    for f in futures if on_done else []:
+        f.add_done_callback(lambda f: f.exception() is None and on_done(f.result()))
+    return [f.result() for f in futures]
+
+
+def partial_file(out: str) -> str:
+    """Runs finished by an invocation that has not written its result yet (one JSON line each), so that an
+    interrupted invocation loses only its unfinished runs: ``--reuse`` reads them."""
+    return os.path.join(out, "savings_partial.jsonl")
+
+
+def keep_partial(out: str, sizes: Sizes):
+    os.makedirs(out, exist_ok=True)
+
+    def write(job: dict) -> None:
+        with open(partial_file(out), "a") as f:
+            f.write(json.dumps({"sizes": dataclasses.asdict(sizes), "run": job}) + "\n")
+    return write
 
 
 def previous_runs(out: str, sizes: Sizes) -> tuple[dict[tuple, dict], dict]:
@@ -394,7 +418,12 @@ def previous_runs(out: str, sizes: Sizes) -> tuple[dict[tuple, dict], dict]:
     if not same:
         return {}, {}
     sources = {a: {int(s): log for s, log in v.items()} for a, v in logs.get("sources", {}).items()}
-    return {(r["setting"], r["method"], r["seed"]): r for r in logs["runs"] if r["available"]}, sources
+    runs = logs["runs"]
+    if os.path.exists(partial_file(out)):  # an interrupted invocation's finished runs, later ones win
+        with open(partial_file(out)) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        runs = runs + [e["run"] for e in lines if e["sizes"] == dataclasses.asdict(sizes)]
+    return {(r["setting"], r["method"], r["seed"]): r for r in runs if r["available"]}, sources
 
 
 def same_recipe(run: dict, sizes: Sizes) -> bool:
@@ -429,7 +458,7 @@ def run(sizes: Sizes, seeds: list[int], settings: list[str], out: str, cache: st
         todo = [(st.name, m, s) for st in chosen if st.name in settings for m in (methods or METHODS) for s in seeds
                 if (st.name, m, s) not in done]  # method by method: the first finish on every seed first
         fresh = _map(pool, run_job, [(n, m, s, sizes, source_file[SETTINGS[n].arch, s] if m in USES_SOURCE else None,
-                                      device) for n, m, s in todo])
+                                      device) for n, m, s in todo], keep_partial(out, sizes))
         fresh = {**done, **dict(zip(todo, fresh))}
         jobs = [fresh[k] for st in chosen for s in seeds_shown for m in ALL_METHODS if (k := (st.name, m, s)) in fresh]
     finally:
@@ -450,6 +479,8 @@ def run(sizes: Sizes, seeds: list[int], settings: list[str], out: str, cache: st
     with open(os.path.join(out, "savings_logs.json"), "w") as f:
         json.dump({"sources": {a: {str(s): log for s, log in v.items()} for a, v in sources.items()},
                    "runs": jobs}, f)
+    if os.path.exists(partial_file(out)):  # every finished run is in savings_logs.json now
+        os.remove(partial_file(out))
     write_markdown(result, os.path.join(out, "savings.md"))
     plot(result, jobs, os.path.join(out, "savings.png"), METHODS)
     return result

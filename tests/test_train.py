@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -351,3 +352,17 @@ def test_docstring_examples_run(name):
     import importlib
     result = doctest.testmod(importlib.import_module(f"growir.train.{name}"))
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_an_interrupted_invocation_keeps_its_finished_runs(tmp_path):
+    bench = load_benchmark()
+    sizes, out = bench.QUICK, tmp_path
+    run = lambda method: {"setting": "decoder-wide", "method": method, "seed": 0, "available": True}  # noqa: E731
+    (out / "savings.json").write_text(json.dumps({"sizes": dataclasses.asdict(sizes)}))
+    (out / "savings_logs.json").write_text(json.dumps({"sources": {}, "runs": [run("fpi")]}))
+    write = bench.keep_partial(str(out), sizes)
+    write(run("growir"))
+    write({**run("aki"), "available": False})
+    done, _ = bench.previous_runs(str(out), sizes)
+    assert sorted(k[1] for k in done) == ["fpi", "growir"]  # the unavailable one is retried
+    assert bench.previous_runs(str(out), dataclasses.replace(sizes, seq=8)) == ({}, {})
