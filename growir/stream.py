@@ -90,8 +90,6 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
     >>> growir.grow_checkpoint(src, tempfile.mkdtemp() + "/big", width=2.0, depth=2.0).params_after > 0
     True
     """
-    from .api import PRESETS
-
     start = time.perf_counter()
     src, out = Path(src_dir), Path(out_dir)
     if out.resolve() == src.resolve():
@@ -100,11 +98,7 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
         raise SpecError(f"{out}: already exists; pass force=True to replace it")
     if verify not in (False, None, True, "blocks", "onnx"):
         raise SpecError(f"verify={verify!r}: use True (block by block), 'blocks' or 'onnx'")
-    if method is not None:
-        if method not in PRESETS:
-            raise SpecError(f"unknown method {method!r}: the presets are {', '.join(PRESETS)}")
-        width_method, depth_method = PRESETS[method]["width_method"], PRESETS[method]["depth_method"]
-    width_method = "fresh" if width_method == "auto" else width_method  # no fallback to copies when streamed
+    width_method, depth_method = methods(method, width_method, depth_method)
     job = _prepare(src, width, depth, layers, width_method, depth_method, dtype, strict)
     prepared = time.perf_counter() - start
     layout = shard_layout(job.items, parse_size(max_shard_size))
@@ -123,6 +117,18 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
                         sum(it.nbytes for it in job.items.values()), len(layout.files), time.perf_counter() - start,
                         job.choice.changes, job.layer_info, job.reasons, job.choice.deviation,
                         checked[0] if checked else None, prepared, plan=job.fp.plan, sizes=job.sizes)
+
+
+def methods(method, width_method: str, depth_method: str) -> tuple:
+    """(width method, depth method) of a streamed growth: a preset's, else the ones given; "auto" is "fresh"
+    (no fallback to copies when streamed)."""
+    from .api import PRESETS
+
+    if method is not None:
+        if method not in PRESETS:
+            raise SpecError(f"unknown method {method!r}: the presets are {', '.join(PRESETS)}")
+        width_method, depth_method = PRESETS[method]["width_method"], PRESETS[method]["depth_method"]
+    return ("fresh" if width_method == "auto" else width_method), depth_method
 
 
 @dataclass

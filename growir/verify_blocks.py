@@ -71,6 +71,31 @@ class BlockCheck:
         return "\n".join([self.summary()] + rows + self.notes)
 
 
+def verify_checkpoint(src_dir, grown_dir, width=1.0, depth=1.0, *, layers=None, width_method="fpi",
+                      depth_method="auto", method=None) -> BlockCheck:
+    """Check block by block that the folder ``grown_dir`` is ``src_dir`` grown with these arguments (those of
+    the ``grow_checkpoint`` that wrote it: the plan and index maps are made again, without weights). Returns
+    the ``BlockCheck``; ``check.preserved`` is False and ``check.first_failing`` names the block where the
+    grown folder departs (a tensor changed since, a different growth). Neither model is loaded.
+
+    >>> import tempfile, torch, growir
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> src, out = tempfile.mkdtemp(), tempfile.mkdtemp() + "/grown"
+    >>> GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100)).save_pretrained(src)
+    >>> _ = growir.grow_checkpoint(src, out, width=2.0)
+    >>> growir.verify_checkpoint(src, out, width=2.0).preserved
+    True
+    """
+    from pathlib import Path
+
+    from .stream import _prepare, methods
+
+    width_method, depth_method = methods(method, width_method, depth_method)
+    job = _prepare(Path(src_dir), width, depth, layers, width_method, depth_method, None, False)
+    return check_blocks(src_dir, grown_dir, job.fp, job.choice.config, (job.maps, job.scales), job.schedules,
+                        not job.reasons)
+
+
 @dataclass
 class _Lists:
     """The block lists to watch: (prefix, source count, grown count, grown position -> source position,

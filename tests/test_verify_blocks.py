@@ -43,6 +43,26 @@ def test_x2_depth2_passes_every_block(sharded, tmp_path):
     assert check.worst[1] < 1e-6 and check.worst[0] in names
     assert 0 < check.peak_bytes < 4 * 64 * 128 * 3  # one module's float32 tensors at a time, never a model
     assert "block check: preserved" in str(report)
+    # a tensor of the grown folder changed afterwards: verify_checkpoint (the same spec, no weights loaded) names it
+    _perturb(tmp_path / "out", "model.layers.4.self_attn.o_proj.weight")
+    check = growir.verify_checkpoint(sharded, tmp_path / "out", width=2.0, depth=2.0)
+    assert not check.preserved and check.first_failing == "model.layers.4 (from source block 2)"
+    assert all(check.deviations[f"model.layers.{i} (from source block {i // 2})"] < 1e-6 for i in range(4))
+
+
+def _perturb(folder, name: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            if name not in h.keys():
+                continue
+        tensors = load_file(f)
+        tensors[name] = tensors[name] + 0.05
+        save_file(tensors, f, metadata={"format": "pt"})
+        return
+    raise AssertionError(f"{name} not in {folder}")
 
 
 def test_perturbed_grown_tensor_is_caught_and_its_block_named(sharded, tmp_path, monkeypatch):
