@@ -65,11 +65,40 @@ def _child(job: dict) -> dict:
         report = growir.grow_checkpoint(job["src"], job["out"], progress=False, **job["spec"])
         extra.update(params_after=report.params_after, bytes_written=report.bytes_written, exact=report.exact,
                      prepare_seconds=report.prepare_seconds)
+    elif job["kind"] == "verify":
+        extra.update(_verify_child(job))
     elif job["kind"] == "floor":
         extra["bytes"] = _io_floor(Path(job["src"]), Path(job["out"]), job["bytes"])
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"seconds": time.perf_counter() - start, "cpu_seconds": usage.ru_utime + usage.ru_stime - cpu,
             "peak_rss_mib": _rss_mib(), "rss_after_imports_mib": base, **extra}
+
+
+def _verify_child(job: dict) -> dict:
+    """Block-by-block verify of a grown folder: the weight-free preparation (plan, config proxy, maps), then
+    the check with the peak RSS reset in between, so the check's own peak is measured."""
+    from growir.stream import _prepare, methods
+    from growir.verify_blocks import check_blocks
+
+    spec = job["spec"]
+    prepared = _prepare(Path(job["src"]), spec.get("width", 1.0), spec.get("depth", 1.0), None,
+                        *methods(None, "fpi", "auto"), None, False)
+    before = _vm("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM, the peak RSS
+        f.write("5")
+    start = time.perf_counter()
+    check = check_blocks(job["src"], job["out"], prepared.fp, prepared.choice.config,
+                         (prepared.maps, prepared.scales), prepared.schedules, not prepared.reasons)
+    worst, deviation = check.worst
+    return {"check_seconds": time.perf_counter() - start, "rss_before_check_mib": before,
+            "check_peak_rss_mib": _vm("VmHWM"), "weights_held_mib": check.peak_bytes / 2**20,
+            "worst": worst, "worst_deviation": deviation, "units": len(check.deviations),
+            "preserved": check.preserved, "deviations": check.deviations}
+
+
+def _vm(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
 
 
 def _rss_mib() -> float:
@@ -168,6 +197,43 @@ def section_stream(work: Path, quick: bool) -> list:
     return rows
 
 
+def section_verify(work: Path, quick: bool) -> list:
+    """``grow_checkpoint(verify=True)``'s check alone, on the streamed x2 and x2 + depth x2 folders."""
+    shape = dict(LLAMA_250M, num_hidden_layers=4) if quick else LLAMA_250M
+    src = work / "src"
+    params = synth_checkpoint(src, shape)
+    rows = []
+    for label, spec in (("x2 width", dict(width=2.0)), ("x2 width + x2 depth", dict(width=2.0, depth=2.0))):
+        out = work / "out"
+        run_child({"kind": "stream", "src": str(src), "out": str(out), "spec": spec})
+        largest = _largest_f32(out)
+        run = run_child({"kind": "verify", "src": str(src), "out": str(out), "spec": spec})
+        shutil.rmtree(out)
+        rows.append({"case": f"Llama {params / 1e6:.0f}M bf16 {label}", "seconds": round(run["check_seconds"], 2),
+                     "units": run["units"], "worst": run["worst"], "worst_deviation": run["worst_deviation"],
+                     "preserved": run["preserved"], "rss_before_mib": round(run["rss_before_check_mib"]),
+                     "peak_rss_mib": round(run["check_peak_rss_mib"]),
+                     "weights_held_mib": round(run["weights_held_mib"], 1),
+                     "largest_target_f32_mib": round(largest / 2**20), "deviations": run["deviations"]})
+    return rows
+
+
+def markdown_verify(result: dict) -> list:
+    lines = ["## Verify block by block: `growir grow SRC OUT --verify` on the streamed folders", "",
+             "| case | check s | units | worst unit (deviation, float32 relative) | preserved | RSS before MiB "
+             "| peak RSS during check MiB | most weights held MiB (f32) | largest target tensor f32 MiB |",
+             "|" + "---|" * 9]
+    for r in result["rows"]:
+        lines.append(f"| {r['case']} | {r['seconds']:.1f} | {r['units']} | `{r['worst']}` ({r['worst_deviation']:.2g}) "
+                     f"| {r['preserved']} | {r['rss_before_mib']} | {r['peak_rss_mib']} | {r['weights_held_mib']} "
+                     f"| {r['largest_target_f32_mib']} |")
+    return lines + ["", "Neither model is loaded: each module's tensors are read from the shards in float32 just "
+                    "before its forward and dropped after it (source run first, then grown), on the plan's two "
+                    "example sequences of 8 tokens. RSS before: the imports and the weight-free preparation "
+                    "(plan, config proxy, maps); the peak is reset before the check.", "",
+                    _LOAD_NOTE.format(result.get("load_average", 0.0)), ""]
+
+
 def _largest_f32(folder: Path) -> int:
     from safetensors import safe_open
 
@@ -244,7 +310,8 @@ def _with_work_dir(section):
 
 # name -> (run(args) -> result, markdown(result) -> lines), as grow_speed.SECTIONS
 SECTIONS = {"stream": (_with_work_dir(section_stream), markdown_stream),
-            "plan": (_with_work_dir(section_plan), markdown_plan)}
+            "plan": (_with_work_dir(section_plan), markdown_plan),
+            "verify": (_with_work_dir(section_verify), markdown_verify)}
 
 
 if __name__ == "__main__":  # a child: one measured run
