@@ -223,8 +223,15 @@ class Checkpoint:
         return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
 
     def read(self, name: str) -> torch.Tensor:
+        """The stored tensor, through a handle opened for this read only: a file stays memory-mapped while its
+        handle is open, and every page read through a mapping counts in the process's RSS until it is
+        unmapped, so reading all tensors through the long-lived handles would end with every shard resident
+        (measured on a 111M bf16 Llama: peak RSS 1546 -> 1325 MiB streaming, 1899 -> 1330 verifying)."""
+        from safetensors import safe_open
+
         key = self.key_of[name]
-        return self._open[self.where[key]].get_tensor(key)
+        with safe_open(str(self.folder / self.where[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
 
     def nbytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in self._open)
