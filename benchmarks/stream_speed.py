@@ -224,8 +224,8 @@ def markdown_verify(result: dict) -> list:
              "| peak RSS during check MiB | most weights held MiB (f32) | largest target tensor f32 MiB |",
              "|" + "---|" * 9]
     for r in result["rows"]:
-        lines.append(f"| {r['case']} | {r['seconds']:.1f} | {r['units']} | `{r['worst']}` ({r['worst_deviation']:.2g}) "
-                     f"| {r['preserved']} | {r['rss_before_mib']} | {r['peak_rss_mib']} | {r['weights_held_mib']} "
+        lines.append(f"| {r['case']} | {r['seconds']:.1f} | {r['units']} "
+                     f"| `{r['worst']}` ({r['worst_deviation']:.2g}) | {r['preserved']} | {r['rss_before_mib']} | {r['peak_rss_mib']} | {r['weights_held_mib']} "
                      f"| {r['largest_target_f32_mib']} |")
     return lines + ["", "Neither model is loaded: each module's tensors are read from the shards in float32 just "
                     "before its forward and dropped after it (source run first, then grown), on the plan's two "

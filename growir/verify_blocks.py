@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils._pytree as pytree
 
+from .errors import GrowthError, first_line
 from .lazy_model import LazyModel
 
 TOLERANCE = 1e-5  # as grow's self-check: max|Δ| <= TOLERANCE * max(1, max|y|) in float32 counts as exact
@@ -67,8 +68,14 @@ class BlockCheck:
                 f"{self.peak_bytes / 2**20:,.1f} MiB of weights held")
 
     def __str__(self) -> str:
-        rows = [f"  {name:<40} {dev:.3g}" for name, dev in self.deviations.items()]
-        return "\n".join([self.summary()] + rows + self.notes)
+        """The summary and every unit's deviation in run order; beyond 16 units, the five largest."""
+        shown = list(self.deviations.items())
+        if len(shown) > 16:
+            shown = sorted(shown, key=lambda kv: -kv[1])[:5]
+        rows = [f"  {name:<40} {dev:.3g}" for name, dev in shown]
+        left = len(self.deviations) - len(shown)
+        more = [f"  ({left} more units, all smaller)"] if left else []
+        return "\n".join([self.summary()] + rows + more + self.notes)
 
 
 def verify_checkpoint(src_dir, grown_dir, width=1.0, depth=1.0, *, layers=None, width_method="fpi",
@@ -165,7 +172,7 @@ def _run(lazy: LazyModel, lists: _Lists, args, kwargs, grown: bool) -> dict:
         def first_in(module, a, k, prefix=prefix, in_maps=in_maps):
             mods = outside_since()
             name = f"input of `{prefix}`" + (f" (after {', '.join(mods)})" if mods else "")
-            seen[("in", prefix)] = (name, _hidden(a, k), in_maps)
+            seen[("in", prefix)] = (name, _hidden(a, k, len(in_maps[0] or [])), in_maps)
         handles.append(container._modules["0"].register_forward_pre_hook(first_in, with_kwargs=True))
         for i in range(count):
             src = sources[i] if grown else i
@@ -179,6 +186,12 @@ def _run(lazy: LazyModel, lists: _Lists, args, kwargs, grown: bool) -> dict:
             handles.append(container._modules[str(i)].register_forward_hook(out))
     try:
         outputs = pytree.tree_leaves(lazy.model(*args, **kwargs))
+    except (RuntimeError, NotImplementedError) as error:
+        if "meta" not in str(error):
+            raise
+        raise GrowthError(f"cannot verify {type(lazy.model).__name__} block by block: a forward reads tensors of a "
+                          f"module it does not own, which are read only while that module runs ({first_line(error)}); "
+                          f"use verify='onnx' (both models loaded) if they fit in memory") from error
     finally:
         for h in handles:
             h.remove()
@@ -199,9 +212,10 @@ def _scale(p, node, scales: dict) -> float:
     return c
 
 
-def _hidden(args, kwargs):
-    """A block's residual input: its first floating tensor argument."""
-    return next(t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point())
+def _hidden(args, kwargs, rank: int):
+    """A block's residual input: its first floating tensor argument with the rank the graph gives it (0: any)."""
+    return next(t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+                and t.is_floating_point() and (not rank or t.dim() == rank))
 
 
 def _first_tensor(out):
