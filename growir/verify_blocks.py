@@ -65,7 +65,7 @@ class BlockCheck:
                                                   f"({self.deviations[self.first_failing]:.3g})"
         return (f"block check: {head}; worst `{name}` {dev:.3g} (float32, relative) over {len(self.deviations)} "
                 f"units, {self.sequences} sequences, {self.seconds:.1f} s, at most "
-                f"{self.peak_bytes / 2**20:,.1f} MiB of weights held")
+                f"{_size(self.peak_bytes)} of weights held")
 
     def __str__(self) -> str:
         """The summary and every unit's deviation in run order; beyond 16 units, the five largest."""
@@ -101,6 +101,10 @@ def verify_checkpoint(src_dir, grown_dir, width=1.0, depth=1.0, *, layers=None, 
     job = _prepare(Path(src_dir), width, depth, layers, width_method, depth_method, None, False)
     return check_blocks(src_dir, grown_dir, job.fp, job.choice.config, (job.maps, job.scales), job.schedules,
                         not job.reasons)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
 
 @dataclass

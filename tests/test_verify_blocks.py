@@ -50,6 +50,14 @@ def test_x2_depth2_passes_every_block(sharded, tmp_path):
     assert all(check.deviations[f"model.layers.{i} (from source block {i // 2})"] < 1e-6 for i in range(4))
 
 
+def test_a_rescaled_residual_stream_is_mapped_back(sharded, tmp_path):
+    """x1.5 repeat-and-fill multiplies the grown residual stream by c = 1/sqrt(n·d/d') (passes/rescale.py): the
+    check divides it out; written in float32 (no bf16 rounding of the rescaled values) the growth is exact."""
+    report = growir.grow_checkpoint(sharded, tmp_path / "out", width=1.5, dtype=torch.float32, verify=True)
+    assert report.exact and report.check.preserved
+    assert max(report.check.deviations.values()) < 1e-6
+
+
 def _perturb(folder, name: str) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
