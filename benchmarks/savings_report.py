@@ -127,6 +127,7 @@ def setting_header(s: dict) -> list[str]:
 
 
 GOAL = 0.60  # issue #9: growir's default saves at least this on the headline, and beats every baseline
+BASELINES = ["directcopy", "stackbert", "mslt", "fpi", "aki", "bert2bert"]
 
 
 def goal_check(setting: dict, mine: dict, others: list[dict], headline: bool) -> str:
@@ -141,7 +142,9 @@ def goal_check(setting: dict, mine: dict, others: list[dict], headline: bool) ->
     misses = ([f"{mine['seeds'] - mine['reached_seeds']} seed(s) unreached"] if not mine["reached"] else []) + \
         ([f"below {pct(GOAL)}"] if headline and (mine["saving_ranked"] or 0.0) < GOAL else []) + \
         ([f"behind {'; '.join(behind)}"] if behind else [])
-    return "goal met" if not misses else "goal not met: " + ", ".join(misses)
+    absent = [b for b in BASELINES if b not in {m["name"] for m in others}]
+    unsure = f" against the baselines run ({', '.join(absent)} not run)" if absent else ""
+    return f"goal met{unsure}" if not misses else f"goal not met{unsure}: " + ", ".join(misses)
 
 
 def findings(result: dict) -> list[str]:
