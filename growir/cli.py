@@ -10,9 +10,10 @@
 
 SRC is a model folder (config.json plus safetensors weights, sharded or not), loaded offline. ``plan`` needs
 only config.json. ``grow`` streams a safetensors folder tensor by tensor (``growir.grow_checkpoint``: the
-model is never loaded whole); ``--in-memory`` loads it and uses ``growir.grow`` instead. Outputs are
-written atomically: into a temporary folder or file beside OUT, moved into place at the end, so a failure
-leaves no OUT. Exit status: 0 on success (``check``: the function is preserved), 1 on failure (``check``: it
+model is never loaded whole); ``--in-memory`` loads it and uses ``growir.grow`` instead. ``--verify`` runs
+source and grown block by block from their shards (``growir.verify_blocks``; with ``--in-memory``: both
+compared in ONNX Runtime). Outputs are written atomically: into a temporary folder or file beside OUT, moved
+into place at the end, so a failure leaves no OUT. Exit status: 0 on success (``check``: the function is preserved), 1 on failure (``check``: it
 is not), 2 on bad usage. Errors are one line on stderr; ``--debug`` shows the traceback instead.
 
 Only this module prints: the library returns reports and this module shows them.
