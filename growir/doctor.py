@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .analysis.walker import op_name
+from .analysis.ops import op_name, traits
 from .errors import GrowthError
 from .plan import Plan, resolve_width
 
@@ -86,8 +86,7 @@ def _norm_kind(node) -> str:
                and source.args[1:2] == (2,))
     if op == "aten.mean" and squared:
         return "RMS norm (a mean of squares, aten.mean)"
-    return {"aten.layer_norm": "LayerNorm (aten.layer_norm)", "aten.rms_norm": "RMSNorm (aten.rms_norm)",
-            "aten.group_norm": "GroupNorm (aten.group_norm)"}.get(op, f"a mean ({op})")
+    return f"{traits(node).label} ({op})" if traits(node).label else f"a mean ({op})"
 
 
 def _role(g) -> str:

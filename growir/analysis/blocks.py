@@ -18,11 +18,8 @@ import torch
 import torch.fx as fx
 
 from .residual import stream_terms, zeroing_params
-from .walker import Facts, op_name
-
-CONTRACTIONS = {"aten.linear", "aten.addmm", "aten.mm", "aten.matmul", "aten.bmm", "aten.conv1d", "aten.conv2d",
-                "aten.einsum", "aten.baddbmm", "aten._grouped_mm", "transformers.grouped_mm_fallback"}
-
+from .ops import op_name
+from .walker import Facts
 
 @dataclass
 class Blocks:

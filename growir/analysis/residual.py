@@ -17,27 +17,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .walker import Facts, op_name
-
-# ops the stream passes through unchanged in value (the identity needs x itself, not a function of it)
-STREAM_OPS = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.to", "aten._to_copy", "aten.clone",
-              "aten.contiguous", "aten.dropout", "aten.alias", "aten.type_as", "aten.detach", "aten.lift_fresh_copy"}
-# ops whose output is zero when their first (data) operand is zero
-LINEAR_IN_FIRST = STREAM_OPS | {
-    "aten.permute", "aten.transpose", "aten.t", "aten.numpy_T", "aten.unsqueeze", "aten.squeeze", "aten.flatten",
-    "aten.unflatten", "aten.expand", "aten.expand_as", "aten.repeat", "aten.repeat_interleave", "aten.slice",
-    "aten.select", "aten.narrow", "aten.index", "aten.index_select", "aten.gather", "aten.sum", "aten.mean",
-    "aten.neg", "aten.div", "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.roll",
-    "aten.flip", "aten.constant_pad_nd", "aten.native_dropout", "aten.rms_norm", "getitem",
-    "aten.feature_dropout", "aten.contiguous"}
-# ops whose output is zero when one tensor operand is
-PRODUCTS = {"aten.mul", "aten.matmul", "aten.mm", "aten.bmm", "aten.einsum", "aten.linear", "aten.addmm",
-            "aten._grouped_mm", "transformers.grouped_mm_fallback", "aten.conv1d", "aten.conv2d", "aten.conv3d",
-            "aten.baddbmm"}
-# ops whose output is zero when every tensor operand is
-SUMS = {"aten.add", "aten.sub", "aten.cat", "aten.stack", "aten.index_add", "aten.index_put", "aten.scatter_add",
-        "aten.where", "aten.add_", "aten.index_add_", "aten.index_put_", "aten.scatter_add_"}
-ZEROS = {"aten.zeros", "aten.zeros_like", "aten.new_zeros"}
+from .ops import ADDS, SAME_VALUES, ZERO_WITH_ALL, ZERO_WITH_FIRST, ZERO_WITH_ONE, ZEROS, back, op_name, traits
+from .walker import Facts
 
 
 def stream_terms(chain_in: fx.Node, chain_out: fx.Node) -> list | None:
@@ -53,10 +34,9 @@ def stream_terms(chain_in: fx.Node, chain_out: fx.Node) -> list | None:
     n = chain_out
     terms = []
     while n is not chain_in:
-        name = op_name(n) if n.op == "call_function" else n.op
-        if name in STREAM_OPS:
+        if SAME_VALUES(n):
             n = n.args[0]
-        elif name in ("aten.add", "aten.add_") and len(n.args) == 2 and n.kwargs.get("alpha", 1) == 1:
+        elif ADDS(n) and len(n.args) == 2 and n.kwargs.get("alpha", 1) == 1:
             a, b = n.args
             if _on_stream(b, chain_in) and not _on_stream(a, chain_in):
                 a, b = b, a
@@ -74,10 +54,9 @@ def stream_terms(chain_in: fx.Node, chain_out: fx.Node) -> list | None:
 def _on_stream(n, chain_in: fx.Node) -> bool:
     """Whether ``n`` is ``chain_in`` plus terms (a value of the stream)."""
     while isinstance(n, fx.Node) and n is not chain_in:
-        name = op_name(n) if n.op == "call_function" else n.op
-        if name in STREAM_OPS:
+        if SAME_VALUES(n):
             n = n.args[0]
-        elif name in ("aten.add", "aten.add_") and len(n.args) == 2:
+        elif ADDS(n) and len(n.args) == 2:
             return any(_on_stream(a, chain_in) for a in n.args)
         else:
             return False
@@ -103,12 +82,12 @@ def _zeroing(n: fx.Node, facts: Facts, owns, memo: dict) -> frozenset | None:
         return None
     name = op_name(n)
     tensors = [a for a in n.all_input_nodes if _is_tensor(a)]
-    if name in ZEROS:
+    if ZEROS(n):
         return frozenset()
-    if name in LINEAR_IN_FIRST:
+    if ZERO_WITH_FIRST(n):
         return zeroing_params(n.args[0], facts, owns, memo)
-    if name in PRODUCTS:  # one factor zero (a parameter first: a contraction's writer), and any bias added
-        factors, added = _factors_and_bias(n, name)
+    if ZERO_WITH_ONE(n):  # one factor zero (a parameter first: a contraction's writer), and any bias added
+        factors, added = _factors_and_bias(n)
         biases = [zeroing_params(a, facts, owns, memo) for a in added]
         if None in biases:
             return None
@@ -117,23 +96,20 @@ def _zeroing(n: fx.Node, facts: Facts, owns, memo: dict) -> frozenset | None:
             if z is not None:
                 return z.union(*biases)
         return None
-    if name in SUMS:
+    if ZERO_WITH_ALL(n):
         zs = [zeroing_params(a, facts, owns, memo) for a in tensors if not _is_index(a)]
         return None if any(z is None for z in zs) else frozenset().union(*zs)
     if name == "aten.scaled_dot_product_attention":  # zero values give zero outputs
         return zeroing_params(n.args[2], facts, owns, memo)
-    if name in ("aten.layer_norm", "aten.native_layer_norm"):  # a norm inside the branch: zero weight and bias
+    if traits(n).zero == "affine":  # a LayerNorm inside the branch: zero weight and bias
         affine = [zeroing_params(a, facts, owns, memo) for a in n.args[2:4] if isinstance(a, fx.Node)]
         return frozenset().union(*affine) if len(affine) == 2 and None not in affine else None
     return None
 
 
-BIAS_AT = {"aten.linear": 2, "aten.conv1d": 2, "aten.conv2d": 2, "aten.conv3d": 2, "aten.addmm": 0, "aten.baddbmm": 0}
-
-
-def _factors_and_bias(n: fx.Node, name: str) -> tuple[list, list]:
+def _factors_and_bias(n: fx.Node) -> tuple[list, list]:
     """A product's float operands, split into factors and the bias it adds (``linear(x, W, b)``: [x, W], [b])."""
-    pos = BIAS_AT.get(name)
+    pos = traits(n).bias_at
     added = [n.args[pos]] if pos is not None and len(n.args) > pos else []
     added += [n.kwargs.get("bias")]
     added = [a for a in added if isinstance(a, fx.Node)]
@@ -142,8 +118,7 @@ def _factors_and_bias(n: fx.Node, name: str) -> tuple[list, list]:
 
 
 def _param_behind(a: fx.Node, facts: Facts) -> str | None:
-    while isinstance(a, fx.Node) and a.op == "call_function" and op_name(a) in LINEAR_IN_FIRST:
-        a = a.args[0]
+    a = back(a, ZERO_WITH_FIRST)
     return a.name if isinstance(a, fx.Node) and a.name in facts.params else None
 
 

@@ -17,18 +17,8 @@ import torch.fx as fx
 
 from ..errors import AnalysisError, GrowthError, UnsupportedOpError, first_line
 from .axes import AxisGraph
+from .ops import INDEXES, LAYOUT, back, op_name, permutation, traits
 
-LAYOUT_OPS = {"aten.to", "aten._to_copy", "aten.t", "aten.numpy_T", "aten.transpose", "aten.permute", "aten.contiguous",
-              "aten.alias", "aten.detach", "aten.clone", "aten.type_as", "aten.lift_fresh_copy",
-              "aten.view", "aten.reshape", "aten._unsafe_view"}
-
-
-def op_name(node: fx.Node) -> str:
-    """'aten.linear' for aten.linear.default (namespace, then the op); the function name for Python callables."""
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}.{target._overloadpacket.__name__}"
-    return getattr(target, "__name__", str(target))
 
 
 def module_of(node: fx.Node) -> tuple[str, str]:
@@ -47,6 +37,16 @@ def gathers_rows(node: fx.Node) -> bool:
         return False
     idx = node.args[1][0].meta.get("val")
     return idx is not None and idx.dim() == 1 and not idx.dtype == torch.bool
+
+
+def indexes_leading(node: fx.Node) -> bool:
+    """An index on leading axes only (tokens routed to experts): the last axis passes intact."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or op_name(node) not in INDEXES:
+        return False
+    ndim = len(node.args[0].meta["val"].shape)
+    if op_name(node) == "aten.index":
+        return len(node.args[1]) < ndim
+    return node.args[1] % ndim != ndim - 1
 
 
 def where(node: fx.Node) -> str:
@@ -169,13 +169,8 @@ class Walker:
     def param_of(self, arg) -> str | None:
         """The state_dict name of the parameter an operand is, through layout-only ops and gathers of whole
         rows (``weight[expert_ids]``: per-token expert weights); else None."""
-        while isinstance(arg, fx.Node):
-            if arg.op == "get_attr":
-                return self.f.params.get(arg.name)
-            if arg.op != "call_function" or (op_name(arg) not in LAYOUT_OPS and not gathers_rows(arg)):
-                return None
-            arg = arg.args[0]
-        return None
+        src = back(arg, lambda n: LAYOUT(n) or (n.op == "call_function" and gathers_rows(n)))
+        return self.f.params.get(src.name) if isinstance(src, fx.Node) and src.op == "get_attr" else None
 
     def contract(self, a, a_axis, b, b_axis, node: fx.Node) -> None:
         """Record a contraction of ``a`` and ``b`` over equal axes: a parameter operand is a *consumer* of
@@ -191,20 +186,10 @@ class Walker:
         """Which axis of the parameter behind ``operand`` (through layout ops) an operand axis is."""
         i = self.ax(operand).index(axis)
         while operand.op != "get_attr":
-            name = op_name(operand)
             src = operand.args[0]
-            if name in ("aten.t", "aten.numpy_T", "aten.transpose", "aten.permute"):
-                n = len(self.ax(src))
-                order = list(range(n))
-                if name == "aten.permute":
-                    order = [d % n for d in operand.args[1]]
-                elif name in ("aten.t", "aten.numpy_T"):
-                    order = order[::-1]
-                else:
-                    a, b = operand.args[1] % n, operand.args[2] % n
-                    order[a], order[b] = order[b], order[a]
-                i = order[i]
-            elif name in ("aten.view", "aten.reshape", "aten._unsafe_view"):
+            if traits(operand).kind == "permute":
+                i = permutation(operand, len(self.ax(src)))[i]
+            elif traits(operand).kind == "view":
                 target = self.f.ag.find(self.ax(operand)[i])
                 return next(k for k, a in enumerate(self.ax(src)) if self.f.ag.find(a) == target)
             operand = src

@@ -11,13 +11,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..analysis.walker import LAYOUT_OPS, op_name
+from ..analysis.ops import NORMS, PART, back, chain, forward, op_name, traits
 from ..plan import Plan
 from .offsets import weight_param
 from .width import WidthResult
 
 HARMLESS = {"max", "select", "batch", "value"}
-PASS_THROUGH = LAYOUT_OPS | {"aten.dropout", "aten.clone", "aten.contiguous", "aten.slice", "aten.select"}
 
 
 def deviations(plan: Plan, maps: dict, compensated: set = frozenset()) -> list[str]:
@@ -73,21 +72,8 @@ def compensate_tied(plan: Plan, maps: dict, width: WidthResult) -> list[str]:
 
 def _reaches_output(x) -> bool:
     """Whether ``x``, the value it is a layout view of, or another view of that value is returned by the graph."""
-    todo, seen = [x], set()
-    while isinstance(x, fx.Node) and x.op == "call_function" and op_name(x) in PASS_THROUGH:
-        x = x.args[0]
-        todo.append(x)
-    while todo:
-        n = todo.pop()
-        if not isinstance(n, fx.Node) or n in seen:
-            continue
-        seen.add(n)
-        for u in n.users:
-            if u.op == "output":
-                return True
-            if u.op == "call_function" and op_name(u) in PASS_THROUGH | {"getitem"}:
-                todo.append(u)
-    return False
+    views = lambda u: PART(u) or traits(u).kind == "item"  # noqa: E731
+    return any(u.op == "output" for n in chain(x, PART) if isinstance(n, fx.Node) for u in forward(n, views))
 
 
 def _counts_on(width: WidthResult, state: str, axis: int):
@@ -100,12 +86,11 @@ def _counts_on(width: WidthResult, state: str, axis: int):
 
 def _norm_params(x, facts) -> list[str]:
     """Parameters that scale the output of the norm producing ``x`` (weight and bias), through layout ops."""
-    while isinstance(x, fx.Node) and x.op == "call_function" and op_name(x) in PASS_THROUGH:
-        x = x.args[0]
+    x = back(x, PART)
     if not isinstance(x, fx.Node) or x.op != "call_function":
         return []
     name = op_name(x)
-    if name in ("aten.layer_norm", "aten.rms_norm"):
+    if NORMS(x):
         return [facts.params[a.name] for a in x.args[2:4] if isinstance(a, fx.Node) and a.name in facts.params]
     if name == "aten.add":
         a, b = x.args[:2]

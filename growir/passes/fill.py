@@ -21,18 +21,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..analysis.blocks import CONTRACTIONS
-from ..analysis.walker import op_name
+from ..analysis.ops import ASSERTS, CASTS, CONTRACTIONS, LINEAR, PART, SCALES, back, forward, op_name, traits
+from ..analysis.walker import indexes_leading
 from ..plan import Plan
-from .offsets import ASSERTS, weight_param
-
-THROUGH = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.to", "aten._to_copy", "aten.dropout",
-           "aten.clone", "aten.contiguous", "aten.alias", "aten.slice", "aten.select", "aten.type_as",
-           "aten.transpose", "aten.permute", "aten.unsqueeze", "aten.squeeze", "aten.flatten", "aten.unflatten"}
+from .offsets import weight_param
 
 
 def _users(n: fx.Node) -> list:
-    return [u for u in n.users if u.op != "call_function" or op_name(u) not in ASSERTS]
+    return [u for u in n.users if not ASSERTS(u)]
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one per norm in the graph
@@ -45,6 +41,7 @@ class NormSite:
     bias: str | None = None
     eps_at: tuple | None = None  # (node name, arg position) of the eps literal
     eps: float | None = None
+    internals: tuple = ()  # the norm's own ops that read its input (layer_norm; or the square and the multiply)
 
     @property
     def input(self) -> fx.Node:
@@ -70,7 +67,8 @@ def norm_sites(plan: Plan) -> list[NormSite]:
         n = nodes[name]
         if len(axes) == 1:
             sites.append(NormSite(name, "layer", axes[0], n, _param(n.args[2], f), _param(n.args[3], f),
-                                  (name, 4) if len(n.args) > 4 else None, n.args[4] if len(n.args) > 4 else None))
+                                  (name, 4) if len(n.args) > 4 else None, n.args[4] if len(n.args) > 4 else None,
+                                  (n,)))
     for r in f.reads:
         n = nodes[r.node]
         if r.kind == "norm" and op_name(n) == "aten.mean" and _is_square(n.args[0]):
@@ -101,51 +99,25 @@ def _rms_site(mean: fx.Node, axis, facts) -> NormSite | None:
     if mul is None or not isinstance(add.args[1], float):
         return None
     out, weight = mul, None
-    while len(_users(out)) == 1 and op_name(_users(out)[0]) in ("aten.to", "aten._to_copy", "aten.type_as"):
+    while len(_users(out)) == 1 and CASTS(_users(out)[0]):
         out = _users(out)[0]
     nxt = _users(out)[0] if len(_users(out)) == 1 else None
     if nxt is not None and op_name(nxt) == "aten.mul":  # the weight: w, or c + w (a (1 + w) norm)
         params = [p for a in nxt.args[:2] if a is not out and (p := weight_param(a, facts)) is not None]
         if len(params) == 1:
             out, weight = nxt, params[0]
-    return NormSite(mean.name, "rms", axis, out, weight, None, (add.name, 1), add.args[1])
+    return NormSite(mean.name, "rms", axis, out, weight, None, (add.name, 1), add.args[1], (mean.args[0], mul))
 
 
 def _feeds_contractions(node: fx.Node, facts) -> bool:
     """Whether a norm's output only reaches parameter contractions (or the model output): pre-norm."""
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        for u in _users(n):
-            if u in seen:
-                continue
-            seen.add(u)
-            name = op_name(u) if u.op == "call_function" else u.op
-            if u.op == "output" or (name in CONTRACTIONS and any(
-                    _param_operand(a, facts) for a in u.all_input_nodes)):
-                continue
-            if name in THROUGH or _gathers_rows(u):
-                stack.append(u)
-            else:
-                return False
-    return True
+    return all(u.op == "output" or (CONTRACTIONS(u) and any(_param_operand(a, facts) for a in u.all_input_nodes))
+               for u in forward(node, lambda u: PART(u) or indexes_leading(u)))
 
 
 def _param_operand(a: fx.Node, facts) -> bool:
     """Whether ``a`` is a parameter, through layout ops (an expert weight is transposed before its matmul)."""
-    while a.op == "call_function" and op_name(a) in THROUGH:
-        a = a.args[0]
-    return a.name in facts.params
-
-
-def _gathers_rows(n: fx.Node) -> bool:
-    """An index on leading axes only (tokens routed to experts): the normalized last axis passes intact."""
-    if n.op != "call_function" or op_name(n) not in ("aten.index", "aten.index_select"):
-        return False
-    ndim = len(n.args[0].meta["val"].shape)
-    if op_name(n) == "aten.index":
-        return len(n.args[1]) < ndim
-    return n.args[1] % ndim != ndim - 1
+    return back(a, PART).name in facts.params
 
 
 def plan_fill(plan: Plan, sizes: dict, every: bool = False) -> FillPlan:
@@ -189,18 +161,13 @@ def _why_not(plan: Plan, g, mine: list[NormSite]) -> str:
     return ""
 
 
-_LINEAR_SOURCES = {"aten.add", "aten.sub", "aten.neg", "aten.cat", "aten.embedding", "get_attr", "placeholder"}
-
-
 def _nonlinear_source(x: fx.Node) -> str | None:
     """The op that makes a norm's input, through layout ops, when it is not linear in the parameters writing
     its terms (an activation such as a GELU between a transform and its norm); None otherwise."""
-    while x.op == "call_function" and op_name(x) in THROUGH:
-        x = x.args[0]
-    name = op_name(x) if x.op == "call_function" else x.op
-    if name in _LINEAR_SOURCES or name in CONTRACTIONS or name in ("aten.mul", "aten.div"):
+    x = back(x, PART)
+    if x.op in ("get_attr", "placeholder") or LINEAR(x) or SCALES(x) or traits(x).kind in ("contraction", "lookup"):
         return None
-    return f"`{name}` (at {x.name})"
+    return f"`{op_name(x) if x.op == 'call_function' else x.op}` (at {x.name})"
 
 
 def adjust_norms(fp: FillPlan, maps: dict, rules: dict, rescaled: set = frozenset()) -> tuple[dict, dict]:
@@ -260,11 +227,7 @@ def _fill_from_copies(axis, new: int, old: int, copy: bool) -> None:
 def reads_from(node: fx.Node, facts) -> fx.Node | None:
     """The activation a contraction reads, back through layout ops and multiplications by constants."""
     x = next((a for a in node.args if isinstance(a, fx.Node) and a.name not in facts.params), None)
-    while isinstance(x, fx.Node) and x.op == "call_function" and (
-            op_name(x) in THROUGH or _gathers_rows(x)
-            or (op_name(x) in ("aten.mul", "aten.div") and not isinstance(x.args[1], fx.Node))):
-        x = x.args[0]
-    return x
+    return back(x, lambda n: PART(n) or indexes_leading(n) or (SCALES(n) and not isinstance(n.args[1], fx.Node)))
 
 
 def rewrite_eps(gm: fx.GraphModule, eps: dict) -> None:

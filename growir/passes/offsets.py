@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..analysis.walker import LAYOUT_OPS, op_name
+from ..analysis.ops import LAYOUT, back, forward, op_name
 from ..plan import Plan
-
-ASSERTS = {"aten._assert_tensor_metadata", "_assert_scalar", "aten._assert_scalar"}
 
 
 def offset_of_uses(uses: list) -> float | None:
@@ -30,13 +28,9 @@ def offset_of_uses(uses: list) -> float | None:
 def _terminal_uses(node: fx.Node) -> list:
     """(op name, float constant) of each use past layout ops; a non-add use gives (op, None)."""
     out = []
-    for u in node.users:
+    for u in forward(node, LAYOUT):
         name = op_name(u) if u.op == "call_function" else u.op
-        if name in ASSERTS:
-            continue
-        if name in LAYOUT_OPS:
-            out += _terminal_uses(u)
-        elif name == "aten.add" and len(u.args) == 2:
+        if name == "aten.add" and len(u.args) == 2:
             other = u.args[1] if u.args[0] is node else u.args[0]
             out.append((name, other if isinstance(other, float) and u.kwargs.get("alpha", 1) == 1 else None))
         else:
@@ -55,13 +49,9 @@ def mark_offsets(plan: Plan, rules: dict) -> None:
 
 def weight_param(x, facts) -> str | None:
     """The parameter behind a norm's weight operand: ``w`` or ``c + w``, through layout ops; else None."""
-    def strip(n):
-        while isinstance(n, fx.Node) and n.op == "call_function" and op_name(n) in LAYOUT_OPS:
-            n = n.args[0]
-        return n
-    x = strip(x)
+    x = back(x, LAYOUT)
     if isinstance(x, fx.Node) and x.op == "call_function" and op_name(x) == "aten.add" and len(x.args) == 2:
         nodes = [a for a in x.args if isinstance(a, fx.Node)]
         if len(nodes) == 1 and any(isinstance(a, float) for a in x.args):
-            x = strip(nodes[0])
+            x = back(nodes[0], LAYOUT)
     return facts.params.get(x.name) if isinstance(x, fx.Node) and x.op == "get_attr" else None

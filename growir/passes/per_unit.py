@@ -27,11 +27,9 @@ import torch
 import torch.fx as fx
 
 from ..analysis.axes import is_structured
-from ..analysis.walker import op_name
+from ..analysis.ops import RANDOM
 from ..plan import Plan
 
-NONDETERMINISTIC = ("rand", "randn", "randint", "rand_like", "randn_like", "bernoulli", "dropout",
-                    "native_dropout", "empty", "empty_like", "normal", "uniform")
 
 
 @dataclass
@@ -48,7 +46,7 @@ def evaluate_constants(gm: fx.GraphModule) -> dict:
     for n in gm.graph.nodes:
         if n.op != "call_function" or not isinstance(n.meta.get("val"), torch.Tensor):
             continue
-        if not all(a in env for a in n.all_input_nodes) or op_name(n).split(".")[-1] in NONDETERMINISTIC:
+        if not all(a in env for a in n.all_input_nodes) or RANDOM(n):
             continue
         args = fx.node.map_arg(n.args, lambda a: env[a])
         kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])

@@ -21,12 +21,9 @@ import math
 
 import torch.fx as fx
 
-from ..analysis.blocks import CONTRACTIONS
-from ..analysis.walker import op_name
+from ..analysis.ops import ASSERTS, CONTRACTIONS, LINEAR, PART, SCALES
 from ..plan import Plan
-from .fill import ASSERTS, THROUGH, FillPlan, group_reads, kept_fraction
-
-LINEAR = THROUGH | {"aten.add", "aten.sub", "aten.mul", "aten.div", "aten.neg", "aten.cat"}
+from .fill import FillPlan, group_reads, kept_fraction
 
 
 def rescale_residuals(plan: Plan, fp: FillPlan, maps: dict, rules: dict) -> set:
@@ -60,7 +57,9 @@ def _terms_and_readers(plan: Plan, root, sites) -> tuple[set, set] | None:
     state_of = {**f.params, **f.buffers}
     norm_params = {p for s in sites for p in (s.weight, s.bias) if p is not None}
     writers = {pa.param for pa in g.producers + g.consumers} - norm_params  # consumers: a tied embedding
-    norm_ends = {s.input for s in sites}
+    norm_ends = {}  # a norm's input -> the norm's own ops that read it
+    for s in sites:
+        norm_ends.setdefault(s.input, set()).update(s.internals)
     on_group = {(pa.param, pa.axis) for pa in g.consumers}
     contracting = {(p, node) for p, i, node in f.consumed if (p, i) in on_group}
     residual, terms = set(), set()
@@ -102,23 +101,20 @@ def _forward(use: fx.Node, facts, norm_ends: set, residual: set) -> bool | None:
         if n in seen:
             continue
         seen.add(n)
-        name = op_name(n) if n.op == "call_function" else n.op
-        if n is not use and name in ("aten.mul", "aten.div"):
+        if n is not use and SCALES(n):
             if any(isinstance(a, fx.Node) and a.name in facts.params for a in n.args):
                 return False  # a parameter multiplies this term (a layer scale): that parameter is the term
             if not _by_constant(n, stack_from=seen):
                 return None  # a product of two activations is not linear in the residual
-        if n is use or name in LINEAR:
+        if n is use or PART(n) or LINEAR(n) or SCALES(n):
             on_path.add(n)
-            users = [u for u in n.users if u.op != "call_function" or op_name(u) not in ASSERTS]
-            for u in users:
+            for u in [u for u in n.users if not ASSERTS(u)]:
                 if u.op == "output":
                     return None
-                uname = op_name(u) if u.op == "call_function" else u.op
-                if n in norm_ends and u in _norm_internals(n):
+                if u in norm_ends.get(n, ()):
                     continue
-                if uname in CONTRACTIONS and any(isinstance(a, fx.Node) and a.name in facts.params
-                                                 for a in u.args if a is not n):
+                if CONTRACTIONS(u) and any(isinstance(a, fx.Node) and a.name in facts.params
+                                           for a in u.args if a is not n):
                     continue  # a direct reader: checked on the consumer side
                 stack.append(u)
         else:
@@ -126,12 +122,3 @@ def _forward(use: fx.Node, facts, norm_ends: set, residual: set) -> bool | None:
     residual |= on_path
     return True
 
-
-def _norm_internals(x: fx.Node) -> set:
-    """The ops a norm applies to its input ``x`` (layer_norm, or pow -> mean and the final multiply)."""
-    out = set()
-    for u in x.users:
-        name = op_name(u) if u.op == "call_function" else ""
-        if name in ("aten.layer_norm", "aten.pow", "aten.mul", "aten.to", "aten._to_copy"):
-            out.add(u)
-    return out

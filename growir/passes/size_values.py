@@ -28,13 +28,11 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..analysis.walker import LAYOUT_OPS, op_name
+from ..analysis.ops import LAYOUT, SCALES, WEIGHTED, back, forward, op_name, traits
 from ..plan import Plan
-from .offsets import ASSERTS
 from .width import WidthResult
 
 SIZE_FUNCTIONS = {"sqrt": math.sqrt, "size": float, "1/sqrt": lambda d: d ** -0.5, "1/size": lambda d: 1.0 / d}
-LINEAR_IN_WEIGHT = {"aten.embedding": 0, "aten.linear": 1, "aten.mm": 1, "aten.matmul": 1}
 
 
 @dataclass
@@ -63,17 +61,11 @@ def _match(value: float, old: int, new: int) -> tuple[str, float] | None:
     return None
 
 
-def _through_layout(x):
-    while isinstance(x, fx.Node) and x.op == "call_function" and op_name(x) in LAYOUT_OPS:
-        x = x.args[0]
-    return x
-
-
 def _scalar(arg, plan: Plan):
     """(value, buffer state name or None) of a float literal or a one-element buffer; None otherwise."""
     if isinstance(arg, float):
         return arg, None
-    x = _through_layout(arg)
+    x = back(arg, LAYOUT)
     if isinstance(x, fx.Node) and x.op == "get_attr" and x.name in plan.facts.buffers:
         t = plan.captured.gm.get_buffer(x.target)
         if t.numel() == 1 and t.is_floating_point() and not t.is_meta:  # a meta plan holds no values
@@ -83,12 +75,13 @@ def _scalar(arg, plan: Plan):
 
 def _linear_param(x, plan: Plan) -> str | None:
     """The parameter a tensor is linear in: an embedding lookup or a bias-free linear map of one parameter."""
-    x = _through_layout(x)
-    if not isinstance(x, fx.Node) or x.op != "call_function" or op_name(x) not in LINEAR_IN_WEIGHT:
+    x = back(x, LAYOUT)
+    if not WEIGHTED(x):
         return None
-    if op_name(x) == "aten.linear" and len(x.args) > 2 and x.args[2] is not None:
-        return None
-    w = _through_layout(x.args[LINEAR_IN_WEIGHT[op_name(x)]])
+    at = traits(x)
+    if at.bias_at is not None and len(x.args) > at.bias_at and x.args[at.bias_at] is not None:
+        return None  # x W + b is not linear in W alone
+    w = back(x.args[at.weight_at], LAYOUT)
     return plan.facts.params.get(w.name) if isinstance(w, fx.Node) and w.op == "get_attr" else None
 
 
@@ -97,7 +90,7 @@ def find_size_values(plan: Plan, maps: dict) -> list[SizeValue]:
     the tensor carries."""
     f, ag, found = plan.facts, plan.facts.ag, []
     for n in plan.captured.gm.graph.nodes:
-        if n.op != "call_function" or op_name(n) not in ("aten.mul", "aten.div") or len(n.args) != 2:
+        if not SCALES(n) or len(n.args) != 2:
             continue
         for pos in (1, 0) if op_name(n) == "aten.mul" else (1,):
             scalar, other = _scalar(n.args[pos], plan), n.args[1 - pos]
@@ -116,16 +109,6 @@ def find_size_values(plan: Plan, maps: dict) -> list[SizeValue]:
     return found
 
 
-def _uses(node: fx.Node) -> list:
-    """The users of ``node`` past layout ops and metadata asserts."""
-    out = []
-    for u in node.users:
-        if u.op == "call_function" and op_name(u) in ASSERTS:
-            continue
-        out += _uses(u) if u.op == "call_function" and op_name(u) in LAYOUT_OPS else [u]
-    return out
-
-
 def _absorbable(plan: Plan, width: WidthResult, param: str, values: list[SizeValue]) -> str:
     """Why the ratio of ``values`` cannot be moved into ``param`` ("" when it can): every use of the
     parameter must be scaled by the same ratio, or be the head of a tied embedding (compensated later)."""
@@ -135,9 +118,8 @@ def _absorbable(plan: Plan, width: WidthResult, param: str, values: list[SizeVal
     scaled = {v.node for v in values}
     heads = {node for p, _, node in f.consumed if p == param} if any(p == param for p, _ in width.tied) else set()
     for name in (n for n, state in f.params.items() if state == param):
-        for use in _uses(nodes[name]):
-            if use.name in heads or (op_name(use) in LINEAR_IN_WEIGHT
-                                     and all(u.name in scaled for u in _uses(use))):
+        for use in forward(nodes[name], LAYOUT):
+            if use.name in heads or (WEIGHTED(use) and all(u.name in scaled for u in forward(use, LAYOUT))):
                 continue
             return f"`{param}` is also read at `{use.name}` without that constant"
     return ""

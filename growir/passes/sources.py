@@ -23,16 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..analysis.walker import op_name
-from .fill import THROUGH as FILL_THROUGH, NormSite
-
-# layout ops (fill.THROUGH), plus the ones that split a fused projection's output into q, k, v
-THROUGH = FILL_THROUGH | {"aten.expand", "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unsafe_split",
-                          "getitem"}
-LINEAR = {"aten.add", "aten.sub", "aten.neg", "aten.cat", "aten.mul"}
-CONTRACT = {"aten.linear", "aten.addmm"}
-IDENTITY = {"aten.contiguous", "aten.to", "aten._to_copy", "aten.clone", "aten.dropout", "aten.alias",
-            "aten.type_as", "aten.neg"}
+from ..analysis.ops import LINEAR, PROJECTIONS, SAME_VALUES, SPLITS, op_name, traits
+from .fill import NormSite
 
 
 @dataclass
@@ -94,14 +86,14 @@ def _walk(x, facts, dep: set, stop_at: dict):
             ends.add(stop_at[n])
             continue
         name = op_name(n) if n.op == "call_function" else n.op
-        if name in CONTRACT:
-            weights = list(n.args[1:3]) if name == "aten.linear" else [n.args[2], n.args[0]]
-            if not all(a.name in facts.params for a in weights if isinstance(a, fx.Node)):
+        if PROJECTIONS(n):
+            operands = [n.args[i] for i in (traits(n).weight_at, traits(n).bias_at) if i < len(n.args)]
+            if not all(a.name in facts.params for a in operands if isinstance(a, fx.Node)):
                 return None
             ends.add(n)
-        elif name in THROUGH:
+        elif SPLITS(n):
             stack.append(n.args[0])
-        elif name in LINEAR:
+        elif LINEAR(n) or name == "aten.mul":
             inputs = n.args[0] if name == "aten.cat" else n.args[:2]
             if name == "aten.mul" and all(a in dep for a in inputs):
                 return None  # a product of two traced tensors is not linear in either
@@ -122,10 +114,10 @@ def _concrete(node: fx.Node) -> list[int]:
 def _rows(proj: fx.Node, path: set, x: fx.Node, facts) -> list[Rows] | None:
     """Run the path's layout ops on row labels from ``proj``'s output to ``x``; the labels that arrive are the
     rows of the projection's weight (and bias) that write ``x``."""
-    linear = op_name(proj) == "aten.linear"
-    weight = proj.args[1] if linear else proj.args[2]
-    bias = (proj.args[2] if len(proj.args) > 2 else None) if linear else proj.args[0]
-    out_axis = 0 if linear else 1
+    at = traits(proj)
+    weight = proj.args[at.weight_at]
+    bias = proj.args[at.bias_at] if len(proj.args) > at.bias_at else None
+    out_axis = 0 if op_name(proj) == "aten.linear" else 1  # linear's weight is (out, in); addmm's is (in, out)
     n_rows = weight.meta["val"].shape[out_axis]
     shape = _concrete(proj)
     labels = {proj: torch.arange(n_rows, dtype=torch.float64).expand(shape)}
@@ -151,18 +143,20 @@ def _propagate(n: fx.Node, labels: dict):
     traced = [a for a in n.args if isinstance(a, fx.Node) and a in labels]
     if n.target is operator.getitem:
         return args[0][args[1]]
-    if name in IDENTITY:
+    if traits(n).kind == "view":
+        return args[0].reshape(_concrete(n))
+    if name == "aten.expand":
+        return args[0].expand(_concrete(n))
+    if SAME_VALUES(n) or name == "aten.neg":
         return args[0]
-    if name in ("aten.view", "aten.reshape", "aten._unsafe_view", "aten.unflatten", "aten.flatten", "aten.expand"):
-        return args[0].reshape(_concrete(n)) if name != "aten.expand" else args[0].expand(_concrete(n))
-    if name in ("aten.slice", "aten.select"):
+    if traits(n).kind == "slice":
         dim = args[1] % args[0].dim()
         if _concrete(n.args[0])[dim] == 1 and not isinstance(n.args[0].meta["val"].shape[dim], int):
-            return args[0] if name == "aten.slice" else args[0].select(dim, 0)
+            return args[0].select(dim, 0) if name == "aten.select" else args[0]
         return n.target(args[0], *[a if isinstance(a, int) else None for a in args[1:]])
     if name == "aten.cat":
         return torch.cat([labels[t] for t in n.args[0]], *args[1:])
-    if name in ("aten.add", "aten.sub", "aten.mul"):
+    if LINEAR(n) or name == "aten.mul":
         if len(traced) == 2 and not torch.equal(torch.unique(labels[traced[0]]), torch.unique(labels[traced[1]])):
             raise ValueError("a sum of two tensors written by different rows")
         return torch.broadcast_to(labels[traced[0]], _concrete(n))
