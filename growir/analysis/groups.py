@@ -14,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import sympy
+import torch.fx as fx
 
-from .walker import Facts, ParamAxis, Read, SizeConst
+from .ops import PART, SCALES, back
+from .walker import Facts, ParamAxis, Read, SizeConst, indexes_leading
 
 ROLES = ("hidden", "heads", "kv_heads", "head_dim", "ffn")
 
@@ -139,3 +141,17 @@ def _order(g: Group):
 
 
 __all__ = ["Group", "find_groups", "ROLES", "ParamAxis", "Read", "SizeConst"]
+
+
+def contractions_over(gm: fx.GraphModule, facts: Facts, group: Group) -> list[tuple[str, int, fx.Node]]:
+    """(parameter, axis, the activation it contracts) for every contraction of a parameter over ``group``."""
+    on_group = {(pa.param, pa.axis) for pa in group.consumers}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return [(p, i, reads_from(nodes[node], facts)) for p, i, node in facts.consumed if (p, i) in on_group]
+
+
+def reads_from(node: fx.Node, facts: Facts) -> fx.Node | None:
+    """The activation a contraction reads, back through layout ops, gathers of whole tokens and
+    multiplications by constants."""
+    x = next((a for a in node.args if isinstance(a, fx.Node) and a.name not in facts.params), None)
+    return back(x, lambda n: PART(n) or indexes_leading(n) or (SCALES(n) and not isinstance(n.args[1], fx.Node)))

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .ops import ADDS, SAME_VALUES, ZERO_WITH_ALL, ZERO_WITH_FIRST, ZERO_WITH_ONE, ZEROS, back, op_name, traits
+from .groups import Group, contractions_over
+from .ops import ADDS, ASSERTS, CONTRACTIONS, LINEAR, PART, SAME_VALUES, SCALES, ZERO_WITH_ALL, ZERO_WITH_FIRST
+from .ops import ZERO_WITH_ONE, ZEROS, Blocked, back, op_name, reach, traits
 from .walker import Facts
 
 
@@ -130,3 +132,81 @@ def _is_index(a: fx.Node) -> bool:
 
 def _is_tensor(a: fx.Node) -> bool:
     return hasattr(a.meta.get("val"), "shape")
+
+
+# --- a residual stream's terms and direct readers (for rescaling the stream: passes/rescale.py) ---------------
+
+
+def terms_and_readers(gm: fx.GraphModule, facts: Facts, group: Group, sites: list) -> tuple[set, set] | None:
+    """(parameters that write a term of the residual stream ``group``, parameters that contract it directly),
+    given the norms over it (``sites``); None when the stream reaches something else (the model's output, a
+    nonlinear op) or a term is not linear in one parameter."""
+    state_of = {**facts.params, **facts.buffers}
+    norm_params = {p for s in sites for p in (s.weight, s.bias) if p is not None}
+    writers = {pa.param for pa in group.producers + group.consumers} - norm_params  # consumers: a tied embedding
+    norm_ends = {}  # a norm's input -> the norm's own ops that read it
+    for s in sites:
+        norm_ends.setdefault(s.input, set()).update(s.internals)
+    on_group = {(pa.param, pa.axis) for pa in group.consumers}
+    contracting = {(p, node) for p, i, node in facts.consumed if (p, i) in on_group}
+    residual, terms = set(), set()
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or state_of.get(n.name) not in writers:
+            continue
+        for use in n.users:
+            if (state_of[n.name], use.name) in contracting:
+                continue  # a tied tensor's other use (the head): a reader, compensated with the tie
+            reached = _term_path(use, facts, norm_ends)
+            if reached is None:
+                return None
+            if reached:
+                terms.add(state_of[n.name])
+                residual |= reached
+    readers = set()
+    for p, _, source in contractions_over(gm, facts, group):
+        if source in residual:
+            readers.add(p)
+        elif not any(source is s.output for s in sites):
+            return None
+    if readers & terms:
+        return None  # a tied tensor that also reads the residual directly: one scale cannot do both
+    return terms, readers
+
+
+def _term_path(use: fx.Node, facts: Facts, norm_ends: dict) -> set | bool | None:
+    """Follow ``use`` through linear ops to the norms' inputs. A set: it is a term of the residual, and these
+    are the nodes on the way; False: a parameter multiplies it later (another term's factor); None: it reaches
+    an output or an op that is neither a norm nor a contraction."""
+    visited = set()
+
+    def step(n: fx.Node) -> list:
+        visited.add(n)
+        if n is not use and SCALES(n):
+            if any(isinstance(a, fx.Node) and a.name in facts.params for a in n.args):
+                raise Blocked(False)  # a parameter multiplies this term (a layer scale): that parameter is the term
+            if not _by_constant(n, visited):
+                raise Blocked(None)  # a product of two activations is not linear in the residual
+        if not (n is use or PART(n) or LINEAR(n) or SCALES(n)):
+            raise Blocked(None)  # a nonlinear op, even one that feeds a norm: its output is not linear in the term
+        nxt = []
+        for u in [u for u in n.users if not ASSERTS(u)]:
+            if u.op == "output":
+                raise Blocked(None)
+            if u in norm_ends.get(n, ()):
+                continue
+            if CONTRACTIONS(u) and any(isinstance(a, fx.Node) and a.name in facts.params
+                                       for a in u.args if a is not n):
+                continue  # a direct reader: checked on the consumer side
+            nxt.append(u)
+        return nxt
+
+    try:
+        return reach([use], step)
+    except Blocked as found:
+        return found.args[0]
+
+
+def _by_constant(n: fx.Node, came_through: set) -> bool:
+    """A multiply or divide whose other operands are numbers or tensors the walk did not come through."""
+    nodes = [a for a in n.args if isinstance(a, fx.Node)]
+    return sum(a in came_through for a in nodes) == 1 and all(a in came_through or a.op == "get_attr" for a in nodes)

@@ -30,9 +30,9 @@ import torch
 import torch.fx as fx
 
 from ..analysis.axes import is_structured
+from ..analysis.norms import norm_sites
+from ..analysis.sources import Rows, Source, param_dependent, trace_source
 from ..plan import Plan
-from .fill import norm_sites
-from .sources import Rows, Source, trace_source
 from .width import WidthResult, tree_map
 
 
@@ -73,7 +73,7 @@ def compensate_head_dim(plan: Plan, maps: dict, width: WidthResult):
     f, ag = plan.facts, plan.facts.ag
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     reasons, done, scales, used = [], set(), {}, set()
-    dep, norms = param_dependent(plan.captured.gm, f), norm_sites(plan)
+    dep, norms = param_dependent(plan.captured.gm, f), norm_sites(plan.captured.gm, f)
     for site in f.attention:
         leaves = ag.leaf_roots(site["q"][-1])
         grown = [leaf for leaf in leaves if leaf in maps]
@@ -182,15 +182,6 @@ def _scale(width: WidthResult, rows: Rows, factor: float, note: str) -> None:
         rule.axes[rows.axis].scale_rows(rows.rows, factor, rows.size)
         note += f" (the query's {len(rows.rows)} of {rows.size} rows)"
     rule.notes.append(note)
-
-
-def param_dependent(gm: fx.GraphModule, facts) -> set:
-    """Nodes whose value depends on a parameter (rotary cos/sin tables depend only on buffers and inputs)."""
-    dep = set()
-    for n in gm.graph.nodes:  # graph order is topological
-        if (n.op == "get_attr" and n.name in facts.params) or any(a in dep for a in n.all_input_nodes):
-            dep.add(n)
-    return dep
 
 
 def rewrite_scales(gm: fx.GraphModule, scales: dict) -> None:

@@ -9,11 +9,9 @@ contracted (tied embeddings: the logits scale by the copy count unless a norm be
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 
-from ..analysis.ops import NORMS, PART, back, chain, forward, op_name, traits
+from ..analysis.norms import reaches_output, scaling_params
 from ..plan import Plan
-from .offsets import weight_param
 from .width import WidthResult
 
 HARMLESS = {"max", "select", "batch", "value"}
@@ -50,7 +48,7 @@ def compensate_tied(plan: Plan, maps: dict, width: WidthResult) -> list[str]:
         counts = _counts_on(width, state, axis)
         sites = [nodes[n] for p, a, n in f.consumed if p == state]
         for site in sites:
-            scaled = _norm_params(site.args[0], f)
+            scaled = scaling_params(site.args[0], f)
             if counts is None or not bool((counts == counts[0]).all()):
                 reasons.append(f"`{state}` is tied (an embedding and the head at {site.name}) and its group "
                                f"is copied unevenly: the head's logits change")
@@ -58,7 +56,7 @@ def compensate_tied(plan: Plan, maps: dict, width: WidthResult) -> list[str]:
                 reasons.append(f"`{state}` is tied (an embedding and the head at {site.name}) and no norm "
                                f"feeds the head, so the n-fold logits cannot be rescaled")
             else:
-                if _reaches_output(site.args[0]):
+                if reaches_output(site.args[0]):
                     reasons.append(f"the norm before the tied head `{state}` (at {site.name}) is rescaled to keep "
                                    f"the logits, and its output is also a model output (hidden states), which "
                                    f"is therefore rescaled too")
@@ -70,34 +68,9 @@ def compensate_tied(plan: Plan, maps: dict, width: WidthResult) -> list[str]:
     return reasons
 
 
-def _reaches_output(x) -> bool:
-    """Whether ``x``, the value it is a layout view of, or another view of that value is returned by the graph."""
-    views = lambda u: PART(u) or traits(u).kind == "item"  # noqa: E731
-    return any(u.op == "output" for n in chain(x, PART) if isinstance(n, fx.Node) for u in forward(n, views))
-
-
 def _counts_on(width: WidthResult, state: str, axis: int):
     rule = width.rules[state]
     m = rule.axes[axis]
     if m.index is None:
         return None
     return torch.bincount(m.index[m.index >= 0])
-
-
-def _norm_params(x, facts) -> list[str]:
-    """Parameters that scale the output of the norm producing ``x`` (weight and bias), through layout ops."""
-    x = back(x, PART)
-    if not isinstance(x, fx.Node) or x.op != "call_function":
-        return []
-    name = op_name(x)
-    if NORMS(x):
-        return [facts.params[a.name] for a in x.args[2:4] if isinstance(a, fx.Node) and a.name in facts.params]
-    if name == "aten.add":
-        a, b = x.args[:2]
-        bias = [facts.params[t.name] for t in (a, b) if isinstance(t, fx.Node) and t.name in facts.params]
-        rest = [t for t in (a, b) if isinstance(t, fx.Node) and t.name not in facts.params]
-        return bias + _norm_params(rest[0], facts) if len(bias) == 1 and len(rest) == 1 else []
-    if name == "aten.mul":  # a norm's weight: w, or c + w (a (1 + w) norm; its rule's offset keeps it right)
-        ps = [p for t in x.args[:2] if (p := weight_param(t, facts)) is not None]
-        return ps if len(ps) == 1 else []
-    return []

@@ -11,9 +11,7 @@ growth) stays correct for such norms without knowing about them.
 
 from __future__ import annotations
 
-import torch.fx as fx
-
-from ..analysis.ops import LAYOUT, back, forward, op_name
+from ..analysis.norms import weight_uses
 from ..plan import Plan
 
 
@@ -25,33 +23,10 @@ def offset_of_uses(uses: list) -> float | None:
     return cs.pop()
 
 
-def _terminal_uses(node: fx.Node) -> list:
-    """(op name, float constant) of each use past layout ops; a non-add use gives (op, None)."""
-    out = []
-    for u in forward(node, LAYOUT):
-        name = op_name(u) if u.op == "call_function" else u.op
-        if name == "aten.add" and len(u.args) == 2:
-            other = u.args[1] if u.args[0] is node else u.args[0]
-            out.append((name, other if isinstance(other, float) and u.kwargs.get("alpha", 1) == 1 else None))
-        else:
-            out.append((name, None))
-    return out
-
-
 def mark_offsets(plan: Plan, rules: dict) -> None:
     """Set ``offset`` on the rule of every parameter read only as ``c + w``."""
     for node_name, state in plan.facts.params.items():
         node = next(n for n in plan.captured.gm.graph.nodes if n.name == node_name)
-        c = offset_of_uses(_terminal_uses(node))
+        c = offset_of_uses(weight_uses(node))
         if c is not None and state in rules:
             rules[state].offset = c
-
-
-def weight_param(x, facts) -> str | None:
-    """The parameter behind a norm's weight operand: ``w`` or ``c + w``, through layout ops; else None."""
-    x = back(x, LAYOUT)
-    if isinstance(x, fx.Node) and x.op == "call_function" and op_name(x) == "aten.add" and len(x.args) == 2:
-        nodes = [a for a in x.args if isinstance(a, fx.Node)]
-        if len(nodes) == 1 and any(isinstance(a, float) for a in x.args):
-            x = back(nodes[0], LAYOUT)
-    return facts.params.get(x.name) if isinstance(x, fx.Node) and x.op == "get_attr" else None

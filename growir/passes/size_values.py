@@ -26,9 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch.fx as fx
-
-from ..analysis.ops import LAYOUT, SCALES, WEIGHTED, back, forward, op_name, traits
+from ..analysis.ops import LAYOUT, WEIGHTED, forward
+from ..analysis.sources import constant_scalings
 from ..plan import Plan
 from .width import WidthResult
 
@@ -61,51 +60,22 @@ def _match(value: float, old: int, new: int) -> tuple[str, float] | None:
     return None
 
 
-def _scalar(arg, plan: Plan):
-    """(value, buffer state name or None) of a float literal or a one-element buffer; None otherwise."""
-    if isinstance(arg, float):
-        return arg, None
-    x = back(arg, LAYOUT)
-    if isinstance(x, fx.Node) and x.op == "get_attr" and x.name in plan.facts.buffers:
-        t = plan.captured.gm.get_buffer(x.target)
-        if t.numel() == 1 and t.is_floating_point() and not t.is_meta:  # a meta plan holds no values
-            return float(t), plan.facts.buffers[x.name]
-    return None
-
-
-def _linear_param(x, plan: Plan) -> str | None:
-    """The parameter a tensor is linear in: an embedding lookup or a bias-free linear map of one parameter."""
-    x = back(x, LAYOUT)
-    if not WEIGHTED(x):
-        return None
-    at = traits(x)
-    if at.bias_at is not None and len(x.args) > at.bias_at and x.args[at.bias_at] is not None:
-        return None  # x W + b is not linear in W alone
-    w = back(x.args[at.weight_at], LAYOUT)
-    return plan.facts.params.get(w.name) if isinstance(w, fx.Node) and w.op == "get_attr" else None
-
-
 def find_size_values(plan: Plan, maps: dict) -> list[SizeValue]:
     """Every mul/div of a parameter-linear tensor by a constant that equals f(old size) of a grown group
     the tensor carries."""
-    f, ag, found = plan.facts, plan.facts.ag, []
-    for n in plan.captured.gm.graph.nodes:
-        if not SCALES(n) or len(n.args) != 2:
-            continue
-        for pos in (1, 0) if op_name(n) == "aten.mul" else (1,):
-            scalar, other = _scalar(n.args[pos], plan), n.args[1 - pos]
-            param = _linear_param(other, plan) if scalar is not None else None
-            if param is None or not scalar[0]:
-                continue
-            leaves = {leaf for a in f.axes.get(other.name, []) for leaf in ag.leaf_roots(a) if leaf in maps}
-            hits = {(name, new): leaf for leaf in leaves
-                    for name, new in [_match(scalar[0], maps[leaf].old, maps[leaf].new) or (None, None)] if name}
-            if len({new for _, new in hits}) != 1:
-                continue  # no size matches, or two groups give different new values: leave it
-            (name, new), leaf = next(iter(hits.items()))
-            found.append(SizeValue(n.name, pos if scalar[1] is None else None, scalar[1], param, scalar[0], new,
-                                   f"{name}({maps[leaf].old})", op_name(n) == "aten.div"))
-            break
+    f, ag, found, done = plan.facts, plan.facts.ag, [], set()
+    for s in constant_scalings(plan.captured.gm, f):
+        if s.node in done:
+            continue  # one constant per multiplication: the first operand that matches
+        leaves = {leaf for a in f.axes.get(s.scaled.name, []) for leaf in ag.leaf_roots(a) if leaf in maps}
+        hits = {(name, new): leaf for leaf in leaves
+                for name, new in [_match(s.value, maps[leaf].old, maps[leaf].new) or (None, None)] if name}
+        if len({new for _, new in hits}) != 1:
+            continue  # no size matches, or two groups give different new values: leave it
+        (name, new), leaf = next(iter(hits.items()))
+        found.append(SizeValue(s.node, s.literal, s.buffer, s.param, s.value, new, f"{name}({maps[leaf].old})",
+                               s.divides))
+        done.add(s.node)
     return found
 
 

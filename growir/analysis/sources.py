@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..analysis.ops import LINEAR, PROJECTIONS, SAME_VALUES, SPLITS, op_name, traits
-from .fill import NormSite
+from .norms import NormSite
+from .ops import LAYOUT, LINEAR, PROJECTIONS, SAME_VALUES, SCALES, SPLITS, WEIGHTED, Blocked, back, op_name, reach
+from .ops import traits
 
 
 @dataclass
@@ -55,6 +56,15 @@ class Source:
         return [Rows(p, 0, None) for p in (self.norm.weight, self.norm.bias) if p is not None]
 
 
+def param_dependent(gm: fx.GraphModule, facts) -> set:
+    """Nodes whose value depends on a parameter (rotary cos/sin tables depend only on buffers and inputs)."""
+    dep = set()
+    for n in gm.graph.nodes:  # graph order is topological
+        if (n.op == "get_attr" and n.name in facts.params) or any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
+
+
 def trace_source(x: fx.Node, facts, dep: set, norms: list[NormSite]) -> Source | None:
     """The ``Source`` of ``x`` (an attention's query or key), or None where the graph holds something else."""
     by_output = {s.output: s for s in norms}
@@ -76,33 +86,38 @@ def trace_source(x: fx.Node, facts, dep: set, norms: list[NormSite]) -> Source |
 
 def _walk(x, facts, dep: set, stop_at: dict):
     """Back from ``x`` to one contraction with parameters (or one norm in ``stop_at``); (end, path nodes)."""
-    ends, stack, seen = set(), [x], set()
-    while stack:
-        n = stack.pop()
-        if not isinstance(n, fx.Node) or n in seen or n not in dep:
-            continue
-        seen.add(n)
+    ends = set()
+
+    def step(n: fx.Node) -> list:
+        if n not in dep:
+            return []
         if n in stop_at:
             ends.add(stop_at[n])
-            continue
+            return []
         name = op_name(n) if n.op == "call_function" else n.op
         if PROJECTIONS(n):
             operands = [n.args[i] for i in (traits(n).weight_at, traits(n).bias_at) if i < len(n.args)]
             if not all(a.name in facts.params for a in operands if isinstance(a, fx.Node)):
-                return None
+                raise Blocked
             ends.add(n)
-        elif SPLITS(n):
-            stack.append(n.args[0])
+            return []
+        if SPLITS(n):
+            inputs = [n.args[0]]
         elif LINEAR(n) or name == "aten.mul":
-            inputs = n.args[0] if name == "aten.cat" else n.args[:2]
+            inputs = list(n.args[0] if name == "aten.cat" else n.args[:2])
             if name == "aten.mul" and all(a in dep for a in inputs):
-                return None  # a product of two traced tensors is not linear in either
-            stack.extend(a for a in inputs if isinstance(a, fx.Node))
+                raise Blocked  # a product of two traced tensors is not linear in either
         else:
-            return None
+            raise Blocked
+        return [a for a in inputs if isinstance(a, fx.Node) and a in dep]
+
+    try:
+        path = reach([x], step)
+    except Blocked:
+        return None
     if len(ends) != 1:
         return None
-    return next(iter(ends)), seen
+    return next(iter(ends)), path
 
 
 def _concrete(node: fx.Node) -> list[int]:
@@ -161,3 +176,59 @@ def _propagate(n: fx.Node, labels: dict):
             raise ValueError("a sum of two tensors written by different rows")
         return torch.broadcast_to(labels[traced[0]], _concrete(n))
     return n.target(*args, **n.kwargs)  # transpose, permute, unsqueeze, squeeze, split, chunk
+
+
+# --- multiplications by constants (size-derived values: passes/size_values.py) --------------------------------
+
+
+@dataclass
+class Scaling:
+    """``scaled * c`` or ``scaled / c`` where ``scaled`` is linear in one parameter and c is a constant."""
+    node: str  # the mul/div node
+    literal: int | None  # arg position of c when it is a float literal
+    buffer: str | None  # state name of the one-element buffer holding c, else None
+    value: float  # c
+    param: str  # the parameter ``scaled`` is linear in
+    scaled: fx.Node
+    divides: bool  # scaled / c
+
+
+def constant_scalings(gm: fx.GraphModule, facts) -> list[Scaling]:
+    """Every multiplication (or division) of a parameter-linear tensor by a nonzero constant, in graph order;
+    a product of two such tensors gives one entry per operand order (the constant second first)."""
+    found = []
+    for n in gm.graph.nodes:
+        if not SCALES(n) or len(n.args) != 2:
+            continue
+        divides = op_name(n) == "aten.div"
+        for pos in (1,) if divides else (1, 0):
+            scalar, other = scalar_value(n.args[pos], gm, facts), n.args[1 - pos]
+            param = linear_param(other, facts) if scalar is not None else None
+            if param is not None and scalar[0]:
+                found.append(Scaling(n.name, pos if scalar[1] is None else None, scalar[1], scalar[0], param, other,
+                                     divides))
+    return found
+
+
+def scalar_value(arg, gm: fx.GraphModule, facts):
+    """(value, buffer state name or None) of a float literal or a one-element buffer; None otherwise."""
+    if isinstance(arg, float):
+        return arg, None
+    x = back(arg, LAYOUT)
+    if isinstance(x, fx.Node) and x.op == "get_attr" and x.name in facts.buffers:
+        t = gm.get_buffer(x.target)
+        if t.numel() == 1 and t.is_floating_point() and not t.is_meta:  # a meta plan holds no values
+            return float(t), facts.buffers[x.name]
+    return None
+
+
+def linear_param(x, facts) -> str | None:
+    """The parameter a tensor is linear in: an embedding lookup or a bias-free linear map of one parameter."""
+    x = back(x, LAYOUT)
+    if not WEIGHTED(x):
+        return None
+    at = traits(x)
+    if at.bias_at is not None and len(x.args) > at.bias_at and x.args[at.bias_at] is not None:
+        return None  # x W + b is not linear in W alone
+    w = back(x.args[at.weight_at], LAYOUT)
+    return facts.params.get(w.name) if isinstance(w, fx.Node) and w.op == "get_attr" else None
