@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ..errors import AnalysisError, GrowthError, UnsupportedOpError, first_line
 from .axes import AxisGraph
-from .ops import INDEXES, LAYOUT, back, op_name, permutation, traits
+from .ops import INDEXES, LAYOUT, back, chain, op_name, permutation, traits
 
 
 
@@ -185,14 +185,13 @@ class Walker:
     def _param_axis(self, operand: fx.Node, axis) -> int:
         """Which axis of the parameter behind ``operand`` (through layout ops) an operand axis is."""
         i = self.ax(operand).index(axis)
-        while operand.op != "get_attr":
-            src = operand.args[0]
-            if traits(operand).kind == "permute":
-                i = permutation(operand, len(self.ax(src)))[i]
-            elif traits(operand).kind == "view":
-                target = self.f.ag.find(self.ax(operand)[i])
+        for op in chain(operand, lambda n: n.op != "get_attr")[:-1]:  # param_of has checked the ops on the way
+            src = op.args[0]
+            if traits(op).kind == "permute":
+                i = permutation(op, len(self.ax(src)))[i]
+            elif traits(op).kind == "view":
+                target = self.f.ag.find(self.ax(op)[i])
                 return next(k for k, a in enumerate(self.ax(src)) if self.f.ag.find(a) == target)
-            operand = src
         return i
 
     def produce(self, operand) -> None:
