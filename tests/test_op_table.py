@@ -76,3 +76,12 @@ def test_named_sets_are_unions_of_kinds():
     assert {"aten.t", "aten.transpose", "aten.view", "aten.to", "aten.detach"} <= LAYOUT
     assert {"aten.slice", "aten.dropout"} <= PART - LAYOUT
     assert {"aten.linear", "aten.conv3d", "aten.einsum", "transformers.grouped_mm_fallback"} <= CONTRACTIONS
+
+
+def test_walk_examples_run():
+    """The docstring examples of the table and the walks (``back``, ``chain``, ``forward``, ``reach``)."""
+    import doctest
+    import importlib
+    for name in ("ops", "residual", "norms", "sources"):
+        result = doctest.testmod(importlib.import_module(f"growir.analysis.{name}"))
+        assert result.failed == 0, name

@@ -21,6 +21,7 @@ from .residual import stream_terms, zeroing_params
 from .ops import op_name
 from .walker import Facts
 
+
 @dataclass
 class Blocks:
     prefix: str  # module path of the container, e.g. "model.layers"

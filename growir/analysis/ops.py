@@ -19,7 +19,8 @@ import torch
 import torch.fx as fx
 
 # Kinds whose output holds (some of) the first operand's values, moved but not combined: zero when it is zero.
-MOVES = ("cast", "copy", "dropout", "view", "permute", "slice", "split", "item", "expand", "gather", "reorder", "pad")
+# (A pad adds values of its own, so it is not one of them.)
+MOVES = ("cast", "copy", "dropout", "view", "permute", "slice", "split", "item", "expand", "gather", "reorder")
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ _add("item", "getitem", namespace="")
 _add("expand", "expand expand_as broadcast_to repeat repeat_interleave")
 _add("gather", "index index_select gather")
 _add("reorder", "roll flip")
-_add("pad", "constant_pad_nd pad")
+_add("pad", "constant_pad_nd", zero="first")  # pads with its value argument: 0 unless given (not checked here)
+_add("pad", "pad")
 _add("sum", "add add_ sub cat", zero="all", linear=True)
 _add("sum", "stack where index_add index_add_ index_put index_put_ scatter_add scatter_add_", zero="all")
 _add("scale", "neg", zero="first", linear=True)

@@ -33,36 +33,27 @@ def stream_terms(chain_in: fx.Node, chain_out: fx.Node) -> list | None:
     >>> add.target = torch.ops.aten.add.Tensor; [t.name for t in stream_terms(x, add)]
     ['relu']
     """
-    n = chain_out
-    terms = []
-    while n is not chain_in:
-        if SAME_VALUES(n):
-            n = n.args[0]
-        elif ADDS(n) and len(n.args) == 2 and n.kwargs.get("alpha", 1) == 1:
-            a, b = n.args
-            if _on_stream(b, chain_in) and not _on_stream(a, chain_in):
-                a, b = b, a
-            if not isinstance(b, fx.Node):
-                return None
-            terms.append(b)
-            n = a
-        else:
+    n, terms = chain_out, []
+    stream = lambda m: m is not chain_in and SAME_VALUES(m)  # noqa: E731 - the value, up to a view or a cast
+    while (n := back(n, stream)) is not chain_in:
+        if not (ADDS(n) and len(n.args) == 2 and n.kwargs.get("alpha", 1) == 1):
             return None
-        if not isinstance(n, fx.Node):
+        a, b = n.args
+        if _on_stream(b, chain_in) and not _on_stream(a, chain_in):
+            a, b = b, a
+        if not isinstance(b, fx.Node) or not isinstance(a, fx.Node):
             return None
+        terms.append(b)
+        n = a
     return terms
 
 
 def _on_stream(n, chain_in: fx.Node) -> bool:
     """Whether ``n`` is ``chain_in`` plus terms (a value of the stream)."""
-    while isinstance(n, fx.Node) and n is not chain_in:
-        if SAME_VALUES(n):
-            n = n.args[0]
-        elif ADDS(n) and len(n.args) == 2:
-            return any(_on_stream(a, chain_in) for a in n.args)
-        else:
-            return False
-    return n is chain_in
+    n = back(n, lambda m: m is not chain_in and SAME_VALUES(m))
+    if n is chain_in:
+        return True
+    return ADDS(n) and len(n.args) == 2 and any(_on_stream(a, chain_in) for a in n.args)
 
 
 def zeroing_params(n, facts: Facts, owns, memo: dict) -> frozenset | None:
