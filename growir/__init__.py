@@ -15,11 +15,11 @@ from .errors import (AnalysisError, GrowthError, MaterializeError, NotExactError
 __version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it
 
 __all__ = ["GrowthError", "SpecError", "TraceError", "UnsupportedOpError", "AnalysisError", "NotExactError",
-           "MaterializeError", "PreservationError", "grow", "plan", "grow_with_optimizer", "check",
+           "MaterializeError", "PreservationError", "grow", "plan", "rules", "grow_with_optimizer", "check",
            "export_onnx", "grow_checkpoint", "verify_checkpoint", "doctor"]
 
 
-from .api import grow, plan  # noqa: E402  (after the errors; binds `plan` over the submodule's name)
+from .api import grow, plan, rules  # noqa: E402  (after the errors; binds `plan` over the submodule's name)
 from .optim import grow_with_optimizer  # noqa: E402
 from .stream import grow_checkpoint  # noqa: E402
 from .verify_blocks import verify_checkpoint  # noqa: E402

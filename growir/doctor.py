@@ -94,7 +94,7 @@ def _role(g) -> str:
 
 
 def _attention(p: Plan) -> list[str]:
-    from .passes.attention import rotary_parts
+    from .analysis.rotary import rotary_parts
     ag, kinds = p.facts.ag, Counter()
     for site in p.facts.attention:
         q, k, d = (int(ag.size_of(a)) for a in (site["q"][1], site["k"][1], site["q"][-1]))
@@ -108,7 +108,7 @@ def _attention(p: Plan) -> list[str]:
             kind = f"multi-query ({q} query heads share 1 kv head)"
         else:
             kind = f"grouped-query ({q} query heads share {kv} kv heads)"
-        rot = rotary_parts(p, site)
+        rot = rotary_parts(p.facts.ag, site)
         rotary = "not rotary" if rot is None else ("rotary" if rot[1] is None else "partial rotary")
         kinds[f"{kind}, head_dim {d}, {rotary}"] += 1
     if not kinds and p.by_role("head_dim"):
@@ -150,9 +150,9 @@ def _verdicts(p: Plan) -> dict:
 
 
 def _width_verdict(p: Plan, spec) -> tuple[str, str]:
-    from .api import Options, _width
+    from .api import Options, growth_rules
     try:
-        reasons = _width(p, resolve_width(p, spec), Options()).reasons
+        reasons = growth_rules(p, resolve_width(p, spec), [], Options())[0].reasons
     except GrowthError as error:
         return "refused", " ".join(str(error).split())
     return ("exact", "") if not reasons else ("not exact (strict=True refuses)", "; ".join(reasons))

@@ -17,6 +17,7 @@ from fractions import Fraction
 from .analysis import Facts, Group, analyze, find_groups
 from .analysis.axes import is_structured
 from .analysis.blocks import Blocks, find_blocks
+from .analysis.rotary import rotary_parts
 from .errors import SpecError
 from .frontend import Captured
 
@@ -192,10 +193,9 @@ def _head_dim_sizes(plan: Plan, new: int) -> dict[int, int]:
     """head_dim groups at ``new``. A rotary (rotate-half) head_dim is two halves of one group, maybe followed
     by a part that is not rotated (partial rotary); each grows by the same whole factor, so that every old
     frequency lands on a new one (docs/methods.md)."""
-    from .passes.attention import rotary_parts
     sizes = {}
     for site in plan.facts.attention:
-        rotary = rotary_parts(plan, site)
+        rotary = rotary_parts(plan.facts.ag, site)
         for axis in (site["q"][-1], site["v"][-1]):
             tree = plan.facts.ag.expand(axis)
             g = plan.group_of(tree) if not is_structured(tree) else None

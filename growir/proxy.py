@@ -107,5 +107,5 @@ def _proxy_depth(fp, depth_plan: list) -> dict:
 
 def _needs_eps(fp, sizes: dict, width_method: str) -> bool:
     """Whether the width rules rescale a norm's eps (repeat-and-fill)."""
-    from .api import Options, _width
-    return bool(_width(fp.plan, sizes, Options(width_method)).eps_values)
+    from .api import Options, growth_rules
+    return bool(growth_rules(fp.plan, sizes, [], Options(width_method))[0].eps_values)

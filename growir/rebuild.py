@@ -45,7 +45,7 @@ def materialize_hf(model, p, sizes: dict, depth_plan: list, opts, built, rebuild
         note = (f"returned the rewritten torch.fx.GraphModule, not a {type(model).__name__}, because {err}. "
                 f"It computes the grown function; pass materialize='hf' to make this an error")
         built.record.notes.append(note)
-        warnings.warn("growir: " + note, stacklevel=3)
+        warnings.warn("growir: " + note, stacklevel=4)
         return built
 
 

@@ -174,7 +174,7 @@ def _prepare(src: Path, width, depth, layers, width_method, depth_method, dtype,
     items = _targets(fp, rules, ck, dtype)
     _check_target(target, items)
     return _Job(fp, choice, target, sizes, rules, items, ck, layer_info, reasons, w.maps, schedules,
-                getattr(w, "stream_scales", {}))
+                w.stream_scales)
 
 
 def _write(job: _Job, layout, staging: Path, dtype, progress) -> None:

@@ -152,12 +152,12 @@ def test_static_fallback_is_reported(monkeypatch):
 
 
 def test_an_unexpected_failure_in_a_pass_is_a_growth_error(monkeypatch):
-    import growir.api as api
+    import growir.passes.pipeline as pipeline
 
     def broken(*args, **kwargs):
         raise IndexError("index 3 is out of bounds")
-    monkeypatch.setattr(api, "width_rules", broken)
-    with pytest.raises(growir.GrowthError, match="computing the grown tensors.*IndexError") as info:
+    monkeypatch.setattr(pipeline, "width_rules", broken)
+    with pytest.raises(growir.GrowthError, match="grown tensors.*pass `width_rules`.*IndexError") as info:
         growir.grow(VarArgs().eval(), width=2.0, example_inputs=ids())
     assert isinstance(info.value.__cause__, IndexError)
 

@@ -32,34 +32,16 @@ import torch.fx as fx
 from ..analysis.axes import is_structured
 from ..analysis.norms import norm_sites
 from ..analysis.sources import Rows, Source, param_dependent, trace_source
+from ..analysis.rotary import rotary_parts
 from ..plan import Plan
 from .width import WidthResult, tree_map
-
-
-def rotary_parts(plan: Plan, site) -> tuple | None:
-    """(half, rest) for a rotate-half rotary head_dim: ``cat(half, half)`` (rest None), or partial rotary
-    ``cat(cat(half, half), rest)`` where ``rest`` passes through unrotated. None for anything else."""
-    tree = plan.facts.ag.expand(site["q"][-1])
-    if not is_structured(tree) or tree[0] != "cat":
-        return None
-    parts = tree[1]
-    if len(parts) == 2 and is_structured(parts[0]) and not is_structured(parts[1]):
-        inner = parts[0]
-        parts, rest = (inner[1], parts[1]) if inner[0] == "cat" else (None, None)
-    elif len(parts) == 3 and not is_structured(parts[2]):
-        parts, rest = parts[:2], parts[2]
-    else:
-        rest = None
-    if parts is None or len(parts) != 2 or parts[0] != parts[1] or is_structured(parts[0]):
-        return None
-    return parts[0], rest
 
 
 def rotary_fills(plan: Plan, sizes: dict) -> dict:
     """Rotary head_dim parts that grow: they interleave (old dimension j at k·j, zeros between)."""
     out = {}
     for site in plan.facts.attention:
-        parts = rotary_parts(plan, site)
+        parts = rotary_parts(plan.facts.ag, site)
         for leaf in parts or ():
             g = plan.group_of(leaf) if leaf is not None else None
             if g is not None and sizes.get(g.id, g.size) != g.size:

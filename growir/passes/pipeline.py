@@ -1,0 +1,159 @@
+"""The rules stage as a declared list of passes: index maps, per-tensor width rules and every compensation,
+then the rules of a two-block proxy expanded to the full block lists, then depth. No weights are read.
+
+Each pass reads and writes fields of ``growir.context.Context``; ``RULES`` is the order they run in. The
+order matters where one compensation reads another's output: size values are absorbed before the tied
+head is compensated (it reads the scale they leave), and the exactness verdict comes after every rule is
+final.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..manager import Pass
+from .aki import aki_rules
+from .attention import compensate_head_dim, rewrite_scales, rotary_fills
+from .constants import rewrite_constants
+from .depth import depth_rules, schedule
+from .exactness import compensate_tied, deviations
+from .fill import FillPlan, adjust_norms, open_fill_columns, plan_fill, rewrite_eps
+from .fresh import fresh_units, seed_random_fills, split_copies
+from .offsets import mark_offsets
+from .per_unit import find_unit_constants, freeze_constants, grown_value, unit_maps
+from .rescale import rescale_residuals, stream_scale
+from .size_values import absorb_size_values
+from .width import fpi_index, group_maps, random_index, width_rules
+
+
+def _fill_plan(c) -> None:
+    fresh = c.opts.width_method == "fresh"
+    c.fill = plan_fill(c.plan, c.sizes, every=fresh) if c.opts.width_method in ("fpi", "fresh") else FillPlan()
+    c.new_units = fresh_units(c.plan, c.sizes, c.fill) if fresh else {}
+
+
+def _index_maps(c) -> None:
+    index_fn = random_index if c.opts.width_method == "fpi_random" else fpi_index
+    fills = {**c.fill.fills, **c.new_units, **rotary_fills(c.plan, c.sizes)}
+    c.maps = group_maps(c.plan, c.sizes, c.opts.seed, index_fn, fills, c.opts.width_method == "fresh")
+
+
+def _unit_constants(c) -> None:
+    """Per-unit constants (ALiBi slopes): old units where the rebuilt model's values match."""
+    c.units = find_unit_constants(c.plan, c.maps)
+    placed, c.unit_reasons = unit_maps(c.units, c.opts.unit_values)
+    c.maps.update(placed)
+    c.frozen = {u.node: c.opts.unit_values.get(u.node, grown_value(u, c.maps)) for u in c.units}
+
+
+def _width_rules(c) -> None:
+    c.width_result = width_rules(c.plan, c.maps)
+    mark_offsets(c.plan, c.width_result.rules)
+
+
+def _size_values(c) -> None:
+    c.size_literals, _ = absorb_size_values(c.plan, c.maps, c.width_result)
+
+
+def _head_dim(c) -> None:
+    c.head_dim_reasons, c.compensated, c.scales = compensate_head_dim(c.plan, c.maps, c.width_result)
+
+
+def _norms(c) -> None:
+    """The residual stream rescaled where its norms keep eps, else eps rescaled; fill columns opened."""
+    c.rescaled = rescale_residuals(c.plan, c.fill, c.maps, c.width_result.rules)
+    c.stream_scales = {root: stream_scale(c.maps[root]) for root in c.rescaled}
+    c.eps, c.eps_values = adjust_norms(c.fill, c.maps, c.width_result.rules, c.rescaled)
+    kind = "random" if c.opts.width_method == "fresh" else "copy"
+    open_fill_columns(c.plan, c.fill, c.maps, c.width_result.rules, kind)
+
+
+def _split_copies(c) -> None:
+    """width_method='fresh': a copied (post-norm) group's consumers split by random factors, not 1/n."""
+    if c.opts.width_method == "fresh":
+        split_copies(c.plan, c.fill.copied, c.width_result.rules)
+
+
+def _exactness(c) -> None:
+    p = c.plan
+    c.reasons = (deviations(p, c.maps, c.compensated | {(root, "norm") for root in c.fill.fills})
+                 + compensate_tied(p, c.maps, c.width_result) + c.head_dim_reasons
+                 + [f"repeat-and-fill cannot make {p.group_of(r).label} exact: {why}"
+                    for r, why in c.fill.reasons.items()]
+                 + c.unit_reasons)
+    if c.opts.keep_eps and c.eps:
+        c.eps, c.eps_values = {}, {}
+        c.reasons.append("the rebuilt config cannot express the norms' rescaled eps (repeat-and-fill), so eps "
+                         "was kept: the error is about eps / var(x), measured below")
+
+
+def _aki(c) -> None:
+    if c.opts.width_method == "aki" and aki_rules(c.plan, c.maps, c.width_result.rules):
+        c.reasons.append("AKI gives the new units of each block the next block's weights (bert2BERT): "
+                         "not function-preserving by design")
+
+
+def _noise(c) -> None:
+    """Symmetry breaking on every consumer axis that has copies (each tensor its own seeded draw)."""
+    rules, opts = c.width_result.rules, c.opts
+    if not opts.noise:
+        return
+    for k, (name, rule) in enumerate(sorted(rules.items())):
+        if rule.has_copies_to_perturb() and not rule.zero:
+            rules[name] = dataclasses.replace(rule, noise=(opts.noise, opts.seed * 100003 + k))
+
+
+def _graph_edits(c) -> None:
+    p, maps, eps, literals, scales, frozen = c.plan, c.maps, c.eps, c.size_literals, c.scales, c.frozen
+    c.graph_edits = [lambda g: rewrite_constants(p, maps, g), lambda g: rewrite_scales(g, scales),
+                     lambda g: rewrite_eps(g, eps), lambda g: rewrite_eps(g, literals),
+                     lambda g: freeze_constants(g, frozen)]
+    c.filled = {p.group_of(root).label: kind for root, kind in {**c.fill.fills, **c.new_units}.items()}
+    c.filled.update({p.group_of(root).label: f"copies ({why})" for root, why in c.fill.copied.items()})
+
+
+def _expand_blocks(c) -> None:
+    """A two-block proxy's rules, block for block, for the full block lists (``checkpoint.counts``)."""
+    from ..checkpoint import expand_block_rules
+    c.rules = expand_block_rules(c.width_result.rules, c.counts)
+
+
+def _depth(c) -> None:
+    c.schedules, c.layer_info = [], {}
+    for b, new in c.depth_plan:
+        if b.prefix in c.counts:
+            b = dataclasses.replace(b, paths=[f"{b.prefix}.{i}" for i in range(c.counts[b.prefix])])
+        sched = schedule(b, new, c.opts.depth_method)
+        c.rules.update(depth_rules(sched, c.rules))
+        c.schedules.append(sched)
+        c.layer_info[b.prefix] = (b.count, new, sched.method)
+        if not sched.exact:
+            c.reasons.append(f"depth growth of `{b.prefix}` by `{sched.method}` is not function-preserving"
+                             + (" (its blocks are post-norm)" if sched.method == "identity" else ""))
+
+
+def _seed_fills(c) -> None:
+    seed_random_fills(c.rules, c.plan.facts.aliases, c.opts.seed)
+
+
+_IN = ("plan", "sizes", "opts")
+RULES = (
+    Pass("fill_plan", _fill_plan, _IN, ("fill", "new_units")),
+    Pass("index_maps", _index_maps, _IN + ("fill", "new_units"), ("maps",)),
+    Pass("unit_constants", _unit_constants, ("plan", "maps", "opts"), ("units", "unit_reasons", "frozen")),
+    Pass("width_rules", _width_rules, ("plan", "maps"), ("width_result",)),
+    Pass("size_values", _size_values, ("plan", "maps", "width_result"), ("size_literals",)),
+    Pass("head_dim", _head_dim, ("plan", "maps", "width_result"), ("head_dim_reasons", "compensated", "scales")),
+    Pass("norms", _norms, ("plan", "fill", "maps", "width_result", "opts"), ("rescaled", "stream_scales", "eps",
+                                                                              "eps_values")),
+    Pass("split_copies", _split_copies, ("plan", "fill", "width_result", "opts"), ()),
+    Pass("exactness", _exactness, ("plan", "maps", "fill", "width_result", "compensated", "head_dim_reasons",
+                                   "unit_reasons", "eps", "opts"), ("reasons",)),
+    Pass("aki", _aki, ("plan", "maps", "width_result", "reasons", "opts"), ()),
+    Pass("noise", _noise, ("width_result", "opts"), ()),
+    Pass("graph_edits", _graph_edits, ("plan", "maps", "eps", "size_literals", "scales", "frozen", "fill",
+                                       "new_units"), ("graph_edits", "filled")),
+    Pass("expand_blocks", _expand_blocks, ("width_result",), ("rules",)),
+    Pass("depth", _depth, ("rules", "depth_plan", "reasons", "opts"), ("schedules", "layer_info")),
+    Pass("seed_fills", _seed_fills, ("rules", "plan", "opts"), ()),
+)

@@ -1,0 +1,202 @@
+"""The passes of every stage but the rules (``passes/pipeline.py``): plan (capture, analyse), spec (sizes,
+depth), materialize (grown tensors, rewritten graph, record, the class rebuilt) and check (measure, judge).
+
+Each pass is a small function of the one ``Context``; ``api.py`` declares the order. A pass that warns
+uses ``stacklevel=4`` (the pass, the manager, the public function, the caller's line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+from .context import Built
+from .errors import (AnalysisError, MaterializeError, NotExactError, PreservationError, RewriteError, SpecError,
+                     TraceError, first_line)
+from .frontend import capture
+from .manager import Pass, run_passes
+from .materialize import build_graph_module, release_weights
+from .passes.depth import target_layers
+from .passes.pipeline import RULES
+from .passes.tensor_rule import rounding_reason
+from .plan import make_plan, resolve_width, unused_width_notes
+from .record import GrowthRecord
+from .verify_torch import failing_node, measure, output_maps
+
+TOLERANCE = 1e-5  # max|Δ| <= TOLERANCE * max(1, max|y|) in float32 counts as exact
+
+
+# --- plan -----------------------------------------------------------------------------------------------------
+def _capture(c) -> None:
+    c.captured = capture(c.model, c.example_inputs)
+
+
+def _analyse(c) -> None:
+    c.plan = make_plan(c.captured)
+
+
+# --- spec -----------------------------------------------------------------------------------------------------
+def _sizes(c) -> None:
+    c.sizes = resolve_width(c.plan, c.width)
+
+
+def _depth_plan(c) -> None:
+    wants_depth = c.layers is not None or float(c.depth) != 1.0
+    if wants_depth and not c.plan.blocks:
+        raise SpecError("depth growth asked for, but growir found no repeated blocks in the model")
+    c.depth_plan = [(b, target_layers(c.counts.get(b.prefix, b.count), c.depth, c.layers))
+                    for b in (c.plan.blocks if wants_depth else [])]
+
+
+# --- materialize ----------------------------------------------------------------------------------------------
+def _apply_rules(c) -> None:
+    """Each rule applied to its source tensor (and AKI donor), computed in float32, cast once."""
+    gm = c.plan.captured.gm
+    source = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    c.state, c.rounded = {}, []
+    for name, rule in c.rules.items():
+        c.state[name], lossy = rule.apply_checked(source[rule.source], source.get(rule.donor))
+        c.rounded += [name] if lossy else []
+
+
+def _rewrite_graph(c) -> None:
+    gm = c.plan.captured.gm
+    params = set(dict(gm.named_parameters(remove_duplicate=False))) | (
+        set(c.rules) - set(dict(gm.named_buffers(remove_duplicate=False))))
+    edits = c.graph_edits
+    c.graph = build_graph_module(gm, c.state, params, c.schedules, lambda g: [edit(g) for edit in edits],
+                                 c.plan.facts.aliases)
+
+
+def _record(c) -> None:
+    record = GrowthRecord(c.plan, dict(c.sizes), c.layer_info, c.reasons, output_maps=output_maps(c.plan, c.maps),
+                          rules=c.rules, filled=c.filled, width_method=c.opts.width_method,
+                          rounding=rounding_reason(c.rounded, c.state) if c.rounded else None)
+    c.built = Built(record, c.state, c.graph, c.maps, c.eps_values, c.units)
+
+
+GRAPH = (
+    Pass("apply_rules", _apply_rules, ("plan", "rules"), ("state", "rounded")),
+    Pass("rewrite_graph", _rewrite_graph, ("plan", "rules", "state", "schedules", "graph_edits"), ("graph",)),
+    Pass("record", _record, ("plan", "sizes", "layer_info", "reasons", "maps", "rules", "state"), ("built",)),
+)
+BUILD = RULES + GRAPH
+
+
+def build(c, sizes: dict, depth_plan: list, opts) -> Built:
+    """The rules and the rewritten graph again, in a nested context (a config rebuild, the copies)."""
+    return run_passes(BUILD, c.nested(sizes=sizes, depth_plan=depth_plan, opts=opts)).built
+
+
+def _notes(c) -> None:
+    p, record = c.plan, c.built.record
+    notes = unused_width_notes(p, c.width, c.sizes) + _aki_notes(p, record, c.opts.width_method)
+    for note in notes:
+        warnings.warn("growir: " + note, stacklevel=4)
+    record.notes += notes + ([f"the graph was exported at fixed shapes ({p.captured.static})"]
+                             if p.captured.static else [])
+
+
+def _rebuild_class(c) -> None:
+    from .rebuild import materialize_hf
+    if c.plan.captured.is_hf:
+        rebuild = lambda p, sizes, depth_plan, opts: build(c, sizes, depth_plan, opts)  # noqa: E731
+        c.built = materialize_hf(c.model, c.plan, c.sizes, c.depth_plan, c.opts, c.built, rebuild, c.materialize)
+
+
+def _aki_notes(p, record, width_method: str) -> list[str]:
+    """Where AKI (new units from the next block) did not apply, the groups grew by FPI: say so."""
+    if width_method != "aki" or not record.sizes:
+        return []
+    notes = [f"width_method='aki' skipped blocks `{b.prefix}` ({b.why_not}): their groups grew by FPI"
+             for b in p.blocks if not b.homogeneous]
+    if not any(rule.donor for rule in record.rules.values()):
+        notes.append("width_method='aki' found no group inside a block to initialize from the next block "
+                     "(AKI applies to a block's own FFN units and heads): every group grew by FPI")
+    return notes
+
+
+_GRAPH = "computing the grown tensors and rewriting the graph"
+CLASS = (
+    Pass("notes", _notes, ("plan", "built", "sizes", "opts"), (), _GRAPH),
+    Pass("rebuild_class", _rebuild_class, ("plan", "built", "sizes", "depth_plan", "opts"), ("built",),
+         "rebuilding the model's class from its config", MaterializeError),
+)
+
+
+def _prefer_copies(c) -> None:
+    """width_method='auto': fresh units where exact; else copies, where copies are exact."""
+    if c.asked_method != "auto" or not c.built.record.reasons:
+        return
+    inner = c.nested(model=c.model, width=c.width, sizes=c.sizes, depth_plan=c.depth_plan,
+                     opts=dataclasses.replace(c.opts, width_method="fpi"), materialize=c.materialize)
+    copies = run_passes(BUILD + CLASS, inner).built
+    c.built = copies if not copies.record.reasons else c.built
+
+
+# --- check ----------------------------------------------------------------------------------------------------
+def _measure(c) -> None:
+    """Parameter counts and the self-measure; a cast that rounded counts only where it shows in float32."""
+    record, grown = c.built.record, c.built.grown
+    if c.strict and record.reasons:
+        raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(record.reasons))
+    record.params_before = sum(t.numel() for t in c.model.parameters())
+    record.params_after = sum(t.numel() for t in grown.parameters())
+    try:
+        record.deviation = measure(c.model, grown, c.plan.captured, record.output_maps)
+    except Exception as exc:  # noqa: BLE001 - re-raised as a GrowthError, the original chained
+        at = failing_node(grown, c.plan.captured)
+        raise RewriteError(f"the grown model fails to run{at}: {type(exc).__name__}: {first_line(exc)}. growir "
+                           f"grew a size this op depends on without rewriting the op (an argument above holds the "
+                           f"old size); the source is unchanged. Grow other roles, or report the op") from exc
+    if record.rounding and (record.deviation or 0.0) > TOLERANCE:  # rounding below the tolerance is harmless
+        record.reasons.append(record.rounding)
+        if c.strict:
+            raise NotExactError("strict=True and this growth is not exact: " + record.rounding)
+
+
+def _judge(c) -> None:
+    """The verdict: a bug (exact by theorem, not by measure), a warning (not exact), and verify's check."""
+    record, grown = c.built.record, c.built.grown
+    grown.growir_record = record
+    if record.deviation is None:  # a meta-device model: the theorem's verdict only, said as such
+        if c.verify:
+            raise SpecError("verify=True needs weights, but the model is on the meta device: grow the real model")
+        if not record.exact:
+            warnings.warn("growir: the grown model is not function-preserving (not measured: meta device): "
+                          + "; ".join(record.reasons), stacklevel=4)
+        return
+    if record.exact and record.deviation > TOLERANCE:
+        raise PreservationError(f"this growth should be exact but its outputs moved by {record.deviation:.3g} "
+                                f"(relative to max(1, max|y|)); this is a growir bug: please report it with "
+                                f"the model's config")
+    if not record.exact:
+        warnings.warn(f"growir: the grown model is not function-preserving (measured deviation "
+                      f"{record.deviation:.3g}): " + "; ".join(record.reasons), stacklevel=4)
+    if c.verify:
+        from .verify import check
+        record.check = check(c.model, grown)
+        if record.exact and not record.check.preserved:
+            raise PreservationError(f"ONNX Runtime says the grown model does not preserve the function:\n"
+                                    f"{record.check}")
+
+
+def _release(c) -> None:
+    release_weights(c.plan.captured.gm)  # the record keeps the graph, not the source's weights
+
+
+_CHECK = "measuring the grown model"
+CHECK = (
+    Pass("prefer_copies", _prefer_copies, ("built", "opts"), ("built",), _GRAPH),
+    Pass("measure", _measure, ("model", "plan", "built"), (), _CHECK),
+    Pass("judge", _judge, ("built",), (), _CHECK),
+    Pass("release", _release, ("plan",), (), _CHECK),
+)
+PLAN = (
+    Pass("capture", _capture, ("model",), ("captured",), "exporting the model", TraceError),
+    Pass("analyse", _analyse, ("captured",), ("plan",), "analysing the exported graph", AnalysisError),
+)
+SPEC = (
+    Pass("sizes", _sizes, ("plan",), ("sizes",), "resolving the width spec against the plan", SpecError),
+    Pass("depth_plan", _depth_plan, ("plan",), ("depth_plan",), "resolving the depth spec", SpecError),
+)
