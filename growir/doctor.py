@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .analysis.norms import is_square
 from .analysis.ops import op_name, traits
 from .errors import GrowthError
 from .plan import Plan, resolve_width
@@ -81,10 +82,7 @@ def _norms(p: Plan) -> list[str]:
 
 def _norm_kind(node) -> str:
     op = op_name(node)
-    source = node.args[0] if node.args else None
-    squared = (getattr(source, "op", None) == "call_function" and op_name(source) == "aten.pow"
-               and source.args[1:2] == (2,))
-    if op == "aten.mean" and squared:
+    if op == "aten.mean" and node.args and is_square(node.args[0]):
         return "RMS norm (a mean of squares, aten.mean)"
     return f"{traits(node).label} ({op})" if traits(node).label else f"a mean ({op})"
 

@@ -64,7 +64,7 @@ def norm_sites(gm: fx.GraphModule, facts: Facts) -> list[NormSite]:
                                   eps, n.args[4] if eps else None, (n,)))
     for r in facts.reads:
         n = nodes[r.node]
-        if r.kind == "norm" and op_name(n) == "aten.mean" and _is_square(n.args[0]):
+        if r.kind == "norm" and op_name(n) == "aten.mean" and is_square(n.args[0]):
             site = _rms_site(n, r.axis, facts)
             if site is not None:
                 sites.append(site)
@@ -75,8 +75,9 @@ def _param(arg, facts: Facts):
     return facts.params.get(arg.name) if isinstance(arg, fx.Node) else None
 
 
-def _is_square(x) -> bool:
-    return isinstance(x, fx.Node) and op_name(x) == "aten.pow" and x.args[1] == 2
+def is_square(x) -> bool:
+    """``x ** 2`` (the mean of which an RMSNorm divides by)."""
+    return isinstance(x, fx.Node) and x.op == "call_function" and op_name(x) == "aten.pow" and x.args[1] == 2
 
 
 def _users(n: fx.Node) -> list:
