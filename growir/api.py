@@ -10,7 +10,6 @@ spec, materialize, check) and ``passes/pipeline.py`` (the rules).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
@@ -37,7 +36,7 @@ PRESETS = {"bert2bert": {"width_method": "aki", "depth_method": "stack"}}  # the
 #   RULES        fill_plan, index_maps, unit_constants, width_rules, size_values, head_dim, norms, split_copies,
 #                exactness, aki, noise, graph_edits, expand_blocks, depth, seed_fills
 #   MATERIALIZE  apply_rules, rewrite_graph, record, notes, rebuild_class
-#   CHECK        prefer_copies, measure, judge, release
+#   CHECK        measure, judge, release
 MATERIALIZE = GRAPH + CLASS
 GROW = PLAN + SPEC + RULES + MATERIALIZE + CHECK
 
@@ -55,12 +54,12 @@ def plan(model: torch.nn.Module, example_inputs=None) -> Plan:
     return run_passes(PLAN, Context(model=model, example_inputs=example_inputs)).plan
 
 
-def rules(model_or_plan, width=1.0, depth=1.0, *, layers=None, width_method="fpi", depth_method="auto",
+def rules(model_or_plan, width=1.0, depth=1.0, *, layers=None, width_method="auto", depth_method="auto",
           method=None, noise=0.0, seed=0, example_inputs=None) -> GrowthRules:
     """The per-tensor rules of a growth, without reading a weight (a meta-device model will do).
 
-    Arguments as ``grow``. ``width_method="auto"`` gives the fresh rules, or copies where only copies are
-    exact (judged by the theorem here; ``grow`` measures too).
+    Arguments as ``grow``. ``width_method="auto"`` gives the fresh rules per group where they are exact, and
+    copies where only copies are (the theorems of ``passes/fresh.py``; ``grow`` measures too).
 
     >>> import growir, torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -78,11 +77,6 @@ def rules(model_or_plan, width=1.0, depth=1.0, *, layers=None, width_method="fpi
         ctx = run_passes(PLAN, Context(opts, model_or_plan, example_inputs))
     ctx.width, ctx.depth, ctx.layers, ctx.asked_method = width, depth, layers, asked
     run_passes(SPEC + RULES, ctx)
-    if asked == "auto" and ctx.reasons:  # copies may be exact where fresh units are not
-        copies = run_passes(RULES, ctx.nested(sizes=ctx.sizes, depth_plan=ctx.depth_plan,
-                                              opts=dataclasses.replace(opts, width_method="fpi")))
-        ctx = ctx if copies.reasons else dataclasses.replace(copies, model=ctx.model, width=width, depth=depth,
-                                                             layers=layers, asked_method=asked)
     return GrowthRules(ctx)
 
 
@@ -107,26 +101,30 @@ def materialize(model: torch.nn.Module, growth_rules: GrowthRules, *, mode="auto
     return run_passes(MATERIALIZE + CHECK, ctx).built.grown
 
 
-def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="fpi", depth_method="auto",
+def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="auto", depth_method="auto",
          method=None, noise=0.0, example_inputs=None, strict=False, seed=0, verify=False, materialize="auto"):
     """Grow ``model`` wider and deeper, starting from the same function where mathematics allows.
 
     Returns an instance of the same class for Hugging Face models (config updated), else a rewritten
     ``torch.fx.GraphModule``. The source is never modified. ``grown.growir_record`` says what was done.
 
-    ``width_method``: ``"fpi"`` (the default for now), ``"auto"`` (``"fresh"``, or ``"fpi"`` where only copies
-    are exact, e.g. a residual stream that is itself an output and whose norms' eps the config cannot change;
-    ``"fpi"`` when ``noise`` is given, since noise breaks the symmetry of copies), ``"fresh"`` (exact and copies
-    nothing — the residual stream once plus a zero/mean fill whose readers' columns are random, fresh FFN neurons
-    and heads; a post-norm residual is copied; it trained best in benchmarks/savings.py, see docs/savings.md),
-    ``"fpi"`` (function-preserving
+    ``width_method``: ``"auto"`` (the default) decides per group from the analysis: the ``"fresh"``
+    construction wherever it is exact — a normalized group (the residual stream) once plus a zero/mean fill
+    whose readers' columns are random, fresh FFN neurons and heads (random producer rows, zero consumer
+    columns) — and copies for a group where only copies are exact: a post-norm residual (its consumers then
+    split each column over the copies by bounded random factors summing to 1), a LayerNorm group written
+    channel by channel (a depthwise convolution), a filled group whose eps the config cannot change and
+    whose residual cannot be rescaled, or, for weights stored below float32 precision, a group grown by a
+    power of two (a fill's sqrt(d'/d) rounds there, copies do not); see ``passes/fresh.py`` and
+    docs/methods.md. It trained best in benchmarks/savings.py (docs/savings.md). ``"fresh"`` fills every
+    normalized group it can; ``"fpi"`` (function-preserving
     copies, and repeat-and-fill for a normalized group whose ratio is not whole, exact for pre-norm models),
     ``"fpi_balanced"`` (copies only, counts differing by at most one), ``"fpi_random"`` (bert2BERT's uniformly
-    random copies) or ``"aki"`` (bert2BERT: new units of block l from block l+1; not exact).
+    random copies) or ``"aki"`` (bert2BERT: new units of block l from block l+1; not exact). With ``noise``,
+    ``"auto"`` grows ``"fpi"`` copies (the noise is their symmetry breaking).
     ``method="bert2bert"`` is the paper's recipe (AKI width, stacked depth).
     ``noise=σ`` perturbs split consumer copies by noise that cancels over the copies (relative std σ):
-    the function stays exact while copies stop receiving identical gradients (``"fpi"``: fresh has no copies
-    except a post-norm residual's).
+    the function stays exact while copies stop receiving identical gradients.
     ``materialize``: ``"auto"`` rebuilds a Hugging Face model's class from a changed config, or returns the
     rewritten GraphModule with a warning where no config computes the grown function; ``"hf"`` raises
     MaterializeError there instead; ``"graph"`` always returns the GraphModule.
@@ -162,7 +160,7 @@ def growth_rules(p: Plan, sizes: dict, depth_plan: list, opts: Options, counts: 
 
 def _spec(method, width_method: str, depth_method: str, noise, seed) -> tuple[str, Options]:
     """(the width method asked for, the options the passes run with): presets expanded, every name checked;
-    "auto" runs fresh first (copies when noise is asked: noise breaks the symmetry of copies)."""
+    "auto" decides per group (copies when noise is asked: noise breaks the symmetry of copies)."""
     if method is not None:
         if method not in PRESETS:
             raise SpecError(f"unknown method {method!r}: the presets are {', '.join(PRESETS)}")
@@ -175,8 +173,7 @@ def _spec(method, width_method: str, depth_method: str, noise, seed) -> tuple[st
         raise SpecError(f"unknown depth_method {depth_method!r}: choose one of {', '.join(DEPTH_METHODS)}")
     if width_method == "auto" and noise:  # noise is symmetry breaking for copies: the user asks for copies
         width_method = "fpi"
-    return width_method, Options("fresh" if width_method == "auto" else width_method, depth_method, seed,
-                                 float(noise))
+    return width_method, Options(width_method, depth_method, seed, float(noise))
 
 
 def _check_mode(mode: str) -> None:

@@ -2,7 +2,7 @@
 
     growir plan SRC
     growir doctor SRC
-    growir grow SRC OUT --width 2 --depth 2 [--width-method fpi] [--depth-method auto] [--layers N]
+    growir grow SRC OUT --width 2 --depth 2 [--width-method auto] [--depth-method auto] [--layers N]
                         [--dtype bfloat16] [--max-shard-size 5GB] [--in-memory]
                         [--verify] [--strict] [--force] [--debug]
     growir check SRC GROWN
@@ -120,8 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     grow.add_argument("--width", type=_growth_factor, default=1.0, help="width factor, at least 1 (default 1)")
     grow.add_argument("--depth", type=_growth_factor, default=1.0, help="depth factor, at least 1 (default 1)")
     grow.add_argument("--layers", type=_positive_int, help="target number of layers (instead of --depth)")
-    grow.add_argument("--width-method", default="fpi", help="how new width is filled (default fpi: copies; "
-                      "fresh: exact and trains better, auto: fresh where exact, else fpi)")
+    grow.add_argument("--width-method", default="auto", help="how new width is filled (default auto: per group, "
+                      "fresh units and a residual fill where exact, else copies; fresh, fpi, fpi_balanced, "
+                      "fpi_random, aki)")
     grow.add_argument("--depth-method", default="auto", help="how new layers are made (default auto)")
     grow.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                       help="dtype of the written weights (default: the source's)")

@@ -13,11 +13,12 @@ import torch
 
 @dataclass
 class Options:
-    width_method: str = "fpi"  # "auto" is resolved by grow() before Options are made
+    width_method: str = "auto"  # "auto" decides per group (passes/fresh.py: copy_where_exact)
     depth_method: str = "auto"
     seed: int = 0
     noise: float = 0.0
     keep_eps: bool = False  # the rebuilt config cannot express a changed eps: keep it and measure
+    low_precision: bool | None = None  # weights stored below float32 (bf16, fp16); None: the traced weights' dtype
     unit_values: dict = field(default_factory=dict)  # per-unit constants as the rebuilt model computes them
 
 
@@ -43,7 +44,7 @@ class Context:
     depth: object = 1.0
     layers: int | None = None
     counts: dict = field(default_factory=dict)  # block list -> full block count (rules of a two-block proxy)
-    asked_method: str = "fpi"  # the width_method the caller asked for ("auto" prefers exact copies)
+    asked_method: str = "auto"  # the width_method the caller asked for ("auto": per group)
     materialize: str = "auto"
     strict: bool = False
     verify: bool = False

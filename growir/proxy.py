@@ -28,8 +28,11 @@ class Choice:
     keep_eps: bool  # the config cannot express a rescaled eps: the rules keep it
 
 
-def choose_config(fp, sizes: dict, depth_plan: list, width, width_method: str, depth_method: str) -> Choice:
-    """The grown config for the folder plan ``fp`` (see the module docstring)."""
+def choose_config(fp, sizes: dict, depth_plan: list, width, width_method: str, depth_method: str,
+                  low_precision: bool = False) -> Choice:
+    """The grown config for the folder plan ``fp`` (see the module docstring). ``low_precision``: the weights are
+    written below float32 precision, where ``width_method="auto"`` copies some groups it would otherwise fill
+    (``passes/fresh.py``); the proxy is then grown in bfloat16 so that its config follows the same choice."""
     from .api import grow
     from .materialize import _follow_lists
     from .passes.depth import schedule
@@ -38,7 +41,7 @@ def choose_config(fp, sizes: dict, depth_plan: list, width, width_method: str, d
     small, layer_fields = _proxy_fields(fp, base)
     proxy_cfg = type(fp.config).from_dict({**base, **small})
     torch.manual_seed(0)
-    proxy = fp.cls(proxy_cfg).float().eval()
+    proxy = fp.cls(proxy_cfg).to(torch.bfloat16 if low_precision else torch.float32).eval()
     spec = _proxy_depth(fp, depth_plan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -56,7 +59,7 @@ def choose_config(fp, sizes: dict, depth_plan: list, width, width_method: str, d
     cfg = _follow_lists(base, {**base, **changes, **full_layers}, sources)
     changes.update(full_layers)
     floats = any(isinstance(v, float) for v in changes.values())
-    keep_eps = _needs_eps(fp, sizes, width_method) and not floats
+    keep_eps = _needs_eps(fp, sizes, width_method, low_precision) and not floats
     return Choice(type(fp.config).from_dict(cfg), changes, record.deviation, keep_eps)
 
 
@@ -105,7 +108,8 @@ def _proxy_depth(fp, depth_plan: list) -> dict:
     return {"layers": max(b.count + 1, round(new * b.count / n))}
 
 
-def _needs_eps(fp, sizes: dict, width_method: str) -> bool:
+def _needs_eps(fp, sizes: dict, width_method: str, low_precision: bool = False) -> bool:
     """Whether the width rules rescale a norm's eps (repeat-and-fill)."""
     from .api import Options, growth_rules
-    return bool(growth_rules(fp.plan, sizes, [], Options(width_method))[0].eps_values)
+    opts = Options(width_method, low_precision=low_precision)
+    return bool(growth_rules(fp.plan, sizes, [], opts)[0].eps_values)

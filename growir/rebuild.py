@@ -113,7 +113,9 @@ def _differs(model, candidate, grown, captured) -> str | None:
     deviation = measure(candidate.grown, grown, captured, [None] * outputs, quick=True)
     if deviation is not None and deviation > TOLERANCE:  # None: a meta-device model, shapes only
         return f"differs from the rewritten graph by {deviation:.2g}"
-    exact = candidate.record.exact  # where exact, the source is the reference: the graph's literals are checked too
+    # where exact, the source is the reference (the graph's literals are checked too); values rounded into a
+    # low-precision dtype make the graph the only reference, as for any inexact growth
+    exact = candidate.record.exact and not candidate.record.rounding
     ref, maps = (model, candidate.record.output_maps) if exact else (candidate.grown, [None] * outputs)
     length = check_length(model.config.to_dict(), captured) if deviation is not None else 0
     deviation, length = _long_deviation(ref, grown, captured, maps, length)

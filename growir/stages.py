@@ -7,7 +7,6 @@ uses ``stacklevel=4`` (the pass, the manager, the public function, the caller's 
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 from .context import Built
@@ -124,16 +123,6 @@ CLASS = (
 )
 
 
-def _prefer_copies(c) -> None:
-    """width_method='auto': fresh units where exact; else copies, where copies are exact."""
-    if c.asked_method != "auto" or not c.built.record.reasons:
-        return
-    inner = c.nested(model=c.model, width=c.width, sizes=c.sizes, depth_plan=c.depth_plan,
-                     opts=dataclasses.replace(c.opts, width_method="fpi"), materialize=c.materialize)
-    copies = run_passes(BUILD + CLASS, inner).built
-    c.built = copies if not copies.record.reasons else c.built
-
-
 # --- check ----------------------------------------------------------------------------------------------------
 def _measure(c) -> None:
     """Parameter counts and the self-measure; a cast that rounded counts only where it shows in float32."""
@@ -187,7 +176,6 @@ def _release(c) -> None:
 
 _CHECK = "measuring the grown model"
 CHECK = (
-    Pass("prefer_copies", _prefer_copies, ("built", "opts"), ("built",), _GRAPH),
     Pass("measure", _measure, ("model", "plan", "built"), (), _CHECK),
     Pass("judge", _judge, ("built",), (), _CHECK),
     Pass("release", _release, ("plan",), (), _CHECK),

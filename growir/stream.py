@@ -70,7 +70,7 @@ class StreamReport:
         return "\n".join(lines)
 
 
-def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, width_method="fpi",
+def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, width_method="auto",
                     depth_method="auto", method=None, dtype=None, max_shard_size="50GB", strict=False,
                     force=False, verify=False, progress=None) -> StreamReport:
     """Grow the safetensors folder ``src_dir`` into ``out_dir`` without loading the model.
@@ -120,15 +120,15 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
 
 
 def methods(method, width_method: str, depth_method: str) -> tuple:
-    """(width method, depth method) of a streamed growth: a preset's, else the ones given; "auto" is "fresh"
-    (no fallback to copies when streamed)."""
+    """(width method, depth method) of a streamed growth: a preset's, else the ones given ("auto" decides per
+    group from the plan and the stored dtype, as in memory)."""
     from .api import PRESETS
 
     if method is not None:
         if method not in PRESETS:
             raise SpecError(f"unknown method {method!r}: the presets are {', '.join(PRESETS)}")
         width_method, depth_method = PRESETS[method]["width_method"], PRESETS[method]["depth_method"]
-    return ("fresh" if width_method == "auto" else width_method), depth_method
+    return width_method, depth_method
 
 
 @dataclass
@@ -163,14 +163,15 @@ def _prepare(src: Path, width, depth, layers, width_method, depth_method, dtype,
         raise SpecError("depth growth asked for, but growir found no repeated blocks in the model")
     depth_plan = [(b, target_layers(fp.counts.get(b.prefix, b.count), depth, layers))
                   for b in (p.blocks if wants_depth else [])]
-    choice = choose_config(fp, sizes, depth_plan, width, width_method, depth_method)
+    ck = Checkpoint(src, _names(fp.model))
+    low = _stores_low_precision(ck, dtype)
+    choice = choose_config(fp, sizes, depth_plan, width, width_method, depth_method, low)
     target = meta_model(choice.config, fp.cls)
     sizes = {**sizes, **_config_sizes(p, target)}
-    opts = Options(width_method, depth_method, 0, 0.0, keep_eps=choice.keep_eps)
+    opts = Options(width_method, depth_method, 0, 0.0, keep_eps=choice.keep_eps, low_precision=low)
     w, rules, schedules, layer_info, reasons = growth_rules(p, sizes, depth_plan, opts, fp.counts)
     if strict and reasons:
         raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(reasons))
-    ck = Checkpoint(src, _names(fp.model))
     items = _targets(fp, rules, ck, dtype)
     _check_target(target, items)
     return _Job(fp, choice, target, sizes, rules, items, ck, layer_info, reasons, w.maps, schedules,
@@ -261,7 +262,7 @@ def _make(it: Item, rules: dict, ck: Checkpoint, rounded: list) -> torch.Tensor:
     if not rule.arithmetic and not it.donor:
         return rule.apply(ck.read(it.source)).to(it.dtype)
     donor = ck.read(it.donor).float() if it.donor else None
-    wide = rule.apply(ck.read(it.source).float(), donor)  # the stored original is dropped as soon as it is read
+    wide = rule.apply(ck.read(it.source).float(), donor, it.dtype)  # the stored original is dropped once read
     del donor
     new = wide.to(it.dtype)
     if new.dtype != wide.dtype and _rounds(new, wide):
@@ -306,6 +307,12 @@ def _numel(shape) -> int:
 
 def _params(model) -> int:
     return sum(t.numel() for t in model.parameters())
+
+
+def _stores_low_precision(ck: Checkpoint, dtype) -> bool:
+    """Whether the grown weights are written below float32 precision: ``dtype``, else the checkpoint's own."""
+    dtypes = [dtype] if dtype is not None else {ck.meta(k).dtype for k in ck.where}
+    return any(d.is_floating_point and torch.finfo(d).eps > torch.finfo(torch.float32).eps for d in dtypes)
 
 
 def _main_dtype(items: dict) -> torch.dtype:

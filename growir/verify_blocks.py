@@ -78,7 +78,7 @@ class BlockCheck:
         return "\n".join([self.summary()] + rows + more + self.notes)
 
 
-def verify_checkpoint(src_dir, grown_dir, width=1.0, depth=1.0, *, layers=None, width_method="fpi",
+def verify_checkpoint(src_dir, grown_dir, width=1.0, depth=1.0, *, layers=None, width_method="auto",
                       depth_method="auto", method=None) -> BlockCheck:
     """Check block by block that the folder ``grown_dir`` is ``src_dir`` grown with these arguments (those of
     the ``grow_checkpoint`` that wrote it: the plan and index maps are made again, without weights). Returns

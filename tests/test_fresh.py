@@ -82,12 +82,24 @@ def test_post_norm_copies_the_residual_and_says_so():
     assert any("not function-preserving" in str(w.message) for w in caught)
 
 
-def test_auto_is_fresh_where_exact():
-    """``width_method="auto"`` grows fresh where that is exact (it falls back to copies only where fresh growth
-    is not exact and copies are)."""
-    assert growir.grow(make("llama"), width=2.0, width_method="auto").growir_record.width_method == "fresh"
-    rec = growir.grow(make("bert"), width=2.0, width_method="auto", strict=True).growir_record
-    assert rec.width_method == "fresh" and rec.exact
+def test_auto_is_the_default_and_decides_per_group():
+    """``width_method="auto"`` (the default) grows each group fresh where that is exact and copies it where only
+    copies are: BERT's post-norm residual is copied (its consumers split), its heads and FFN are fresh."""
+    rec = growir.grow(make("llama"), width=2.0).growir_record
+    assert rec.width_method == "auto" and rec.exact and "zero" in rec.filled.values()
+    rec = growir.grow(make("bert"), width=2.0, strict=True).growir_record
+    assert rec.exact and "random" in rec.filled.values()
+    assert any(v.startswith("copies (") for v in rec.filled.values())
+
+
+def test_auto_copies_where_a_fill_would_round():
+    """Weights stored in bfloat16 at ×2: a fill's sqrt(2) rounds, copies' 1/2 do not, so the residual is copied
+    (plainly: split factors would round too); FFN neurons and heads stay fresh."""
+    grown = growir.grow(make("llama").to(torch.bfloat16), width=2.0, strict=True)
+    rec = grown.growir_record
+    assert rec.exact and rec.deviation <= 1e-5 and "random" in rec.filled.values()
+    assert any("below float32" in v for v in rec.filled.values())
+    assert not any(m.split for r in rec.rules.values() for m in r.axes)
 
 
 def test_noise_asks_for_copies():

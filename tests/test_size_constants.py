@@ -107,12 +107,16 @@ def test_width_one_and_a_half(name):
 
 def test_embedding_scale_is_the_rebuilt_one_and_absorbed():
     """The sqrt(hidden) constant becomes sqrt(64); the embedding carries 1/sqrt(2), and the final (1 + w) norm
-    before the tied head gives the logits back: 1 + w' = (1 + w)/sqrt(2) (two copies, times sqrt(2))."""
-    source, grown = grow_exact("gemma", width=2.0)
-    assert float(grown.model.embed_tokens.embed_scale) == pytest.approx(64 ** 0.5)
-    old, new = source.model.embed_tokens.weight, grown.model.embed_tokens.weight
-    torch.testing.assert_close(new[:, :32], old / 2 ** 0.5)
-    torch.testing.assert_close(1 + grown.model.norm.weight[:32], (1 + source.model.norm.weight) / 2 ** 0.5)
+    before the tied head gives the logits back. With copies (fpi): 1 + w' = (1 + w)/sqrt(2) (two copies, times
+    sqrt(2)). With the default (the old dimensions once, a zero fill, eps x 1/2): the norm's 1/sqrt(2) for the
+    halved mean of squares and the head's sqrt(2) cancel, 1 + w' = 1 + w, and the fill columns are zero."""
+    for method, factor in (("fpi", 2 ** -0.5), ("auto", 1.0)):
+        source, grown = grow_exact("gemma", width=2.0, width_method=method)
+        assert float(grown.model.embed_tokens.embed_scale) == pytest.approx(64 ** 0.5)
+        old, new = source.model.embed_tokens.weight, grown.model.embed_tokens.weight
+        torch.testing.assert_close(new[:, :32], old / 2 ** 0.5)
+        torch.testing.assert_close(1 + grown.model.norm.weight[:32], (1 + source.model.norm.weight) * factor)
+        assert method == "fpi" or new[:, 32:].abs().max() == 0
 
 
 def test_alibi_heads_sit_at_their_slopes_and_new_heads_are_fresh():

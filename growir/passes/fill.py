@@ -22,7 +22,8 @@ import torch
 import torch.fx as fx
 
 from ..analysis.groups import contractions_over
-from ..analysis.norms import NormSite, norm_sites
+from ..analysis.norms import NormSite, is_param, norm_sites
+from ..analysis.ops import CONTRACTIONS, LAYOUT, forward, traits
 from ..plan import Plan
 
 
@@ -72,7 +73,34 @@ def _why_not(plan: Plan, g, mine: list[NormSite]) -> str:
         node = next(n for n, s in f.params.items() if s == pa.param)
         if ag.expand(f.axes[node][pa.axis]) != g.root:
             return f"`{pa.param}` holds it inside a fused axis"
+    diagonal = _diagonal_producer(plan, g, mine) if mine[0].kind == "layer" else None
+    if diagonal:
+        return (f"`{diagonal[0]}` multiplies the group channel by channel at `{diagonal[1]}` (a depthwise "
+                f"convolution, a per-channel scale): a LayerNorm's mean fill would need the mean of a product")
     return ""
+
+
+def _diagonal_producer(plan: Plan, g, mine: list[NormSite]) -> tuple | None:
+    """(parameter, node) of a producer that multiplies an activation over this group without summing over it.
+
+    A mean fill is exact when each term of the normalized input is linear in one parameter whose rows write the
+    group (its fill rows, the mean of its rows, then write the mean of its outputs). A channel-by-channel
+    product (depthwise conv, layer scale) writes fill = mean(w)·mean(x), not mean(w·x). A zero fill (RMSNorm)
+    is not affected: zero times anything is zero."""
+    f, ag, root = plan.facts, plan.facts.ag, g.root
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    node_of = {s: n for n, s in f.params.items()}
+    norm_params = {p for s in mine for p in (s.weight, s.bias) if p is not None}
+    summed = {(p, at) for p, i, at in f.consumed if root in ag.leaf_roots(f.axes[node_of[p]][i])}
+    for pa in g.producers:
+        if pa.param in norm_params or pa.param not in node_of:
+            continue
+        for u in forward(nodes[node_of[pa.param]], LAYOUT):
+            if (CONTRACTIONS(u) or traits(u).kind == "scale") and (pa.param, u.name) not in summed and any(
+                    root in ag.leaf_roots(ax) for a in u.all_input_nodes if not is_param(a, f)
+                    for ax in f.axes.get(a.name, [])):
+                return pa.param, u.name
+    return None
 
 
 def adjust_norms(fp: FillPlan, maps: dict, rules: dict, rescaled: set = frozenset()) -> tuple[dict, dict]:

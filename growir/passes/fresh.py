@@ -51,6 +51,32 @@ def fresh_units(plan: Plan, sizes: dict, fp: FillPlan) -> dict:
     return out
 
 
+def copy_where_exact(plan: Plan, sizes: dict, fp: FillPlan, low_precision: bool, keep_eps: bool) -> None:
+    """``width_method="auto"``: move each filled group whose fill is not exact, while copies are, to
+    ``fp.copied`` (a per-group choice; the other groups keep their fresh construction). At a whole ratio k:
+
+    * the grown weights are stored in a dtype narrower than float32 and k is a power of two: the fill's
+      factors sqrt(d'/d) (and a LayerNorm's mean rows) round there, a division by 2^j does not;
+    * the norms' eps cannot change (``keep_eps``: the rebuilt config cannot hold it) and the residual cannot be
+      rescaled instead (it is an output): the fill shrinks the statistics the norm sees, copies do not."""
+    from .rescale import can_rescale
+    for g in plan.groups:
+        if g.root not in fp.fills:
+            continue
+        ratio, rest = divmod(sizes.get(g.id, g.size), g.size)
+        if rest:
+            continue
+        why = ""
+        if low_precision and ratio & (ratio - 1) == 0:
+            why = ("the weights are stored below float32 precision, where a fill's sqrt(d'/d) rounds and a "
+                   "copy's 1/2^j does not")
+        elif keep_eps and not can_rescale(plan, g.root, fp.sites[g.root]):
+            why = "the norms' eps cannot change and the residual cannot be rescaled: a fill is not exact here"
+        if why:
+            del fp.fills[g.root], fp.sites[g.root]
+            fp.copied[g.root] = why
+
+
 SPLIT = (0.25, 0.75)  # bounds of the consumers' split factors over a copied group (before normalizing)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from ..manager import Pass
 from .aki import aki_rules
 from .attention import compensate_head_dim, rewrite_scales, rotary_fills
@@ -18,7 +20,7 @@ from .constants import rewrite_constants
 from .depth import depth_rules, schedule
 from .exactness import compensate_tied, deviations
 from .fill import FillPlan, adjust_norms, open_fill_columns, plan_fill, rewrite_eps
-from .fresh import fresh_units, seed_random_fills, split_copies
+from .fresh import copy_where_exact, fresh_units, seed_random_fills, split_copies
 from .offsets import mark_offsets
 from .per_unit import find_unit_constants, freeze_constants, grown_value, unit_maps
 from .rescale import rescale_residuals, stream_scale
@@ -26,16 +28,31 @@ from .size_values import absorb_size_values
 from .width import fpi_index, group_maps, random_index, width_rules
 
 
+FRESH = ("fresh", "auto")  # the width methods that build fresh units and fills ("auto": per group)
+
+
 def _fill_plan(c) -> None:
-    fresh = c.opts.width_method == "fresh"
-    c.fill = plan_fill(c.plan, c.sizes, every=fresh) if c.opts.width_method in ("fpi", "fresh") else FillPlan()
+    fresh = c.opts.width_method in FRESH
+    c.fill = plan_fill(c.plan, c.sizes, every=fresh) if c.opts.width_method in ("fpi", *FRESH) else FillPlan()
+    if c.opts.width_method == "auto":
+        copy_where_exact(c.plan, c.sizes, c.fill, _low_precision(c), c.opts.keep_eps)
     c.new_units = fresh_units(c.plan, c.sizes, c.fill) if fresh else {}
+
+
+def _low_precision(c) -> bool:
+    """Options.low_precision where given (streaming knows the stored dtype), else the traced weights' dtype."""
+    if c.opts.low_precision is not None:
+        return c.opts.low_precision
+    eps = torch.finfo(torch.float32).eps
+    gm = c.plan.captured.gm
+    return any(t.is_floating_point() and torch.finfo(t.dtype).eps > eps
+               for t in list(gm.parameters()) + list(gm.buffers()))
 
 
 def _index_maps(c) -> None:
     index_fn = random_index if c.opts.width_method == "fpi_random" else fpi_index
     fills = {**c.fill.fills, **c.new_units, **rotary_fills(c.plan, c.sizes)}
-    c.maps = group_maps(c.plan, c.sizes, c.opts.seed, index_fn, fills, c.opts.width_method == "fresh")
+    c.maps = group_maps(c.plan, c.sizes, c.opts.seed, index_fn, fills, c.opts.width_method in FRESH)
 
 
 def _unit_constants(c) -> None:
@@ -64,13 +81,14 @@ def _norms(c) -> None:
     c.rescaled = rescale_residuals(c.plan, c.fill, c.maps, c.width_result.rules)
     c.stream_scales = {root: stream_scale(c.maps[root]) for root in c.rescaled}
     c.eps, c.eps_values = adjust_norms(c.fill, c.maps, c.width_result.rules, c.rescaled)
-    kind = "random" if c.opts.width_method == "fresh" else "copy"
+    kind = "random" if c.opts.width_method in FRESH else "copy"
     open_fill_columns(c.plan, c.fill, c.maps, c.width_result.rules, kind)
 
 
 def _split_copies(c) -> None:
-    """width_method='fresh': a copied (post-norm) group's consumers split by random factors, not 1/n."""
-    if c.opts.width_method == "fresh":
+    """width_method='fresh'/'auto': a copied (post-norm) group's consumers split by random factors, not 1/n
+    (not below float32 precision, where the factors would round and a division by 2^j does not)."""
+    if c.opts.width_method in FRESH and not _low_precision(c):
         split_copies(c.plan, c.fill.copied, c.width_result.rules)
 
 

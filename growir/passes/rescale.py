@@ -44,3 +44,8 @@ def rescale_residuals(plan: Plan, fp: FillPlan, maps: dict, rules: dict) -> set:
 def stream_scale(m) -> float:
     """c = 1/sqrt(ρ): the factor a rescaled residual stream carries (grown stream = c × the repeated source's)."""
     return 1 / math.sqrt(kept_fraction(m))
+
+
+def can_rescale(plan: Plan, root, sites) -> bool:
+    """Whether the filled group ``root`` can keep its norms' eps by a rescaled residual stream."""
+    return terms_and_readers(plan.captured.gm, plan.facts, plan.group_of(root), sites) is not None

@@ -55,7 +55,8 @@ class TensorRule:
     def new_shape(self, old_shape) -> tuple:
         return tuple(len(m.index) if m.index is not None else s for m, s in zip(self.axes, old_shape))
 
-    def apply(self, old: torch.Tensor, donor: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, old: torch.Tensor, donor: torch.Tensor | None = None, store: torch.dtype | None = None
+              ) -> torch.Tensor:
         """The grown tensor, on ``old``'s device and in its dtype. Arithmetic runs in float32 (float64 stays
         float64) and is cast once at the end, so a bfloat16 weight divided by its copy count is the
         float32 quotient rounded once; integer tensors are only gathered.
@@ -64,18 +65,21 @@ class TensorRule:
         >>> rule.apply(torch.tensor([1.0, 3.0], dtype=torch.bfloat16))
         tensor([0.5000, 3.0000, 0.5000], dtype=torch.bfloat16)
         """
-        return self.apply_checked(old, donor)[0]
+        return self.apply_checked(old, donor, store)[0]
 
-    def apply_checked(self, old: torch.Tensor, donor: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+    def apply_checked(self, old: torch.Tensor, donor: torch.Tensor | None = None,
+                      store: torch.dtype | None = None) -> tuple[torch.Tensor, bool]:
         """``apply`` and whether casting back to ``old.dtype`` rounded a value: then the grown tensor is the
-        exact one only up to that rounding (a bfloat16 weight divided by 3, say), and so is the growth."""
+        exact one only up to that rounding (a bfloat16 weight divided by 3, say), and so is the growth.
+        ``store``: the dtype the caller will store the result in when not ``old.dtype`` (random fills are drawn
+        in it)."""
         compute = _compute_dtype(old) if self.arithmetic else old.dtype
-        wide = self._mapped(old.detach().to(compute))
+        wide = self._mapped(old.detach().to(compute), store or old.dtype)
         if self.donor_axis is not None and donor is not None:
             axis, mask = self.donor_axis
             shape = [1] * wide.dim()
             shape[axis] = -1
-            taken = self._mapped(donor.detach().to(compute))
+            taken = self._mapped(donor.detach().to(compute), store or donor.dtype)
             wide = torch.where(mask.to(wide.device).reshape(shape), taken, wide)
         if self.noise is not None and not wide.is_meta:
             wide = wide + self._cancelling_noise(wide).to(wide.device)
@@ -111,12 +115,15 @@ class TensorRule:
         eps[~live] = 0.0
         return eps.movedim(0, axis)
 
-    def _random_fill(self, new: torch.Tensor, axis: int, mask: torch.Tensor, std: float) -> torch.Tensor:
-        """Normal draws at ``std`` for the positions ``mask`` of ``axis`` (zero elsewhere), seeded per tensor."""
+    def _random_fill(self, new: torch.Tensor, axis: int, mask: torch.Tensor, std: float,
+                     store: torch.dtype) -> torch.Tensor:
+        """Normal draws at ``std`` for the positions ``mask`` of ``axis`` (zero elsewhere), seeded per tensor, and
+        drawn in the stored dtype ``store``: any value will do there, so none should count as a rounding."""
         gen = torch.Generator().manual_seed(self.fill_seed * 31 + axis)
         shape = list(new.shape)
         shape[axis] = int(mask.sum())
         draw = torch.randn(shape, generator=gen, dtype=torch.float64) * std
+        draw = draw.to(store).to(torch.float64) if store.is_floating_point else draw
         full = torch.zeros(new.shape, dtype=torch.float64).index_copy_(axis, mask.nonzero().flatten(), draw)
         return full.to(dtype=new.dtype, device=new.device)
 
@@ -124,7 +131,7 @@ class TensorRule:
         return any(m.divide is not None and m.index is not None and len(m.index) > len(m.divide)
                    and m.split is None for m in self.axes)
 
-    def _mapped(self, old: torch.Tensor) -> torch.Tensor:
+    def _mapped(self, old: torch.Tensor, store: torch.dtype | None = None) -> torch.Tensor:
         new, on = old, (lambda t: t.to(old.device))  # index tables live on the CPU: move them to the tensor
         for axis, m in enumerate(self.axes):
             mean = new.mean(axis, keepdim=True) if m.fill == "mean" else None
@@ -148,7 +155,7 @@ class TensorRule:
             if m.fill is not None:
                 fill = new.new_zeros(()) if mean is None else mean.expand_as(new)
                 if m.fill == "random":
-                    fill = self._random_fill(new, axis, index < 0, _own_std(old))
+                    fill = self._random_fill(new, axis, index < 0, _own_std(old), store or old.dtype)
                 new = torch.where(on(index < 0).reshape(shape), fill, new)
                 if m.fill == "geometric" and geometric is not None:
                     new = geometric.to(new.device)
