@@ -19,7 +19,7 @@ class GrowthRecord:
     config_changes: dict = field(default_factory=dict)  # every config field whose value changed
     notes: list = field(default_factory=list)  # what the caller should know beyond exactness (kept groups, ...)
     filled: dict = field(default_factory=dict)  # group label -> fill kind, where repeat-and-fill was used
-    width_method: str = ""  # the one used ("auto" resolves to "fresh" or "fpi")
+    width_method: str = ""  # the one asked for ("auto": per group, see ``group_methods``; "fpi" with noise)
     rules: dict = field(default_factory=dict)  # state_dict name -> TensorRule that made it
     params_before: int = 0
     params_after: int = 0
@@ -30,6 +30,14 @@ class GrowthRecord:
     @property
     def exact(self) -> bool:
         return not self.reasons
+
+    @property
+    def group_methods(self) -> dict:
+        """group label -> how it grew: "zero"/"mean" (a fill), "random" (fresh units), "copies (why)", or
+        "copies" (the other grown groups: head_dim, or every group under fpi)."""
+        grown = {} if self.plan is None else {g.label: "copies" for g in self.plan.groups
+                                               if g.size is not None and self.sizes.get(g.id, g.size) != g.size}
+        return {**grown, **self.filled}
 
     def __deepcopy__(self, memo):  # the record describes a growth; copies of the model share it
         return self
@@ -60,6 +68,14 @@ class GrowthRules:
     @property
     def exact(self) -> bool:
         return not self.reasons
+
+    @property
+    def group_methods(self) -> dict:
+        """group label -> how it grew: "zero"/"mean" (a fill), "random" (fresh units), "copies (why)", or
+        "copies" (the other grown groups: head_dim, or every group under fpi)."""
+        grown = {} if self.plan is None else {g.label: "copies" for g in self.plan.groups
+                                               if g.size is not None and self.sizes.get(g.id, g.size) != g.size}
+        return {**grown, **self.filled}
 
     @property
     def output_maps(self) -> list:

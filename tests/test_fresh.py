@@ -136,3 +136,10 @@ def test_post_norm_copies_are_split_by_bounded_factors_and_train_apart():
     grown(**example_inputs("bert")).last_hidden_state.pow(2).mean().backward()
     g = grown.embeddings.word_embeddings.weight.grad
     assert not torch.allclose(g[:, :32], g[:, 32:])  # the copies no longer train as one
+
+
+def test_record_says_how_each_group_grew():
+    rec = growir.grow(make("bert"), width=2.0).growir_record
+    methods = rec.group_methods
+    assert methods["g0:hidden"].startswith("copies (") and "random" in methods.values()
+    assert set(methods) >= set(rec.filled)
