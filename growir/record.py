@@ -70,14 +70,6 @@ class GrowthRules:
         return not self.reasons
 
     @property
-    def group_methods(self) -> dict:
-        """group label -> how it grew: "zero"/"mean" (a fill), "random" (fresh units), "copies (why)", or
-        "copies" (the other grown groups: head_dim, or every group under fpi)."""
-        grown = {} if self.plan is None else {g.label: "copies" for g in self.plan.groups
-                                               if g.size is not None and self.sizes.get(g.id, g.size) != g.size}
-        return {**grown, **self.filled}
-
-    @property
     def output_maps(self) -> list:
         """Per flat output, per axis: where each grown position reads the source's output (None: unchanged)."""
         from .verify_torch import output_maps
