@@ -1,10 +1,13 @@
 """Hypothesis strategies that build small transformers valid by construction, and growth specs for them.
 
-``archs()`` draws an :class:`Arch` (a readable, replayable description); ``Arch.build()`` makes the model:
-token embedding (+ learned positions or rotary), 1-3 blocks, pre- or post-norm, LayerNorm or a hand-written
-RMSNorm, biases on or off, GELU/SiLU MLP or SwiGLU (fused gate/up or separate), MHA/GQA/MQA with kv heads
-repeated as transformers does, fused or separate QKV, per-head q/k norms or none, full or partial rotary,
-tied or untied LM head, attention through ``F.scaled_dot_product_attention``. Widths are ``heads * head_dim``. Every parameter, norms included, is
+``archs()`` draws an :class:`Arch` (a readable, replayable description); ``Arch.build()`` makes the model
+(``tinylm.py``): token ids or images (a strided-convolution patch embedding), learned, fixed-table, rotary (full
+or partial) or ALiBi positions, 1-3 blocks stored as one list of blocks or as parallel lists (``ln1[i]``,
+``attn[i]``, ``ln2[i]``, ``mlp[i]``), pre- or post-norm, LayerNorm or a hand-written RMSNorm, biases on or off,
+GELU/SiLU MLP, SwiGLU (fused gate/up or separate) or a mixture of experts (router, ``topk``, dense combine),
+MHA/GQA/MQA with kv heads repeated as transformers does or one kv head broadcast by ``expand``, fused or separate
+QKV, per-head q/k norms or none, attention by ``F.scaled_dot_product_attention`` or written out with
+``torch.einsum``, tied or untied head. Widths are ``heads * head_dim``. Every parameter, norms included, is
 drawn from a generator seeded by the arch's own seed, so an Arch repr replays the exact model.
 
 ``specs(arch)`` draws a :class:`Spec`: a width multiplier or a role dict whose sizes are whole by
@@ -19,18 +22,19 @@ from fractions import Fraction
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from hypothesis import strategies as st
+
+from tinylm import FIXED_LEN, IMAGE, MAX_LEN, RMSNorm, Rotary, TinyLM
 
 MULTIPLIERS = (1, 1.5, 2, 3)
 DEPTH_METHODS = ("auto", "stack", "interpolate", "identity")
-MAX_LEN = 16
+PARALLEL_NAMES = {"norm1": "ln1", "norm2": "ln2", "attn": "attn", "mlp": "mlp"}
 
 
 @dataclass(frozen=True)
 class Arch:
     """One model of the family; ``repr`` is enough to rebuild it (``eval(repr(arch)).build()``)."""
-    vocab: int
+    vocab: int  # token vocabulary, and the head's output size (classes, for images)
     heads: int
     kv_heads: int
     head_dim: int
@@ -39,9 +43,9 @@ class Arch:
     pre_norm: bool
     norm: str  # "layer" | "rms"
     bias: bool
-    mlp: str  # "gelu" | "silu" | "swiglu"
+    mlp: str  # "gelu" | "silu" | "swiglu" | "moe"
     fused_mlp: bool  # swiglu only: one Linear -> chunk(2)
-    positions: str  # "learned" | "rotary"
+    positions: str  # "learned" | "rotary" | "fixed" (a table added whole) | "alibi" (per-head slopes)
     fused_qkv: bool
     tied: bool
     final_norm: bool  # a norm after the last block, before the head
@@ -49,6 +53,13 @@ class Arch:
     seed: int
     qk_norm: bool = False  # a per-head norm (of the arch's kind) on the query and the key, as in Qwen3
     partial_rotary: bool = False  # rotary on the first half of head_dim only, as in GPT-NeoX
+    attention: str = "sdpa"  # "sdpa" | "einsum" (scores and mixing written out)
+    kv_repeat: str = "reshape"  # "reshape" (transformers' repeat_kv) | "expand" (one kv head broadcast)
+    layout: str = "blocks"  # "blocks" (blocks[i].norm1 ...) | "parallel" (ln1[i], attn[i], ln2[i], mlp[i])
+    experts: int = 0  # mlp == "moe": number of experts (each a GELU MLP of size ffn)
+    topk: int = 0  # mlp == "moe": experts chosen per token
+    modality: str = "tokens"  # "tokens" | "image" (3 x IMAGE x IMAGE, cut into patch x patch patches)
+    patch: int = 0  # image only
 
     @property
     def hidden(self) -> int:
@@ -58,6 +69,17 @@ class Arch:
     def norm_before_head(self) -> bool:
         """A norm's output feeds the head directly (the final norm, or a post-norm block's last norm)."""
         return self.final_norm or not self.pre_norm
+
+    @property
+    def tokens(self) -> int | None:
+        """The fixed sequence length, where the model fixes it (images, a fixed position table), else None."""
+        if self.modality == "image":
+            return (IMAGE // self.patch) ** 2
+        return FIXED_LEN if self.positions == "fixed" else None
+
+    def prefix(self, i: int, part: str) -> str:
+        """The module path of block ``i``'s ``part`` ("norm1", "attn", "norm2", "mlp")."""
+        return f"{PARALLEL_NAMES[part]}.{i}" if self.layout == "parallel" else f"blocks.{i}.{part}"
 
     def build(self) -> nn.Module:
         torch.manual_seed(self.seed)
@@ -72,161 +94,11 @@ class Arch:
         return model
 
     def inputs(self, batch: int, seq: int, seed: int = 0) -> tuple:
+        """Token ids (batch, seq) or images (batch, 3, IMAGE, IMAGE); ``seq`` is ignored where it is fixed."""
         gen = torch.Generator().manual_seed(seed)
-        return (torch.randint(0, self.vocab, (batch, seq), generator=gen),)
-
-
-# --- the model family ----------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    """RMSNorm written out as pow / mean / rsqrt / mul, as Llama-style code does."""
-
-    def __init__(self, d: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-        self.eps = eps
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-def make_norm(arch: Arch, d: int) -> nn.Module:
-    return nn.LayerNorm(d, bias=arch.bias) if arch.norm == "layer" else RMSNorm(d)
-
-
-def rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rotate(x, rope):
-    """Rotary on the first ``cos.shape[-1]`` dimensions; the rest (partial rotary) pass through."""
-    cos, sin = rope
-    if cos.shape[-1] == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1]:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
-
-
-class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float = 10000.0):
-        super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, t: int, device):
-        pos = torch.arange(t, device=device, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq[None, :]  # torch.outer has no growir rule
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
-
-
-class Attention(nn.Module):
-    def __init__(self, arch: Arch):
-        super().__init__()
-        self.arch = arch
-        d, hd, h, kv = arch.hidden, arch.head_dim, arch.heads, arch.kv_heads
-        if arch.fused_qkv:
-            self.qkv = nn.Linear(d, (h + 2 * kv) * hd, bias=arch.bias)
-        else:
-            self.q = nn.Linear(d, h * hd, bias=arch.bias)
-            self.k = nn.Linear(d, kv * hd, bias=arch.bias)
-            self.v = nn.Linear(d, kv * hd, bias=arch.bias)
-        self.o = nn.Linear(h * hd, d, bias=arch.bias)
-        if arch.qk_norm:
-            self.q_norm, self.k_norm = make_norm(arch, hd), make_norm(arch, hd)
-
-    def forward(self, x, rope=None):
-        a = self.arch
-        b, t, _ = x.shape
-        if a.fused_qkv:
-            q, k, v = self.qkv(x).split([a.heads * a.head_dim, a.kv_heads * a.head_dim,
-                                         a.kv_heads * a.head_dim], dim=-1)
-        else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
-        if a.literal_views:
-            q = q.view(b, t, a.heads, a.head_dim).transpose(1, 2)
-            k = k.view(b, t, a.kv_heads, a.head_dim).transpose(1, 2)
-            v = v.view(b, t, a.kv_heads, a.head_dim).transpose(1, 2)
-        else:
-            q, k, v = (z.view(b, t, -1, a.head_dim).transpose(1, 2) for z in (q, k, v))
-        if a.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = rotate(q, rope), rotate(k, rope)
-        if a.kv_heads != a.heads:  # transformers' repeat_kv
-            rep = a.heads // a.kv_heads
-            k = k[:, :, None].expand(b, a.kv_heads, rep, t, a.head_dim).reshape(b, a.heads, t, a.head_dim)
-            v = v[:, :, None].expand(b, a.kv_heads, rep, t, a.head_dim).reshape(b, a.heads, t, a.head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = y.transpose(1, 2).reshape(b, t, a.heads * a.head_dim if a.literal_views else -1)
-        return self.o(y)
-
-
-class MLP(nn.Module):
-    def __init__(self, arch: Arch):
-        super().__init__()
-        self.arch = arch
-        d, f = arch.hidden, arch.ffn
-        if arch.mlp == "swiglu":
-            if arch.fused_mlp:
-                self.gate_up = nn.Linear(d, 2 * f, bias=arch.bias)
-            else:
-                self.gate, self.up = nn.Linear(d, f, bias=arch.bias), nn.Linear(d, f, bias=arch.bias)
-        else:
-            self.fc = nn.Linear(d, f, bias=arch.bias)
-        self.down = nn.Linear(f, d, bias=arch.bias)
-
-    def forward(self, x):
-        a = self.arch
-        if a.mlp == "swiglu":
-            gate, up = self.gate_up(x).chunk(2, dim=-1) if a.fused_mlp else (self.gate(x), self.up(x))
-            return self.down(F.silu(gate) * up)
-        return self.down(F.gelu(self.fc(x)) if a.mlp == "gelu" else F.silu(self.fc(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, arch: Arch):
-        super().__init__()
-        self.pre_norm = arch.pre_norm
-        self.norm1, self.norm2 = make_norm(arch, arch.hidden), make_norm(arch, arch.hidden)
-        self.attn, self.mlp = Attention(arch), MLP(arch)
-
-    def forward(self, x, rope=None):
-        if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rope)
-            return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rope))
-        return self.norm2(x + self.mlp(x))
-
-
-class TinyLM(nn.Module):
-    def __init__(self, arch: Arch):
-        super().__init__()
-        self.arch = arch
-        self.embed = nn.Embedding(arch.vocab, arch.hidden)
-        if arch.positions == "learned":
-            self.pos = nn.Embedding(MAX_LEN, arch.hidden)
-        else:
-            self.rotary = Rotary(arch.head_dim // 2 if arch.partial_rotary else arch.head_dim)
-        self.blocks = nn.ModuleList(Block(arch) for _ in range(arch.layers))
-        self.final_norm = make_norm(arch, arch.hidden) if arch.final_norm else None
-        self.head = nn.Linear(arch.hidden, arch.vocab, bias=False)
-        if arch.tied:
-            self.head.weight = self.embed.weight
-
-    def forward(self, idx):
-        t = idx.shape[1]
-        x = self.embed(idx)
-        rope = None
-        if self.arch.positions == "learned":
-            x = x + self.pos(torch.arange(t, device=idx.device))
-        else:
-            rope = self.rotary(t, idx.device)
-        for block in self.blocks:
-            x = block(x, rope)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return self.head(x)
+        if self.modality == "image":
+            return (torch.randn((batch, 3, IMAGE, IMAGE), generator=gen),)
+        return (torch.randint(0, self.vocab, (batch, self.tokens or seq), generator=gen),)
 
 
 # --- strategies ------------------------------------------------------------------------------------------------
@@ -236,7 +108,9 @@ def archs(draw) -> Arch:
     kv_heads = draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0]))
     head_dim = draw(st.sampled_from((4, 8)))
     hidden = heads * head_dim
-    mlp = draw(st.sampled_from(("gelu", "silu", "swiglu")))
+    mlp = draw(st.sampled_from(("gelu", "silu", "swiglu", "moe")))
+    experts = draw(st.sampled_from((2, 4))) if mlp == "moe" else 0
+    image = draw(st.sampled_from(("tokens", "tokens", "tokens", "image"))) == "image"
     return Arch(
         vocab=draw(st.integers(11, 40)),
         heads=heads,
@@ -249,14 +123,21 @@ def archs(draw) -> Arch:
         bias=draw(st.booleans()),
         mlp=mlp,
         fused_mlp=mlp == "swiglu" and draw(st.booleans()),
-        positions=draw(st.sampled_from(("learned", "rotary"))),
+        positions=draw(st.sampled_from(("learned", "rotary", "fixed", "alibi"))),
         fused_qkv=draw(st.booleans()),
-        tied=draw(st.booleans()),
+        tied=not image and draw(st.booleans()),  # an image model has no embedding to tie
         final_norm=draw(st.booleans()),
         literal_views=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
         qk_norm=draw(st.booleans()),
         partial_rotary=draw(st.booleans()),
+        attention=draw(st.sampled_from(("sdpa", "einsum"))),
+        kv_repeat="expand" if kv_heads == 1 < heads and draw(st.booleans()) else "reshape",
+        layout=draw(st.sampled_from(("blocks", "blocks", "parallel"))),
+        experts=experts,
+        topk=draw(st.integers(1, min(2, experts))) if experts else 0,
+        modality="image" if image else "tokens",
+        patch=draw(st.sampled_from((2, 4))) if image else 0,
     )
 
 
@@ -350,4 +231,5 @@ def specs(draw, arch: Arch, depth: bool = True) -> Spec:
     return Spec(width, d, method, ratios)
 
 
-__all__ = ["Arch", "Spec", "archs", "specs", "widths", "RMSNorm", "TinyLM", "MULTIPLIERS", "MAX_LEN"]
+__all__ = ["Arch", "Spec", "archs", "specs", "widths", "RMSNorm", "Rotary", "TinyLM", "MULTIPLIERS", "MAX_LEN",
+           "FIXED_LEN", "IMAGE"]

@@ -109,24 +109,30 @@ def _assign_roles(facts: Facts, groups: list[Group]) -> None:
             if g is not None and g.role is None and g.size is not None:
                 g.role, g.per_kv = role, per_kv
 
-    for site in facts.attention:
-        q, v = site["q"], site["v"]
-        set_role(q[-1], "head_dim")
-        set_role(v[-1], "head_dim")
-        heads = ag.leaf_roots(q[1])
+    def set_heads(axis):
+        heads = ag.leaf_roots(axis)
         replicas = [leaf for leaf in heads if leaf in expanded]
         for leaf in heads:  # kv heads repeated by an expand: query heads = kv_heads x per_kv
             if not replicas:
                 set_role(leaf, "heads")
             else:
                 set_role(leaf, "heads", per_kv=True) if leaf in replicas else set_role(leaf, "kv_heads")
+
+    for site in facts.attention:
+        q, v = site["q"], site["v"]
+        set_role(q[-1], "head_dim")
+        set_role(v[-1], "head_dim")
+        set_heads(q[1])
+    # an input's axis (a sequence fixed by a position table, an image's patch grid) is data, never a head
+    data = {leaf for name in facts.inputs for a in facts.axes.get(name, []) for leaf in ag.leaf_roots(a)}
     for g in groups:  # attention written out as matmuls: contracted dim and batch (head) dims
         kinds = {r.kind for r in g.reads}
-        if g.role is None and g.size is not None and kinds & {"contract", "value"}:
+        if g.role is None and g.size is not None and kinds & {"contract", "value"} and g.root not in data:
             g.role = "head_dim"
-    for g in groups:
-        if g.role is None and g.size is not None and "batch" in {r.kind for r in g.reads} and g.consumers:
-            g.role = "heads"
+    for r in facts.reads:  # a batch axis of attention written out: heads, or kv heads x replicas
+        if r.kind == "batch" and any(by_root.get(leaf) is not None and by_root[leaf].consumers
+                                     and leaf not in data for leaf in ag.leaf_roots(r.axis)):
+            set_heads(r.axis)
     for g in groups:
         if g.role is None and g.size is not None and any(r.kind == "norm" for r in g.reads):
             g.role = "hidden"

@@ -200,6 +200,20 @@ def einsum(w: Walker, node: fx.Node) -> None:
     for c, pairs in holders.items():
         (ta, aa), (tb, ab) = pairs[0], pairs[-1]
         w.contract(ta, aa, tb, ab, node)
+    if len(operands) == 2 and all(w.param_of(t) is None for t in operands):
+        _einsum_attention_reads(w, node, specs, operands, rhs, first)
+
+
+def _einsum_attention_reads(w: Walker, node: fx.Node, specs: list, operands, rhs: str, first: dict) -> None:
+    """Attention written as einsum, as ``matmul`` reads it: letters both operands and the output share are
+    batch (head) axes; after a softmax, the values' own output letter is a head_dim."""
+    for c in rhs:
+        if all(c in spec for spec in specs):
+            w.read(first[c], "batch", node)
+    if _after_softmax(operands[0]):
+        for c in specs[1]:
+            if c in rhs and c not in specs[0]:
+                w.read(first[c], "value", node)
 
 
 def embedding(w: Walker, node: fx.Node) -> None:
