@@ -159,6 +159,10 @@ class Spec:
             return False, "hidden grows by a non-integer ratio (uneven copies change the norms)"
         if r.get("head_dim", 1).denominator != 1:
             return False, "head_dim grows by a non-integer ratio"
+        if arch.positions == "rotary" and arch.partial_rotary and arch.head_dim == 4 and r.get("head_dim", 1) != 1:
+            # rotary on 2 of 4 dims: one frequency, a size-1 axis that is no group; growir stops with a
+            # RewriteError at the rotation (a known limit; real models rotate 16 dims or more)
+            return False, "a rotary table of one frequency does not grow"
         if self.depth > 1:
             method = self.depth_method if self.depth_method != "auto" else (
                 "identity" if arch.pre_norm else "stack")

@@ -47,14 +47,32 @@ def test_plan_groups_agree_with_parameter_shapes():
             assert shapes[pa.param].shape[pa.axis] % g.size == 0
 
 
-# CamelCase class names of architectures and of Hugging Face heads (LlamaAttention, GPT2Block, ...ForCausalLM)
-CLASS_NAMES = re.compile(r"(Bert|Roberta|Llama|Mistral|Mixtral|Qwen\d*|T5|ViT|Gemma\d*|Phi\d*|GPT2|GPTNeoX|OPT|Bloom"
-                         r"|Falcon|Olmo\w*|Mpt|Deberta|Electra|Bart|Whisper)[A-Z]\w*|\w+(ForCausalLM|ForMaskedLM|"
-                         r"ForConditionalGeneration|ForSequenceClassification|LMHeadModel)\b")
-# Config field names may appear only where a config is rebuilt, or read for what the graph cannot say: example
-# inputs (inputs.py), which output is the vocabulary (verify.py), and the training experiments, which slice
-# and size configs of their own (train/).
-CONFIG_FILES = {"materialize.py", "rebuild.py", "inputs.py", "verify.py", "blocks.py", "baselines.py", "flops.py"}
+# Config field names may appear only where a config is rebuilt (materialize.py, rebuild.py: any field), or, in
+# this explicit list, read for what the graph cannot say: example inputs (inputs.py), which output is the vocabulary
+# (verify.py), and the training experiments, which slice and size configs of their own (train/).
+CONFIG_FIELDS = {
+    "materialize.py": None, "rebuild.py": None,
+    "inputs.py": {"image_size", "is_encoder_decoder", "max_position_embeddings", "n_positions", "max_seq_len",
+                  "num_channels", "vocab_size"},
+    "verify.py": {"vocab_size"},
+    "train/baselines.py": {"num_hidden_layers"}, "train/blocks.py": {"num_hidden_layers"},
+    "train/flops.py": {"hidden_size", "num_attention_heads", "n_layers"},  # n_layers: an argument's name
+}
+GENERIC_CLASSES = ("Auto", "PreTrained", "Pretrained", "Generation")  # transformers' own machinery, no architecture
+
+
+def _architecture_names():
+    """From transformers' own registry: every architecture's class-name prefix (``LlamaConfig`` -> ``Llama``, so
+    ``LlamaAttention``, ``GPT2Block`` ...), its ``model_type`` (``"llama"``), and every exported class named like a
+    model, a head or a config (``BertModel``, ``...For...``, ``...LMHeadModel``)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    prefixes = sorted({c[:-len("Config")] for c in CONFIG_MAPPING_NAMES.values() if c.endswith("Config")},
+                      key=len, reverse=True)
+    camel = re.compile(r"\b(" + "|".join(map(re.escape, prefixes)) + r")[A-Z]\w*")
+    exported = {n for n in dir(transformers) if re.search(r"(Model|Config|For[A-Z]\w*)$", n)
+                and not n.startswith(GENERIC_CLASSES)}
+    return camel, set(CONFIG_MAPPING_NAMES), exported
 
 
 def _code_strings_and_names(tree):
@@ -65,11 +83,11 @@ def _code_strings_and_names(tree):
             and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
     for n in ast.walk(tree):
         if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs:
-            yield n.lineno, n.value
+            yield n.lineno, n.value, "str"
         elif isinstance(n, ast.Name):
-            yield n.lineno, n.id
+            yield n.lineno, n.id, "name"
         elif isinstance(n, ast.Attribute):
-            yield n.lineno, n.attr
+            yield n.lineno, n.attr, "name"
 
 
 def _sources():
@@ -81,43 +99,72 @@ def _sources():
 
 def test_no_architecture_names_in_growir():
     root = pathlib.Path(growir.__file__).parent
+    camel, model_types, exported = _architecture_names()
     hits = [f"{path.relative_to(root)}:{i}: {line.strip()}" for path in root.rglob("*.py")
             for i, line in enumerate(path.read_text().splitlines(), 1) if ARCH_NAMES.search(line)]
-    hits += [f"{path}:{i}: {text[:80]}" for path, tree in _sources() for i, text in _code_strings_and_names(tree)
-             if CLASS_NAMES.search(text)]
+    for path, tree in _sources():
+        for i, text, kind in _code_strings_and_names(tree):
+            if camel.search(text) or text in exported or any(w in exported for w in re.findall(r"\w+", text)):
+                hits.append(f"{path}:{i}: class name in {text[:80]!r}")
+            elif kind == "str" and text.lower().replace("-", "_") in model_types:
+                hits.append(f"{path}:{i}: model_type {text!r}")
     assert not hits, "growir must decide from the graph, not from names:\n" + "\n".join(hits[:20])
 
 
-def test_no_class_name_matching_in_growir():
-    """A class's ``__name__`` may be printed, never compared or searched (``"CausalLM" in type(m).__name__``)."""
+def test_the_name_checks_catch_what_they_look_for():
+    """The greps above find CamelCase classes of any architecture transformers knows, and a model_type string."""
+    import ast
+    camel, model_types, exported = _architecture_names()
+    code = ("if type(m).__name__ == 'LlamaForCausalLM' or isinstance(m, SwinModel) or cfg.model_type == 'falcon':\n"
+            "    TABLE[type(m).__name__] = GPTJAttention, MobileBertForMaskedLM\n")
+    found = [t for _, t, _ in _code_strings_and_names(ast.parse(code)) if camel.search(t) or t in exported]
+    assert {"LlamaForCausalLM", "SwinModel", "GPTJAttention", "MobileBertForMaskedLM"} <= set(found), found
+    assert "falcon" in model_types and "PreTrainedModel" not in exported
+    assert len(_class_name_matches(ast.parse(code))) == 2  # the comparison and the table keyed by class name
+
+
+def _class_name_matches(tree) -> list:
+    """Line numbers where a class's name is compared, searched or used as a key (``"CausalLM" in
+    type(m).__name__``, ``TABLE[type(m).__name__]``, ``table.get(m.__class__.__name__)``)."""
     import ast
     hits = []
-    for path, tree in _sources():
-        for n in ast.walk(tree):
-            if isinstance(n, ast.Compare):
-                parts = [n.left, *n.comparators]
-            elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in (
-                    "startswith", "endswith", "find", "index", "count", "match", "search", "fullmatch"):
-                parts = [n.func.value, *n.args]
-            else:
-                continue
-            if any(isinstance(a, ast.Attribute) and a.attr in ("__name__", "__qualname__", "__class__")
-                   and not (isinstance(a.value, ast.Attribute) and a.value.attr == "_overloadpacket")  # an op
-                   for p in parts for a in ast.walk(p)):
-                hits.append(f"{path}:{n.lineno}")
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Compare):
+            parts = [n.left, *n.comparators]
+        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in (
+                "startswith", "endswith", "find", "index", "count", "match", "search", "fullmatch", "get"):
+            parts = [n.func.value, *n.args]
+        elif isinstance(n, ast.Subscript):
+            parts = [n.slice]
+        else:
+            continue
+        if any(isinstance(a, ast.Attribute) and a.attr in ("__name__", "__qualname__", "__class__")
+               and not (isinstance(a.value, ast.Attribute) and a.value.attr == "_overloadpacket")  # an op
+               for p in parts for a in ast.walk(p)):
+            hits.append(n.lineno)
+    return hits
+
+
+def test_no_class_name_matching_in_growir():
+    """A class's ``__name__`` may be printed, never compared, searched or looked up."""
+    hits = [f"{path}:{line}" for path, tree in _sources() for line in _class_name_matches(tree)]
     assert not hits, "growir decides from the model, not its class name:\n" + "\n".join(hits)
 
 
 def test_config_field_names_only_where_a_config_is_rebuilt():
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
     from growir.plan import WIDTH_ROLES
-    fields = set()
-    for kind in ("bert", "gpt2", "llama", "mistral", "qwen2", "t5", "opt", "gpt_neox", "phi3", "vit"):
+    fields = {k for k in PretrainedConfig().to_dict() if "_" in k}
+    for kind in ("bert", "gpt2", "llama", "mistral", "qwen2", "t5", "opt", "gpt_neox", "phi3", "vit", "falcon",
+                 "bloom", "mixtral", "gemma2", "swin", "whisper", "mpt", "olmoe"):
         fields |= {k for k in AutoConfig.for_model(kind).to_dict() if "_" in k}
     fields -= set(WIDTH_ROLES) | {"use_cache", "return_dict", "output_attentions", "output_hidden_states"}
-    hits = [f"{path}:{i}: {text}" for path, tree in _sources() if path.name not in CONFIG_FILES
-            for i, text in _code_strings_and_names(tree) if text in fields]
-    assert not hits, "config field names belong in " + ", ".join(sorted(CONFIG_FILES)) + ":\n" + "\n".join(hits)
+    hits = []
+    for path, tree in _sources():
+        allowed = CONFIG_FIELDS.get(path.as_posix(), set())
+        hits += [f"{path}:{i}: {text}" for i, text, _ in _code_strings_and_names(tree)
+                 if allowed is not None and text in fields and text not in allowed]
+    assert not hits, "config field names belong where a config is rebuilt, or in CONFIG_FIELDS:\n" + "\n".join(hits)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -106,6 +106,7 @@ def _merge_parallel(gm, facts, found: list, members: dict) -> list:
         if not b.homogeneous:
             by_count[b.count].append(b)
     for count, lists in by_count.items():
+        lists = [b for b in lists if not any(b.prefix.startswith(f"{o.prefix}.") for o in lists)]  # not nested
         if len(lists) < 2:
             continue
         spans = _spans(gm, [[members[b.paths[i]] for b in lists] for i in range(count)])
@@ -116,7 +117,14 @@ def _merge_parallel(gm, facts, found: list, members: dict) -> list:
         merged = _describe(gm, facts, merged.prefix, spans, merged)
         if merged.homogeneous:
             found = [b for b in found if b not in lists] + [merged]
-    return found
+    return [b for b in found if b.homogeneous or not _inside_blocks(b, found)]
+
+
+def _inside_blocks(b: Blocks, found: list) -> bool:
+    """Whether ``b`` is a list inside the blocks of a block list (experts inside parallel ``mlp[i]`` lists):
+    those blocks are copied whole, so the inner list is no depth of its own."""
+    return any(b.prefix.startswith(f"{c}.") for o in found if o.homogeneous and o is not b
+               for c in (o.containers or [o.prefix]))
 
 
 def _spans(gm, entries: list) -> list | None:
