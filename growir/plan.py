@@ -242,7 +242,25 @@ def unused_width_notes(plan: Plan, width, sizes: dict) -> list[str]:
     if skipped:
         notes.append(f"width={float(width):g} left {', '.join(g.label for g in skipped)} at their size: "
                      f"{skipped[0].pinned}; nothing grows there")
+    notes += _single_head_notes(plan, float(width))
     if not any(sizes.get(g.id, g.size) != g.size for g in plan.groups):
         notes.append(f"width={float(width):g} grew nothing: growir found no group with a role a multiplier "
                      f"grows ({', '.join(r for r in WIDTH_ROLES if r != 'head_dim')}) that is free to grow")
     return notes
+
+
+def _single_head_notes(plan: Plan, width: float) -> list[str]:
+    """Attention with one query head: its head axis has size 1, which the graph cannot tell from a broadcast,
+    so it is no group and a multiplier does not grow it; say so instead of leaving the heads silently at one.
+    Attention by ``scaled_dot_product_attention``, or written out (its head axis is a batch axis of size 1)."""
+    from .analysis.walker import module_of
+    ag, nodes = plan.facts.ag, {n.name: n for n in plan.captured.gm.graph.nodes}
+    single = [s["node"] for s in plan.facts.attention if ag.size_of(s["q"][1]) == 1]
+    single += [r.node for r in plan.facts.reads if r.kind == "batch" and ag.size_of(r.axis) == 1]
+    if not single:
+        return []
+    first = module_of(nodes[single[0]])[0]
+    return [f"width={width:g} kept the single-head attention in `{first}` (and {len(set(single)) - 1} more ops) "
+            f"at one head: one head is a size-1 axis, which the graph cannot tell from a broadcast, so it is no "
+            f"group growir copies and the attention stays as wide as it was; pass width={{'head_dim': ...}} to "
+            f"widen it"]

@@ -106,6 +106,12 @@ def tick(test: str, outcome: str = "ok") -> None:
             f.write(f"{time.time():.1f} {test} {outcome}\n")
 
 
+def unnoted(warned: list, rec) -> list:
+    """growir's warnings that are not notes on the record (an exact growth may only warn what it notes)."""
+    return [w for w in warned if w.removeprefix("growir: ") not in rec.notes
+            and not ("fixed shapes" in w and rec.plan.captured.static)]
+
+
 def is_tied(model) -> bool:
     return hasattr(model, "embed") and model.head.weight is model.embed.weight
 
@@ -152,8 +158,18 @@ MOE_IN_PARALLEL_LISTS = (
 )
 
 
+# float32 error 1.4e-5 on fresh inputs, 1e-14 in float64: rounding (one head of 4 dims, q/k LayerNorms, ALiBi)
+ROUNDING_ONLY = (
+    Arch(vocab=21, heads=1, kv_heads=1, head_dim=4, ffn=4, layers=1, pre_norm=True, norm="layer", bias=False,
+         mlp="swiglu", fused_mlp=True, positions="alibi", fused_qkv=False, tied=True, final_norm=True,
+         literal_views=False, seed=230, qk_norm=True, attention="einsum"),
+    Spec(width=2, ratios={"hidden": Fraction(2), "ffn": Fraction(2), "heads": Fraction(2)}),
+)
+
+
 @budget(1.0)
 @given(cases())
+@example(case=ROUNDING_ONLY)
 @example(case=MOE_IN_PARALLEL_LISTS)
 @example(case=FUSED_QKV_HEAD_DIM)
 @example(case=ROTARY_NOOP_HEAD_DIM)
@@ -182,11 +198,17 @@ def test_grow_preserves_or_says_why(case):
     note(f"record: exact={rec.exact} deviation={rec.deviation} reasons={rec.reasons}")
     if promised:
         assert rec.exact, f"the notes promise an exact growth, growir says: {rec.reasons}"
-    if rec.exact:  # nothing to warn about, except a static-shape export (then only the example's shape varies)
-        assert not [w for w in warned if "fixed shapes" not in w] and (not warned or rec.plan.captured.static)
+    if rec.exact:  # warned only with what the record notes (a single head kept, a static-shape export)
+        assert not unnoted(warned, rec), warned
         assert rec.deviation is not None and rec.deviation <= TOL
         err = worst_error(arch.build(), grown, arch, rec.output_maps, rec.plan.captured)
+        if err > TOL:  # float32 rounding, amplified by a norm over 4 dims, or a wrong model? float64 says which
+            err64 = worst_error(arch.build().double(), grown.double(), arch, rec.output_maps, rec.plan.captured)
+            note(f"float32 error {err:.3g}, float64 error {err64:.3g}")
+            err = err64 if err64 <= 1e-9 else err
         assert err <= TOL, f"exact growth moved the outputs by {err:.3g} (relative to max(1, max|y|))"
+        if arch.heads == 1 and not isinstance(spec.width, dict) and spec.width != 1:  # never a silent skip
+            assert any("single-head attention" in n for n in rec.notes), rec.notes
         tick("grow", "exact")
     else:
         assert rec.reasons and all(isinstance(r, str) and r for r in rec.reasons)
@@ -364,7 +386,7 @@ def test_two_steps_preserve_like_one(data):
     for model in (step1, step2, once):
         rec = model.growir_record
         assert rec.exact, rec.reasons
-    assert not warned
+    assert not unnoted(warned, step2.growir_record), warned
     assert sorted(tuple(v.shape) for v in step2.state_dict().values()) == \
         sorted(tuple(v.shape) for v in once.state_dict().values())
     # step2's output maps are relative to step1; the logits' vocab axis never grows, so compare directly
