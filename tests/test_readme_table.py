@@ -12,7 +12,7 @@ def _norm(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", text.lower())
 
 
-def tested_on_names() -> set:
+def readme_tested_names() -> set:
     """The architecture names (transformers model types) in the table's "tested on" column."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     types = {_norm(t) for t in CONFIG_MAPPING_NAMES}
@@ -32,7 +32,7 @@ def tested_on_names() -> set:
 def test_every_architecture_the_table_names_is_built_by_a_test():
     this = pathlib.Path(__file__).name
     sources = _norm("".join(p.read_text() for p in (ROOT / "tests").glob("*.py") if p.name != this))
-    names = tested_on_names()
+    names = readme_tested_names()
     assert {"llama", "mixtral", "qwen2moe", "gemma", "bloom", "mpt", "falcon", "swin"} <= names, sorted(names)
     missing = sorted(n for n in names if n not in sources)
     assert not missing, f"README's table names architectures no test builds: {missing}"
