@@ -1,0 +1,56 @@
+"""Per-tensor rules: block copies, low-precision slices and the fast path give the same bits as the plain
+axis-by-axis computation (the cast-once rule holds)."""
+
+import pytest
+import torch
+
+from growir.passes.tensor_rule import AxisMap, TensorRule, gather
+
+
+def test_gather_by_slices_equals_index_select():
+    t = torch.randn(5, 7, 6)
+    for index in (torch.arange(7).repeat(2), torch.tensor([6, 5, 0, 1, 2, 2, 3]), torch.randint(0, 7, (40,))):
+        assert torch.equal(gather(t, 1, index), t.index_select(1, index))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_pure_gather_in_low_precision_equals_float32_then_cast(dtype):
+    """Every bfloat16/float16 value is a float32 value and a gather only copies: computing in the source dtype
+    gives bitwise what computing in float32 and casting once gives (the cast-once rule holds)."""
+    old = torch.randn(300, 24).to(dtype)
+    index = torch.cat([torch.arange(24), torch.tensor([3, 7, 7, 20])])
+    rule = TensorRule("w", [AxisMap(), AxisMap(index, fill=None)])
+    assert not rule.arithmetic
+    assert torch.equal(rule.apply(old), rule.apply(old.float()).to(dtype))
+    assert rule.apply(old).dtype == dtype
+
+
+def test_a_low_precision_rule_computed_by_slices_gives_the_same_bits(monkeypatch):
+    import growir.passes.tensor_rule as tr
+    old = torch.randn(3000, 48).to(torch.bfloat16)
+    index = torch.cat([torch.arange(48), torch.arange(0, 48, 3)])
+    rule = TensorRule("w", [AxisMap(), AxisMap(index, torch.bincount(index, minlength=48))], scale=0.7)
+    whole = rule.apply_checked(old)
+    monkeypatch.setattr(tr, "SLICE_BYTES", 4096)
+    assert rule._slice_axis(old) == 0
+    sliced = rule.apply_checked(old)
+    assert torch.equal(whole[0], sliced[0]) and whole[1] == sliced[1]
+    assert torch.equal(sliced[0], rule._mapped(old.float()).to(torch.bfloat16))  # float32 then cast, once
+
+
+def test_rules_without_fills_give_the_stepwise_bits():
+    """The fast path (arithmetic on the old tensor, then one pass of block copies) equals the axis-by-axis one."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        shape = [int(n) for n in torch.randint(2, 7, (1 + trial % 3,), generator=gen)]
+        old = torch.randn(shape, generator=gen)
+        axes = []
+        for n in shape:
+            kind = int(torch.randint(0, 3, (1,), generator=gen))
+            index = None if kind == 0 else torch.cat([torch.arange(n).repeat(2), torch.randint(0, n, (kind,),
+                                                                                               generator=gen)])
+            divide = torch.bincount(index, minlength=n) if index is not None and trial % 2 else None
+            scale = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5 if trial % 5 == 0 else None
+            axes.append(AxisMap(index, divide, scale=scale))
+        rule = TensorRule("w", axes, scale=0.3 if trial % 4 == 0 else 1.0, offset=1.0 if trial % 8 == 0 else 0.0)
+        assert torch.equal(rule._copies(old), rule._stepwise(old)), trial
