@@ -85,3 +85,17 @@ def test_walk_examples_run():
     for name in ("ops", "residual", "norms", "sources"):
         result = doctest.testmod(importlib.import_module(f"growir.analysis.{name}"))
         assert result.failed == 0, name
+
+
+def test_a_pad_is_zero_with_its_input_only_when_it_pads_with_zero():
+    """``constant_pad_nd(x, pad, 1.0)`` of a zero ``x`` is not zero: a block ending in it is no identity."""
+    import torch
+    from torch import fx
+
+    from growir.analysis.ops import ZERO_WITH_FIRST
+
+    def f(x):
+        return torch.ops.aten.constant_pad_nd.default(x, [1, 1], 1.0), torch.ops.aten.constant_pad_nd.default(x, [1, 1])
+
+    pads = [n for n in fx.symbolic_trace(f).graph.nodes if n.op == "call_function"]
+    assert [ZERO_WITH_FIRST(n) for n in pads] == [False, True]

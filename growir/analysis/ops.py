@@ -35,6 +35,7 @@ class Op:
         operand is), "always", "affine" (a norm's weight and bias are); "" when none of these holds
     linear: the output is a linear function of all its tensor operands together (a sum of terms)
     weight_at / bias_at: the operand position of the weight it applies / of the bias it adds
+    value_at: the operand position of a constant it fills with (a pad's value): zero-with-first only where it is 0
     random: its value is not a function of its operands (random draws, uninitialised memory, dropout)
     label: how reports name it
     """
@@ -43,6 +44,7 @@ class Op:
     linear: bool = False
     weight_at: int | None = None
     bias_at: int | None = None
+    value_at: int | None = None
     random: bool = False
     label: str = ""
 
@@ -71,7 +73,7 @@ _add("item", "getitem", namespace="")
 _add("expand", "expand expand_as broadcast_to repeat repeat_interleave")
 _add("gather", "index index_select gather")
 _add("reorder", "roll flip")
-_add("pad", "constant_pad_nd", zero="first")  # pads with its value argument: 0 unless given (not checked here)
+_add("pad", "constant_pad_nd", zero="first", value_at=2)  # pads with its value argument: 0 unless given
 _add("pad", "pad")
 _add("sum", "add add_ sub cat", zero="all", linear=True)
 _add("sum", "stack where index_add index_add_ index_put index_put_ scatter_add scatter_add_", zero="all")
@@ -134,7 +136,20 @@ SCALES = where_trait(lambda t: t.kind == "scale" and not t.linear)  # x * c, x /
 INDEXES = OpSet(("aten.index", "aten.index_select"))  # x[idx]: whole slices of x along indexed axes
 ADDS = OpSet(("aten.add", "aten.add_"))  # a + b: a residual stream plus a term
 LINEAR = where_trait(lambda t: t.linear)  # sums of terms: add, sub, neg, cat
-ZERO_WITH_FIRST = where_trait(lambda t: t.zero_with_first)
+class _FillChecked(OpSet):
+    """An OpSet whose node test also asks that the constant an op fills with (``value_at``) is 0: zero padded
+    with 1 is not zero."""
+
+    def __call__(self, node) -> bool:
+        if not OpSet.__call__(self, node):
+            return False
+        pos = TRAITS[op_name(node)].value_at
+        if pos is None:
+            return True
+        return (node.args[pos] if len(node.args) > pos else node.kwargs.get("value", 0)) == 0
+
+
+ZERO_WITH_FIRST = _FillChecked(where_trait(lambda t: t.zero_with_first))
 ZERO_WITH_ONE = where_trait(lambda t: t.zero == "one")
 ZERO_WITH_ALL = where_trait(lambda t: t.zero == "all")
 ZEROS = where_trait(lambda t: t.zero == "always")
