@@ -192,13 +192,8 @@ class TensorRule:
                 new = torch.where(on(index < 0).reshape(shape), fill, new)
                 if m.fill == "geometric" and geometric is not None:
                     new = geometric.to(new.device)
-        if self.scale != 1.0 and self.offset:  # (offset + w') = scale * (offset + w)
-            new = (new + self.offset) * self.scale - self.offset
-        elif self.scale != 1.0:
-            new = new.mul_(self.scale) if new is not old else new * self.scale
-        if self.zero:
-            new = torch.zeros_like(new)
-        return new
+        new = self._scaled(new, old)
+        return torch.zeros_like(new) if self.zero else new
 
     def _copies(self, old: torch.Tensor) -> torch.Tensor:
         """``_mapped`` without fills: every value of the grown tensor is an old value divided and scaled per old
@@ -212,13 +207,17 @@ class TensorRule:
                 if per_old is not None:
                     factor = on(per_old).to(new.dtype).reshape(shape)
                     new = op_(new, factor) if new is not old else op(new, factor)
-        if self.scale != 1.0 and self.offset:  # (offset + w') = scale * (offset + w)
-            new = (new + self.offset) * self.scale - self.offset
-        elif self.scale != 1.0:
-            new = new.mul_(self.scale) if new is not old else new * self.scale
         if self.zero:
             return torch.zeros(self.new_shape(old.shape), dtype=old.dtype, device=old.device)
-        return gather_axes(new, [m.index for m in self.axes])
+        return gather_axes(self._scaled(new, old), [m.index for m in self.axes])
+
+    def _scaled(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """``new`` times the tensor's whole scale (in place unless ``new`` is still the source tensor)."""
+        if self.scale != 1.0 and self.offset:  # (offset + w') = scale * (offset + w)
+            return (new + self.offset) * self.scale - self.offset
+        if self.scale != 1.0:
+            return new.mul_(self.scale) if new is not old else new * self.scale
+        return new
 
     @property
     def changes(self) -> bool:
@@ -265,7 +264,7 @@ def exact_shares(whole: torch.Tensor, shares: torch.Tensor, factors: torch.Tenso
     rest = (-1,) + (1,) * (f.dim() - 1)
     big = torch.full(w.shape, float("inf"), dtype=f.dtype, device=f.device)
     smallest = big.scatter_reduce(0, g.view(rest).expand_as(f), f.masked_fill(~live.view(rest), float("inf")), "amin")
-    counts = torch.zeros(len(w), dtype=torch.long, device=g.device).index_add_(0, g[live], torch.ones_like(g[live]))
+    counts = torch.bincount(g[live], minlength=len(w))
     mark = (f == smallest[g]) & (live & (counts[g] > 1)).view(rest)
     others = torch.zeros_like(w).index_add_(0, g[live], moved.masked_fill(mark, 0)[live])
     return torch.where(mark, w[g] - others[g], moved).movedim(0, axis)
