@@ -17,14 +17,12 @@ import argparse
 import concurrent.futures as cf
 import copy
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 
@@ -33,73 +31,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from growir.errors import GrowthError  # noqa: E402
 from growir.train import baselines  # noqa: E402
-from growir.train.data import MLM_VOCAB, VOCAB, Batcher, load_corpus  # noqa: E402
 from growir.train.flops import non_embedding_params  # noqa: E402
-from growir.train.loop import TrainConfig, make_optimizer, train  # noqa: E402
-from growir.train.metrics import flops_to_reach, mean_std, saving  # noqa: E402
+from growir.train.data import load_corpus  # noqa: E402
+from growir.train.loop import train  # noqa: E402
 from growir.train.schedule import TwoStage  # noqa: E402
 from savings_report import plot, write_markdown  # noqa: E402
-
-METHODS = ["scratch", "stackbert", "mslt", "directcopy", "fpi", "aki", "bert2bert", "fpi+noise", "growir",
-           "growir+optimizer"]
-# The learning-rate sweep after growth, on growir's default growth: TrainConfig fields changed from the shared
-# schedule (``lr`` as a factor of the peak; ``warmup`` a fraction of the steps: 0 = start at the peak, 0.15 =
-# 90 of 600 steps; the shared schedule warms up over 0.05 = 30 steps). Reported as a sweep, not as rows.
-LR_SWEEP = {"growir-w0": {"warmup": 0.0}, "growir-w90": {"warmup": 0.15}, "growir-lr.5": {"lr": 0.5},
-            "growir-w0-lr.5": {"warmup": 0.0, "lr": 0.5}, "growir-w90-lr.5": {"warmup": 0.15, "lr": 0.5}}
-GROWIR_POLICY: dict = {}  # the policy the growir rows train with (the sweep's winner, if one wins clearly)
-LR_POLICIES = {**LR_SWEEP, **({"growir": GROWIR_POLICY, "growir+optimizer": GROWIR_POLICY} if GROWIR_POLICY else {})}
-GROWIR = {"growir", "growir+optimizer", *LR_SWEEP}  # grown with growir's default recipe
-USES_SOURCE = {"directcopy", "fpi", "aki", "bert2bert", "fpi+noise", *GROWIR}
-ALL_METHODS = METHODS + list(LR_SWEEP)
-HEADLINE = "decoder-wide"
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Everything that sets the cost of a run; ``--scale K`` multiplies the step budgets."""
-    hidden: int = 32            # source width; targets are 2× wider
-    layers: int = 4             # source depth
-    head_dim: int = 16          # fixed: width growth adds heads
-    seq: int = 64
-    batch: int = 16
-    source_steps: int = 600     # the source sees the same token budget as each target
-    target_steps: int = 600     # the token budget of every method: target_steps·batch·seq
-    eval_every: int = 40
-    lr_decoder: float = 3e-3    # peak LR, identical for all methods (and the source)
-    lr_encoder: float = 1e-3
-    warmup: float = 0.05        # linear warmup fraction, then cosine to 10%: every method restarts it
-    rewarmup: int = 20          # after StackBERT/MSLT stackings (fresh optimizer state)
-    stage1_fraction: float = 0.25   # bert2BERT stage 1 share of the steps
-    mslt_final_fraction: float = 0.2  # MSLT's last all-layer stage
-    noise: float = 1e-3         # the fpi+noise method's symmetry-breaking noise
-    corpus_bytes: int = 4_000_000
-    val_windows: int = 128
-
-    def scaled(self, k: float) -> "Sizes":
-        return dataclasses.replace(self, source_steps=round(self.source_steps * k),
-                                   target_steps=round(self.target_steps * k), eval_every=round(self.eval_every * k))
-
-
-QUICK = Sizes(hidden=16, layers=2, seq=32, batch=8, source_steps=40, target_steps=40, eval_every=10,
-              corpus_bytes=300_000, val_windows=16, rewarmup=3)
-
-
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    arch: str       # "decoder" (pre-norm Llama, causal LM) or "encoder" (post-norm BERT, masked LM)
-    width: float
-    depth: float
-
-
-SETTINGS = {s.name: s for s in [Setting("decoder-wide", "decoder", 2.0, 1.0),
-                                Setting("decoder-wide-deep", "decoder", 2.0, 2.0),
-                                Setting("decoder-x1.5", "decoder", 1.5, 1.0),  # bert2BERT's 512 -> 768
-                                Setting("encoder-wide", "encoder", 2.0, 1.0),
-                                Setting("encoder-x1.5", "encoder", 1.5, 1.0),
-                                Setting("encoder-wide-deep", "encoder", 2.0, 2.0)]}
-DEFAULT_SETTINGS = ["decoder-wide", "decoder-wide-deep", "decoder-x1.5", "encoder-wide", "encoder-x1.5"]
+from savings_results import keep_partial, partial_file, previous_runs, summarize_method, summarize_setting  # noqa: E402,F401
+from savings_setup import (ALL_METHODS, DEFAULT_SETTINGS, GROWIR_POLICY, HEADLINE, LR_POLICIES, LR_SWEEP,  # noqa: E402,F401
+                           METHODS, QUICK, SETTINGS, USES_SOURCE, Setting, Sizes, batcher, load_source,
+                           model_class, new_model, pretrain_source, target_config, to_device, train_config)
 
 
 class Unavailable(Exception):
@@ -113,100 +53,6 @@ def grow_fn():
     except ImportError as e:
         raise Unavailable(f"growir.grow is not importable: {e}") from e
     return grow
-
-
-# --- models ---------------------------------------------------------------------------------------------
-
-def model_config(arch: str, hidden: int, layers: int, sizes: Sizes):
-    heads = max(1, hidden // sizes.head_dim)
-    if arch == "decoder":
-        from transformers import LlamaConfig
-        return LlamaConfig(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=heads, num_key_value_heads=heads, vocab_size=VOCAB,
-                           max_position_embeddings=sizes.seq, tie_word_embeddings=False)
-    from transformers import BertConfig
-    return BertConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, vocab_size=MLM_VOCAB, max_position_embeddings=sizes.seq)
-
-
-def model_class(arch: str):
-    from transformers import BertForMaskedLM, LlamaForCausalLM
-    return LlamaForCausalLM if arch == "decoder" else BertForMaskedLM
-
-
-def new_model(arch: str, config, seed: int):
-    torch.manual_seed(seed)
-    return model_class(arch)(config)
-
-
-def target_config(setting: Setting, sizes: Sizes):
-    return model_config(setting.arch, round(sizes.hidden * setting.width), round(sizes.layers * setting.depth),
-                        sizes)
-
-
-def train_config(arch: str, sizes: Sizes, steps: int, method: str = "") -> TrainConfig:
-    """The shared schedule; the LR_POLICIES methods change one field of it (the peak ``lr`` by a factor)."""
-    lr = sizes.lr_decoder if arch == "decoder" else sizes.lr_encoder
-    cfg = TrainConfig(steps=steps, lr=lr, warmup=sizes.warmup, eval_every=sizes.eval_every, rewarmup=sizes.rewarmup)
-    change = dict(LR_POLICIES.get(method, {}))
-    if "lr" in change:
-        change["lr"] *= lr
-    return dataclasses.replace(cfg, **change)
-
-
-def batcher(arch: str, sizes: Sizes, seed: int, device: str = "cpu") -> Batcher:
-    return Batcher(load_corpus(sizes.corpus_bytes), seq=sizes.seq, batch=sizes.batch, mlm=arch == "encoder",
-                   seed=seed, val_windows=sizes.val_windows, device=device)
-
-
-def to_device(model, device: str, optimizer=None):
-    """Move ``model`` (and ``optimizer``'s state, which load_state_dict puts on each parameter's device)."""
-    if device != "cpu":
-        model.to(device)  # in place: the optimizer's parameters stay the same objects
-        if optimizer is not None:
-            optimizer.load_state_dict(optimizer.state_dict())
-    return model
-
-
-# --- source -----------------------------------------------------------------------------------------------
-
-def source_path(arch: str, sizes: Sizes, seed: int, cache: str, device: str = "cpu") -> str:
-    key = [arch, dataclasses.asdict(sizes), load_corpus(sizes.corpus_bytes).digest()] + ([device] if device != "cpu" else [])
-    key = json.dumps(key, sort_keys=True)
-    return os.path.join(cache, f"source-{arch}-{hashlib.sha256(key.encode()).hexdigest()[:10]}-seed{seed}.pt")
-
-
-def pretrain_source(arch: str, sizes: Sizes, seed: int, cache: str, device: str = "cpu") -> str:
-    """Train (or find cached) the seed's source; returns the cache file (state_dict, config, log, optimizer;
-    saved on the CPU). A cache file from before the optimizer state was kept is trained again (deterministic)."""
-    path = source_path(arch, sizes, seed, cache, device)
-    if not os.path.exists(path) or "optimizer" not in torch.load(path, weights_only=False, map_location="cpu"):
-        torch.set_num_threads(1)
-        config = model_config(arch, sizes.hidden, sizes.layers, sizes)
-        model = to_device(new_model(arch, config, seed), device)
-        opt = make_optimizer(model, train_config(arch, sizes, sizes.source_steps))
-        log = train(model, batcher(arch, sizes, seed + 1000, device), train_config(arch, sizes, sizes.source_steps),
-                    progress=False, optimizer=opt)
-        model.cpu()
-        opt.load_state_dict(opt.state_dict())  # the state follows its parameters to the CPU
-        os.makedirs(cache, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "config": config.to_dict(), "log": log,
-                    "optimizer": opt.state_dict()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    return path
-
-
-def load_source(arch: str, path: str, sizes: Sizes | None = None):
-    """(model, log), and with ``sizes`` also the source's AdamW with its final state."""
-    blob = torch.load(path, weights_only=False, map_location="cpu")
-    config = type(model_config(arch, 16, 1, QUICK)).from_dict(blob["config"])
-    model = model_class(arch)(config)
-    model.load_state_dict(blob["state_dict"])
-    if sizes is None:
-        return model, blob["log"]
-    opt = make_optimizer(model, train_config(arch, sizes, sizes.source_steps))
-    opt.load_state_dict(blob["optimizer"])
-    return model, blob["log"], opt
 
 
 # --- methods ----------------------------------------------------------------------------------------------
@@ -308,71 +154,6 @@ def run_job(setting_name: str, method: str, seed: int, sizes: Sizes, source_file
             "layers": model.config.num_hidden_layers, "seconds": time.time() - start, **info}
 
 
-# --- summary ----------------------------------------------------------------------------------------------
-
-def summarize_method(method: str, runs: list[dict], scratch: dict[int, dict], source_flops: dict[int, float]) -> dict:
-    """One method of one setting, seeds paired with the scratch run of the same seed."""
-    if not runs or not all(r["available"] for r in runs):
-        reason = next((r["reason"] for r in runs if not r["available"]), "not run")
-        return {"name": method, "available": False, "reason": reason, "saving": None, "saving_std": None,
-                "saving_with_source": None, "flops_to_target": None, "final_val_loss": None, "reached": False}
-    pairs = [(r, scratch[r["seed"]]["log"]) for r in runs]
-    reach = [f for f in (flops_to_reach(r["log"], base[-1]["val_loss"]) for r, base in pairs) if f is not None]
-    extra = source_flops if method in USES_SOURCE else {}
-    per_seed = {str(r["seed"]): saving(r["log"], base) for r, base in pairs}
-    plain = mean_std([v for v in per_seed.values() if v is not None])
-    ranked = mean_std([v or 0.0 for v in per_seed.values()])  # an unreached seed counts as 0% saved
-    with_source = mean_std([v for v in (saving(r["log"], base, extra.get(r["seed"], 0.0)) for r, base in pairs)
-                            if v is not None])
-    finals = mean_std([r["log"][-1]["val_loss"] for r in runs])
-    return {"name": method, "available": True, "saving": plain[0], "saving_std": plain[1],
-            "saving_ranked": ranked[0], "saving_ranked_std": ranked[1], "per_seed_saving": per_seed,
-            "per_seed_final_val_loss": {str(r["seed"]): r["log"][-1]["val_loss"] for r in runs},
-            "saving_with_source": with_source[0], "saving_with_source_std": with_source[1],
-            "flops_to_target": mean_std(reach)[0], "final_val_loss": finals[0], "final_val_loss_std": finals[1],
-            "initial_val_loss": mean_std([r["log"][0]["val_loss"] for r in runs])[0],
-            "reached": len(reach) == len(runs), "reached_seeds": len(reach), "seeds": len(runs),
-            "params": runs[0]["params"], "grow_kwargs": runs[0].get("grow_kwargs"), "grown": grown_summary(runs),
-            "train_config": runs[0].get("train_config"), "seconds": mean_std([r["seconds"] for r in runs])[0]}
-
-
-def grown_summary(runs: list[dict]) -> dict | None:
-    """The width method(s) ``grow`` used over the seeds, exact on every seed or not, the largest deviation."""
-    used = [r["grown"] for r in runs if r.get("grown")]
-    if not used:
-        return None
-    devs = [u["deviation"] for u in used if u.get("deviation") is not None]
-    out = {"width_method": "/".join(sorted({u["width_method"] for u in used})), "seeds": len(used),
-           "exact": all(u["exact"] for u in used), "max_deviation": max(devs) if devs else None}
-    for name in ("group_methods", "width_methods"):
-        if used[0].get(name):
-            out[name] = used[0][name]
-    return out
-
-
-def summarize_setting(setting: Setting, sizes: Sizes, jobs: list[dict], sources: dict[int, list[dict]]) -> dict:
-    mine = [j for j in jobs if j["setting"] == setting.name]
-    scratch = {j["seed"]: j for j in mine if j["method"] == "scratch"}
-    sources = {s: log for s, log in sources.items() if s in scratch}  # the seeds this setting ran
-    source_flops = {s: log[-1]["flops"] for s, log in sources.items()}
-    methods = [summarize_method(m, [j for j in mine if j["method"] == m], scratch, source_flops) for m in METHODS]
-    sweep = [{**summarize_method(m, runs, scratch, source_flops), "policy": LR_SWEEP[m]}
-             for m in LR_SWEEP if (runs := [j for j in mine if j["method"] == m])]
-    src_loss = mean_std([log[-1]["val_loss"] for log in sources.values()])
-    scratch_loss = mean_std([j["log"][-1]["val_loss"] for j in scratch.values()])
-    tgt = target_config(setting, sizes)
-    return {"name": setting.name, "arch": setting.arch, "width": setting.width, "depth": setting.depth,
-            "source": {"hidden": sizes.hidden, "layers": sizes.layers, "steps": sizes.source_steps,
-                       "final_val_loss": src_loss[0], "final_val_loss_std": src_loss[1],
-                       "flops": mean_std(list(source_flops.values()))[0]},
-            "target": {"hidden": tgt.hidden_size, "layers": tgt.num_hidden_layers, "steps": sizes.target_steps,
-                       "tokens": sizes.target_steps * sizes.batch * sizes.seq,
-                       "scratch_final_val_loss": scratch_loss[0], "scratch_final_val_loss_std": scratch_loss[1],
-                       "scratch_flops": mean_std([j["log"][-1]["flops"] for j in scratch.values()])[0],
-                       "scratch_below_source": src_loss[0] - scratch_loss[0]},
-            "methods": methods, "lr_sweep": sweep}
-
-
 # --- driver -----------------------------------------------------------------------------------------------
 
 def _map(pool, fn, args_list, on_done=None):
@@ -389,41 +170,6 @@ def _map(pool, fn, args_list, on_done=None):
         f.add_done_callback(lambda f: f.exception() is None and on_done(f.result()))
     return [f.result() for f in futures]
 
-
-def partial_file(out: str) -> str:
-    """Runs finished by an invocation that has not written its result yet (one JSON line each), so that an
-    interrupted invocation loses only its unfinished runs: ``--reuse`` reads them."""
-    return os.path.join(out, "savings_partial.jsonl")
-
-
-def keep_partial(out: str, sizes: Sizes):
-    os.makedirs(out, exist_ok=True)
-
-    def write(job: dict) -> None:
-        with open(partial_file(out), "a") as f:
-            f.write(json.dumps({"sizes": dataclasses.asdict(sizes), "run": job}) + "\n")
-    return write
-
-
-def previous_runs(out: str, sizes: Sizes) -> tuple[dict[tuple, dict], dict]:
-    """Available runs of an earlier result in ``out`` with the same sizes, keyed (setting, method, seed), and
-    its sources' training logs ({arch: {seed: log}})."""
-    try:
-        with open(os.path.join(out, "savings.json")) as f:
-            same = json.load(f)["sizes"] == dataclasses.asdict(sizes)
-        with open(os.path.join(out, "savings_logs.json")) as f:
-            logs = json.load(f)
-    except (OSError, KeyError, ValueError):
-        return {}, {}
-    if not same:
-        return {}, {}
-    sources = {a: {int(s): log for s, log in v.items()} for a, v in logs.get("sources", {}).items()}
-    runs = logs["runs"]
-    if os.path.exists(partial_file(out)):  # an interrupted invocation's finished runs, later ones win
-        with open(partial_file(out)) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-        runs = runs + [e["run"] for e in lines if e["sizes"] == dataclasses.asdict(sizes)]
-    return {(r["setting"], r["method"], r["seed"]): r for r in runs if r["available"]}, sources
 
 
 def same_recipe(run: dict, sizes: Sizes) -> bool:
