@@ -30,6 +30,9 @@ def test_quoted_numbers_match_the_committed_json():
     assert report.docs_tables(result) in read("docs/savings.md"), "run: python benchmarks/savings_report.py"
     assert report.readme_line(result) in read("README.md"), "run: python benchmarks/savings_report.py"
     assert read("docs/savings.md").count(report.BEGIN) == 1 and read("README.md").count(report.BEGIN) == 1
+    if os.path.exists(report.SCALED):  # the --scale 2 run of the headline, beside the default run
+        scaled = json.loads(read("benchmarks/results/scale2/savings.json"))
+        assert report.scaled_table(scaled, result) in read("docs/savings.md"), "run: python benchmarks/savings_report.py"
 
 
 def test_ranking_counts_an_unreached_seed_as_zero():
@@ -75,3 +78,16 @@ def test_sweep_table_compares_policies_on_common_seeds():
     assert lines[2].startswith("| run | warmup | peak |") and "seed 3" not in lines[2]
     assert lines[4].startswith("| growir | 30 | ×1 | 50.0% | 3/3 |")
     assert lines[5].startswith("| growir-w0 | 0 | ×1 | 43.3% | 2/3 |")
+
+
+def test_scaled_run_is_shown_beside_the_default_run_on_its_seeds():
+    report = load_report()
+    setting = lambda rows: {"name": "h", "source": {"final_val_loss": 2.0},  # noqa: E731
+                            "target": {"scratch_below_source": 0.5, "scratch_final_val_loss": 1.5}, "methods": rows}
+    scaled = {"headline": "h", "sizes": {"source_steps": 1200, "target_steps": 1200},
+              "settings": [setting([_row("growir", [0.5]), _row("directcopy", [0.6])])]}
+    default = {"settings": [setting([_row("growir", [0.7, 0.1]), _row("directcopy", [0.4, 0.4])])]}
+    lines = report.scaled_table(scaled, default).split("\n")
+    assert lines[0] == report.SCALED_BEGIN and lines[-1] == report.SCALED_END
+    rows = [line for line in lines if line.startswith("| directcopy") or line.startswith("| growir")]
+    assert rows == ["| directcopy | 60.0% | 1.000 | 40.0% | 1.000 |", "| growir | 50.0% | 1.000 | 70.0% | 1.000 |"]
