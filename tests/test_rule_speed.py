@@ -54,3 +54,22 @@ def test_rules_without_fills_give_the_stepwise_bits():
             axes.append(AxisMap(index, divide, scale=scale))
         rule = TensorRule("w", axes, scale=0.3 if trial % 4 == 0 else 1.0, offset=1.0 if trial % 8 == 0 else 0.0)
         assert torch.equal(rule._copies(old), rule._stepwise(old)), trial
+
+
+def test_random_fills_are_drawn_at_the_fill_only_and_reproducible():
+    old = torch.randn(6, 4).to(torch.bfloat16).float()  # bfloat16 values: the same std either way
+    index = torch.tensor([0, 1, 2, 3, -1, -1])
+    rule = TensorRule("w", [AxisMap(), AxisMap(index, fill="random")], fill_seed=7)
+    a, b = rule.apply(old), rule.apply(old)
+    assert torch.equal(a, b) and torch.equal(a[:, :4], old)
+    assert a[:, 4:].abs().min() > 0 and a.data_ptr() != old.data_ptr()
+    low = rule.apply(old.to(torch.bfloat16), store=torch.bfloat16)
+    assert torch.equal(low[:, 4:], a[:, 4:].to(torch.bfloat16))  # drawn in float32, rounded once
+
+
+def test_gather_leaves_zeros_where_the_index_is_a_fill():
+    t = torch.randn(5, 7)
+    for index in (torch.cat([torch.arange(7), torch.full((7,), -1)]), torch.randint(-1, 7, (60,))):
+        want = t.index_select(1, index.clamp(min=0))
+        want[:, index < 0] = 0
+        assert torch.equal(gather(t, 1, index), want)

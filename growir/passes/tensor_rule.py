@@ -143,17 +143,17 @@ class TensorRule:
         eps[~live] = 0.0
         return eps.movedim(0, axis)
 
-    def _random_fill(self, new: torch.Tensor, axis: int, mask: torch.Tensor, std: float,
-                     store: torch.dtype) -> torch.Tensor:
-        """Normal draws at ``std`` for the positions ``mask`` of ``axis`` (zero elsewhere), seeded per tensor, and
-        drawn in the stored dtype ``store``: any value will do there, so none should count as a rounding."""
+    def _random_fill(self, new: torch.Tensor, axis: int, at: torch.Tensor, std: float, store: torch.dtype) -> None:
+        """Normal draws at ``std`` written into ``new`` at the positions ``at`` of ``axis``, in place, seeded per
+        tensor and axis: drawn in float32 at the fill's own shape (not the tensor's), and rounded to the stored
+        dtype ``store`` first: any value will do there, so none should count as a rounding."""
         gen = torch.Generator().manual_seed(self.fill_seed * 31 + axis)
         shape = list(new.shape)
-        shape[axis] = int(mask.sum())
-        draw = torch.randn(shape, generator=gen, dtype=torch.float64) * std
-        draw = draw.to(store).to(torch.float64) if store.is_floating_point else draw
-        full = torch.zeros(new.shape, dtype=torch.float64).index_copy_(axis, mask.nonzero().flatten(), draw)
-        return full.to(dtype=new.dtype, device=new.device)
+        shape[axis] = len(at)
+        draw = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(std)
+        if store.is_floating_point and torch.finfo(store).eps > torch.finfo(torch.float32).eps:
+            draw = draw.to(store)
+        _put(new, axis, at, draw)
 
     def has_copies_to_perturb(self) -> bool:
         return any(m.divide is not None and m.index is not None and len(m.index) > len(m.divide)
@@ -166,6 +166,7 @@ class TensorRule:
     def _stepwise(self, old: torch.Tensor, store: torch.dtype | None = None) -> torch.Tensor:
         """Axis by axis: gather, divide (or split), scale, fill."""
         new, on = old, (lambda t: t.to(old.device))  # index tables live on the CPU: move them to the tensor
+        std = None
         for axis, m in enumerate(self.axes):
             mean = new.mean(axis, keepdim=True) if m.fill == "mean" else None
             index = m.index
@@ -173,23 +174,27 @@ class TensorRule:
                 index = torch.where(m.index >= 0, m.index, m.source)  # filled from an old entry, no history
             if index is not None:
                 geometric = _geometric(new, index, m) if m.fill == "geometric" else None
-                before, new = new, gather(new, axis, index.clamp(min=0))
+                before, new = new, gather(new, axis, index)  # positions at -1 hold zeros until filled
             shape = [1] * new.dim()
             shape[axis] = -1
             if m.divide is not None and m.split is not None and index is not None:
-                factors = split_factors(new.shape, axis, index, m.split, self.fill_seed * 31 + axis + 7)
-                new = exact_shares(before, new * on(factors).to(new.dtype), factors, axis, on(index))
+                factors = split_factors(new.shape, axis, index, m.split, self.fill_seed * 31 + axis + 7, new.dtype)
+                new = exact_shares(before, new.mul_(on(factors)), factors, axis, on(index))
             elif m.divide is not None:  # in place once ``new`` is no longer the source tensor itself
                 counts = on(m.divide if index is None else m.divide[index.clamp(min=0)]).to(new.dtype)
                 new = new.div_(counts.reshape(shape)) if new is not old else new / counts.reshape(shape)
             if m.scale is not None:
                 factor = on(m.scale if index is None else m.scale[index.clamp(min=0)]).to(new.dtype)
                 new = new.mul_(factor.reshape(shape)) if new is not old else new * factor.reshape(shape)
-            if m.fill is not None:
-                fill = new.new_zeros(()) if mean is None else mean.expand_as(new)
+            if m.fill is not None:  # written in place into the fill positions only (``new`` was gathered)
+                at = (index < 0).nonzero().flatten()
                 if m.fill == "random":
-                    fill = self._random_fill(new, axis, index < 0, _own_std(old), store or old.dtype)
-                new = torch.where(on(index < 0).reshape(shape), fill, new)
+                    std = _own_std(old) if std is None else std
+                    self._random_fill(new, axis, at, std, store or old.dtype)
+                elif mean is not None:
+                    _put(new, axis, at, mean.expand_as(new).index_select(axis, on(at)))
+                else:
+                    _put(new, axis, at, None)
                 if m.fill == "geometric" and geometric is not None:
                     new = geometric.to(new.device)
         new = self._scaled(new, old)
@@ -225,19 +230,21 @@ class TensorRule:
                                                      or m.scale is not None for m in self.axes)
 
 
-def split_factors(shape, axis: int, index: torch.Tensor, bounds: tuple, seed: int) -> torch.Tensor:
+def split_factors(shape, axis: int, index: torch.Tensor, bounds: tuple, seed: int,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-element weights for a consumer axis's copies instead of 1/count: uniform draws in ``bounds``,
     divided by their sum over each old position's copies, so they sum to 1 there (a single copy gets exactly 1,
     a fill position 1). ``sum_k f_k·W·x = W·x`` because the copies' inputs are equal; the factors stay within
-    [lo/(lo+(c-1)·hi), hi/(hi+(c-1)·lo)], so nothing is amplified (unlike cancelling noise).
+    [lo/(lo+(c-1)·hi), hi/(hi+(c-1)·lo)], so nothing is amplified (unlike cancelling noise). Drawn in
+    ``dtype`` (the rule's compute dtype): the stored shares are made to sum exactly by ``exact_shares``.
 
     >>> f = split_factors((3, 4), 1, torch.tensor([0, 1, 0, 1]), (0.25, 0.75), seed=0)
-    >>> torch.allclose(f[:, :2] + f[:, 2:], torch.ones(3, 2, dtype=torch.float64)), bool((f > 0.24).all())
+    >>> torch.allclose(f[:, :2] + f[:, 2:], torch.ones(3, 2)), bool((f > 0.24).all())
     (True, True)
     """
     lo, hi = bounds
     gen = torch.Generator().manual_seed(seed)
-    u = (lo + (hi - lo) * torch.rand(tuple(shape), generator=gen, dtype=torch.float64)).movedim(axis, 0)
+    u = torch.rand(tuple(shape), generator=gen, dtype=dtype).mul_(hi - lo).add_(lo).movedim(axis, 0)
     live = index >= 0
     g = index.clamp(min=0)
     sums = torch.zeros((int(g.max()) + 1,) + u.shape[1:], dtype=u.dtype).index_add_(0, g[live], u[live])
@@ -281,11 +288,11 @@ def gather_axes(t: torch.Tensor, indexes: list) -> torch.Tensor:
     runs = {a: _runs(i) for a, i in mapped} if not t.is_meta else {}
     blocks = 1
     for r in runs.values():
-        blocks = blocks * len(r) if r is not None else 1 << 30
+        blocks = blocks * len(r) if r is not None and all(f >= 0 for _, f, _ in r) else 1 << 30
     if not mapped or t.is_meta or blocks > 64:
         for a, i in mapped:
             t = gather(t, a, i)
-        return t if mapped else t
+        return t
     shape = [len(i) if i is not None else n for i, n in zip(list(indexes) + [None] * t.dim(), t.shape)]
     out = torch.empty(shape, dtype=t.dtype, device=t.device)
     axes = [a for a, _ in mapped]
@@ -298,31 +305,58 @@ def gather_axes(t: torch.Tensor, indexes: list) -> torch.Tensor:
 
 
 def _runs(index: torch.Tensor):
-    """[(new start, old start, length)] of the runs of consecutive positions in ``index``; None where there
-    are many (a scattered gather)."""
+    """[(new start, old start, length)] of the runs of consecutive positions in ``index`` (a run of -1, a fill,
+    has old start -1); None where there are many (a scattered gather)."""
     index = index.cpu()
     if len(index) == 0:
         return None
-    breaks = (index[1:] - index[:-1] != 1).nonzero().flatten() + 1
+    step = index[1:] - index[:-1]
+    breaks = (((step != 1) & (index[1:] >= 0)) | ((index[1:] < 0) != (index[:-1] < 0))).nonzero().flatten() + 1
     if len(breaks) + 1 > max(8, len(index) // 32):
         return None
     starts = [0] + breaks.tolist()
     ends = starts[1:] + [len(index)]
-    return [(s, f, e - s) for s, f, e in zip(starts, index[starts].tolist(), ends)]
+    return [(s, f, e - s) for s, f, e in zip(starts, index[starts].clamp(min=-1).tolist(), ends)]
 
 
 def gather(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
-    """``t.index_select(axis, index)``, as a concatenation of slices where the index is a few runs of consecutive
-    positions (whole copies: 0..n-1, 0..n-1), which copies memory blocks instead of gathering element by
-    element (several times faster along a last axis). Both copy values only: the result is the same, bitwise.
+    """``t.index_select(axis, index)`` with zeros at the positions where ``index`` is -1 (a fill, written later),
+    as block copies where the index is a few runs of consecutive positions (whole copies: 0..n-1, 0..n-1),
+    which copy memory blocks instead of gathering element by element (several times faster along a last axis).
+    Both copy values only: the result is the same, bitwise.
 
     >>> gather(torch.arange(6).reshape(2, 3), 1, torch.tensor([0, 1, 2, 0, 1, 2, 1])).tolist()
     [[0, 1, 2, 0, 1, 2, 1], [3, 4, 5, 3, 4, 5, 4]]
+    >>> gather(torch.arange(6).reshape(2, 3), 1, torch.tensor([2, 0, -1, -1])).tolist()
+    [[2, 0, 0, 0], [5, 3, 0, 0]]
     """
     runs = None if t.is_meta else _runs(index)
     if runs is None:  # scattered: one gather is faster than many slices
-        return t.index_select(axis, index.to(t.device))
-    return torch.cat([t.narrow(axis, f, n) for _, f, n in runs], axis)
+        out = t.index_select(axis, index.clamp(min=0).to(t.device))
+        holes = (index < 0).nonzero().flatten()
+        return out.index_fill_(axis, holes.to(t.device), 0) if len(holes) else out
+    shape = list(t.shape)
+    shape[axis] = len(index)
+    out = torch.empty(shape, dtype=t.dtype, device=t.device)
+    for start, first, n in runs:
+        part = out.narrow(axis, start, n)
+        part.zero_() if first < 0 else part.copy_(t.narrow(axis, first, n))
+    return out
+
+
+def _put(new: torch.Tensor, axis: int, at: torch.Tensor, values: torch.Tensor | None) -> None:
+    """``new``'s positions ``at`` along ``axis`` set to ``values`` (zero where None), in place; one slice
+    where the positions are consecutive (new units at the end)."""
+    if len(at) == 0:
+        return
+    first, n = int(at[0]), len(at)
+    if int(at[-1]) - first + 1 == n:  # sorted (nonzero's order) and consecutive
+        part = new.narrow(axis, first, n)
+        part.zero_() if values is None else part.copy_(values)
+    elif values is None:
+        new.index_fill_(axis, at.to(new.device), 0)
+    else:
+        new.index_copy_(axis, at.to(new.device), values.to(new.device, new.dtype))
 
 
 SLICE_BYTES = 32 << 20  # the float32 transient of a low-precision tensor's rule, at most (about)
