@@ -22,7 +22,7 @@ from .passes.pipeline import RULES
 from .plan import Plan
 from .rebuild import MATERIALIZE as MATERIALIZE_MODES
 from .record import GrowthRecord, GrowthRules
-from .stages import CHECK, CLASS, GRAPH, PLAN, SPEC, TOLERANCE
+from .stages import CHECK, CLASS, FIT, GRAPH, PLAN, PROXY_PLAN, SPEC, TOLERANCE
 
 __all__ = ["plan", "rules", "materialize", "grow", "growth_rules", "GrowthRecord", "GrowthRules", "Options",
            "TOLERANCE"]
@@ -31,14 +31,14 @@ WIDTH_METHODS = ("auto", "fresh", "fpi", "fpi_balanced", "fpi_random", "aki")
 PRESETS = {"bert2bert": {"width_method": "aki", "depth_method": "stack"}}  # the paper's recipe
 
 # The pipeline, stage by stage, pass by pass (names in the order they run):
-#   PLAN         capture, analyse
+#   PLAN         capture, analyse (grow: PROXY_PLAN, on a two-block meta proxy where one stands in)
 #   SPEC         sizes, depth_plan
 #   RULES        fill_plan, index_maps, unit_constants, width_rules, size_values, head_dim, norms, split_copies,
 #                exactness, aki, noise, graph_edits, expand_blocks, depth, seed_fills
-#   MATERIALIZE  apply_rules, rewrite_graph, record, notes, rebuild_class
+#   MATERIALIZE  proxy_fits, apply_rules, rewrite_graph, record, rebuild_class, notes
 #   CHECK        measure, judge, release
-MATERIALIZE = GRAPH + CLASS
-GROW = PLAN + SPEC + RULES + MATERIALIZE + CHECK
+MATERIALIZE = FIT + GRAPH + CLASS
+GROW = PROXY_PLAN + SPEC + RULES + MATERIALIZE + CHECK
 
 
 def plan(model: torch.nn.Module, example_inputs=None) -> Plan:

@@ -49,6 +49,8 @@ class Context:
     strict: bool = False
     verify: bool = False
     # --- plan: capture, analyse ----------------------------------------------------------------------------
+    proxy: object = None  # capture.Proxy: grow planned on a two-block meta proxy (None: the full model)
+    how: str = ""  # what was captured: the proxy, or the full model and why
     captured: object = None  # frontend.Captured
     plan: object = None  # plan.Plan
     # --- spec: sizes, depth_plan ---------------------------------------------------------------------------
@@ -88,4 +90,11 @@ class Context:
     def nested(self, **inputs) -> "Context":
         """A fresh context for a nested run (a config rebuild, the copies a growth prefers), sharing
         ``timings``."""
-        return Context(plan=self.plan, counts=self.counts, timings=self.timings, **inputs)
+        return Context(plan=self.plan, counts=self.counts, proxy=self.proxy, timings=self.timings, **inputs)
+
+    def restarted(self, how: str) -> "Context":
+        """The inputs alone, for a growth started again on the full capture (``how`` says why), sharing
+        ``timings`` and ``ran``."""
+        return Context(self.opts, self.model, self.example_inputs, self.width, self.depth, self.layers,
+                       asked_method=self.asked_method, materialize=self.materialize, strict=self.strict,
+                       verify=self.verify, how=how, ran=self.ran, timings=self.timings)

@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from .errors import MaterializeError
 from .passes.depth import schedule
 from .passes.width import tree_map
-from .verify_torch import long_sizes, measure
+from .verify_torch import long_sizes, measurable, measure
 
 TOLERANCE = 1e-5  # as api.TOLERANCE: max|Δ| <= TOLERANCE * max(1, max|y|) in float32
 MAX_CHECK_LEN = 512  # the longest sequence the config check runs (it runs on the full grown model)
@@ -93,7 +93,7 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
             if values:
                 candidate = rebuild(p, {**sizes, **extra}, depth_plan, dataclasses.replace(opts, unit_values=values))
                 grown = load_hf(model, cfg, with_source_ties(model, candidate.state))
-        why = _differs(model, candidate, grown, p.captured)
+        why = _differs(model, candidate, grown, p.captured, _window_fields(model, cfg, shapes))
         if why is None:
             _keep_generation_config(model, grown)
             candidate.grown, candidate.record.config_changes = grown, config_diff(model.config, grown.config)
@@ -106,10 +106,15 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
                            f"else than the rewritten graph: {'; '.join(tried[:4])}")
 
 
-def _differs(model, candidate, grown, captured) -> str | None:
+def _differs(model, candidate, grown, captured, fields=None) -> str | None:
     """Why the rebuilt ``grown`` is not the rewritten graph (None: it is): outputs at the example, outputs
-    at a long sequence, or the generation settings its config derives."""
+    at a long sequence (past the integer ``fields``), or the generation settings its config derives. Without
+    a rewritten graph (a growth planned on a two-block proxy) an exact growth is judged against the source."""
     outputs = len(candidate.record.plan.facts.outputs)
+    if candidate.grown is None:
+        if not candidate.record.exact or not measurable(grown):
+            return "not exact, or not measurable, and no rewritten graph to compare with"
+        return _differs_from_source(model, candidate, grown, captured, fields)
     deviation = measure(candidate.grown, grown, captured, [None] * outputs, quick=True)
     if deviation is not None and deviation > TOLERANCE:  # None: a meta-device model, shapes only
         return f"differs from the rewritten graph by {deviation:.2g}"
@@ -117,12 +122,35 @@ def _differs(model, candidate, grown, captured) -> str | None:
     # low-precision dtype make the graph the only reference, as for any inexact growth
     exact = candidate.record.exact and not candidate.record.rounding
     ref, maps = (model, candidate.record.output_maps) if exact else (candidate.grown, [None] * outputs)
-    length = check_length(model.config.to_dict(), captured) if deviation is not None else 0
+    length = check_length(model.config.to_dict(), captured, fields) if deviation is not None else 0
     deviation, length = _long_deviation(ref, grown, captured, maps, length)
     if deviation is not None and deviation > TOLERANCE:
         return f"differs from the {'source' if exact else 'rewritten graph'} by {deviation:.2g} at {length} tokens"
     gen = _generation_diff(model.config, grown.config)
     return f"derives other generation settings: {gen}" if gen else None
+
+
+def _differs_from_source(model, candidate, grown, captured, fields) -> str | None:
+    """The check of a growth planned on a proxy (no rewritten graph): the real source against the rebuilt model
+    once, at the check length (the example's where no axis is dynamic). It is also the growth's self-measure
+    (``record.deviation``, ``record.measured``); values rounded into a low-precision dtype pass only within
+    the tolerance (else the full graph is the reference)."""
+    maps = candidate.record.output_maps
+    length = check_length(model.config.to_dict(), captured, fields)
+    deviation, length = _long_deviation(model, grown, captured, maps, length)
+    if deviation is None:
+        deviation, length = measure(model, grown, captured, maps, quick=True), _example_length(captured)
+    if deviation > TOLERANCE:
+        return f"differs from the source by {deviation:.2g} at {length} tokens"
+    gen = _generation_diff(model.config, grown.config)
+    if gen:
+        return f"derives other generation settings: {gen}"
+    leaves = [t for t in pytree.tree_leaves((captured.args, captured.kwargs)) if isinstance(t, torch.Tensor)]
+    batch = leaves[0].shape[0] if leaves and leaves[0].dim() else 1
+    candidate.record.deviation = deviation
+    candidate.record.measured = (f"the real source and grown models in float32 on the example inputs at batch "
+                                 f"{batch} and {length} tokens")
+    return None
 
 
 def _long_deviation(ref, grown, captured, maps: list, length: int):
@@ -150,20 +178,32 @@ def _example_length(captured) -> int:
     return max((t.shape[1] for t in leaves if isinstance(t, torch.Tensor) and t.dim() >= 2), default=8)
 
 
-def check_length(cfg: dict, captured) -> int:
+def check_length(cfg: dict, captured, fields=None) -> int:
     """A sequence length beyond every small integer field of the config (a sliding window, a chunk size):
     twice the largest field below the model's position count, at least twice the example's sequence, at
-    most the position count and MAX_CHECK_LEN.
+    most the position count and MAX_CHECK_LEN. ``fields``: only these count (None: every field).
 
     >>> check_length({"sliding_window": 8, "hidden_size": 32, "eos_token_id": 400}, None)
     64
+    >>> check_length({"sliding_window": 8, "hidden_size": 32, "eos_token_id": 400}, None, {"sliding_window"})
+    16
     """
     from .inputs import _max_positions
     from .materialize import is_token_field
     limit = min(MAX_CHECK_LEN, _max_positions(_Fields(cfg), MAX_CHECK_LEN))
     ints = [v for k, v in cfg.items() if isinstance(v, int) and not isinstance(v, bool) and not is_token_field(k)
-            and 0 < v < limit]
+            and 0 < v < limit and (fields is None or k in fields)]
     return min(limit, 2 * max(ints + [_example_length(captured)]))
+
+
+def _window_fields(model, cfg: dict, shapes: dict) -> set:
+    """The integer fields the long check must exceed: those ``cfg`` changed that shape no parameter (reverting
+    one rebuilds the same shapes), as a window or a head count would. A field both configs share means the
+    same in the source and the grown model, and a size that shapes parameters is checked by the shapes."""
+    from .materialize import _shapes_of
+    base = model.config.to_dict()
+    changed = [k for k, v in cfg.items() if isinstance(v, int) and not isinstance(v, bool) and base.get(k) != v]
+    return {k for k in changed if k in base and _shapes_of(model, {**cfg, k: base[k]}) == shapes}
 
 
 class _Fields:

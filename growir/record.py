@@ -26,6 +26,8 @@ class GrowthRecord:
     rounding: str | None = None  # grown values the source's dtype could not hold exactly (a reason if measurable)
     seconds: float = 0.0  # wall time of the grow call: trace, rules, rebuild, measurement (and --verify)
     timings: dict = field(default_factory=dict)  # pass name -> seconds (growir.manager), for the benchmarks
+    capture: str = ""  # what was exported: a two-block proxy, or the full model and why
+    measured: str = ""  # what the self-measure ran
 
     @property
     def exact(self) -> bool:

@@ -1,6 +1,11 @@
 """The passes of every stage but the rules (``passes/pipeline.py``): plan (capture, analyse), spec (sizes,
 depth), materialize (grown tensors, rewritten graph, record, the class rebuilt) and check (measure, judge).
 
+``grow`` plans on a two-block meta proxy where one stands in for the model (``capture.py``): no GraphModule
+is built then, and the rebuilt class is measured on the real source once. Where the proxy cannot do (the
+growth is not exact, no config rebuilds it, the proxy's graph is not a chain of blocks), the growth starts
+again on the full capture (``_restart``) and ``record.capture`` says why.
+
 Each pass is a small function of the one ``Context``; ``api.py`` declares the order. A pass that warns
 uses ``stacklevel=4`` (the pass, the manager, the public function, the caller's line).
 """
@@ -9,10 +14,12 @@ from __future__ import annotations
 
 import warnings
 
+from .capture import NoProxy, check_plan, full_capture, make_model_proxy, source_tensors
 from .context import Built
 from .errors import (AnalysisError, MaterializeError, NotExactError, PreservationError, RewriteError, SpecError,
-                     TraceError, first_line)
+                     GrowthError, TraceError, first_line)
 from .frontend import capture
+from .inputs import example_inputs_for
 from .manager import Pass, run_passes
 from .materialize import build_graph_module, release_weights
 from .passes.depth import target_layers
@@ -23,6 +30,7 @@ from .record import GrowthRecord
 from .verify_torch import failing_node, measure, output_maps
 
 TOLERANCE = 1e-5  # max|Δ| <= TOLERANCE * max(1, max|y|) in float32 counts as exact
+MEASURED = "the real source and grown models in float32 at the example inputs and a second shape"
 
 
 # --- plan -----------------------------------------------------------------------------------------------------
@@ -32,6 +40,47 @@ def _capture(c) -> None:
 
 def _analyse(c) -> None:
     c.plan = make_plan(c.captured)
+
+
+def _capture_in_memory(c) -> None:
+    """grow: the two-block meta proxy where one stands in for the model, else the full model (``c.how``)."""
+    if not c.how:  # a restarted growth has said why it captures the full model
+        try:
+            c.proxy = make_model_proxy(c.model, c.materialize)
+            c.counts, c.how = c.proxy.counts, c.proxy.describe()
+        except NoProxy as why:
+            c.how = full_capture(why)
+    if c.proxy is None:
+        return _capture(c)
+    try:
+        c.captured = capture(c.proxy.model, c.example_inputs)  # a meta model is traced with CPU inputs
+    except GrowthError as err:  # the full capture says the same, or succeeds
+        return _without_proxy(c, f"the proxy could not be captured ({type(err).__name__})", _capture)
+    c.captured.args, c.captured.kwargs = example_inputs_for(c.model, c.example_inputs)  # the real model's
+
+
+def _analyse_in_memory(c) -> None:
+    if c.proxy is None:
+        return _analyse(c)
+    try:
+        c.plan = make_plan(c.captured)
+        check_plan(c.plan, c.proxy)
+    except (GrowthError, NoProxy) as why:
+        _without_proxy(c, why if isinstance(why, NoProxy) else f"the proxy could not be analysed "
+                       f"({type(why).__name__})", _capture, _analyse)
+
+
+def _without_proxy(c, why, *steps) -> None:
+    """The full model captured instead of the proxy (before any rule was made)."""
+    c.proxy, c.counts, c.how = None, {}, full_capture(why)
+    for step in steps:
+        step(c)
+
+
+def _restart(c, why: str, passes) -> None:
+    """The growth started again on the full capture: ``passes`` run on the inputs alone, their results kept."""
+    fresh = c.restarted(full_capture(why))
+    c.__dict__.update(run_passes(passes, fresh).__dict__)
 
 
 # --- spec -----------------------------------------------------------------------------------------------------
@@ -51,7 +100,8 @@ def _depth_plan(c) -> None:
 def _apply_rules(c) -> None:
     """Each rule applied to its source tensor (and AKI donor), computed in float32, cast once."""
     gm = c.plan.captured.gm
-    source = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    source = source_tensors(c.proxy, c.rules) if c.proxy is not None else {
+        **dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
     c.state, c.rounded = {}, []
     for name, rule in c.rules.items():
         c.state[name], lossy = rule.apply_checked(source[rule.source], source.get(rule.donor))
@@ -59,6 +109,10 @@ def _apply_rules(c) -> None:
 
 
 def _rewrite_graph(c) -> None:
+    """The rewritten GraphModule (none on a proxy's plan: it holds two blocks, and nothing returns it)."""
+    c.graph = None
+    if c.proxy is not None:
+        return
     gm = c.plan.captured.gm
     params = set(dict(gm.named_parameters(remove_duplicate=False))) | (
         set(c.rules) - set(dict(gm.named_buffers(remove_duplicate=False))))
@@ -76,7 +130,7 @@ def _record(c) -> None:
 
 GRAPH = (
     Pass("apply_rules", _apply_rules, ("plan", "rules"), ("state", "rounded")),
-    Pass("rewrite_graph", _rewrite_graph, ("plan", "rules", "state", "schedules", "graph_edits"), ("graph",)),
+    Pass("rewrite_graph", _rewrite_graph, ("plan", "rules", "state", "schedules", "graph_edits"), ()),
     Pass("record", _record, ("plan", "sizes", "layer_info", "reasons", "maps", "rules", "state"), ("built",)),
 )
 BUILD = RULES + GRAPH
@@ -96,11 +150,38 @@ def _notes(c) -> None:
                              if p.captured.static else [])
 
 
+def _proxy_fits(c) -> None:
+    """A proxy's growth goes on only where it is exact (else the rebuilt class is checked against the rewritten
+    full graph) and its rules read tensors the model holds; otherwise the growth starts again, full."""
+    if c.proxy is None:
+        return
+    why = None
+    if c.reasons:
+        why = ("the growth is not exact (" + "; ".join(c.reasons)[:200] + "), and the class rebuilt for it is "
+               "checked against the rewritten full graph")
+    else:
+        try:
+            source_tensors(c.proxy, c.rules)
+        except NoProxy as err:
+            why = str(err)
+    if why:
+        _restart(c, why, PROXY_PLAN + SPEC + RULES)
+
+
 def _rebuild_class(c) -> None:
     from .rebuild import materialize_hf
-    if c.plan.captured.is_hf:
-        rebuild = lambda p, sizes, depth_plan, opts: build(c, sizes, depth_plan, opts)  # noqa: E731
+    if not c.plan.captured.is_hf:
+        return
+    rebuild = lambda p, sizes, depth_plan, opts: build(c, sizes, depth_plan, opts)  # noqa: E731
+    if c.proxy is None:
         c.built = materialize_hf(c.model, c.plan, c.sizes, c.depth_plan, c.opts, c.built, rebuild, c.materialize)
+        return
+    try:  # no GraphModule to fall back to: the full capture makes it
+        c.built = materialize_hf(c.model, c.plan, c.sizes, c.depth_plan, c.opts, c.built, rebuild, "hf")
+    except MaterializeError as err:
+        _restart(c, f"no config rebuilds {type(c.model).__name__} from the proxy's growth ({first_line(err)[:300]})",
+                 PROXY_PLAN + SPEC + RULES + GRAPH)
+        _rebuild_class(c)
 
 
 def _aki_notes(p, record, width_method: str) -> list[str]:
@@ -116,10 +197,11 @@ def _aki_notes(p, record, width_method: str) -> list[str]:
 
 
 _GRAPH = "computing the grown tensors and rewriting the graph"
+FIT = (Pass("proxy_fits", _proxy_fits, ("rules", "reasons"), (), _GRAPH),)
 CLASS = (
-    Pass("notes", _notes, ("plan", "built", "sizes", "opts"), (), _GRAPH),
     Pass("rebuild_class", _rebuild_class, ("plan", "built", "sizes", "depth_plan", "opts"), ("built",),
          "rebuilding the model's class from its config", MaterializeError),
+    Pass("notes", _notes, ("plan", "built", "sizes", "opts"), (), _GRAPH),
 )
 
 
@@ -131,8 +213,12 @@ def _measure(c) -> None:
         raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(record.reasons))
     record.params_before = sum(t.numel() for t in c.model.parameters())
     record.params_after = sum(t.numel() for t in grown.parameters())
+    record.capture = c.how
+    if record.measured:  # a proxy's growth was measured on the real source while its class was rebuilt
+        return
     try:
         record.deviation = measure(c.model, grown, c.plan.captured, record.output_maps)
+        record.measured = MEASURED if record.deviation is not None else ""
     except Exception as exc:  # noqa: BLE001 - re-raised as a GrowthError, the original chained
         at = failing_node(grown, c.plan.captured)
         raise RewriteError(f"the grown model fails to run{at}: {type(exc).__name__}: {first_line(exc)}. growir "
@@ -183,6 +269,10 @@ CHECK = (
 PLAN = (
     Pass("capture", _capture, ("model",), ("captured",), "exporting the model", TraceError),
     Pass("analyse", _analyse, ("captured",), ("plan",), "analysing the exported graph", AnalysisError),
+)
+PROXY_PLAN = (  # grow in memory: the two-block proxy where it stands in for the model
+    Pass("capture", _capture_in_memory, ("model",), ("captured",), "exporting the model", TraceError),
+    Pass("analyse", _analyse_in_memory, ("captured",), ("plan",), "analysing the exported graph", AnalysisError),
 )
 SPEC = (
     Pass("sizes", _sizes, ("plan",), ("sizes",), "resolving the width spec against the plan", SpecError),
