@@ -45,8 +45,7 @@ def _child(job: dict) -> dict:
 
     base = _rss_mib()
     start = time.perf_counter()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = usage.ru_utime + usage.ru_stime
+    cpu = _cpu()
     extra = {}
     if job["kind"] == "imports":
         pass
@@ -60,6 +59,7 @@ def _child(job: dict) -> dict:
 
         def timed_write(*args):  # the peak before any weight is read: imports, plan, config proxy, rules
             extra["peak_before_write_mib"] = round(_rss_mib())
+            extra["prepare_cpu_seconds"] = _cpu() - cpu
             return write(*args)
         stream._write = timed_write
         report = growir.grow_checkpoint(job["src"], job["out"], progress=False, **job["spec"])
@@ -69,28 +69,33 @@ def _child(job: dict) -> dict:
         extra.update(_verify_child(job))
     elif job["kind"] == "floor":
         extra["bytes"] = _io_floor(Path(job["src"]), Path(job["out"]), job["bytes"])
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"seconds": time.perf_counter() - start, "cpu_seconds": usage.ru_utime + usage.ru_stime - cpu,
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu() - cpu,
             "peak_rss_mib": _rss_mib(), "rss_after_imports_mib": base, **extra}
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _verify_child(job: dict) -> dict:
     """Block-by-block verify of a grown folder: the weight-free preparation (plan, config proxy, maps), then
     the check with the peak RSS reset in between, so the check's own peak is measured."""
-    from growir.stream import _prepare, methods
+    from growir.stream import _prepare
     from growir.verify_blocks import check_blocks
 
-    spec = job["spec"]
-    prepared = _prepare(Path(job["src"]), spec.get("width", 1.0), spec.get("depth", 1.0), None,
-                        *methods(None, "fpi", "auto"), None, False)
+    spec = job["spec"]  # the streamed growth's own arguments (grow_checkpoint's defaults: width_method "auto")
+    prepared = _prepare(Path(job["src"]), spec.get("width", 1.0), spec.get("depth", 1.0), None, "auto", "auto",
+                        None, False)
     before = _vm("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM, the peak RSS
         f.write("5")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu()
     check = check_blocks(job["src"], job["out"], prepared.fp, prepared.choice.config,
                          (prepared.maps, prepared.scales), prepared.schedules, not prepared.reasons)
     worst, deviation = check.worst
-    return {"check_seconds": time.perf_counter() - start, "rss_before_check_mib": before,
+    return {"check_seconds": time.perf_counter() - start, "check_cpu_seconds": _cpu() - cpu,
+            "rss_before_check_mib": before,
             "check_peak_rss_mib": _vm("VmHWM"), "weights_held_mib": check.peak_bytes / 2**20,
             "worst": worst, "worst_deviation": deviation, "units": len(check.deviations),
             "preserved": check.preserved, "deviations": check.deviations}
@@ -102,7 +107,10 @@ def _vm(field: str) -> float:
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: a child started by fork + exec inherits the
+    parent's high-water mark there (the parent that synthesised the checkpoint: 1042 MiB reported as the
+    "imports" of a child whose own peak was 289 MiB)."""
+    return _vm("VmHWM")
 
 
 def _io_floor(src: Path, out: Path, nbytes: int) -> int:
@@ -189,6 +197,8 @@ def section_stream(work: Path, quick: bool) -> list:
                      "io_floor_cpu_seconds": round(floor["cpu_seconds"], 2),
                      "io_floor_seconds": round(floor["seconds"], 2),
                      "time_over_floor": round(run["seconds"] / floor["seconds"], 2),
+                     "prepare_cpu_seconds": round(run["prepare_cpu_seconds"], 2),
+                     "cpu_over_floor_cpu": round(run["cpu_seconds"] / floor["cpu_seconds"], 2),
                      "peak_rss_mib": round(run["peak_rss_mib"]), "imports_rss_mib": round(imports["peak_rss_mib"]),
                      "peak_before_write_mib": run["peak_before_write_mib"],
                      "largest_target_f32_mib": round(largest / 2**20),
@@ -210,6 +220,7 @@ def section_verify(work: Path, quick: bool) -> list:
         run = run_child({"kind": "verify", "src": str(src), "out": str(out), "spec": spec})
         shutil.rmtree(out)
         rows.append({"case": f"Llama {params / 1e6:.0f}M bf16 {label}", "seconds": round(run["check_seconds"], 2),
+                     "cpu_seconds": round(run["check_cpu_seconds"], 2),
                      "units": run["units"], "worst": run["worst"], "worst_deviation": run["worst_deviation"],
                      "preserved": run["preserved"], "rss_before_mib": round(run["rss_before_check_mib"]),
                      "peak_rss_mib": round(run["check_peak_rss_mib"]),
@@ -220,11 +231,11 @@ def section_verify(work: Path, quick: bool) -> list:
 
 def markdown_verify(result: dict) -> list:
     lines = ["## Verify block by block: `growir grow SRC OUT --verify` on the streamed folders", "",
-             "| case | check s | units | worst unit (deviation, float32 relative) | preserved | RSS before MiB "
+             "| case | check s | CPU s | units | worst unit (deviation, float32 relative) | preserved | RSS before MiB "
              "| peak RSS during check MiB | most weights held MiB (f32) | largest target tensor f32 MiB |",
-             "|" + "---|" * 9]
+             "|" + "---|" * 10]
     for r in result["rows"]:
-        lines.append(f"| {r['case']} | {r['seconds']:.1f} | {r['units']} "
+        lines.append(f"| {r['case']} | {r['seconds']:.1f} | {r.get('cpu_seconds', float('nan')):.1f} | {r['units']} "
                      f"| `{r['worst']}` ({r['worst_deviation']:.2g}) | {r['preserved']} | {r['rss_before_mib']} | {r['peak_rss_mib']} | {r['weights_held_mib']} "
                      f"| {r['largest_target_f32_mib']} |")
     return lines + ["", "Neither model is loaded: each module's tensors are read from the shards in float32 just "
@@ -269,13 +280,15 @@ _LOAD_NOTE = ("Measured on a shared 2-core machine (load average {:.1f} at the e
 
 def markdown_stream(result: dict) -> list:
     lines = ["## Streaming: `growir grow SRC OUT` on a sharded bf16 Llama folder", "",
-             "| case | params (source -> target) | seconds (plan + config + rules) | CPU s | I/O floor s (CPU s) "
-             "| time / floor | peak RSS MiB (before writing) | imports MiB | largest target f32 MiB | bound MiB "
-             "| within bound | exact |", "|" + "---|" * 12]
+             "| case | params (source -> target) | seconds (plan + config + rules) | CPU s (plan + config + rules) "
+             "| I/O floor s (CPU s) | time / floor | CPU / floor CPU | peak RSS MiB (before writing) | imports MiB "
+             "| largest target f32 MiB | bound MiB | within bound | exact |", "|" + "---|" * 13]
     for r in result["rows"]:
         lines.append(f"| {r['case']} | {r['params_before'] / 1e6:.0f}M -> {r['params_after'] / 1e6:.0f}M "
-                     f"| {r['seconds']:.1f} ({r['prepare_seconds']:.1f}) | {r['cpu_seconds']:.1f} "
+                     f"| {r['seconds']:.1f} ({r['prepare_seconds']:.1f}) "
+                     f"| {r['cpu_seconds']:.1f} ({r.get('prepare_cpu_seconds', float('nan')):.1f}) "
                      f"| {r['io_floor_seconds']:.1f} ({r['io_floor_cpu_seconds']:.1f}) | {r['time_over_floor']:.2f} "
+                     f"| {r.get('cpu_over_floor_cpu', float('nan')):.2f} "
                      f"| {r['peak_rss_mib']} ({r['peak_before_write_mib']}) | {r['imports_rss_mib']} "
                      f"| {r['largest_target_f32_mib']} | {r['bound_mib']} | {r['within_bound']} "
                      f"| {r['exact']} |")

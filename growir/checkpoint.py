@@ -149,8 +149,14 @@ class FolderPlan:
     model: torch.nn.Module  # the full model, on the meta device
     config: object
     cls: type
-    proxy: torch.nn.Module = None
+    proxy: torch.nn.Module = None  # the two-block proxy, on the meta device
     notes: list = field(default_factory=list)
+    # streaming (``proxy.plan_sample``): the random-weight proxy the config is chosen on, the config fields
+    # that make it (field -> proxy value; block list -> its count fields), and whether ``plan`` is its plan
+    sample: torch.nn.Module = None
+    small: dict = field(default_factory=dict)
+    layer_fields: dict = field(default_factory=dict)
+    planned_sample: bool = False
 
     def __str__(self) -> str:
         text = str(self.plan)

@@ -1,71 +1,141 @@
-"""Choosing the grown config on a proxy: the same widths, two blocks, a small vocabulary, random weights.
+"""The proxy a streamed growth is planned and configured on: the same widths, two blocks per repeated block
+list, a small vocabulary, random weights.
 
 Several configs can rebuild the grown shapes while computing different functions (a head count shapes the
 computation, not the parameters), so ``grow`` picks the config by running the rebuilt model. A streamed
-checkpoint may not fit in memory; its proxy does, and the config it picks is the full model's config with
-the proxy's block counts and vocabulary put back. The fields that make the proxy are found by trying them:
-a field is a block count if setting it to two rebuilds exactly the two-block proxy's module tree.
+checkpoint may not fit in memory; its proxy does. It is exported once (``plan_sample``): that plan gives the
+full model's rules (block rules replicated by index, ``checkpoint.expand_block_rules``) and the proxy's own
+growth, whose rebuilt config is the full model's with the proxy's block counts and vocabulary put back
+(``choose_config``). The fields that make the proxy are found by trying them: a field is a block count if
+setting it to two rebuilds exactly the two-block proxy's module tree; a field is an input size (the
+vocabulary, a position table) if shrinking it changes only axes of its size, and the plan then finds each
+such axis in a group that is pinned (indexed by input ids) or read by no parameter (the head's rows).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import PROXY_BLOCKS, _signature, meta_model
+from .checkpoint import FolderPlan, PROXY_BLOCKS, _signature, check_proxy, make_proxy, meta_model, plan_folder
+from .errors import MaterializeError
 
 SMALL_VOCAB = 128
 
 
-@dataclass
+@dataclasses.dataclass
 class Choice:
     config: object  # the grown model's config
     changes: dict  # field -> new value
     deviation: float | None  # the proxy's measured deviation
     keep_eps: bool  # the config cannot express a rescaled eps: the rules keep it
+    sizes: dict = dataclasses.field(default_factory=dict)  # output-only group id -> the size its config gives
 
 
-def choose_config(fp, sizes: dict, depth_plan: list, width, width_method: str, depth_method: str,
-                  low_precision: bool = False) -> Choice:
-    """The grown config for the folder plan ``fp`` (see the module docstring). ``low_precision``: the weights are
-    written below float32 precision, where ``width_method="auto"`` copies some groups it would otherwise fill
-    (``passes/fresh.py``); the proxy is then grown in bfloat16 so that its config follows the same choice."""
-    from .api import grow
+def plan_sample(folder, config, cls, full, exact_blocks: bool = True) -> FolderPlan:
+    """The folder's plan, made once on the random-weight proxy (``fp.sample``), which ``choose_config`` then
+    grows. ``exact_blocks=False`` (random per-group draws, ``fpi_random``): the full model is planned on the
+    meta device instead and the proxy is exported again when it grows.
+
+    >>> import tempfile
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from growir.checkpoint import load_config, meta_model
+    >>> d = tempfile.mkdtemp()
+    >>> LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+    ...             num_key_value_heads=2, vocab_size=1000, architectures=["LlamaForCausalLM"]).save_pretrained(d)
+    >>> config, cls = load_config(d)
+    >>> fp = plan_sample(d, config, cls, meta_model(config, cls))
+    >>> fp.counts, fp.small, fp.sample.config.vocab_size
+    ({'model.layers': 4}, {'num_hidden_layers': 2, 'vocab_size': 128}, 128)
+    """
+    from .api import plan as make_plan
+
+    meta = meta_model(config, cls)
+    counts = make_proxy(meta)
+    fp = FolderPlan(None, counts, full, config, cls, meta)
+    base = config.to_dict()
+    small, fp.layer_fields = _block_fields(fp, base)
+    inputs = _input_fields(fp, base, small) if exact_blocks else {}
+    sample = _sample(fp, {**small, **{k: v for k, (v, _) in inputs.items()}})
+    if exact_blocks:
+        p = make_plan(sample)
+        check_proxy(p, counts)
+        if _input_axes_unread(p, [a for _, axes in inputs.values() for a in axes]):
+            fp.plan, fp.small, fp.sample, fp.planned_sample = p, {**small, **{k: v for k, (v, _) in inputs.items()}}, \
+                sample, True
+            fp.notes = [f"planned on a {PROXY_BLOCKS}-block proxy of `{k}` ({n} blocks, identical in structure)"
+                        for k, n in counts.items()]
+            return fp
+    # the proxy's graph does not confirm the input sizes, or blocks are not replicated (then the config is
+    # chosen on the full block lists): plan on the meta device, export the proxy again when it grows
+    planned = plan_folder(folder, proxy=exact_blocks)
+    blocks = small if exact_blocks else {}
+    planned.layer_fields = fp.layer_fields if exact_blocks else {}
+    planned.small = {**blocks, **_input_fields_from_plan(planned, base, blocks)}
+    planned.sample = _sample(planned, planned.small)
+    return planned
+
+
+def _sample(fp, small: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = type(fp.config).from_dict({**fp.config.to_dict(), **small})
+    return fp.cls(cfg).float().eval()
+
+
+def choose_config(fp, sizes: dict, depth_plan: list, width, opts) -> Choice:
+    """The grown config for the folder plan ``fp`` (see the module docstring): its proxy ``fp.sample`` grown
+    with ``opts`` (``opts.low_precision``: the weights are stored below float32, where
+    ``width_method="auto"`` copies some groups it would otherwise fill, ``passes/fresh.py``; the proxy runs in
+    float32 with the same rules). Raises MaterializeError where no config of the class computes the growth."""
+    from .api import GROW, grow
+    from .context import Context
+    from .manager import run_passes
     from .materialize import _follow_lists
     from .passes.depth import schedule
+    from .stages import PLAN
 
-    base = fp.config.to_dict()
-    small, layer_fields = _proxy_fields(fp, base)
-    proxy_cfg = type(fp.config).from_dict({**base, **small})
-    torch.manual_seed(0)
-    proxy = fp.cls(proxy_cfg).to(torch.bfloat16 if low_precision else torch.float32).eval()
+    base, small = fp.config.to_dict(), fp.small
     spec = _proxy_depth(fp, depth_plan)
+    ctx = Context(opts, fp.sample, None, width, 1.0, spec.get("layers"), asked_method=opts.width_method,
+                  materialize="hf", plan=fp.plan if fp.planned_sample else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        grown = grow(proxy, width=width, width_method=width_method, depth_method=depth_method, materialize="hf",
-                     **spec)  # the config is what we want: no GraphModule in its place
-    record = grown.growir_record
+        try:
+            run_passes(GROW[len(PLAN):] if fp.planned_sample else GROW, ctx)
+        except MaterializeError as error:
+            raise MaterializeError(f"cannot stream this growth: a streamed checkpoint is loaded by "
+                                   f"{fp.cls.__name__}, but {error} (found on a random-weight two-block proxy). "
+                                   f"growir.grow(model, ..., materialize='graph') grows it in memory as a "
+                                   f"rewritten graph instead") from error
+    fp.sample = None  # its weights and the graph's are not needed again
+    record = ctx.built.record
     changes = {k: v for k, v in record.config_changes.items() if k not in small}
     full_layers, sources = {}, {}
     for b, new in depth_plan:
         n = fp.counts.get(b.prefix, b.count)
         full = dataclasses.replace(b, paths=[f"{b.prefix}.{i}" for i in range(n)])
-        sources[n] = schedule(full, new, depth_method).sources
+        sources[n] = schedule(full, new, opts.depth_method).sources
         if new != n:  # a list of two blocks or fewer is its own proxy: its count change came with `changes`
-            full_layers.update({k: new for k in layer_fields.get(b.prefix, [])})
+            full_layers.update({k: new for k in fp.layer_fields.get(b.prefix, [])})
     cfg = _follow_lists(base, {**base, **changes, **full_layers}, sources)
     changes.update(full_layers)
     floats = any(isinstance(v, float) for v in changes.values())
-    keep_eps = _needs_eps(fp, sizes, width_method, low_precision) and not floats
-    return Choice(type(fp.config).from_dict(cfg), changes, record.deviation, keep_eps)
+    keep_eps = bool(ctx.eps_values) and not floats  # the width rules rescale an eps the config does not hold
+    output_only = {g.id for g in _output_only(fp.plan)}
+    grown = {k: v for k, v in record.sizes.items() if k in output_only and k not in sizes}
+    return Choice(type(fp.config).from_dict(cfg), changes, record.deviation, keep_eps, grown)
 
 
-def _proxy_fields(fp, base: dict):
-    """(field -> proxy value, block list prefix -> its count fields): the fields that, set to two, rebuild
-    the two-block proxy, and those holding a large input-only size (the vocabulary) that can shrink."""
+def _output_only(p) -> list:
+    from .rebuild import output_only_groups
+    return output_only_groups(p)
+
+
+def _block_fields(fp, base: dict):
+    """(field -> two, block list prefix -> its count fields): the fields that, set to two, rebuild the
+    two-block proxy's module tree."""
     want = _signature(fp.proxy)
     small, layer_fields = {}, {}
     for prefix, n in fp.counts.items():
@@ -73,16 +143,57 @@ def _proxy_fields(fp, base: dict):
             if type(v) is int and v == n and _builds_like({**base, **small, k: PROXY_BLOCKS}, fp, want):
                 small[k] = PROXY_BLOCKS
                 layer_fields.setdefault(prefix, []).append(k)
-    keys = {t[0] for t in want[1]}
+    return small, layer_fields
+
+
+def _input_fields(fp, base: dict, small: dict) -> dict:
+    """field -> (small value, [(tensor, axis)] it shrinks): int fields above the small size whose shrinking
+    changes only tensor axes of their own size (a vocabulary, a position table; the plan confirms them)."""
+    names, shapes = _shapes(fp.proxy)
+    taken = {v for v in base.values() if type(v) is int} | {n for s in shapes.values() for n in s}
+    to = next(n for n in range(SMALL_VOCAB, 1 << 20, 8) if n not in taken)
+    out = {}
+    for k, v in base.items():
+        if type(v) is not int or v <= to or k in small:
+            continue
+        trial = _built({**base, **small, **{f: s for f, (s, _) in out.items()}, k: to}, fp)
+        if trial is None or _shapes(trial)[0] != names:
+            continue
+        new = _shapes(trial)[1]
+        changed = [(n, a) for n, s in shapes.items() for a, (x, y) in enumerate(zip(s, new[n])) if x != y]
+        if changed and all(shapes[n][a] == v and new[n][a] == to for n, a in changed):
+            out[k] = (to, changed)
+    return out
+
+
+def _input_axes_unread(p, axes: list) -> bool:
+    """Every shrunk axis lies in a group that is pinned (indexed by input ids) or that the rebuilt config
+    sizes (read by no parameter, as a head's rows), and one at least is pinned."""
+    free = {g.id for g in _output_only(p)}
+    where = {(pa.param, pa.axis): g for g in p.groups for pa in g.producers + g.consumers}
+    groups = [where.get((p.facts.aliases.get(n, n), a)) for n, a in axes]
+    return all(g is not None and (g.pinned or g.id in free) for g in groups) and (
+        not axes or any(g.pinned for g in groups))
+
+
+def _input_fields_from_plan(fp, base: dict, small: dict) -> dict:
+    """The old way, from a plan of the full-vocabulary proxy: fields holding a pinned group's size."""
+    keys = {t[0] for t in _signature(_built({**base, **small}, fp))[1]}
+    out = {}
     for g in fp.plan.groups:
         if not g.pinned or not g.size or g.size <= SMALL_VOCAB:
             continue
         for k, v in base.items():
-            if type(v) is int and v == g.size and k not in small:
-                trial = _built({**base, **small, k: SMALL_VOCAB}, fp)
+            if type(v) is int and v == g.size and k not in small and k not in out:
+                trial = _built({**base, **small, **out, k: SMALL_VOCAB}, fp)
                 if trial is not None and {t[0] for t in _signature(trial)[1]} == keys:
-                    small[k] = SMALL_VOCAB
-    return small, layer_fields
+                    out[k] = SMALL_VOCAB
+    return out
+
+
+def _shapes(model) -> tuple:
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+    return [n for n, _ in tensors], {n: tuple(t.shape) for n, t in tensors}
 
 
 def _built(cfg: dict, fp):
@@ -106,10 +217,3 @@ def _proxy_depth(fp, depth_plan: list) -> dict:
     if new == n:
         return {}
     return {"layers": max(b.count + 1, round(new * b.count / n))}
-
-
-def _needs_eps(fp, sizes: dict, width_method: str, low_precision: bool = False) -> bool:
-    """Whether the width rules rescale a norm's eps (repeat-and-fill)."""
-    from .api import Options, growth_rules
-    opts = Options(width_method, low_precision=low_precision)
-    return bool(growth_rules(fp.plan, sizes, [], opts)[0].eps_values)

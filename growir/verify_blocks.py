@@ -79,9 +79,10 @@ class BlockCheck:
 
 
 def verify_checkpoint(src_dir, grown_dir, width=1.0, depth=1.0, *, layers=None, width_method="auto",
-                      depth_method="auto", method=None) -> BlockCheck:
+                      depth_method="auto", method=None, dtype=None) -> BlockCheck:
     """Check block by block that the folder ``grown_dir`` is ``src_dir`` grown with these arguments (those of
-    the ``grow_checkpoint`` that wrote it: the plan and index maps are made again, without weights). Returns
+    the ``grow_checkpoint`` that wrote it, ``dtype`` included: it decides which groups ``width_method="auto"``
+    copies; the plan and index maps are made again, without weights). Returns
     the ``BlockCheck``; ``check.preserved`` is False and ``check.first_failing`` names the block where the
     grown folder departs (a tensor changed since, a different growth). Neither model is loaded.
 
@@ -98,7 +99,7 @@ def verify_checkpoint(src_dir, grown_dir, width=1.0, depth=1.0, *, layers=None, 
     from .stream import _prepare, methods
 
     width_method, depth_method = methods(method, width_method, depth_method)
-    job = _prepare(Path(src_dir), width, depth, layers, width_method, depth_method, None, False)
+    job = _prepare(Path(src_dir), width, depth, layers, width_method, depth_method, dtype, False)
     return check_blocks(src_dir, grown_dir, job.fp, job.choice.config, (job.maps, job.scales), job.schedules,
                         not job.reasons)
 

@@ -144,3 +144,64 @@ def test_meta_model_is_built_without_memory(tmp_path):
     llama_config(layers=3).save_pretrained(tmp_path)
     model = meta_model(*load_config(tmp_path))
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_one_export_on_a_small_vocabulary_proxy(tmp_path, monkeypatch):
+    """The folder is planned once, on the random-weight proxy (two blocks, vocabulary shrunk to 128); that plan
+    gives the full model's rules and the proxy's own growth (the config choice): one torch.export, and the
+    streamed tensors still equal the in-memory growth of the whole model."""
+    from growir import frontend, stages
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False,
+                      architectures=["LlamaForCausalLM"])
+    model = randomize_norms(LlamaForCausalLM(cfg)).to(BF16).eval()
+    model.save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    exports = []
+    monkeypatch.setattr(stages, "capture", lambda *a: exports.append(1) or frontend.capture(*a))
+    report = growir.grow_checkpoint(tmp_path / "src", tmp_path / "out", width=2.0)
+    assert len(exports) == 1 and report.exact
+    assert report.plan.captured.kwargs["input_ids"].max() < 128  # planned on the small vocabulary, inputs valid for both
+    stored = _stored(tmp_path / "out")
+    memory = growir.grow(model, width=2.0).state_dict()
+    assert set(stored) == set(memory)
+    for name, tensor in stored.items():
+        assert torch.equal(tensor, memory[name]), name
+
+
+def test_verify_checkpoint_takes_the_dtype_the_growth_was_written_in(sharded, tmp_path):
+    """bf16 stored x2: 'auto' copies the residual stream (sqrt(2) would round); written in float32 it fills.
+    The check rebuilds the maps of the growth that wrote the folder, so it needs the same dtype."""
+    folder, _ = sharded
+    growir.grow_checkpoint(folder, tmp_path / "out", width=2.0, dtype=torch.float32)
+    assert growir.verify_checkpoint(folder, tmp_path / "out", width=2.0, dtype=torch.float32).preserved
+    assert not growir.verify_checkpoint(folder, tmp_path / "out", width=2.0).preserved
+
+
+@pytest.fixture(scope="module")
+def t5_folders(tmp_path_factory):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    folders = {}
+    for tied in (True, False):
+        cfg = T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                       vocab_size=100, tie_word_embeddings=tied)
+        folders[tied] = tmp_path_factory.mktemp("t5") / "src"
+        T5ForConditionalGeneration(cfg).save_pretrained(folders[tied])
+    return folders
+
+
+def test_t5_streams_untied_and_refuses_what_no_checkpoint_can_hold(t5_folders, tmp_path):
+    """Untied T5 (v1.1, flan-t5) streams x2 exactly. A tied T5 scales its output by d_model**-0.5, which no grown
+    config computes: a MaterializeError says why and what to do. Depth: block 0 alone holds the relative
+    attention bias, so the blocks are not identical and depth growth is refused naming that tensor."""
+    from growir.errors import AnalysisError, MaterializeError
+
+    assert growir.grow_checkpoint(t5_folders[False], tmp_path / "untied", width=2.0).exact
+    with pytest.raises(MaterializeError, match="cannot stream this growth.*materialize='graph'"):
+        growir.grow_checkpoint(t5_folders[True], tmp_path / "tied", width=2.0)
+    with pytest.raises(AnalysisError, match="relative_attention_bias"):
+        growir.grow_checkpoint(t5_folders[False], tmp_path / "deep", width=2.0, depth=2.0)
+    assert sorted(os.listdir(tmp_path)) == ["untied"]
