@@ -125,14 +125,11 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
 
 def methods(method, width_method: str, depth_method: str) -> tuple:
     """(width method, depth method) of a streamed growth: a preset's, else the ones given ("auto" decides per
-    group from the plan and the stored dtype, as in memory)."""
-    from .api import PRESETS
+    group from the plan and the stored dtype, as in memory); an unknown name is a SpecError, as in ``grow``."""
+    from .api import _spec
 
-    if method is not None:
-        if method not in PRESETS:
-            raise SpecError(f"unknown method {method!r}: the presets are {', '.join(PRESETS)}")
-        width_method, depth_method = PRESETS[method]["width_method"], PRESETS[method]["depth_method"]
-    return width_method, depth_method
+    opts = _spec(method, width_method, depth_method, 0.0, 0)[1]
+    return opts.width_method, opts.depth_method
 
 
 @dataclass
