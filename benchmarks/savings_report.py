@@ -161,9 +161,11 @@ def findings(result: dict) -> list[str]:
         if mine is None or not others:
             continue
         best = others[0]
-        inexact = "" if (mine.get("grown") or {}).get("exact", True) else f" (growth {grown_as(mine)})"
+        g = mine.get("grown") or {}
+        inexact = "" if g.get("exact", True) else \
+            f", grown not exactly (`{g['width_method']}`, deviation up to {g['max_deviation']:.2f})"
         lines.append(f"- `{s['name']}`: growir {pct(mine['saving_ranked'])} ({mine['reached_seeds']}/{mine['seeds']} "
-                     f"seeds reached){inexact}, the best baseline {best['name']} {pct(best['saving_ranked'])} "
+                     f"seeds reached{inexact}), the best baseline {best['name']} {pct(best['saving_ranked'])} "
                      f"({best['reached_seeds']}/{best['seeds']}); growir's final loss {_num(mine['final_val_loss'])} "
                      f"vs {_num(best['final_val_loss'])}; "
                      f"{goal_check(s, mine, others, s['name'] == result['headline'])}.")
