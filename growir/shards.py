@@ -71,7 +71,11 @@ def shard_layout(items: dict, max_bytes: int) -> Layout:
 
 
 def write_shard(path: Path, items: list, make, advance=lambda n: None) -> None:
-    """One safetensors file: the header from the items' shapes, then each ``make(item)``'s bytes in turn."""
+    """One safetensors file: the header from the items' shapes, then each ``make(item)``'s bytes in turn. A
+    tensor is written by a background thread while the next one is made (file writes and torch's kernels both
+    release the GIL), so at most two tensors are held: the one being written and the one being made."""
+    from concurrent.futures import ThreadPoolExecutor
+
     header, offset = {}, 0
     for it in items:
         header[it.name] = {"dtype": _DTYPE_NAMES[it.dtype], "shape": list(it.shape),
@@ -80,17 +84,25 @@ def write_shard(path: Path, items: list, make, advance=lambda n: None) -> None:
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
+    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="growir-write") as writer:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
+        pending = None
         for it in items:
             t = make(it)
             if tuple(t.shape) != tuple(it.shape) or t.dtype != it.dtype:
                 raise RuntimeError(f"`{it.name}` came out {tuple(t.shape)} {t.dtype}, planned {it.shape} {it.dtype}")
-            data = t.contiguous().reshape(-1).view(torch.uint8)
-            f.write(memoryview(data.numpy()))
-            advance(it.nbytes)
-            del t, data
+            if pending is not None:
+                pending.result()  # the previous tensor is on disk (its error, if any, raised here)
+            pending = writer.submit(_write_tensor, f, t.contiguous(), advance)
+            del t
+        if pending is not None:
+            pending.result()
+
+
+def _write_tensor(f, t: torch.Tensor, advance) -> None:
+    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    advance(t.numel() * t.element_size())
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
