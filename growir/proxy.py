@@ -136,19 +136,21 @@ def _output_only(p) -> list:
 def _block_fields(fp, base: dict):
     """(field -> two, block list prefix -> its count fields): the fields that, set to two, rebuild the
     two-block proxy's module tree."""
-    want = _signature(fp.proxy)
+    want, whole = _signature(fp.proxy), _signature(fp.model)
     small, layer_fields = {}, {}
     for prefix, n in fp.counts.items():
         for k, v in base.items():
-            if type(v) is int and v == n and _builds_like({**base, **small, k: PROXY_BLOCKS}, fp, want):
-                small[k] = PROXY_BLOCKS
+            if type(v) is int and v == n and _builds_like({**base, **small, k: PROXY_BLOCKS}, fp, want) \
+                    and not _builds_like({**base, k: PROXY_BLOCKS}, fp, whole):  # a head count equal to the
+                small[k] = PROXY_BLOCKS  # block count (GPT-2: 4 and 4) shapes no tensor: not a block count
                 layer_fields.setdefault(prefix, []).append(k)
     return small, layer_fields
 
 
 def _input_fields(fp, base: dict, small: dict) -> dict:
-    """field -> (small value, [(tensor, axis)] it shrinks): int fields above the small size whose shrinking
-    changes only tensor axes of their own size (a vocabulary, a position table; the plan confirms them)."""
+    """field -> (small value, [(tensor, axis)] it shrinks): int fields above the small size whose shrinking, on
+    its own, changes only the first axis of tensors, where it is their size (the rows of a table: a vocabulary,
+    positions; the plan confirms them, ``_input_axes_unread``)."""
     names, shapes = _shapes(fp.proxy)
     taken = {v for v in base.values() if type(v) is int} | {n for s in shapes.values() for n in s}
     to = next(n for n in range(SMALL_VOCAB, 1 << 20, 8) if n not in taken)
@@ -156,12 +158,13 @@ def _input_fields(fp, base: dict, small: dict) -> dict:
     for k, v in base.items():
         if type(v) is not int or v <= to or k in small:
             continue
-        trial = _built({**base, **small, **{f: s for f, (s, _) in out.items()}, k: to}, fp)
+        trial = _built({**base, **small, k: to}, fp)
         if trial is None or _shapes(trial)[0] != names:
             continue
         new = _shapes(trial)[1]
         changed = [(n, a) for n, s in shapes.items() for a, (x, y) in enumerate(zip(s, new[n])) if x != y]
-        if changed and all(shapes[n][a] == v and new[n][a] == to for n, a in changed):
+        # a table's rows only (an FFN width is also the axis 1 of the weights that read it)
+        if changed and all(a == 0 and shapes[n][a] == v and new[n][a] == to for n, a in changed):
             out[k] = (to, changed)
     return out
 

@@ -146,28 +146,42 @@ def test_meta_model_is_built_without_memory(tmp_path):
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
-def test_one_export_on_a_small_vocabulary_proxy(tmp_path, monkeypatch):
-    """The folder is planned once, on the random-weight proxy (two blocks, vocabulary shrunk to 128); that plan
-    gives the full model's rules and the proxy's own growth (the config choice): one torch.export, and the
-    streamed tensors still equal the in-memory growth of the whole model."""
+def _gpt2_four_heads_four_blocks():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=300, n_positions=256,
+                                      architectures=["GPT2LMHeadModel"]))
+
+
+def _llama_untied_300():
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                        tie_word_embeddings=False, architectures=["LlamaForCausalLM"]))
+
+
+@pytest.mark.parametrize("build", [_llama_untied_300, _gpt2_four_heads_four_blocks], ids=["llama", "gpt2"])
+def test_one_export_on_a_small_vocabulary_proxy(tmp_path, monkeypatch, build):
+    """The folder is planned once, on the random-weight proxy (two blocks; the vocabulary, and GPT-2's position
+    table, shrunk to 128 rows); that plan gives the full model's rules and the proxy's own growth (the config
+    choice): one torch.export, and the streamed folder still equals the in-memory growth of the whole model.
+    GPT-2 with as many heads as blocks: n_head is no block count (setting it to two shapes no tensor)."""
     from growir import frontend, stages
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False,
-                      architectures=["LlamaForCausalLM"])
-    model = randomize_norms(LlamaForCausalLM(cfg)).to(BF16).eval()
+    model = randomize_norms(build()).to(BF16).eval()
     model.save_pretrained(tmp_path / "src", max_shard_size="40KB")
     exports = []
     monkeypatch.setattr(stages, "capture", lambda *a: exports.append(1) or frontend.capture(*a))
     report = growir.grow_checkpoint(tmp_path / "src", tmp_path / "out", width=2.0)
     assert len(exports) == 1 and report.exact
-    assert report.plan.captured.kwargs["input_ids"].max() < 128  # planned on the small vocabulary, inputs valid for both
+    assert all(300 not in t.shape for t in report.plan.captured.gm.parameters())  # the small vocabulary's plan
     stored = _stored(tmp_path / "out")
-    memory = growir.grow(model, width=2.0).state_dict()
-    assert set(stored) == set(memory)
+    memory = growir.grow(model, width=2.0)
+    config = lambda c: {k: v for k, v in c.to_dict().items() if k != "_name_or_path"}  # noqa: E731
+    assert config(type(model).from_pretrained(tmp_path / "out").config) == config(memory.config)
+    state = memory.state_dict()
+    assert set(stored) <= set(state)
     for name, tensor in stored.items():
-        assert torch.equal(tensor, memory[name]), name
+        assert torch.equal(tensor, state[name]), name
 
 
 def test_verify_checkpoint_takes_the_dtype_the_growth_was_written_in(sharded, tmp_path):
