@@ -193,8 +193,9 @@ def resisting(result: dict) -> list[str]:
                      f"{tgt['scratch_below_source']:.3f} above the scratch target's {tgt['scratch_final_val_loss']:.3f}; "
                      f"growir's growth, {grown_as(mine)}, starts at {_num(mine['initial_val_loss'])}, "
                      f"{best['name']} at {_num(best['initial_val_loss'])}. "
-                     f"Final loss (rank figure) of the rows grown from the source by `grow`: {ends}; "
-                     f"{best['name']}: {_num(best['final_val_loss'])} ({pct(best['saving_ranked'])}).")
+                     f"Final loss (rank figure) of the rows grown from the source by `grow`: {ends}" +
+                     ("." if best in kept else
+                      f"; {best['name']}: {_num(best['final_val_loss'])} ({pct(best['saving_ranked'])})."))
     return ["Settings where the goal is not met, and the figures behind it:", ""] + lines + [""] if lines else []
 
 
