@@ -212,11 +212,16 @@ def _builds_like(cfg: dict, fp, want) -> bool:
 
 
 def _proxy_depth(fp, depth_plan: list) -> dict:
-    """The proxy's depth spec: its blocks grown by about the full model's ratio (at least one more)."""
+    """The proxy's depth spec: one block more (fewer where the full model shrinks), the least that builds a
+    deeper config; the full counts are put back into it. Each block of the proxy grown in float32 at the full
+    widths is large (180 MiB for a 1024-wide Llama block grown x2): the full ratio (four blocks) took the
+    preparation's peak RSS past the streaming bound."""
     if not depth_plan:
         return {}
     b, new = depth_plan[0]
-    n = fp.counts.get(b.prefix, b.count)
+    if b.prefix not in fp.counts:  # a list of two blocks or fewer is its own proxy: grown to its target
+        return {} if new == b.count else {"layers": new}
+    n = fp.counts[b.prefix]
     if new == n:
         return {}
-    return {"layers": max(b.count + 1, round(new * b.count / n))}
+    return {"layers": b.count + 1 if new > n else max(1, round(new * b.count / n))}
