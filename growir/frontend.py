@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass, field
@@ -36,34 +37,49 @@ def is_hf(model: torch.nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def _spec(t):
-    """Batch and sequence axes are dynamic, so no batch or sequence size is baked into the graph."""
+def _spec(t, batch=None):
+    """Batch and sequence axes are dynamic, so no batch or sequence size is baked into the graph. ``batch``:
+    (a named Dim, its size) that every input whose first axis has that size shares (see ``_shared_batch``)."""
     if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return None
+    first = batch[0] if batch is not None and t.shape[0] == batch[1] else Dim.AUTO
     if not t.is_floating_point() and t.dim() >= 2:  # token ids, masks: (batch, seq, ...)
-        return {0: Dim.AUTO, 1: Dim.AUTO}
+        return {0: first, 1: Dim.AUTO}
     if t.dim() == 4:  # images: (batch, channels, height, width)
-        return {0: Dim.AUTO}
-    return {0: Dim.AUTO, 1: Dim.AUTO} if t.dim() >= 3 else {0: Dim.AUTO}
+        return {0: first}
+    return {0: first, 1: Dim.AUTO} if t.dim() >= 3 else {0: first}
 
 
-def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
+def _shared_batch(args: tuple, kwargs: dict):
+    """One named batch Dim for inputs that arrive together: a model may build a tensor from one input's batch
+    and reshape it by another's (an ALiBi bias from the mask, regrouped by the ids' batch), which the export
+    leaves as two symbols unless told they are one. None with fewer than two such inputs; if the model
+    needs them apart, that export fails and ``_export`` retries with one Dim.AUTO per input."""
+    firsts = [t.shape[0] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    if len(firsts) < 2 or len(set(firsts)) != 1 or firsts[0] < 2:
+        return None
+    return Dim("batch"), firsts[0]
+
+
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, share: bool = True):
     """``dynamic_shapes`` keyed by forward()'s parameter names, so positional, keyword and ``*args``
     inputs can be mixed (torch.export wants a ``*args`` parameter's specs as one tuple)."""
+    batch = _shared_batch(args, kwargs) if share else None
+    spec = functools.partial(_spec, batch=batch)
     try:
         sig = inspect.signature(model.forward)
         bound = sig.bind(*args, **kwargs)
     except (TypeError, ValueError):
-        return tuple(_spec(a) for a in args) if not kwargs else {k: _spec(v) for k, v in kwargs.items()}
+        return tuple(spec(a) for a in args) if not kwargs else {k: spec(v) for k, v in kwargs.items()}
     out = {}
     for name, value in bound.arguments.items():
         kind = sig.parameters[name].kind
         if kind is inspect.Parameter.VAR_POSITIONAL:
-            out[name] = tuple(_spec(v) for v in value)
+            out[name] = tuple(spec(v) for v in value)
         elif kind is inspect.Parameter.VAR_KEYWORD:
-            out[name] = {k: _spec(v) for k, v in value.items()}
+            out[name] = {k: spec(v) for k, v in value.items()}
         else:
-            out[name] = _spec(value)
+            out[name] = spec(value)
     return out
 
 
@@ -99,11 +115,10 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Captured:
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict):
-    """(exported program, None) with dynamic batch and sequence axes; else (the static export, what the
-    dynamic one failed on); else a TraceError."""
+    """(exported program, None) with dynamic batch and sequence axes (one batch for all inputs where the
+    model allows it); else (the static export, what the dynamic one failed on); else a TraceError."""
     try:
-        ds = _dynamic_shapes(model, args, kwargs)
-        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=ds, strict=False), None
+        return _export_dynamic(model, args, kwargs), None
     except Exception as first:  # noqa: BLE001 - retried with static shapes, reported by the caller
         try:
             static = torch.export.export(model, args, kwargs=kwargs, strict=False)
@@ -113,6 +128,18 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict):
                              f"that torch.export.export(..., strict=False) accepts; check that the "
                              f"example inputs match forward()'s signature") from first
         return static, f"{type(first).__name__}: {first_line(first)}"
+
+
+def _export_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """The dynamic export: one shared batch Dim first; if the model refuses it, one Dim.AUTO per input."""
+    shared = _dynamic_shapes(model, args, kwargs)
+    auto = _dynamic_shapes(model, args, kwargs, share=False)
+    if shared != auto:
+        try:
+            return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shared, strict=False)
+        except Exception:  # noqa: BLE001 - a model whose inputs' batches differ: each its own Dim.AUTO
+            pass
+    return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=auto, strict=False)
 
 
 def _input_dims(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, range_constraints: dict):

@@ -145,7 +145,8 @@ def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict,
 
     ``expected`` maps each state_dict name to its grown shape; an axis given as None matches any size
     (an output-only group the config decides, like a pooler). ``size_pairs`` maps an old size to the new
-    sizes it may become. Candidate fields are int fields holding such an old size, never a token id.
+    sizes it may become. Candidate fields are int fields (or elements of int lists, as per-stage head counts)
+    holding such an old size, never a token id.
     A field changes only where the shapes require it: the search finds changes that reproduce every grown
     shape, then keeps (reverts) each change the shapes do not need. Changes no shape requires -- those
     reverted, and fields holding a head count (``head_pairs``: a head count shapes the computation, not
@@ -158,10 +159,9 @@ def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict,
     base = model.config.to_dict()
     floats = {k: float_pairs[v] for k, v in base.items() if isinstance(v, float) and v in (float_pairs or {})}
     base = {**base, **floats}
-    shapes_of = lambda changes: _shapes_of(model, _follow_lists(base, {**base, **changes}, layer_sources))
+    shapes_of = lambda changes: _shapes_of(model, _follow_lists(base, with_changes(base, changes), layer_sources))
     fits = lambda sh: _fits(sh, expected, required)
-    fields = {k: v for k, v in base.items() if isinstance(v, int) and not isinstance(v, bool)
-              and v in size_pairs and not is_token_field(k)}
+    fields = {k: v for k, v in int_fields(base).items() if v in size_pairs and not is_token_field(_field(k))}
     base_shapes = shapes_of({})
     relevant = {k: v for k, v in fields.items() if any(shapes_of({k: n}) != base_shapes
                                                        for n in size_pairs[v] if n != v)}
@@ -181,7 +181,48 @@ def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict,
             changes = {**needed, **dict(extra)}
             shapes = shapes_of(changes)
             if fits(shapes):
-                yield _follow_lists(base, {**base, **changes}, layer_sources), {**changes, **floats}, shapes
+                yield (_follow_lists(base, with_changes(base, changes), layer_sources),
+                       {_name(k): v for k, v in {**changes, **floats}.items()}, shapes)
+
+
+def int_fields(cfg: dict) -> dict:
+    """The config's integer fields, each element of a list of integers (per-stage head counts) a field of its
+    own, keyed (name, index).
+
+    >>> int_fields({"hidden_size": 8, "num_heads": [2, 4], "use_cache": True, "act": "gelu"})
+    {'hidden_size': 8, ('num_heads', 0): 2, ('num_heads', 1): 4}
+    """
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, int) and not isinstance(v, bool):
+            out[k] = v
+        elif isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            out.update({(k, i): x for i, x in enumerate(v)})
+    return out
+
+
+def with_changes(cfg: dict, changes: dict) -> dict:
+    """``cfg`` with ``changes`` (keys as :func:`int_fields` gives them) applied; lists copied, never shared.
+
+    >>> with_changes({"d": 8, "heads": [2, 2]}, {"d": 16, ("heads", 1): 4})
+    {'d': 16, 'heads': [2, 4]}
+    """
+    out = dict(cfg)
+    for key, value in changes.items():
+        if isinstance(key, tuple):
+            name, i = key
+            out[name] = [*out[name][:i], value, *out[name][i + 1:]]
+        else:
+            out[key] = value
+    return out
+
+
+def _field(key) -> str:
+    return key[0] if isinstance(key, tuple) else key
+
+
+def _name(key) -> str:
+    return f"{key[0]}[{key[1]}]" if isinstance(key, tuple) else key
 
 
 def _required_only(changes: dict, shapes_of, fits) -> tuple[dict, list]:

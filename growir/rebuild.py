@@ -18,7 +18,7 @@ import sympy
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import MaterializeError
+from .errors import MaterializeError, first_line
 from .passes.depth import schedule
 from .passes.width import tree_map
 from .verify_torch import long_sizes, measurable, measure
@@ -70,8 +70,7 @@ def sizes_given(groups: list, shapes: dict) -> dict:
 
 def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
     """Rebuild the Hugging Face class. Output-only groups (a pooler) take the size the config gives them."""
-    from .materialize import candidate_configs, load_hf
-    from .passes.per_unit import rebuilt_values
+    from .materialize import candidate_configs
     free = output_only_groups(p)
     free_axes = {(pa.param, pa.axis) for g in free for pa in g.producers}
     expected = {k: tuple(None if (p.facts.aliases.get(k, k), i) in free_axes else n for i, n in enumerate(v.shape))
@@ -86,14 +85,12 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
     for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads, required, sources,
                                                   built.eps_values):
         extra = sizes_given(free, shapes)
-        candidate = rebuild(p, {**sizes, **extra}, depth_plan, opts) if extra else built
-        grown = load_hf(model, cfg, with_source_ties(model, candidate.state))
-        if candidate.units and not opts.unit_values:  # the rebuilt model's own per-unit constants
-            values = rebuilt_values(candidate.units, candidate.maps, grown)
-            if values:
-                candidate = rebuild(p, {**sizes, **extra}, depth_plan, dataclasses.replace(opts, unit_values=values))
-                grown = load_hf(model, cfg, with_source_ties(model, candidate.state))
-        why = _differs(model, candidate, grown, p.captured, _window_fields(model, cfg, shapes))
+        try:
+            candidate, grown = _load_candidate(model, p, cfg, {**sizes, **extra}, depth_plan, opts,
+                                               None if extra else built, rebuild)
+            why = _differs(model, candidate, grown, p.captured, _window_fields(model, cfg, shapes))
+        except Exception as exc:  # noqa: BLE001 - a config whose model cannot run the example: the next one
+            why = f"the rebuilt model fails on the example: {type(exc).__name__}: {first_line(exc)}"
         if why is None:
             _keep_generation_config(model, grown)
             candidate.grown, candidate.record.config_changes = grown, config_diff(model.config, grown.config)
@@ -104,6 +101,22 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
         return _fit_config(model, p, sizes, depth_plan, kept, rebuild(p, sizes, depth_plan, kept), rebuild)
     raise MaterializeError(f"every {type(model).__name__} config that fits the grown shapes computes something "
                            f"else than the rewritten graph: {'; '.join(tried[:4])}")
+
+
+def _load_candidate(model, p, cfg: dict, sizes: dict, depth_plan, opts, built, rebuild):
+    """(rules built at ``sizes`` -- ``built`` where already built there --, the class rebuilt from ``cfg``
+    holding their tensors); per-unit constants (ALiBi slopes) placed where the rebuilt model's own values
+    put them."""
+    from .materialize import load_hf
+    from .passes.per_unit import rebuilt_values
+    candidate = rebuild(p, sizes, depth_plan, opts) if built is None else built
+    grown = load_hf(model, cfg, with_source_ties(model, candidate.state))
+    if candidate.units and not opts.unit_values:  # the rebuilt model's own per-unit constants
+        values = rebuilt_values(candidate.units, candidate.maps, grown)
+        if values:
+            candidate = rebuild(p, sizes, depth_plan, dataclasses.replace(opts, unit_values=values))
+            grown = load_hf(model, cfg, with_source_ties(model, candidate.state))
+    return candidate, grown
 
 
 def _differs(model, candidate, grown, captured, fields=None) -> str | None:

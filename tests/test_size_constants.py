@@ -1,7 +1,7 @@
 """Constants derived from sizes, grown with each model's own class (issue #11).
 
 Gemma 1/2/3, mBART and Marian scale embeddings by sqrt(hidden) (Gemma2 also softcaps scores and logits with
-tanh, and its norms are x̂·(1 + w)); Bloom and MPT add ALiBi slopes computed from the head count. A config
+tanh, and its norms are x̂·(1 + w)); Bloom, MPT and Falcon (alibi=True) add ALiBi slopes computed from the head count. A config
 rebuilt at the new size recomputes those constants; growir must keep the function anyway.
 """
 
@@ -33,6 +33,8 @@ MODELS = {
     "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(**dict(SMALL, hidden_size=32, n_layer=2, n_head=4))),
     "mpt": lambda: T.MptForCausalLM(T.MptConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, max_seq_len=16,
                                                 expansion_ratio=2, pad_token_id=99)),
+    "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(**dict(SMALL, hidden_size=32), alibi=True,
+                                                         multi_query=False)),
     "mbart": lambda: T.MBartForConditionalGeneration(T.MBartConfig(**SEQ2SEQ)),
     "marian": lambda: T.MarianMTModel(T.MarianConfig(**SEQ2SEQ)),
 }
