@@ -31,6 +31,7 @@ class Built:
     maps: dict
     eps_values: dict = field(default_factory=dict)  # old eps -> new eps (repeat-and-fill), for the config
     units: list = field(default_factory=list)  # per-unit constants (ALiBi slopes): read back from a rebuilt model
+    eps_nodes: dict = field(default_factory=dict)  # the eps literals changed: node -> (position, new eps)
 
 
 @dataclass

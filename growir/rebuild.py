@@ -81,6 +81,8 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
     required = set(params) | {b.name(i, sfx) for b, n in depth_plan for i in range(n) for sfx in b.suffixes
                               if b.name(0, sfx) in params}
     sources = {b.count: schedule(b, n, opts.depth_method).sources for b, n in depth_plan}
+    if built.eps_values and not opts.keep_eps and eps_shared(p, built.eps_nodes or {}):
+        return _fit_config(model, p, sizes, depth_plan, *_kept_eps(p, sizes, depth_plan, opts, rebuild), rebuild)
     tried = []
     for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads, required, sources,
                                                   built.eps_values):
@@ -97,10 +99,26 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
             return candidate
         tried.append(f"{changes} ({why})")
     if built.eps_values and not opts.keep_eps:  # e.g. an eps the config does not hold: keep it
-        kept = dataclasses.replace(opts, keep_eps=True)
-        return _fit_config(model, p, sizes, depth_plan, kept, rebuild(p, sizes, depth_plan, kept), rebuild)
+        return _fit_config(model, p, sizes, depth_plan, *_kept_eps(p, sizes, depth_plan, opts, rebuild), rebuild)
     raise MaterializeError(f"every {type(model).__name__} config that fits the grown shapes computes something "
                            f"else than the rewritten graph: {'; '.join(tried[:4])}")
+
+
+def _kept_eps(p, sizes: dict, depth_plan, opts, rebuild) -> tuple:
+    """(options, rules) of the growth built again with every norm's eps kept."""
+    kept = dataclasses.replace(opts, keep_eps=True)
+    return kept, rebuild(p, sizes, depth_plan, kept)
+
+
+def eps_shared(p, changed: dict) -> bool:
+    """Whether a norm whose eps the growth keeps has the value of one it changes (``changed``: eps node ->
+    (position, new eps)). A config holds eps by value in one field (Qwen3's per-head q/k norms read the
+    residual norms' ``rms_norm_eps``): changing the field would change both, a drift of about eps / var(x)
+    too small for the numeric check to see, so the config cannot express the change."""
+    from .analysis.norms import norm_sites
+    sites = [s for s in norm_sites(p.captured.gm, p.facts) if s.eps_at is not None and s.eps is not None]
+    values = {s.eps for s in sites if s.eps_at[0] in changed}
+    return any(s.eps in values for s in sites if s.eps_at[0] not in changed)
 
 
 def _load_candidate(model, p, cfg: dict, sizes: dict, depth_plan, opts, built, rebuild):

@@ -125,7 +125,7 @@ def _record(c) -> None:
     record = GrowthRecord(c.plan, dict(c.sizes), c.layer_info, c.reasons, output_maps=output_maps(c.plan, c.maps),
                           rules=c.rules, filled=c.filled, width_method=c.opts.width_method,
                           rounding=rounding_reason(c.rounded, c.state) if c.rounded else None)
-    c.built = Built(record, c.state, c.graph, c.maps, c.eps_values, c.units)
+    c.built = Built(record, c.state, c.graph, c.maps, c.eps_values, c.units, c.eps)
 
 
 GRAPH = (
