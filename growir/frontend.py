@@ -118,7 +118,7 @@ def fake_cache_off():
     """torch.export with its fake-tensor dispatch cache off: under symbolic shapes a cache hit rebuilds its
     output (``empty_strided`` + ``set_`` with symbolic sizes) at more cost than running the fake kernel
     again; measured on tiny transformers, one export took 1.4 s of CPU with the cache and 0.9 s without
-    (LLaMA with 2 layers: 2.1 s and 1.1 s), and the graph's code is the same.
+    (a 2-layer Hugging Face decoder: 2.1 s and 1.1 s), and the graph's code is the same.
 
     >>> import torch
     >>> with fake_cache_off():

@@ -112,7 +112,7 @@ def _kept_eps(p, sizes: dict, depth_plan, opts, rebuild) -> tuple:
 
 def eps_shared(p, changed: dict) -> bool:
     """Whether a norm whose eps the growth keeps has the value of one it changes (``changed``: eps node ->
-    (position, new eps)). A config holds eps by value in one field (Qwen3's per-head q/k norms read the
+    (position, new eps)). A config holds eps by value in one field (per-head q/k norms may read the
     residual norms' ``rms_norm_eps``): changing the field would change both, a drift of about eps / var(x)
     too small for the numeric check to see, so the config cannot express the change."""
     from .analysis.norms import norm_sites
