@@ -60,10 +60,10 @@ def zeroing_params(n, facts: Facts, owns, memo: dict) -> frozenset | None:
     """Graph names of parameters (all accepted by ``owns``) whose zeroing makes ``n`` zero; None if none do."""
     if not isinstance(n, fx.Node):
         return frozenset() if n == 0 else None
-    if n in memo:
-        return memo[n]
-    memo[n] = None  # cycles cannot happen in a DAG; this guards the recursion anyway
-    memo[n] = _zeroing(n, facts, owns, memo)
+    if n not in memo:  # its ancestors first, in graph order: each answer reads its inputs' from the memo
+        for m in sorted(reach([n], lambda x: [a for a in x.all_input_nodes if a not in memo])):
+            memo[m] = None  # answered below before any later node asks: a DAG in order has no cycles
+            memo[m] = _zeroing(m, facts, owns, memo)
     return memo[n]
 
 
