@@ -142,7 +142,7 @@ def _block_fields(fp, base: dict):
         for k, v in base.items():
             if type(v) is int and v == n and _builds_like({**base, **small, k: PROXY_BLOCKS}, fp, want) \
                     and not _builds_like({**base, k: PROXY_BLOCKS}, fp, whole):  # a head count equal to the
-                small[k] = PROXY_BLOCKS  # block count (GPT-2: 4 and 4) shapes no tensor: not a block count
+                small[k] = PROXY_BLOCKS  # block count (a head count that equals the block count, 4 and 4) shapes no tensor: not a block count
                 layer_fields.setdefault(prefix, []).append(k)
     return small, layer_fields
 
@@ -214,7 +214,7 @@ def _builds_like(cfg: dict, fp, want) -> bool:
 def _proxy_depth(fp, depth_plan: list) -> dict:
     """The proxy's depth spec: one block more (fewer where the full model shrinks), the least that builds a
     deeper config; the full counts are put back into it. Each block of the proxy grown in float32 at the full
-    widths is large (180 MiB for a 1024-wide Llama block grown x2): the full ratio (four blocks) took the
+    widths is large (180 MiB for a 1024-wide decoder block grown x2): the full ratio (four blocks) took the
     preparation's peak RSS past the streaming bound."""
     if not depth_plan:
         return {}
