@@ -163,33 +163,35 @@ def _differs(model, candidate, grown, captured, fields=None) -> str | None:
 
 def _differs_from_source(model, candidate, grown, captured, fields) -> str | None:
     """The check of a growth planned on a proxy (no rewritten graph): the real source against the rebuilt model
-    once, at the check length (the example's where no axis is dynamic). It is also the growth's self-measure
-    (``record.deviation``, ``record.measured``); values rounded into a low-precision dtype pass only within
-    the tolerance (else the full graph is the reference)."""
+    at the example inputs (their padded rows) and at one row of the check length. It is also the growth's
+    self-measure (``record.deviation``, ``record.measured``); values rounded into a low-precision dtype pass
+    only within the tolerance (else the full graph is the reference)."""
     maps = candidate.record.output_maps
-    length = check_length(model.config.to_dict(), captured, fields)
-    deviation, length = _long_deviation(model, grown, captured, maps, length)
-    if deviation is None:
-        deviation, length = measure(model, grown, captured, maps, quick=True), _example_length(captured)
+    deviation = measure(model, grown, captured, maps, quick=True)
+    long, length = _long_deviation(model, grown, captured, maps, check_length(model.config.to_dict(), captured,
+                                                                             fields), batch=1)
+    deviation = max(deviation, long or 0.0)
     if deviation > TOLERANCE:
-        return f"differs from the source by {deviation:.2g} at {length} tokens"
+        return f"differs from the source by {deviation:.2g} (at most {max(length, _example_length(captured))} tokens)"
     gen = _generation_diff(model.config, grown.config)
     if gen:
         return f"derives other generation settings: {gen}"
     leaves = [t for t in pytree.tree_leaves((captured.args, captured.kwargs)) if isinstance(t, torch.Tensor)]
     batch = leaves[0].shape[0] if leaves and leaves[0].dim() else 1
     candidate.record.deviation = deviation
-    candidate.record.measured = (f"the real source and grown models in float32 on the example inputs at batch "
-                                 f"{batch} and {length} tokens")
+    candidate.record.measured = (f"the real source and grown models in float32 at the example inputs (batch {batch}, "
+                                 f"{_example_length(captured)} tokens)" + (f" and at batch 1, {length} tokens"
+                                                                           if long is not None else ""))
     return None
 
 
-def _long_deviation(ref, grown, captured, maps: list, length: int):
+def _long_deviation(ref, grown, captured, maps: list, length: int, batch: int | None = None):
     """(deviation, length) at the longest sequence up to ``length`` the reference model accepts (a position
-    table may stop it earlier than the export's range says); (None, 0) where no axis is dynamic."""
+    table may stop it earlier than the export's range says), at ``batch`` rows where given; (None, 0) where
+    no axis is dynamic."""
     example = _example_length(captured)
     while captured.dims and length > example:
-        sizes = long_sizes(captured, length)
+        sizes = long_sizes(captured, length, batch)
         if not sizes:
             break
         try:
@@ -233,7 +235,8 @@ def _window_fields(model, cfg: dict, shapes: dict) -> set:
     same in the source and the grown model, and a size that shapes parameters is checked by the shapes."""
     from .materialize import _shapes_of
     base = model.config.to_dict()
-    changed = [k for k, v in cfg.items() if isinstance(v, int) and not isinstance(v, bool) and base.get(k) != v]
+    changed = [k for k, v in cfg.items() if isinstance(v, int) and not isinstance(v, bool) and base.get(k) != v
+               and 0 < v < MAX_CHECK_LEN]  # check_length reads no other field: no model built for them
     return {k for k in changed if k in base and _shapes_of(model, {**cfg, k: base[k]}) == shapes}
 
 

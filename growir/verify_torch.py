@@ -61,10 +61,11 @@ def other_sizes(captured: Captured) -> dict:
     return {s: v for s, v in out.items() if v != _hints(captured)[s][0]}
 
 
-def long_sizes(captured: Captured, length: int) -> dict:
-    """Every dynamic non-batch axis at ``length`` (clamped to the range the export allows)."""
-    return {sym: _clamp(captured, sym, length) for sym, (hint, leading) in _hints(captured).items()
-            if not leading and length > hint}
+def long_sizes(captured: Captured, length: int, batch: int | None = None) -> dict:
+    """Every dynamic non-batch axis at ``length``, and the batch axes at ``batch`` where given (clamped to the
+    range the export allows)."""
+    return {sym: _clamp(captured, sym, batch if leading else length) for sym, (hint, leading) in
+            _hints(captured).items() if (not leading and length > hint) or (leading and batch not in (None, hint))}
 
 
 def inputs_at(captured: Captured, values: dict):
