@@ -163,13 +163,16 @@ def _differs(model, candidate, grown, captured, fields=None) -> str | None:
 
 def _differs_from_source(model, candidate, grown, captured, fields) -> str | None:
     """The check of a growth planned on a proxy (no rewritten graph): the real source against the rebuilt model
-    at the example inputs (their padded rows) and at one row of the check length. It is also the growth's
+    at the example inputs (their padded rows), and at one row of the check length where the candidate changed
+    an integer field that shapes no parameter (``fields``: a window, a head count). It is also the growth's
     self-measure (``record.deviation``, ``record.measured``); values rounded into a low-precision dtype pass
     only within the tolerance (else the full graph is the reference)."""
     maps = candidate.record.output_maps
     deviation = measure(model, grown, captured, maps, quick=True)
-    long, length = _long_deviation(model, grown, captured, maps, check_length(model.config.to_dict(), captured,
-                                                                             fields), batch=1)
+    long, length = None, 0  # a longer row only past a changed field that may be a length (a window)
+    if fields:
+        long, length = _long_deviation(model, grown, captured, maps,
+                                       check_length(model.config.to_dict(), captured, fields), batch=1)
     deviation = max(deviation, long or 0.0)
     if deviation > TOLERANCE:
         return f"differs from the source by {deviation:.2g} (at most {max(length, _example_length(captured))} tokens)"

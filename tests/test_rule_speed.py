@@ -73,3 +73,32 @@ def test_gather_leaves_zeros_where_the_index_is_a_fill():
         want = t.index_select(1, index.clamp(min=0))
         want[:, index < 0] = 0
         assert torch.equal(gather(t, 1, index), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_power_of_two_rules_in_the_own_dtype_give_the_cast_once_bits(dtype):
+    """Copies divided by 2 and scaled by 0.5/4 compute in bfloat16/float16 directly: the same bits as float32
+    then one cast, and no rounding; values that would fall below the normal range take the float32 path."""
+    from growir.passes.tensor_rule import _exact_in_own_dtype
+    index = torch.cat([torch.arange(16), torch.arange(16)])
+    scale = torch.tensor([0.5, 4.0] * 8, dtype=torch.float64)
+    rule = TensorRule("w", [AxisMap(), AxisMap(index, torch.full((16,), 2), scale=scale)], scale=0.25)
+    gen = torch.Generator().manual_seed(0)  # magnitudes in [0.5, 1.5): far from float16's subnormals
+    old = ((torch.rand(40, 16, generator=gen) + 0.5) * torch.tensor([1.0, -1.0]).repeat(8)).to(dtype)
+    assert _exact_in_own_dtype(rule, old)
+    new, lossy = rule.apply_checked(old)
+    assert torch.equal(new, rule._mapped(old.float()).to(dtype)) and not lossy and new.dtype == dtype
+    tiny = old.clone()
+    tiny[0, 0] = torch.finfo(dtype).tiny * 3
+    assert not _exact_in_own_dtype(rule, tiny)
+    assert torch.equal(rule.apply_checked(tiny)[0], rule._mapped(tiny.float()).to(dtype))
+
+
+def test_power_of_two_rules_with_fills_in_bfloat16_give_the_float32_bits():
+    index = torch.cat([torch.arange(8), torch.full((8,), -1)])
+    rows = torch.cat([torch.arange(6), torch.full((3,), -1)])
+    rule = TensorRule("w", [AxisMap(rows, fill="random"), AxisMap(index, torch.full((8,), 2), fill="zero")],
+                      fill_seed=3)
+    old = torch.randn(6, 8).to(torch.bfloat16)
+    new, lossy = rule.apply_checked(old)
+    assert torch.equal(new, rule._mapped(old.float(), torch.bfloat16).to(torch.bfloat16)) and not lossy

@@ -12,10 +12,14 @@ over consumer axes k (copy counts c) and axes a with per-position factors s (a f
 
 from __future__ import annotations
 
-import itertools
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+from .gathers import gather, gather_axes, put_at  # noqa: F401  (gather: re-exported for callers)
+
+SLICE_BYTES = 32 << 20  # the float32 transient of a low-precision tensor's rule, at most (about)
 
 
 @dataclass
@@ -74,6 +78,9 @@ class TensorRule:
         exact one only up to that rounding (a bfloat16 weight divided by 3, say), and so is the growth.
         ``store``: the dtype the caller will store the result in when not ``old.dtype`` (random fills are drawn
         in it)."""
+        if self.arithmetic and store in (None, old.dtype) and _exact_in_own_dtype(self, old):
+            new = self._mapped(old.detach())
+            return (new.clone() if new.data_ptr() == old.data_ptr() else new).contiguous(), False
         axis = self._slice_axis(old)
         if axis is not None:  # no random fill there: ``store`` changes nothing
             return self._sliced(old, axis)
@@ -153,7 +160,7 @@ class TensorRule:
         draw = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(std)
         if store.is_floating_point and torch.finfo(store).eps > torch.finfo(torch.float32).eps:
             draw = draw.to(store)
-        _put(new, axis, at, draw)
+        put_at(new, axis, at, draw)
 
     def has_copies_to_perturb(self) -> bool:
         return any(m.divide is not None and m.index is not None and len(m.index) > len(m.divide)
@@ -192,9 +199,9 @@ class TensorRule:
                     std = _own_std(old) if std is None else std
                     self._random_fill(new, axis, at, std, store or old.dtype)
                 elif mean is not None:
-                    _put(new, axis, at, mean.expand_as(new).index_select(axis, on(at)))
+                    put_at(new, axis, at, mean.expand_as(new).index_select(axis, on(at)))
                 else:
-                    _put(new, axis, at, None)
+                    put_at(new, axis, at, None)
                 if m.fill == "geometric" and geometric is not None:
                     new = geometric.to(new.device)
         new = self._scaled(new, old)
@@ -277,89 +284,40 @@ def exact_shares(whole: torch.Tensor, shares: torch.Tensor, factors: torch.Tenso
     return torch.where(mark, w[g] - others[g], moved).movedim(0, axis)
 
 
-def gather_axes(t: torch.Tensor, indexes: list) -> torch.Tensor:
-    """``t`` gathered along every axis with an index (None: unchanged): where each index is a few runs of
-    consecutive positions, one pass of block copies into the result, else one gather per axis.
+def _exact_in_own_dtype(rule: TensorRule, old: torch.Tensor) -> bool:
+    """Whether a low-precision tensor's rule can compute in the tensor's own dtype with the bits of float32 then
+    one cast, and no rounding: only copies, divisions and scales by powers of two (a x2 growth's copy counts),
+    zero fills and random fills (drawn rounded to the dtype already), and no old value leaving the dtype's
+    normal range at any step. Each float32 step is then exact, so the one rounding to the dtype is the
+    identity, as is each step in the dtype. No float32 transient, no check. (A random draw would have to be
+    below 1e-37 times the weights' std to reach the subnormal range: not checked.)
 
-    >>> gather_axes(torch.arange(4).reshape(2, 2), [torch.tensor([0, 1, 0]), torch.tensor([1, 0, 1])]).tolist()
-    [[1, 0, 1], [3, 2, 3], [1, 0, 1]]
+    >>> r = TensorRule("w", [AxisMap(torch.tensor([0, 1, 0, 1]), torch.tensor([2, 2]))])
+    >>> _exact_in_own_dtype(r, torch.ones(2, dtype=torch.bfloat16)), _exact_in_own_dtype(r, torch.ones(2))
+    (True, False)
     """
-    mapped = [(a, i) for a, i in enumerate(indexes) if i is not None]
-    runs = {a: _runs(i) for a, i in mapped} if not t.is_meta else {}
-    blocks = 1
-    for r in runs.values():
-        blocks = blocks * len(r) if r is not None and all(f >= 0 for _, f, _ in r) else 1 << 30
-    if not mapped or t.is_meta or blocks > 64:
-        for a, i in mapped:
-            t = gather(t, a, i)
-        return t
-    shape = [len(i) if i is not None else n for i, n in zip(list(indexes) + [None] * t.dim(), t.shape)]
-    out = torch.empty(shape, dtype=t.dtype, device=t.device)
-    axes = [a for a, _ in mapped]
-    for combo in itertools.product(*(runs[a] for a in axes)):
-        dst, src = out, t
-        for a, (start, first, n) in zip(axes, combo):
-            dst, src = dst.narrow(a, start, n), src.narrow(a, first, n)
-        dst.copy_(src)
-    return out
+    if (old.is_meta or not old.is_floating_point() or _compute_dtype(old) == old.dtype or rule.noise is not None
+            or rule.donor_axis is not None or rule.offset or rule.zero or not _power_of_two(rule.scale)
+            or any(m.fill not in (None, "zero", "copy", "random") or m.split is not None for m in rule.axes)):
+        return False
+    lo = hi = low = high = 1.0  # the running factor's range, and its extremes over every step
+    for m in rule.axes:
+        for per_old, divides in ((m.divide, True), (m.scale, False)):
+            if per_old is None:
+                continue
+            f = per_old.double().abs()
+            if not all(_power_of_two(v) for v in {float(f.min()), float(f.max())}) or not bool(
+                    (torch.frexp(f).mantissa == 0.5).all()):
+                return False
+            lo, hi = (lo / float(f.max()), hi / float(f.min())) if divides else (lo * float(f.min()), hi * float(f.max()))
+            low, high = min(low, lo), max(high, hi)
+    low, high = min(low, lo * abs(rule.scale)), max(high, hi * abs(rule.scale))
+    info, a = torch.finfo(old.dtype), old.detach().abs()
+    return not bool(((a > 0) & (a < info.tiny / low)).any()) and float(a.max()) * high <= info.max
 
 
-def _runs(index: torch.Tensor):
-    """[(new start, old start, length)] of the runs of consecutive positions in ``index`` (a run of -1, a fill,
-    has old start -1); None where there are many (a scattered gather)."""
-    index = index.cpu()
-    if len(index) == 0:
-        return None
-    step = index[1:] - index[:-1]
-    breaks = (((step != 1) & (index[1:] >= 0)) | ((index[1:] < 0) != (index[:-1] < 0))).nonzero().flatten() + 1
-    if len(breaks) + 1 > max(8, len(index) // 32):
-        return None
-    starts = [0] + breaks.tolist()
-    ends = starts[1:] + [len(index)]
-    return [(s, f, e - s) for s, f, e in zip(starts, index[starts].clamp(min=-1).tolist(), ends)]
-
-
-def gather(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
-    """``t.index_select(axis, index)`` with zeros at the positions where ``index`` is -1 (a fill, written later),
-    as block copies where the index is a few runs of consecutive positions (whole copies: 0..n-1, 0..n-1),
-    which copy memory blocks instead of gathering element by element (several times faster along a last axis).
-    Both copy values only: the result is the same, bitwise.
-
-    >>> gather(torch.arange(6).reshape(2, 3), 1, torch.tensor([0, 1, 2, 0, 1, 2, 1])).tolist()
-    [[0, 1, 2, 0, 1, 2, 1], [3, 4, 5, 3, 4, 5, 4]]
-    >>> gather(torch.arange(6).reshape(2, 3), 1, torch.tensor([2, 0, -1, -1])).tolist()
-    [[2, 0, 0, 0], [5, 3, 0, 0]]
-    """
-    runs = None if t.is_meta else _runs(index)
-    if runs is None:  # scattered: one gather is faster than many slices
-        out = t.index_select(axis, index.clamp(min=0).to(t.device))
-        holes = (index < 0).nonzero().flatten()
-        return out.index_fill_(axis, holes.to(t.device), 0) if len(holes) else out
-    shape = list(t.shape)
-    shape[axis] = len(index)
-    out = torch.empty(shape, dtype=t.dtype, device=t.device)
-    for start, first, n in runs:
-        part = out.narrow(axis, start, n)
-        part.zero_() if first < 0 else part.copy_(t.narrow(axis, first, n))
-    return out
-
-
-def _put(new: torch.Tensor, axis: int, at: torch.Tensor, values: torch.Tensor | None) -> None:
-    """``new``'s positions ``at`` along ``axis`` set to ``values`` (zero where None), in place; one slice
-    where the positions are consecutive (new units at the end)."""
-    if len(at) == 0:
-        return
-    first, n = int(at[0]), len(at)
-    if int(at[-1]) - first + 1 == n:  # sorted (nonzero's order) and consecutive
-        part = new.narrow(axis, first, n)
-        part.zero_() if values is None else part.copy_(values)
-    elif values is None:
-        new.index_fill_(axis, at.to(new.device), 0)
-    else:
-        new.index_copy_(axis, at.to(new.device), values.to(new.device, new.dtype))
-
-
-SLICE_BYTES = 32 << 20  # the float32 transient of a low-precision tensor's rule, at most (about)
+def _power_of_two(x: float) -> bool:
+    return x != 0 and math.frexp(abs(x))[0] == 0.5
 
 
 def _own_std(t: torch.Tensor) -> float:
