@@ -279,7 +279,14 @@ def exact_shares(whole: torch.Tensor, shares: torch.Tensor, factors: torch.Tenso
     big = torch.full(w.shape, float("inf"), dtype=f.dtype, device=f.device)
     smallest = big.scatter_reduce(0, g.view(rest).expand_as(f), f.masked_fill(~live.view(rest), float("inf")), "amin")
     counts = torch.bincount(g[live], minlength=len(w))
-    mark = (f == smallest[g]) & (live & (counts[g] > 1)).view(rest)
+    tied = (f == smallest[g]) & (live & (counts[g] > 1)).view(rest)
+    # one mark per old position: copies whose factors tie (float32 draws do, a few in a million) would each
+    # take the whole minus the others, and the stored shares would sum to more than the old weight
+    pos = torch.arange(len(g), dtype=torch.int32, device=f.device).view(rest).expand_as(f)
+    last = len(g)
+    first = torch.full(w.shape, last, dtype=pos.dtype, device=f.device).scatter_reduce(
+        0, g.view(rest).expand_as(f), pos.masked_fill(~tied, last), "amin")
+    mark = tied & (pos == first[g])
     others = torch.zeros_like(w).index_add_(0, g[live], moved.masked_fill(mark, 0)[live])
     return torch.where(mark, w[g] - others[g], moved).movedim(0, axis)
 
