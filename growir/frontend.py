@@ -13,6 +13,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from .errors import TraceError, first_line
+from .inline import inline_context_regions
 from .inputs import example_inputs_for
 from .quiet import library_noise_off
 
@@ -103,6 +104,7 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Captured:
         with library_noise_off(), fake_cache_off():  # torch.export's deprecation warnings are not the user's
             ep, static = _export(model, args, kwargs)
             gm = ep.module()
+            inline_context_regions(gm)  # no_grad / disabled-autocast regions: the same ops, unwrapped
     finally:
         model.train(was_training)
     if static is not None:

@@ -100,7 +100,25 @@ class DepthwiseBlock(nn.Module):  # ConvNeXt-style: a depthwise convolution on t
         return self.head((x + y.permute(0, 3, 1, 2)).mean((2, 3)))
 
 
-@pytest.mark.parametrize("model, op, module", [(Roll(), "aten.roll", "Roll"), (Flip(), "aten.flip", "Flip"),
+class NoGradRotary(MLPBody):  # transformers 5.17's rotary embedding: no_grad and a disabled autocast
+    @torch.no_grad()
+    def angles(self, x):
+        with torch.autocast("cpu", enabled=False):
+            pos = torch.arange(x.shape[1], dtype=torch.float32)
+            return (pos[:, None] / 10.0 ** torch.arange(4, dtype=torch.float32)).cos()
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        return self.b(F.gelu(self.a(x))) + self.angles(x).sum(-1, keepdim=True)
+
+
+class AutocastOn(MLPBody):  # an enabled autocast changes the region's dtypes: not inlined
+    def forward(self, idx):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.b(F.gelu(self.a(self.emb(idx))))
+
+
+@pytest.mark.parametrize("model, op, module", [(AutocastOn(), "wrap_with_autocast", "AutocastOn"),(Roll(), "aten.roll", "Roll"), (Flip(), "aten.flip", "Flip"),
                                                (RepeatPositions(), "aten.repeat", "RepeatPositions")])
 def test_ops_growir_cannot_read_are_growth_errors_naming_op_and_module(model, op, module):
     try:
@@ -123,7 +141,7 @@ def test_depthwise_convolution_is_exact_or_names_the_convolution():
 
 @pytest.mark.parametrize("model, inputs", [(VarArgs(), ids()), (FixedPositions(), ids()),
                                            (Patches(), (torch.randn(2, 3, 16, 16),)),
-                                           (SingleKVFused(), ids())])
+                                           (SingleKVFused(), ids()), (NoGradRotary(), ids())])
 def test_hand_written_models_grow_exactly(model, inputs):
     grown = growir.grow(model.eval(), width=2.0, example_inputs=inputs)
     assert grown.growir_record.exact and grown.growir_record.deviation <= 1e-5
