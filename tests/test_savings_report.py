@@ -33,6 +33,9 @@ def test_quoted_numbers_match_the_committed_json():
     if os.path.exists(report.SCALED):  # the --scale 2 run of the headline, beside the default run
         scaled = json.loads(read("benchmarks/results/scale2/savings.json"))
         assert report.scaled_table(scaled, result) in read("docs/savings.md"), "run: python benchmarks/savings_report.py"
+    if os.path.exists(report.GPU):  # the --device cuda run at a larger width
+        gpu = json.loads(read("benchmarks/results/gpu/savings.json"))
+        assert report.gpu_table(gpu) in read("docs/savings.md"), "run: python benchmarks/savings_report.py"
     if os.path.exists(report.SURVEY):  # the width methods' deviations where no growth is exact
         survey = json.loads(read("benchmarks/results/width_deviation.json"))
         assert report.survey_table(survey) in read("docs/savings.md"), "run: python benchmarks/savings_report.py"
