@@ -6,9 +6,10 @@ the ONNX exporter's "torchvision is not installed" lines (torchvision ops are no
 progress bars and info logs while growir loads or saves a model.
 
 >>> import warnings
->>> with warnings.catch_warnings(record=True) as caught, library_noise_off():
-...     warnings.simplefilter("always")
-...     warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning)
+>>> with warnings.catch_warnings(record=True) as caught:
+...     warnings.simplefilter("always")  # the caller's filters, then growir's call inside them
+...     with library_noise_off():
+...         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning)
 >>> caught
 []
 """

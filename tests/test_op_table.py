@@ -78,15 +78,6 @@ def test_named_sets_are_unions_of_kinds():
     assert {"aten.linear", "aten.conv3d", "aten.einsum", "transformers.grouped_mm_fallback"} <= CONTRACTIONS
 
 
-def test_walk_examples_run():
-    """The docstring examples of the table and the walks (``back``, ``chain``, ``forward``, ``reach``)."""
-    import doctest
-    import importlib
-    for name in ("ops", "residual", "norms", "sources"):
-        result = doctest.testmod(importlib.import_module(f"growir.analysis.{name}"))
-        assert result.failed == 0, name
-
-
 def test_a_pad_is_zero_with_its_input_only_when_it_pads_with_zero():
     """``constant_pad_nd(x, pad, 1.0)`` of a zero ``x`` is not zero: a block ending in it is no identity."""
     import torch

@@ -346,14 +346,6 @@ def test_reuse_keeps_earlier_runs_and_trains_only_missing_ones(tmp_path, monkeyp
     assert [r["log"] for r in first if r["available"]] == [r["log"] for r in second if r["available"]]
 
 
-@pytest.mark.parametrize("name", ["blocks", "data", "flops", "loop", "schedule", "baselines", "metrics"])
-def test_docstring_examples_run(name):
-    import doctest
-    import importlib
-    result = doctest.testmod(importlib.import_module(f"growir.train.{name}"))
-    assert result.failed == 0 and result.attempted > 0
-
-
 def test_an_interrupted_invocation_keeps_its_finished_runs(tmp_path):
     bench = load_benchmark()
     sizes, out = bench.QUICK, tmp_path

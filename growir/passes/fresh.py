@@ -26,7 +26,7 @@ different gradients from the first step (docs/methods.md: "Copies that must stay
 >>> small = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
 ...                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=100))
 >>> big = growir.grow(small, width=2.0, width_method="fresh")
->>> big.growir_record.exact, float(big.model.layers[0].mlp.down_proj.weight[:, 64:].abs().max())
+>>> big.growir_record.exact, float(big.model.layers[0].mlp.down_proj.weight[:, 64:].abs().max().detach())
 (True, 0.0)
 """
 
