@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import TraceError
+from .errors import TraceError, first_line
+from .frontend import fake_cache_off
 from .quiet import library_noise_off
 
 from .inputs import EXAMPLE_BATCH, EXAMPLE_SEQ, Inputs, example_inputs_for, is_hf_model
@@ -81,12 +82,11 @@ def to_onnx_program(model: torch.nn.Module, inputs: Inputs, *, dynamic: bool = T
     dynamic_shapes = dynamic_shapes_for(inputs, HF_STATIC_AXES if is_hf_model(model) else None) if dynamic else None
     options = {"opset_version": opset} if opset is not None else {}
     try:
-        with eval_mode(model), torch.no_grad(), library_noise_off():
+        with eval_mode(model), torch.no_grad(), library_noise_off(), fake_cache_off():  # see fake_cache_off
             return torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
                                      verbose=False, optimize=optimize, **options)
     except Exception as error:  # torch.export and the ONNX translator raise many types; keep the cause chained
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise TraceError(f"ONNX export of {type(model).__name__} failed ({type(error).__name__}: {first_line}); "
+        raise TraceError(f"ONNX export of {type(model).__name__} failed ({type(error).__name__}: {first_line(error)}); "
                          "run with the model's own inputs or check that torch.export.export(model, ...) works"
                          ) from error
 
