@@ -137,17 +137,18 @@ BASELINES = ["directcopy", "stackbert", "mslt", "fpi", "aki", "bert2bert"]
 
 
 def goal_check(setting: dict, mine: dict, others: list[dict], headline: bool) -> str:
-    """Issue #9's goal for one setting: every seed reached, growir's rank figure >= each baseline's on the
+    """Issue #9's goal for one setting: every seed reached, growir's rank figure > each baseline's on the
     seeds both ran (paired), and >= GOAL on the headline."""
-    behind = []
+    behind, tied = [], []
     for b in others:
         common = sorted(set(mine["per_seed_saving"]) & set(b["per_seed_saving"]), key=int)
         ours, theirs = on_seeds(mine, common)["rank"], on_seeds(b, common)["rank"]
-        if ours < theirs:
-            behind.append(f"{b['name']} {pct(theirs)} vs {pct(ours)} on seeds {', '.join(common)}")
+        if ours <= theirs:  # a tie is not "more" (at 100% both reached the target before training)
+            (behind if ours < theirs else tied).append(f"{b['name']} {pct(theirs)} vs {pct(ours)} on seeds "
+                                                       f"{', '.join(common)}")
     misses = ([f"{mine['seeds'] - mine['reached_seeds']} seed(s) unreached"] if not mine["reached"] else []) + \
         ([f"below {pct(GOAL)}"] if headline and (mine["saving_ranked"] or 0.0) < GOAL else []) + \
-        ([f"behind {'; '.join(behind)}"] if behind else [])
+        ([f"behind {'; '.join(behind)}"] if behind else []) + ([f"tied with {'; '.join(tied)}"] if tied else [])
     absent = [b for b in BASELINES if b not in {m["name"] for m in others}]
     unsure = f" against the baselines run ({', '.join(absent)} not run)" if absent else ""
     return f"goal met{unsure}" if not misses else f"goal not met{unsure}: " + ", ".join(misses)
@@ -191,8 +192,10 @@ def resisting(result: dict) -> list[str]:
         src, tgt, best = s["source"], s["target"], others[0]
         kept = [m for m in order if m["name"] in PRESERVING]
         ends = ", ".join(f"{m['name']} {_num(m['final_val_loss'])} ({pct(m['saving_ranked'])})" for m in kept)
-        lines.append(f"- `{s['name']}`: the source ends at {src['final_val_loss']:.3f}, only "
-                     f"{tgt['scratch_below_source']:.3f} above the scratch target's {tgt['scratch_final_val_loss']:.3f}; "
+        gap = tgt["scratch_below_source"]
+        where = f"only {gap:.3f} above" if gap >= 0 else f"already {-gap:.3f} below"
+        lines.append(f"- `{s['name']}`: the source ends at {src['final_val_loss']:.3f}, {where} the scratch target's "
+                     f"{tgt['scratch_final_val_loss']:.3f}; "
                      f"growir's growth, {grown_as(mine)}, starts at {_num(mine['initial_val_loss'])}, "
                      f"{best['name']} at {_num(best['initial_val_loss'])}. "
                      f"Final loss (rank figure) of the rows grown from the source by `grow`: {ends}" +

@@ -73,6 +73,9 @@ def test_goal_is_checked_on_the_seeds_both_methods_ran():
     assert report.goal_check({}, mine, everyone, headline=False) == "goal met"
     verdict = report.goal_check({}, mine, [_row("stackbert", [0.9, 0.5, 0.6, 0.2, 0.2])], headline=True)
     assert "below 60.0%" in verdict and "behind stackbert" in verdict
+    saturated = _row("growir", [1.0, 1.0, 1.0])  # both reached the target before training: a tie, not a lead
+    verdict = report.goal_check({}, saturated, [_row("fpi", [1.0, 1.0, 1.0])], headline=False)
+    assert verdict.startswith("goal not met") and "tied with fpi" in verdict
 
 
 def test_sweep_table_compares_policies_on_common_seeds():
