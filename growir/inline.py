@@ -29,24 +29,26 @@ import operator
 import torch
 import torch.fx
 
+from .errors import TraceError
+
 
 def _regions() -> dict:
-    """higher-order op -> index of its submodule argument, for the ops that are safe to inline."""
+    """higher-order op -> (index of its submodule argument, index of its ``enabled`` flag where inlining it
+    depends on that flag), for the ops that are safe to inline."""
     hop = torch.ops.higher_order
     found = {}
-    if hasattr(hop, "wrap_with_set_grad_enabled"):  # (enabled, submodule, *operands)
-        found[hop.wrap_with_set_grad_enabled] = 1
+    if hasattr(hop, "wrap_with_set_grad_enabled"):  # (enabled, submodule, *operands): any grad mode
+        found[hop.wrap_with_set_grad_enabled] = (1, None)
     if hasattr(hop, "wrap_with_autocast"):  # (device, dtype, enabled, cache_enabled, submodule, *operands)
-        found[hop.wrap_with_autocast] = 4
+        found[hop.wrap_with_autocast] = (4, 2)  # only disabled: an enabled autocast changes dtypes
     return found
 
 
 def _inlinable(node: torch.fx.Node, regions: dict) -> bool:
     if node.op != "call_function" or node.target not in regions:
         return False
-    if node.target is getattr(torch.ops.higher_order, "wrap_with_autocast", None):
-        return node.args[2] is False  # an enabled autocast changes dtypes: not the same function inlined
-    return True
+    flag = regions[node.target][1]
+    return flag is None or node.args[flag] is False
 
 
 def _copy_attr(gm: torch.fx.GraphModule, sub: torch.fx.GraphModule, name: str) -> str:
@@ -78,7 +80,9 @@ def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, at: int) -> None:
                 env[inner] = copied
     for user in list(node.users):
         if user.op != "call_function" or user.target is not operator.getitem:
-            raise AssertionError(f"growir: {node.name} has a user {user.name} that is not getitem")
+            raise TraceError(f"torch.export wrapped a region in `{node.target}` whose result `{node.name}` is "
+                             f"read by `{user.name}`, not by indexing; growir cannot unwrap it. This is a growir "
+                             f"bug: please report it with the model")
         user.replace_all_uses_with(outputs[user.args[1]])
         gm.graph.erase_node(user)
     wrapped = node.args[at]
@@ -96,7 +100,7 @@ def inline_context_regions(gm: torch.fx.GraphModule) -> int:
         if not todo:
             break
         for node in todo:
-            _inline(gm, node, regions[node.target])
+            _inline(gm, node, regions[node.target][0])
             count += 1
     if count:
         gm.graph.lint()

@@ -142,7 +142,7 @@ def _block_fields(fp, base: dict):
         for k, v in base.items():
             if type(v) is int and v == n and _builds_like({**base, **small, k: PROXY_BLOCKS}, fp, want) \
                     and not _builds_like({**base, k: PROXY_BLOCKS}, fp, whole):  # a head count equal to the
-                small[k] = PROXY_BLOCKS  # block count (a head count that equals the block count, 4 and 4) shapes no tensor: not a block count
+                small[k] = PROXY_BLOCKS  # block count (4 heads in 4 blocks) shapes no tensor: not a block count
                 layer_fields.setdefault(prefix, []).append(k)
     return small, layer_fields
 

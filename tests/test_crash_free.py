@@ -118,7 +118,8 @@ class AutocastOn(MLPBody):  # an enabled autocast changes the region's dtypes: n
             return self.b(F.gelu(self.a(self.emb(idx))))
 
 
-@pytest.mark.parametrize("model, op, module", [(AutocastOn(), "wrap_with_autocast", "AutocastOn"),(Roll(), "aten.roll", "Roll"), (Flip(), "aten.flip", "Flip"),
+@pytest.mark.parametrize("model, op, module", [(AutocastOn(), "wrap_with_autocast", "AutocastOn"),
+                                               (Roll(), "aten.roll", "Roll"), (Flip(), "aten.flip", "Flip"),
                                                (RepeatPositions(), "aten.repeat", "RepeatPositions")])
 def test_ops_growir_cannot_read_are_growth_errors_naming_op_and_module(model, op, module):
     try:
