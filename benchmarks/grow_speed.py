@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from memory import peak, reset_peak, rss_now
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 # Llama-shaped sources (vocab 32000, untied head); grown x2 in width.
@@ -36,21 +38,6 @@ ONLY_DTYPES = {"500M": ("bfloat16",)}  # a 1.75B float32 target and its from_con
 
 
 # --- measurements, each run in a child process -------------------------------------------------------------------
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM, the peak RSS
-        f.write("5")
-
-
-def _peak() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-
-
 def _config(size: str, scale: int = 1):
     import torch
     from transformers import LlamaConfig
@@ -66,15 +53,15 @@ def child_grow(size: str, dtype: str) -> dict:
     from transformers import LlamaForCausalLM
     torch.manual_seed(0)
     source = LlamaForCausalLM(_config(size)).to(getattr(torch, dtype))
-    base = _rss_now()
-    _reset_peak()
+    base = rss_now()
+    reset_peak()
     start, cpu = time.perf_counter(), time.process_time()
     grown = growir.grow(source, width=2.0)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    peak = _peak()
+    top = peak()
     target_bytes = sum(t.numel() * t.element_size() for t in grown.state_dict().values())
     record = grown.growir_record
-    return {"grow_s": seconds, "grow_cpu_s": cpu, "extra_peak_bytes": peak - base, "target_bytes": target_bytes,
+    return {"grow_s": seconds, "grow_cpu_s": cpu, "extra_peak_bytes": top - base, "target_bytes": target_bytes,
             "capture": record.capture, "measured": record.measured,
             "source_params": sum(p.numel() for p in source.parameters()),
             "target_params": sum(p.numel() for p in grown.parameters()),

@@ -79,15 +79,15 @@ def _deviation(source, grown) -> float:
 def child(job: dict) -> dict:
     import torch
     sys.path.insert(0, str(HERE))
-    from grow_speed import _peak, _reset_peak, _rss_now
+    from memory import peak, reset_peak, rss_now
     source = _source(job["family"], job["dtype"])
     if job["kind"] == "time":
-        base = _rss_now()
-        _reset_peak()
+        base = rss_now()
+        reset_peak()
         wall, cpu = time.perf_counter(), time.process_time()
         grown = _grow(job["tool"], source)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        extra = _peak() - base
+        extra = peak() - base
         target = sum(t.numel() * t.element_size() for t in grown.state_dict().values())
         how = getattr(grown, "growir_record", None)
         return {"seconds": wall, "cpu_seconds": cpu, "extra_peak_bytes": extra, "target_bytes": target,

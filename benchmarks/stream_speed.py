@@ -40,7 +40,7 @@ def _child(job: dict) -> dict:
     """One measured run in this (fresh) process; returns seconds and peak RSS."""
     sys.path.insert(0, str(ROOT))
     import growir  # noqa: F401  (imports are part of the baseline, not of the run)
-    from growir.checkpoint import plan_folder
+    from growir.stream.plan import plan_folder
     import transformers  # noqa: F401
 
     base = _rss_mib()
@@ -53,15 +53,15 @@ def _child(job: dict) -> dict:
         fp = plan_folder(job["src"])
         extra["groups"] = len(fp.plan.groups)
     elif job["kind"] == "stream":
-        import growir.stream as stream
+        import growir.stream.grow as stream
 
-        write = stream._write
+        write = stream.write_folder
 
         def timed_write(*args):  # the peak before any weight is read: imports, plan, config proxy, rules
             extra["peak_before_write_mib"] = round(_rss_mib())
             extra["prepare_cpu_seconds"] = _cpu() - cpu
             return write(*args)
-        stream._write = timed_write
+        stream.write_folder = timed_write
         report = growir.grow_checkpoint(job["src"], job["out"], progress=False, **job["spec"])
         extra.update(params_after=report.params_after, bytes_written=report.bytes_written, exact=report.exact,
                      prepare_seconds=report.prepare_seconds)
@@ -81,11 +81,11 @@ def _cpu() -> float:
 def _verify_child(job: dict) -> dict:
     """Block-by-block verify of a grown folder: the weight-free preparation (plan, config proxy, maps), then
     the check with the peak RSS reset in between, so the check's own peak is measured."""
-    from growir.stream import _prepare
-    from growir.verify_blocks import check_blocks
+    from growir.stream.grow import prepare
+    from growir.verify.blocks import check_blocks
 
     spec = job["spec"]  # the streamed growth's own arguments (grow_checkpoint's defaults: width_method "auto")
-    prepared = _prepare(Path(job["src"]), spec.get("width", 1.0), spec.get("depth", 1.0), None, "auto", "auto",
+    prepared = prepare(Path(job["src"]), spec.get("width", 1.0), spec.get("depth", 1.0), None, "auto", "auto",
                         None, False)
     before = _vm("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM, the peak RSS
@@ -147,7 +147,7 @@ def synth_checkpoint(folder: Path, shape: dict, shard: str = "200MB") -> int:
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT))
-    from growir.shards import parse_size
+    from growir.stream.shards import parse_size
 
     config = LlamaConfig(**shape, architectures=["LlamaForCausalLM"], tie_word_embeddings=False, dtype="bfloat16")
     with torch.device("meta"):

@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from growir.api import WIDTH_METHODS, grow  # noqa: E402
+from growir.pipeline.spec import WIDTH_METHODS  # noqa: E402
+from growir.api import grow  # noqa: E402
 from growir.train.loop import evaluate  # noqa: E402
 from savings_setup import SETTINGS, Sizes, batcher, load_source, pretrain_source  # noqa: E402
 

@@ -9,8 +9,8 @@
 64
 """
 
-from .errors import (AnalysisError, GrowthError, MaterializeError, NotExactError, PreservationError,
-                     SpecError, TraceError, UnsupportedOpError)
+from .errors import (AnalysisError, GrowthError, MaterializeError, NotExactError, PreservationError, SpecError,
+                     TraceError, UnsupportedOpError)
 
 __version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it
 
@@ -19,15 +19,15 @@ __all__ = ["GrowthError", "SpecError", "TraceError", "UnsupportedOpError", "Anal
            "export_onnx", "grow_checkpoint", "verify_checkpoint", "doctor"]
 
 
-from .api import grow, plan, rules  # noqa: E402  (after the errors; binds `plan` over the submodule's name)
+from .api import grow, plan, rules  # noqa: E402  (after the errors)
 from .optim import grow_with_optimizer  # noqa: E402
-from .stream import grow_checkpoint  # noqa: E402
-from .verify_blocks import verify_checkpoint  # noqa: E402
+from .stream.grow import grow_checkpoint  # noqa: E402
+from .stream.check import verify_checkpoint  # noqa: E402
 from .doctor import doctor  # noqa: E402
 
 
 def __getattr__(name):  # lazy: ONNX tooling loads on first use
     if name in ("check", "export_onnx", "CheckReport"):
-        from . import verify
-        return getattr(verify, name)
+        from .verify import onnx_check
+        return getattr(onnx_check, name)
     raise AttributeError(f"module 'growir' has no attribute {name!r}")

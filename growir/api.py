@@ -14,31 +14,19 @@ import time
 
 import torch
 
-from .context import Context, Options
+from .pipeline.context import Context, Options
 from .errors import SpecError
-from .manager import run_passes
-from .passes.depth import DEPTH_METHODS
-from .passes.pipeline import RULES
-from .plan import Plan
-from .rebuild import MATERIALIZE as MATERIALIZE_MODES
-from .record import GrowthRecord, GrowthRules
-from .stages import CHECK, CLASS, FIT, GRAPH, PLAN, PROXY_PLAN, SPEC, TOLERANCE
+from .pipeline.manager import run_passes
+from .pipeline.rules import RULES
+from .analysis.plan import Plan
+from .pipeline.record import GrowthRecord, GrowthRules
+from .pipeline.stages import CHECK, GROW, MATERIALIZE, PLAN, SPEC, TOLERANCE, plan_of
+from .pipeline.spec import options, check_mode
 
 __all__ = ["plan", "rules", "materialize", "grow", "growth_rules", "GrowthRecord", "GrowthRules", "Options",
            "TOLERANCE"]
 
-WIDTH_METHODS = ("auto", "fresh", "fpi", "fpi_balanced", "fpi_random", "aki")
-PRESETS = {"bert2bert": {"width_method": "aki", "depth_method": "stack"}}  # the paper's recipe
 
-# The pipeline, stage by stage, pass by pass (names in the order they run):
-#   PLAN         capture, analyse (grow: PROXY_PLAN, on a two-block meta proxy where one stands in)
-#   SPEC         sizes, depth_plan
-#   RULES        fill_plan, index_maps, unit_constants, width_rules, size_values, head_dim, norms, split_copies,
-#                exactness, aki, noise, graph_edits, expand_blocks, depth, seed_fills
-#   MATERIALIZE  proxy_fits, apply_rules, rewrite_graph, record, rebuild_class, notes
-#   CHECK        measure, judge, release
-MATERIALIZE = FIT + GRAPH + CLASS
-GROW = PROXY_PLAN + SPEC + RULES + MATERIALIZE + CHECK
 
 
 def plan(model: torch.nn.Module, example_inputs=None) -> Plan:
@@ -51,7 +39,7 @@ def plan(model: torch.nn.Module, example_inputs=None) -> Plan:
     >>> len(p.by_role("heads")) > 0
     True
     """
-    return run_passes(PLAN, Context(model=model, example_inputs=example_inputs)).plan
+    return plan_of(model, example_inputs)
 
 
 def rules(model_or_plan, width=1.0, depth=1.0, *, layers=None, width_method="auto", depth_method="auto",
@@ -70,7 +58,7 @@ def rules(model_or_plan, width=1.0, depth=1.0, *, layers=None, width_method="aut
     >>> r.exact, r.rules["model.layers.0.mlp.up_proj.weight"].new_shape((64, 32))
     (True, (128, 64))
     """
-    asked, opts = _spec(method, width_method, depth_method, noise, seed)
+    asked, opts = options(method, width_method, depth_method, noise, seed)
     if isinstance(model_or_plan, Plan):
         ctx = Context(opts, plan=model_or_plan)
     else:
@@ -96,7 +84,7 @@ def materialize(model: torch.nn.Module, growth_rules: GrowthRules, *, mode="auto
     if ctx.built is not None:
         raise SpecError("these rules were already materialized (their graph no longer holds the source's "
                         "weights): make them again with growir.rules(model, ...)")
-    _check_mode(mode)
+    check_mode(mode)
     ctx.model, ctx.materialize, ctx.strict, ctx.verify = model, mode, strict, verify
     return run_passes(MATERIALIZE + CHECK, ctx).built.grown
 
@@ -138,8 +126,8 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     ...  big.config.num_hidden_layers)
     (64, 8, 4, 4)
     """
-    asked, opts = _spec(method, width_method, depth_method, noise, seed)
-    _check_mode(materialize)
+    asked, opts = options(method, width_method, depth_method, noise, seed)
+    check_mode(materialize)
     started = time.perf_counter()
     ctx = Context(opts, model, example_inputs, width, depth, layers, asked_method=asked, materialize=materialize,
                   strict=strict, verify=verify)
@@ -158,24 +146,3 @@ def growth_rules(p: Plan, sizes: dict, depth_plan: list, opts: Options, counts: 
     return ctx, ctx.rules, ctx.schedules, ctx.layer_info, ctx.reasons
 
 
-def _spec(method, width_method: str, depth_method: str, noise, seed) -> tuple[str, Options]:
-    """(the width method asked for, the options the passes run with): presets expanded, every name checked;
-    "auto" decides per group (copies when noise is asked: noise breaks the symmetry of copies)."""
-    if method is not None:
-        if method not in PRESETS:
-            raise SpecError(f"unknown method {method!r}: the presets are {', '.join(PRESETS)}")
-        width_method, depth_method = PRESETS[method]["width_method"], PRESETS[method]["depth_method"]
-    if not isinstance(noise, (int, float)) or noise < 0:
-        raise SpecError(f"noise must be a number >= 0 (a std relative to each weight's std), got {noise!r}")
-    if width_method not in WIDTH_METHODS:
-        raise SpecError(f"unknown width_method {width_method!r}: choose one of {', '.join(WIDTH_METHODS)}")
-    if depth_method not in DEPTH_METHODS:
-        raise SpecError(f"unknown depth_method {depth_method!r}: choose one of {', '.join(DEPTH_METHODS)}")
-    if width_method == "auto" and noise:  # noise is symmetry breaking for copies: the user asks for copies
-        width_method = "fpi"
-    return width_method, Options(width_method, depth_method, seed, float(noise))
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in MATERIALIZE_MODES:
-        raise SpecError(f"unknown materialize {mode!r}: choose one of {', '.join(MATERIALIZE_MODES)}")

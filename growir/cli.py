@@ -11,7 +11,7 @@
 SRC is a model folder (config.json plus safetensors weights, sharded or not), loaded offline. ``plan`` needs
 only config.json. ``grow`` streams a safetensors folder tensor by tensor (``growir.grow_checkpoint``: the
 model is never loaded whole); ``--in-memory`` loads it and uses ``growir.grow`` instead. ``--verify`` runs
-source and grown block by block from their shards (``growir.verify_blocks``; with ``--in-memory``: both
+source and grown block by block from their shards (``growir.verify.blocks``; with ``--in-memory``: both
 compared in ONNX Runtime). Outputs are written atomically: into a temporary folder or file beside OUT, moved
 into place at the end, so a failure leaves no OUT. Exit status: 0 on success (``check``: the function is preserved), 1 on failure (``check``: it
 is not), 2 on bad usage. Errors are one line on stderr; ``--debug`` shows the traceback instead.
@@ -98,9 +98,9 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="growir", description="Grow a pretrained transformer into a larger one that computes "
                                                 "the same function.")
-    from . import __version__
+    from importlib.metadata import version  # the installed package's (pyproject reads growir.__version__)
 
-    parser.add_argument("--version", action="version", version=f"growir {__version__}")
+    parser.add_argument("--version", action="version", version=f"growir {version('growir')}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -186,7 +186,7 @@ def load_model(src: str):
     import safetensors
     import transformers
 
-    from .checkpoint import first_sentence
+    from .frontend.folder import first_sentence
 
     try:
         with hf_quiet():  # no "Loading weights" bar or info logs: the stage bar says what runs
@@ -207,7 +207,7 @@ def load_model(src: str):
 
 
 def _run_plan(args) -> int:
-    from .checkpoint import plan_folder
+    from .stream.plan import plan_folder
 
     folder = Path(args.src)
     if not (folder / "config.json").is_file():
@@ -219,7 +219,7 @@ def _run_plan(args) -> int:
 
 
 def _run_doctor(args) -> int:
-    from .checkpoint import plan_folder
+    from .stream.plan import plan_folder
     from .doctor import diagnose
 
     folder = Path(args.src)
@@ -269,7 +269,7 @@ def _refuse_existing(out: Path, force: bool) -> None:
 
 
 def _save(grown, src: Path, staging: Path) -> None:
-    from .shards import copy_side_files
+    from .stream.shards import copy_side_files
 
     with hf_quiet():  # no "Writing model shards" bar: the stage bar says what runs
         grown.save_pretrained(staging)
@@ -277,7 +277,7 @@ def _save(grown, src: Path, staging: Path) -> None:
 
 
 def _write_folder(out: Path, write, force: bool) -> None:
-    from .shards import write_atomically
+    from .stream.shards import write_atomically
 
     try:
         write_atomically(out, write, force)
@@ -289,7 +289,7 @@ def _stream(args, depth: float) -> int:
     """``growir grow`` on a safetensors folder: disk to disk, one tensor at a time."""
     import torch
 
-    from .stream import grow_checkpoint
+    from .stream.grow import grow_checkpoint
 
     with hf_quiet(), warnings.catch_warnings(record=True) as caught:  # growir's own bar, not HF's
         warnings.simplefilter("always", UserWarning)
@@ -321,7 +321,7 @@ def _grow_summary(src: str, out: Path, model, grown) -> str:
 
 
 def _run_check(args) -> int:
-    from .verify import check
+    from .verify.onnx_check import check
 
     with _Stages("check", ["load source", "load grown", "export and run"]) as stages:
         with stages.stage("load source"):
@@ -335,7 +335,7 @@ def _run_check(args) -> int:
 
 
 def _run_export(args) -> int:
-    from .onnx_export import export_onnx
+    from .verify.onnx_export import export_onnx
 
     out = Path(args.out)
     _refuse_existing(out, args.force)

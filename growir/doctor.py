@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from .analysis.norms import is_square
 from .analysis.ops import op_name, traits
 from .errors import GrowthError
-from .plan import Plan, resolve_width
+from .analysis.plan import Plan, resolve_width
 
 
 @dataclass

@@ -20,7 +20,7 @@ import dataclasses
 import torch
 
 from .errors import GrowthError, SpecError
-from .passes.tensor_rule import TensorRule
+from .ir.tensor_rule import TensorRule
 
 KEEP = "keep"  # copied as is (a step counter); fresh blocks' writers restart it at zero
 

@@ -65,7 +65,7 @@ def test_post_norm_refuses_under_strict_and_says_why():
 
 
 def test_balanced_copies_differ_by_at_most_one_random_ones_do_not():
-    from growir.passes.width import fpi_index, random_index
+    from growir.ir.index_maps import fpi_index, random_index
     import torch
     gen = torch.Generator().manual_seed(0)
     balanced = torch.bincount(fpi_index(384, 768 + 192, gen))

@@ -10,8 +10,8 @@ import transformers as T
 
 import growir
 from growir.api import Options, growth_rules
-from growir.capture import make_model_proxy, state_of
-from growir.plan import resolve_width
+from growir.frontend.proxy import make_model_proxy, state_of
+from growir.analysis.plan import resolve_width
 
 MODELS = {
     "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,

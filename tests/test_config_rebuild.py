@@ -69,7 +69,7 @@ def test_config_changes_list_every_changed_field():
 
 
 def test_token_fields_are_never_candidates():
-    from growir.materialize import is_token_field
+    from growir.materialize.config import is_token_field
     assert all(is_token_field(k) for k in ("eos_token_id", "pad_token_id", "decoder_start_token_id",
                                            "image_token_index"))
     assert not any(is_token_field(k) for k in SIZE_FIELDS)

@@ -154,7 +154,7 @@ def test_varargs_forward_exports_dynamic():
 
 
 def test_fixed_position_table_keeps_the_sequence_fixed():
-    from growir.verify_torch import inputs_at, other_sizes
+    from growir.verify.measure import inputs_at, other_sizes
     cap = growir.frontend.capture(FixedPositions().eval(), ids())
     assert cap.dims[0][1] == 8  # the export proved the sequence fixed: the self-measure keeps it
     (x,), _ = inputs_at(cap, other_sizes(cap))
@@ -162,8 +162,8 @@ def test_fixed_position_table_keeps_the_sequence_fixed():
 
 
 def test_static_fallback_is_reported(monkeypatch):
-    import growir.frontend as fe
-    monkeypatch.setattr(fe, "_dynamic_shapes", lambda model, args, kwargs: {"no_such_input": None})
+    import growir.frontend.export as fe
+    monkeypatch.setattr(fe, "dynamic_shapes", lambda model, args, kwargs, share=True: {"no_such_input": None})
     with pytest.warns(UserWarning, match="exported at the example inputs' fixed shapes"):
         grown = growir.grow(VarArgs().eval(), width=2.0, example_inputs=ids())
     assert any("fixed shapes" in n for n in grown.growir_record.notes)
@@ -171,7 +171,7 @@ def test_static_fallback_is_reported(monkeypatch):
 
 
 def test_an_unexpected_failure_in_a_pass_is_a_growth_error(monkeypatch):
-    import growir.passes.pipeline as pipeline
+    import growir.pipeline.rules as pipeline
 
     def broken(*args, **kwargs):
         raise IndexError("index 3 is out of bounds")

@@ -10,8 +10,8 @@ import torch
 import growir
 from growir.api import TOLERANCE
 from growir.errors import NotExactError
-from growir.passes.tensor_rule import AxisMap, TensorRule
-from growir.precision import float32_twin
+from growir.ir.tensor_rule import AxisMap, TensorRule
+from growir.verify.precision import float32_twin
 from zoo import example_inputs, make
 
 LOW = [torch.bfloat16, torch.float16]
@@ -93,8 +93,8 @@ def test_float32_twin_of_a_graph_module_rewrites_its_casts():
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_module_by_module_float32_equals_the_float32_twin_and_restores_the_model(name):
-    from growir.precision import float32_modules
-    from growir.verify_torch import _run
+    from growir.verify.precision import float32_modules
+    from growir.verify.measure import _run
     source = make(name).to(torch.bfloat16)
     before = {k: v for k, v in source.named_parameters()}
     inputs = [((), {"input_ids": torch.randint(0, 100, (2, 7))})]
@@ -106,7 +106,7 @@ def test_module_by_module_float32_equals_the_float32_twin_and_restores_the_model
 
 
 def test_graph_module_read_in_float32_shares_its_tensors():
-    from growir.precision import float32_modules
+    from growir.verify.precision import float32_modules
     source = make("nanogpt").to(torch.bfloat16)
     grown = growir.grow(source, width=2.0, example_inputs=example_inputs("nanogpt"))
     x = example_inputs("nanogpt")[0]

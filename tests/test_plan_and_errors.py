@@ -47,14 +47,14 @@ def test_plan_groups_agree_with_parameter_shapes():
             assert shapes[pa.param].shape[pa.axis] % g.size == 0
 
 
-# Config field names may appear only where a config is rebuilt (materialize.py, rebuild.py: any field), or, in
-# this explicit list, read for what the graph cannot say: example inputs (inputs.py), which output is the vocabulary
-# (verify.py), and the training experiments, which slice and size configs of their own (train/).
+# Config field names may appear only where a config is rebuilt (materialize/: any field), or, in this explicit list,
+# read for what the graph cannot say: example inputs (frontend/inputs.py), which output is the vocabulary
+# (verify/onnx_check.py), and the training experiments, which slice and size configs of their own (train/).
 CONFIG_FIELDS = {
-    "materialize.py": None, "rebuild.py": None,
-    "inputs.py": {"image_size", "is_encoder_decoder", "max_position_embeddings", "n_positions", "max_seq_len",
+    "materialize/config.py": None, "materialize/hf.py": None,
+    "frontend/inputs.py": {"image_size", "is_encoder_decoder", "max_position_embeddings", "n_positions", "max_seq_len",
                   "num_channels", "vocab_size"},
-    "verify.py": {"vocab_size"},
+    "verify/onnx_check.py": {"vocab_size"},
     "train/baselines.py": {"num_hidden_layers"}, "train/blocks.py": {"num_hidden_layers"},
     "train/flops.py": {"hidden_size", "num_attention_heads", "n_layers"},  # n_layers: an argument's name
 }
@@ -153,7 +153,7 @@ def test_no_class_name_matching_in_growir():
 
 def test_config_field_names_only_where_a_config_is_rebuilt():
     from transformers import AutoConfig, PretrainedConfig
-    from growir.plan import WIDTH_ROLES
+    from growir.analysis.plan import WIDTH_ROLES
     fields = {k for k in PretrainedConfig().to_dict() if "_" in k}
     for kind in ("bert", "gpt2", "llama", "mistral", "qwen2", "t5", "opt", "gpt_neox", "phi3", "vit", "falcon",
                  "bloom", "mixtral", "gemma2", "swin", "whisper", "mpt", "olmoe"):

@@ -4,7 +4,8 @@ axis-by-axis computation (the cast-once rule holds)."""
 import pytest
 import torch
 
-from growir.passes.tensor_rule import AxisMap, TensorRule, exact_shares, gather, split_factors
+from growir.ir.gathers import gather
+from growir.ir.tensor_rule import AxisMap, TensorRule, exact_shares, split_factors
 
 
 def test_gather_by_slices_equals_index_select():
@@ -26,7 +27,7 @@ def test_a_pure_gather_in_low_precision_equals_float32_then_cast(dtype):
 
 
 def test_a_low_precision_rule_computed_by_slices_gives_the_same_bits(monkeypatch):
-    import growir.passes.tensor_rule as tr
+    import growir.ir.tensor_rule as tr
     old = torch.randn(3000, 48).to(torch.bfloat16)
     index = torch.cat([torch.arange(48), torch.arange(0, 48, 3)])
     rule = TensorRule("w", [AxisMap(), AxisMap(index, torch.bincount(index, minlength=48))], scale=0.7)
@@ -79,18 +80,18 @@ def test_gather_leaves_zeros_where_the_index_is_a_fill():
 def test_power_of_two_rules_in_the_own_dtype_give_the_cast_once_bits(dtype):
     """Copies divided by 2 and scaled by 0.5/4 compute in bfloat16/float16 directly: the same bits as float32
     then one cast, and no rounding; values that would fall below the normal range take the float32 path."""
-    from growir.passes.tensor_rule import _exact_in_own_dtype
+    from growir.ir.tensor_rule import exact_in_own_dtype
     index = torch.cat([torch.arange(16), torch.arange(16)])
     scale = torch.tensor([0.5, 4.0] * 8, dtype=torch.float64)
     rule = TensorRule("w", [AxisMap(), AxisMap(index, torch.full((16,), 2), scale=scale)], scale=0.25)
     gen = torch.Generator().manual_seed(0)  # magnitudes in [0.5, 1.5): far from float16's subnormals
     old = ((torch.rand(40, 16, generator=gen) + 0.5) * torch.tensor([1.0, -1.0]).repeat(8)).to(dtype)
-    assert _exact_in_own_dtype(rule, old)
+    assert exact_in_own_dtype(rule, old)
     new, lossy = rule.apply_checked(old)
     assert torch.equal(new, rule._mapped(old.float()).to(dtype)) and not lossy and new.dtype == dtype
     tiny = old.clone()
     tiny[0, 0] = torch.finfo(dtype).tiny * 3
-    assert not _exact_in_own_dtype(rule, tiny)
+    assert not exact_in_own_dtype(rule, tiny)
     assert torch.equal(rule.apply_checked(tiny)[0], rule._mapped(tiny.float()).to(dtype))
 
 

@@ -14,11 +14,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import growir
-from growir import stream
+from growir.stream import grow as stream
 from growir.api import Options, growth_rules
-from growir.checkpoint import load_config, meta_model, plan_folder
+from growir.frontend.folder import load_config, meta_model
+from growir.stream.plan import plan_folder
 from growir.cli import main
-from growir.plan import resolve_width
+from growir.analysis.plan import resolve_width
 from zoo import randomize_norms
 
 BF16 = torch.bfloat16
@@ -89,14 +90,14 @@ class _nothing:
 def test_an_interrupted_stream_leaves_no_output(sharded, tmp_path, monkeypatch):
     folder, _ = sharded
     made = []
-    real = stream._make
+    real = stream.make_tensor
 
     def failing(*args):
         if len(made) == 5:
             raise RuntimeError("disk full")
         made.append(1)
         return real(*args)
-    monkeypatch.setattr(stream, "_make", failing)
+    monkeypatch.setattr(stream, "make_tensor", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         growir.grow_checkpoint(folder, tmp_path / "out", width=2.0, max_shard_size="20KB")
     assert os.listdir(tmp_path) == []
@@ -164,13 +165,14 @@ def test_one_export_on_a_small_vocabulary_proxy(tmp_path, monkeypatch, build):
     table, shrunk to 128 rows); that plan gives the full model's rules and the proxy's own growth (the config
     choice): one torch.export, and the streamed folder still equals the in-memory growth of the whole model.
     GPT-2 with as many heads as blocks: n_head is no block count (setting it to two shapes no tensor)."""
-    from growir import frontend, stages
+    from growir.frontend import export
+    from growir.pipeline import stages
 
     torch.manual_seed(0)
     model = randomize_norms(build()).to(BF16).eval()
     model.save_pretrained(tmp_path / "src", max_shard_size="40KB")
     exports = []
-    monkeypatch.setattr(stages, "capture", lambda *a: exports.append(1) or frontend.capture(*a))
+    monkeypatch.setattr(stages, "capture", lambda *a: exports.append(1) or export.capture(*a))
     report = growir.grow_checkpoint(tmp_path / "src", tmp_path / "out", width=2.0)
     assert len(exports) == 1 and report.exact
     assert all(300 not in t.shape for t in report.plan.captured.gm.parameters())  # the small vocabulary's plan

@@ -21,8 +21,8 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 import growir
 from growir.errors import TraceError
-from growir.inputs import hf_example_inputs
-from growir.verify import _compare, default_tolerance, map_source_output
+from growir.frontend.inputs import hf_example_inputs
+from growir.verify.onnx_check import _compare, default_tolerance, map_source_output
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 

@@ -13,7 +13,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import growir
-from growir import stream
+from growir.stream import grow as stream
 from growir.cli import main
 from growir.errors import PreservationError
 from zoo import randomize_norms
@@ -74,12 +74,12 @@ def _perturb(folder, name: str) -> None:
 
 
 def test_perturbed_grown_tensor_is_caught_and_its_block_named(sharded, tmp_path, monkeypatch):
-    made = stream._make
+    made = stream.make_tensor
 
     def perturbed(it, *args):
         t = made(it, *args)
         return t + 0.05 if it.name == "model.layers.3.mlp.down_proj.weight" else t
-    monkeypatch.setattr(stream, "_make", perturbed)
+    monkeypatch.setattr(stream, "make_tensor", perturbed)
     with pytest.raises(PreservationError, match=r"departs from the source at `model.layers.3 \(from source block 1\)`"):
         growir.grow_checkpoint(sharded, tmp_path / "out", width=2.0, depth=2.0, verify=True)
     assert os.listdir(tmp_path) == []

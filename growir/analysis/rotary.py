@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from .axes import is_structured
+from ..ir.axes import is_structured
 
 
 def rotary_parts(ag, site) -> tuple | None:

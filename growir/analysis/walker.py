@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import AnalysisError, GrowthError, UnsupportedOpError, first_line
-from .axes import AxisGraph
+from ..ir.axes import AxisGraph
 from .ops import INDEXES, LAYOUT, back, chain, op_name, permutation, traits
 
 

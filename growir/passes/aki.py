@@ -13,8 +13,8 @@ import dataclasses
 
 import torch
 
-from ..analysis.axes import CAT, is_structured
-from ..plan import Plan
+from ..ir.axes import CAT, is_structured
+from ..analysis.plan import Plan
 
 
 def new_unit_mask(tree, ag, maps: dict, root) -> torch.Tensor:

@@ -29,12 +29,12 @@ import math
 import torch
 import torch.fx as fx
 
-from ..analysis.axes import is_structured
 from ..analysis.norms import norm_sites
 from ..analysis.sources import Rows, Source, param_dependent, trace_source
 from ..analysis.rotary import rotary_parts
-from ..plan import Plan
-from .width import WidthResult, tree_map
+from ..analysis.plan import Plan
+from .width import WidthResult
+from ..ir.index_maps import tree_map
 
 
 def rotary_fills(plan: Plan, sizes: dict) -> dict:

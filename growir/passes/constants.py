@@ -9,8 +9,8 @@ from __future__ import annotations
 import sympy
 import torch.fx as fx
 
-from ..plan import Plan
-from .width import tree_map
+from ..analysis.plan import Plan
+from ..ir.index_maps import tree_map
 
 
 def new_sizes(plan: Plan, maps: dict):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..analysis.norms import reaches_output, scaling_params
-from ..plan import Plan
+from ..analysis.plan import Plan
 from .width import WidthResult
 
 HARMLESS = {"max", "select", "batch", "value"}

@@ -24,7 +24,7 @@ import torch.fx as fx
 from ..analysis.groups import contractions_over
 from ..analysis.norms import NormSite, is_param, norm_sites
 from ..analysis.ops import CONTRACTIONS, LAYOUT, forward, traits
-from ..plan import Plan
+from ..analysis.plan import Plan
 
 
 @dataclass

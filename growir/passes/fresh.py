@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import zlib
 
-from ..plan import Plan
+from ..analysis.plan import Plan
 from .fill import FillPlan, group_reads
 
 

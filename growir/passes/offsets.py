@@ -12,7 +12,7 @@ growth) stays correct for such norms without knowing about them.
 from __future__ import annotations
 
 from ..analysis.norms import weight_uses
-from ..plan import Plan
+from ..analysis.plan import Plan
 
 
 def offset_of_uses(uses: list) -> float | None:

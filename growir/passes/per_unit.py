@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..analysis.axes import is_structured
+from ..ir.axes import is_structured
 from ..analysis.ops import RANDOM
-from ..plan import Plan
+from ..analysis.plan import Plan
 
 
 
@@ -116,7 +116,7 @@ def freeze_constants(gm: fx.GraphModule, values: dict) -> None:
 def fresh_map(index: torch.Tensor, old: int):
     """A ``GroupMap`` for ``index`` (-1: a fresh unit): one copy of each old unit, fresh units zero in
     consumers and, in producers, a copy of the nearest old unit before them."""
-    from .width import GroupMap
+    from ..ir.index_maps import GroupMap
     known = torch.where(index >= 0, torch.arange(len(index)), -1).cummax(0).values
     first = int((index >= 0).nonzero()[0])
     copies = torch.where(known >= 0, index[known.clamp(min=0)], index[first])
@@ -150,7 +150,7 @@ def unit_maps(units: list[UnitConstant], values: dict) -> tuple[dict, list[str]]
 def rebuilt_values(units: list[UnitConstant], maps: dict, rebuilt: torch.nn.Module) -> dict:
     """What the rebuilt model computes for each constant: its graph's constants of the grown shape, matched in
     graph order (the formula is the model's own and is never assumed)."""
-    from ..frontend import capture
+    from ..frontend.export import capture
     env = evaluate_constants(capture(rebuilt).gm)
     frontier, out, used = _frontier(env), {}, set()
     for c in units:

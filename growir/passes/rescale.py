@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 from ..analysis.residual import terms_and_readers
-from ..plan import Plan
+from ..analysis.plan import Plan
 from .fill import FillPlan, kept_fraction
 
 

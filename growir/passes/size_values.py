@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from ..analysis.ops import LAYOUT, WEIGHTED, forward
 from ..analysis.sources import constant_scalings
-from ..plan import Plan
+from ..analysis.plan import Plan
 from .width import WidthResult
 
 SIZE_FUNCTIONS = {"sqrt": math.sqrt, "size": float, "1/sqrt": lambda d: d ** -0.5, "1/size": lambda d: 1.0 / d}

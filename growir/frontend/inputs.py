@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .errors import TraceError
+from ..errors import TraceError
 
 # (args, kwargs) of one forward call
 Inputs = tuple[tuple, dict]
@@ -46,7 +46,7 @@ def hf_example_inputs(model: torch.nn.Module, batch: int = EXAMPLE_BATCH, seq: i
     if main == "pixel_values":
         inputs = {"pixel_values": _pixel_values(config, batch, gen, _float_dtype(model))}
     elif main == "input_ids":
-        seq = min(seq, _max_positions(config, seq))
+        seq = min(seq, max_positions(config, seq))
         inputs = {"input_ids": _token_ids(config, batch, seq, gen), "attention_mask": _padded_mask(batch, seq)}
     else:
         raise TraceError(f"{type(model).__name__}.main_input_name is {main!r}: growir builds example inputs only "
@@ -80,7 +80,7 @@ def _vocab_size(config) -> int:
     return int(vocab)
 
 
-def _max_positions(config, default: int) -> int:
+def max_positions(config, default: int) -> int:
     for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .plan import Plan
+from ..analysis.plan import Plan
 
 
 @dataclass
@@ -48,7 +48,7 @@ class GrowthRecord:
         return {**self.__dict__, "plan": None, "rules": {}}
 
     def __str__(self) -> str:
-        from .report import record_table
+        from ..report import record_table
         return record_table(self)
 
 
@@ -74,7 +74,7 @@ class GrowthRules:
     @property
     def output_maps(self) -> list:
         """Per flat output, per axis: where each grown position reads the source's output (None: unchanged)."""
-        from .verify_torch import output_maps
+        from ..verify.measure import output_maps
         return output_maps(self.plan, self.context.maps)
 
     def apply(self, state: dict) -> dict:

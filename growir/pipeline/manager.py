@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import RewriteError, stage
+from ..errors import RewriteError, stage
 
 _UNSET = object()
 

@@ -29,7 +29,7 @@ import operator
 import torch
 import torch.fx
 
-from .errors import TraceError
+from ..errors import TraceError
 
 
 def _regions() -> dict:

@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from .analysis import Facts, Group, analyze, find_groups
-from .analysis.axes import is_structured
-from .analysis.blocks import Blocks, find_blocks
-from .analysis.rotary import rotary_parts
-from .errors import SpecError
-from .frontend import Captured
+from . import Facts, Group, analyze, find_groups
+from ..ir.axes import is_structured
+from .blocks import Blocks, find_blocks
+from .rotary import rotary_parts
+from ..errors import SpecError
+from ..frontend.export import Captured
 
 WIDTH_ROLES = ("hidden", "heads", "kv_heads", "head_dim", "ffn")
 
@@ -56,7 +56,7 @@ class Plan:
         return label(self.facts.ag.expand(self.facts.axes[node][axis]))
 
     def __str__(self) -> str:
-        from .report import plan_table
+        from ..report import plan_table
         return plan_table(self)
 
     def __repr__(self) -> str:
@@ -253,7 +253,7 @@ def _single_head_notes(plan: Plan, width: float) -> list[str]:
     """Attention with one query head: its head axis has size 1, which the graph cannot tell from a broadcast,
     so it is no group and a multiplier does not grow it; say so instead of leaving the heads silently at one.
     Attention by ``scaled_dot_product_attention``, or written out (its head axis is a batch axis of size 1)."""
-    from .analysis.walker import module_of
+    from .walker import module_of
     ag, nodes = plan.facts.ag, {n.name: n for n in plan.captured.gm.graph.nodes}
     single = [s["node"] for s in plan.facts.attention if ag.size_of(s["q"][1]) == 1]
     single += [r.node for r in plan.facts.reads if r.kind == "batch" and ag.size_of(r.axis) == 1]

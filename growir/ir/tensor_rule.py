@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gathers import gather, gather_axes, put_at  # noqa: F401  (gather: re-exported for callers)
+from .gathers import gather, gather_axes, put_at
 
 SLICE_BYTES = 32 << 20  # the float32 transient of a low-precision tensor's rule, at most (about)
 
@@ -78,7 +78,7 @@ class TensorRule:
         exact one only up to that rounding (a bfloat16 weight divided by 3, say), and so is the growth.
         ``store``: the dtype the caller will store the result in when not ``old.dtype`` (random fills are drawn
         in it)."""
-        if self.arithmetic and store in (None, old.dtype) and _exact_in_own_dtype(self, old):
+        if self.arithmetic and store in (None, old.dtype) and exact_in_own_dtype(self, old):
             new = self._mapped(old.detach())
             return (new.clone() if new.data_ptr() == old.data_ptr() else new).contiguous(), False
         axis = self._slice_axis(old)
@@ -99,7 +99,7 @@ class TensorRule:
         if not old.is_floating_point() or wide.dtype == old.dtype:
             return wide.contiguous(), False
         new = wide.to(old.dtype).contiguous()
-        return new, not new.is_meta and not _equal_in(wide.dtype, new, wide)
+        return new, rounds(new, wide)
 
     def _slice_axis(self, old: torch.Tensor) -> int | None:
         """An axis along which a large low-precision tensor is computed a slice at a time, so the float32
@@ -291,7 +291,7 @@ def exact_shares(whole: torch.Tensor, shares: torch.Tensor, factors: torch.Tenso
     return torch.where(mark, w[g] - others[g], moved).movedim(0, axis)
 
 
-def _exact_in_own_dtype(rule: TensorRule, old: torch.Tensor) -> bool:
+def exact_in_own_dtype(rule: TensorRule, old: torch.Tensor) -> bool:
     """Whether a low-precision tensor's rule can compute in the tensor's own dtype with the bits of float32 then
     one cast, and no rounding: only copies, divisions and scales by powers of two (a x2 growth's copy counts),
     zero fills and random fills (drawn rounded to the dtype already), and no old value leaving the dtype's
@@ -300,7 +300,7 @@ def _exact_in_own_dtype(rule: TensorRule, old: torch.Tensor) -> bool:
     below 1e-37 times the weights' std to reach the subnormal range: not checked.)
 
     >>> r = TensorRule("w", [AxisMap(torch.tensor([0, 1, 0, 1]), torch.tensor([2, 2]))])
-    >>> _exact_in_own_dtype(r, torch.ones(2, dtype=torch.bfloat16)), _exact_in_own_dtype(r, torch.ones(2))
+    >>> exact_in_own_dtype(r, torch.ones(2, dtype=torch.bfloat16)), exact_in_own_dtype(r, torch.ones(2))
     (True, False)
     """
     if (old.is_meta or not old.is_floating_point() or _compute_dtype(old) == old.dtype or rule.noise is not None
@@ -355,6 +355,11 @@ def rounding_reason(names: list, state: dict) -> str:
     return (f"{'/'.join(dtypes)} cannot hold the grown values of {len(names)} tensors exactly (e.g. `{names[0]}`: "
             f"a division by a copy count, a scale or noise that is not exact in that dtype); they were computed "
             f"in float32 and rounded once, and the deviation measured is that rounding")
+
+
+def rounds(new: torch.Tensor, wide: torch.Tensor) -> bool:
+    """Whether ``new`` (``wide`` cast to a narrower dtype) lost a value in the cast."""
+    return not new.is_meta and not _equal_in(wide.dtype, new, wide)
 
 
 def _equal_in(dtype: torch.dtype, new: torch.Tensor, wide: torch.Tensor, rows: int = 1 << 20) -> bool:

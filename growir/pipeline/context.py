@@ -1,7 +1,7 @@
 """The one object the pipeline's passes read and write (``growir.manager``), and the growth options.
 
 Each field says which pass writes it; a pass declares the fields it reads and writes, so the order of
-``api.GROW`` can be checked without running it (``manager.check_order``).
+``pipeline.GROW`` can be checked without running it (``manager.check_order``).
 """
 
 from __future__ import annotations

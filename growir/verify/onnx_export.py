@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import TraceError, first_line
-from .frontend import fake_cache_off
-from .quiet import library_noise_off
+from ..errors import TraceError, first_line
+from ..frontend.export import fake_cache_off
+from ..quiet import library_noise_off
 
-from .inputs import EXAMPLE_BATCH, EXAMPLE_SEQ, Inputs, example_inputs_for, is_hf_model
+from ..frontend.inputs import EXAMPLE_BATCH, EXAMPLE_SEQ, Inputs, example_inputs_for, is_hf_model
 
 # Shapes tried by check(): (batch, sequence); the first one is the traced example.
 SAMPLE_SHAPES = ((EXAMPLE_BATCH, EXAMPLE_SEQ), (1, 5), (3, 13), (4, 16))

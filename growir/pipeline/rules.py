@@ -13,19 +13,20 @@ import dataclasses
 
 import torch
 
-from ..manager import Pass
-from .aki import aki_rules
-from .attention import compensate_head_dim, rewrite_scales, rotary_fills
-from .constants import rewrite_constants
-from .depth import depth_rules, schedule
-from .exactness import compensate_tied, deviations
-from .fill import FillPlan, adjust_norms, open_fill_columns, plan_fill, rewrite_eps
-from .fresh import copy_where_exact, fresh_units, seed_random_fills, split_copies
-from .offsets import mark_offsets
-from .per_unit import find_unit_constants, freeze_constants, grown_value, unit_maps
-from .rescale import rescale_residuals, stream_scale
-from .size_values import absorb_size_values
-from .width import fpi_index, group_maps, random_index, width_rules
+from .manager import Pass
+from ..passes.aki import aki_rules
+from ..passes.attention import compensate_head_dim, rewrite_scales, rotary_fills
+from ..passes.constants import rewrite_constants
+from ..passes.depth import depth_rules, schedule
+from ..passes.exactness import compensate_tied, deviations
+from ..passes.fill import FillPlan, adjust_norms, open_fill_columns, plan_fill, rewrite_eps
+from ..passes.fresh import copy_where_exact, fresh_units, seed_random_fills, split_copies
+from ..passes.offsets import mark_offsets
+from ..passes.per_unit import find_unit_constants, freeze_constants, grown_value, unit_maps
+from ..passes.rescale import rescale_residuals, stream_scale
+from ..passes.size_values import absorb_size_values
+from ..ir.index_maps import fpi_index, random_index
+from ..passes.width import group_maps, width_rules
 
 
 FRESH = ("fresh", "auto")  # the width methods that build fresh units and fills ("auto": per group)
@@ -132,7 +133,7 @@ def _graph_edits(c) -> None:
 
 def _expand_blocks(c) -> None:
     """A two-block proxy's rules, block for block, for the full block lists (``checkpoint.counts``)."""
-    from ..checkpoint import expand_block_rules
+    from ..frontend.proxy import expand_block_rules
     c.rules = expand_block_rules(c.width_result.rules, c.counts)
 
 

@@ -19,8 +19,10 @@ import warnings
 
 import torch
 
-from .checkpoint import FolderPlan, PROXY_BLOCKS, _signature, check_proxy, make_proxy, meta_model, plan_folder
-from .errors import MaterializeError
+from .plan import FolderPlan, plan_folder
+from ..frontend.proxy import PROXY_BLOCKS, signature, check_proxy, make_proxy
+from ..frontend.folder import meta_model
+from ..errors import MaterializeError
 
 SMALL_VOCAB = 128
 
@@ -41,7 +43,7 @@ def plan_sample(folder, config, cls, full, exact_blocks: bool = True) -> FolderP
 
     >>> import tempfile
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from growir.checkpoint import load_config, meta_model
+    >>> from growir.frontend.folder import load_config, meta_model
     >>> d = tempfile.mkdtemp()
     >>> LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
     ...             num_key_value_heads=2, vocab_size=1000, architectures=["LlamaForCausalLM"]).save_pretrained(d)
@@ -50,7 +52,7 @@ def plan_sample(folder, config, cls, full, exact_blocks: bool = True) -> FolderP
     >>> fp.counts, fp.small, fp.sample.config.vocab_size
     ({'model.layers': 4}, {'num_hidden_layers': 2, 'vocab_size': 128}, 128)
     """
-    from .api import plan as make_plan
+    from ..pipeline.stages import plan_of as make_plan
 
     meta = meta_model(config, cls)
     counts = make_proxy(meta)
@@ -89,12 +91,12 @@ def choose_config(fp, sizes: dict, depth_plan: list, width, opts) -> Choice:
     with ``opts`` (``opts.low_precision``: the weights are stored below float32, where
     ``width_method="auto"`` copies some groups it would otherwise fill, ``passes/fresh.py``; the proxy runs in
     float32 with the same rules). Raises MaterializeError where no config of the class computes the growth."""
-    from .api import GROW, grow
-    from .context import Context
-    from .manager import run_passes
-    from .materialize import _follow_lists
-    from .passes.depth import schedule
-    from .stages import PLAN
+    from ..pipeline.stages import GROW
+    from ..pipeline.context import Context
+    from ..pipeline.manager import run_passes
+    from ..materialize.config import follow_lists
+    from ..passes.depth import schedule
+    from ..pipeline.stages import PLAN
 
     base, small = fp.config.to_dict(), fp.small
     spec = _proxy_depth(fp, depth_plan)
@@ -119,7 +121,7 @@ def choose_config(fp, sizes: dict, depth_plan: list, width, opts) -> Choice:
         sources[n] = schedule(full, new, opts.depth_method).sources
         if new != n:  # a list of two blocks or fewer is its own proxy: its count change came with `changes`
             full_layers.update({k: new for k in fp.layer_fields.get(b.prefix, [])})
-    cfg = _follow_lists(base, {**base, **changes, **full_layers}, sources)
+    cfg = follow_lists(base, {**base, **changes, **full_layers}, sources)
     changes.update(full_layers)
     floats = any(isinstance(v, float) for v in changes.values())
     keep_eps = bool(ctx.eps_values) and not floats  # the width rules rescale an eps the config does not hold
@@ -129,14 +131,14 @@ def choose_config(fp, sizes: dict, depth_plan: list, width, opts) -> Choice:
 
 
 def _output_only(p) -> list:
-    from .rebuild import output_only_groups
+    from ..materialize.hf import output_only_groups
     return output_only_groups(p)
 
 
 def _block_fields(fp, base: dict):
     """(field -> two, block list prefix -> its count fields): the fields that, set to two, rebuild the
     two-block proxy's module tree."""
-    want, whole = _signature(fp.proxy), _signature(fp.model)
+    want, whole = signature(fp.proxy), signature(fp.model)
     small, layer_fields = {}, {}
     for prefix, n in fp.counts.items():
         for k, v in base.items():
@@ -181,7 +183,7 @@ def _input_axes_unread(p, axes: list) -> bool:
 
 def _input_fields_from_plan(fp, base: dict, small: dict) -> dict:
     """The old way, from a plan of the full-vocabulary proxy: fields holding a pinned group's size."""
-    keys = {t[0] for t in _signature(_built({**base, **small}, fp))[1]}
+    keys = {t[0] for t in signature(_built({**base, **small}, fp))[1]}
     out = {}
     for g in fp.plan.groups:
         if not g.pinned or not g.size or g.size <= SMALL_VOCAB:
@@ -189,7 +191,7 @@ def _input_fields_from_plan(fp, base: dict, small: dict) -> dict:
         for k, v in base.items():
             if type(v) is int and v == g.size and k not in small and k not in out:
                 trial = _built({**base, **small, **out, k: SMALL_VOCAB}, fp)
-                if trial is not None and {t[0] for t in _signature(trial)[1]} == keys:
+                if trial is not None and {t[0] for t in signature(trial)[1]} == keys:
                     out[k] = SMALL_VOCAB
     return out
 
@@ -208,7 +210,7 @@ def _built(cfg: dict, fp):
 
 def _builds_like(cfg: dict, fp, want) -> bool:
     m = _built(cfg, fp)
-    return m is not None and _signature(m) == want
+    return m is not None and signature(m) == want
 
 
 def _proxy_depth(fp, depth_plan: list) -> dict:

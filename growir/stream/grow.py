@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, check_shapes, load_config, meta_model
-from .errors import MaterializeError, NotExactError, SpecError
-from .passes.tensor_rule import rounding_reason
-from .quiet import hf_quiet
+from ..frontend.folder import Checkpoint, CheckpointError, check_shapes, load_config, meta_model
+from ..errors import MaterializeError, NotExactError, SpecError
+from ..ir.tensor_rule import rounding_reason, rounds
+from ..quiet import hf_quiet
 from .shards import copy_side_files, parse_size, shard_layout, write_atomically, write_shard
+from ..frontend.folder import state_names, tied_names
 
 
 @dataclass
@@ -61,7 +62,7 @@ class StreamReport:
         return not self.reasons
 
     def __str__(self) -> str:
-        from .report import record_table
+        from ..report import record_table
 
         lines = [f"grew {self.src} -> {self.out}: {self.bytes_written / 2**20:,.1f} MiB in {self.shards} "
                  f"shard(s), {self.seconds:.1f} s", record_table(self) + " (on a two-block proxy)"]
@@ -102,14 +103,14 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
     if verify not in (False, None, True, "blocks", "onnx"):
         raise SpecError(f"verify={verify!r}: use True (block by block), 'blocks' or 'onnx'")
     width_method, depth_method = methods(method, width_method, depth_method)
-    job = _prepare(src, width, depth, layers, width_method, depth_method, dtype, strict)
+    job = prepare(src, width, depth, layers, width_method, depth_method, dtype, strict)
     release_heap()
     prepared = time.perf_counter() - start
     layout = shard_layout(job.items, parse_size(max_shard_size))
     checked = []
 
     def write(staging: Path) -> None:
-        _write(job, layout, staging, dtype, progress)
+        write_folder(job, layout, staging, dtype, progress)
         if verify:  # before the rename: a failed check leaves no OUT
             checked.append(_verify(src, staging, job, verify))
     write_atomically(out, write, force)
@@ -126,14 +127,14 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
 def methods(method, width_method: str, depth_method: str) -> tuple:
     """(width method, depth method) of a streamed growth: a preset's, else the ones given ("auto" decides per
     group from the plan and the stored dtype, as in memory); an unknown name is a SpecError, as in ``grow``."""
-    from .api import _spec
+    from ..pipeline.spec import options
 
-    opts = _spec(method, width_method, depth_method, 0.0, 0)[1]
+    opts = options(method, width_method, depth_method, 0.0, 0)[1]
     return opts.width_method, opts.depth_method
 
 
 @dataclass
-class _Job:
+class Job:
     fp: object
     choice: object
     target: torch.nn.Module  # the grown model, on the meta device
@@ -148,19 +149,19 @@ class _Job:
     scales: dict = field(default_factory=dict)  # group root -> c, for residual streams grown rescaled
 
 
-def _prepare(src: Path, width, depth, layers, width_method, depth_method, dtype, strict) -> _Job:
+def prepare(src: Path, width, depth, layers, width_method, depth_method, dtype, strict) -> Job:
     """Plan, config, rules and every target tensor's shape, without a weight: the proxy is exported once
     (``proxy.plan_sample``), the SPEC and RULES passes run on its plan for the full model (block rules
     replicated by index), and its own growth picks the config (``proxy.choose_config``)."""
-    from .api import RULES
-    from .context import Context, Options
-    from .manager import run_passes
-    from .proxy import choose_config, plan_sample
-    from .stages import SPEC
+    from ..pipeline.rules import RULES
+    from ..pipeline.context import Context, Options
+    from ..pipeline.manager import run_passes
+    from .sample import choose_config, plan_sample
+    from ..pipeline.stages import SPEC
 
     config, cls = load_config(src)
     full = meta_model(config, cls)
-    ck = Checkpoint(src, _names(full))
+    ck = Checkpoint(src, state_names(full))
     opts = Options(width_method, depth_method, low_precision=_stores_low_precision(ck, dtype))
     # a random draw per group depends on how many groups there are: fpi_random plans the full model
     fp = plan_sample(src, config, cls, full, exact_blocks=width_method != "fpi_random")
@@ -174,17 +175,17 @@ def _prepare(src: Path, width, depth, layers, width_method, depth_method, dtype,
         raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(ctx.reasons))
     items = _targets(fp, ctx.rules, ck, dtype)
     _check_target(target, items)
-    return _Job(fp, choice, target, ctx.sizes, ctx.rules, items, ck, ctx.layer_info, ctx.reasons, ctx.maps,
+    return Job(fp, choice, target, ctx.sizes, ctx.rules, items, ck, ctx.layer_info, ctx.reasons, ctx.maps,
                 ctx.schedules, ctx.stream_scales)
 
 
-def _write(job: _Job, layout, staging: Path, dtype, progress) -> None:
+def write_folder(job: Job, layout, staging: Path, dtype, progress) -> None:
     bar = _bar(sum(it.nbytes for it in job.items.values()), progress)
     rounded = []
     try:
         for filename, names in layout.files.items():
             write_shard(staging / filename, [job.items[n] for n in names],
-                        lambda it: _make(it, job.rules, job.ck, rounded), bar.update)
+                        lambda it: make_tensor(it, job.rules, job.ck, rounded), bar.update)
     finally:
         bar.close()
     if rounded:
@@ -214,27 +215,14 @@ class Item:
 
 def _config_sizes(p, target) -> dict:
     """Output-only groups (a pooler) take the size the rebuilt config gives them, as in ``grow``."""
-    from .rebuild import output_only_groups, sizes_given
+    from ..materialize.hf import output_only_groups, sizes_given
     return sizes_given(output_only_groups(p), dict(_shapes(target)))
-
-
-def _names(model) -> list:
-    return [n for n, _ in model.named_parameters(remove_duplicate=False)] + [
-        n for n, _ in model.named_buffers(remove_duplicate=False)]
-
-
-def _ties(model) -> dict:
-    """name -> every name of the same tensor (tied weights)."""
-    by_id = {}
-    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
-        by_id.setdefault(id(t), []).append(n)
-    return {n: names for names in by_id.values() for n in names}
 
 
 def _targets(fp, rules: dict, ck: Checkpoint, dtype) -> dict:
     """The tensors to write: each rule's output under the names the checkpoint stores it by (a tied head
     absent from the checkpoint is not written; a non-persistent buffer the model recomputes is skipped)."""
-    ties, buffers, items = _ties(fp.model), {n for n, _ in fp.model.named_buffers()}, {}
+    ties, buffers, items = tied_names(fp.model), {n for n, _ in fp.model.named_buffers()}, {}
     known = set(ties)
     for name, rule in rules.items():
         stored = lambda n: next((m for m in ties.get(n, [n]) if ck.has(m)), None)
@@ -254,7 +242,7 @@ def _targets(fp, rules: dict, ck: Checkpoint, dtype) -> dict:
     return items
 
 
-def _make(it: Item, rules: dict, ck: Checkpoint, rounded: list) -> torch.Tensor:
+def make_tensor(it: Item, rules: dict, ck: Checkpoint, rounded: list) -> torch.Tensor:
     """The target tensor. The rule runs on the stored tensor: a rule that only gathers in its dtype (copies are
     exact), one that computes in float32, cast once (a large bf16 tensor a slice at a time, see
     ``TensorRule.apply_checked``); a cast that changes a value (a bf16 weight divided by 3) is recorded in
@@ -274,7 +262,7 @@ def _make(it: Item, rules: dict, ck: Checkpoint, rounded: list) -> torch.Tensor:
         wide = rule.apply(old.float(), donor if donor is None else donor.float(), it.dtype)
         del old, donor
         new = wide.to(it.dtype)
-        lossy = _rounds(new, wide)
+        lossy = rounds(new, wide)
     if lossy:
         rounded.append(it.name)
     return new
@@ -289,7 +277,7 @@ def _check_target(target, items: dict) -> None:
     if extra:
         raise MaterializeError(f"the rebuilt {type(target).__name__} has no tensor `{extra[0]}` that growir grew; "
                                f"nothing was written")
-    ties = _ties(target)
+    ties = tied_names(target)
     persistent = set(target.state_dict())
     missing = sorted(n for n in persistent if not any(m in items for m in ties.get(n, [n])))
     if missing:
@@ -345,12 +333,12 @@ def _bar(total: int, progress):
                 disable=None if progress is None else not progress, delay=0 if progress else 2, leave=False)
 
 
-def _verify(src: Path, grown_dir: Path, job: _Job, how):
+def _verify(src: Path, grown_dir: Path, job: Job, how):
     """``how`` True or "blocks": block by block, each module's tensors read from the shards (neither model is
     loaded, see ``growir.verify_blocks``); "onnx": both models loaded in float32 and compared in ONNX Runtime
     (for models that fit in memory; refused when they would not)."""
-    from .errors import PreservationError
-    from .verify_blocks import check_blocks
+    from ..errors import PreservationError
+    from ..verify.blocks import check_blocks
 
     if how == "onnx":
         return _verify_onnx(src, grown_dir, job)
@@ -363,10 +351,10 @@ def _verify(src: Path, grown_dir: Path, job: _Job, how):
     return result
 
 
-def _verify_onnx(src: Path, grown_dir: Path, job: _Job):
+def _verify_onnx(src: Path, grown_dir: Path, job: Job):
     """Both models loaded in float32 and compared in ONNX Runtime; refused when they would not fit in memory."""
-    from .errors import GrowthError, PreservationError
-    from .verify import check
+    from ..errors import GrowthError, PreservationError
+    from ..verify.onnx_check import check
 
     need = 4 * (_params(job.fp.model) + _params(job.target)) * 3  # float32 twins, plus the export's copies
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import TraceError
-from .inputs import Inputs, hf_example_inputs, is_hf_model, normalize_inputs
+from ..errors import TraceError
+from ..frontend.inputs import Inputs, hf_example_inputs, is_hf_model, normalize_inputs
 from .precision import float32_twin, upcast_inputs
 from .onnx_export import SAMPLE_SHAPES, eval_mode, export_onnx, ort_session, run_session, to_onnx_program
 

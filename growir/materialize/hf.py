@@ -18,10 +18,10 @@ import sympy
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import MaterializeError, first_line
-from .passes.depth import schedule
-from .passes.width import tree_map
-from .verify_torch import long_sizes, measurable, measure
+from ..errors import MaterializeError, first_line
+from ..passes.depth import schedule
+from ..ir.index_maps import tree_map
+from ..verify.measure import long_sizes, measurable, measure
 
 TOLERANCE = 1e-5  # as api.TOLERANCE: max|Δ| <= TOLERANCE * max(1, max|y|) in float32
 MAX_CHECK_LEN = 512  # the longest sequence the config check runs (it runs on the full grown model)
@@ -70,7 +70,7 @@ def sizes_given(groups: list, shapes: dict) -> dict:
 
 def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
     """Rebuild the Hugging Face class. Output-only groups (a pooler) take the size the config gives them."""
-    from .materialize import candidate_configs
+    from .config import candidate_configs
     free = output_only_groups(p)
     free_axes = {(pa.param, pa.axis) for g in free for pa in g.producers}
     expected = {k: tuple(None if (p.facts.aliases.get(k, k), i) in free_axes else n for i, n in enumerate(v.shape))
@@ -115,7 +115,7 @@ def eps_shared(p, changed: dict) -> bool:
     (position, new eps)). A config holds eps by value in one field (per-head q/k norms may read the
     residual norms' ``rms_norm_eps``): changing the field would change both, a drift of about eps / var(x)
     too small for the numeric check to see, so the config cannot express the change."""
-    from .analysis.norms import norm_sites
+    from ..analysis.norms import norm_sites
     sites = [s for s in norm_sites(p.captured.gm, p.facts) if s.eps_at is not None and s.eps is not None]
     values = {s.eps for s in sites if s.eps_at[0] in changed}
     return any(s.eps in values for s in sites if s.eps_at[0] not in changed)
@@ -125,8 +125,8 @@ def _load_candidate(model, p, cfg: dict, sizes: dict, depth_plan, opts, built, r
     """(rules built at ``sizes`` -- ``built`` where already built there --, the class rebuilt from ``cfg``
     holding their tensors); per-unit constants (ALiBi slopes) placed where the rebuilt model's own values
     put them."""
-    from .materialize import load_hf
-    from .passes.per_unit import rebuilt_values
+    from .config import load_hf
+    from ..passes.per_unit import rebuilt_values
     candidate = rebuild(p, sizes, depth_plan, opts) if built is None else built
     grown = load_hf(model, cfg, with_source_ties(model, candidate.state))
     if candidate.units and not opts.unit_values:  # the rebuilt model's own per-unit constants
@@ -224,9 +224,9 @@ def check_length(cfg: dict, captured, fields=None) -> int:
     >>> check_length({"sliding_window": 8, "hidden_size": 32, "eos_token_id": 400}, None, {"sliding_window"})
     16
     """
-    from .inputs import _max_positions
-    from .materialize import is_token_field
-    limit = min(MAX_CHECK_LEN, _max_positions(_Fields(cfg), MAX_CHECK_LEN))
+    from ..frontend.inputs import max_positions
+    from .config import is_token_field
+    limit = min(MAX_CHECK_LEN, max_positions(_Fields(cfg), MAX_CHECK_LEN))
     ints = [v for k, v in cfg.items() if isinstance(v, int) and not isinstance(v, bool) and not is_token_field(k)
             and 0 < v < limit and (fields is None or k in fields)]
     return min(limit, 2 * max(ints + [_example_length(captured)]))
@@ -236,11 +236,11 @@ def _window_fields(model, cfg: dict, shapes: dict) -> set:
     """The integer fields the long check must exceed: those ``cfg`` changed that shape no parameter (reverting
     one rebuilds the same shapes), as a window or a head count would. A field both configs share means the
     same in the source and the grown model, and a size that shapes parameters is checked by the shapes."""
-    from .materialize import _shapes_of
+    from .config import config_shapes
     base = model.config.to_dict()
     changed = [k for k, v in cfg.items() if isinstance(v, int) and not isinstance(v, bool) and base.get(k) != v
                and 0 < v < MAX_CHECK_LEN]  # check_length reads no other field: no model built for them
-    return {k for k in changed if k in base and _shapes_of(model, {**cfg, k: base[k]}) == shapes}
+    return {k for k in changed if k in base and config_shapes(model, {**cfg, k: base[k]}) == shapes}
 
 
 class _Fields:

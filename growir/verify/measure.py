@@ -12,7 +12,7 @@ import sympy
 import torch
 import torch.utils._pytree as pytree
 
-from .frontend import Captured
+from ..frontend.export import Captured
 from .precision import float32_modules, float32_twin, needs_upcast, upcast_inputs
 
 
@@ -23,7 +23,7 @@ def output_maps(plan, maps: dict) -> list:
 
 def axis_maps(plan, axes, maps: dict) -> list | None:
     """Per axis of one graph value (its axis ids, ``plan.facts.axes[node]``): the index map or None."""
-    from .passes.width import tree_map
+    from ..ir.index_maps import tree_map
     if not axes:
         return None
     return [tree_map(plan.facts.ag.expand(axis), plan.facts.ag, maps)[0] for axis in axes]
@@ -101,7 +101,7 @@ def measure(source, grown, captured: Captured, maps: list, quick: bool = False,
     """max|Δ| / max(1, max|y|) over all outputs, at the example shape and (unless quick) one other shape
     of the axes the export proved dynamic; ``sizes`` (symbol -> size) measures at that shape only. Both
     models run in float32. None when either model is on the meta device (no values to measure)."""
-    from .verify import map_source_output
+    from .onnx_check import map_source_output
     if not measurable(source) or not measurable(grown):
         return None
     if sizes is not None:
@@ -148,7 +148,7 @@ def failing_node(grown, captured: Captured) -> str:
     """' at `node` (op) in module `path` (args ...)': the node of a rewritten GraphModule that raises on the
     example inputs or the second shape; empty when ``grown`` is not a GraphModule or nothing raises."""
     import torch.fx as fx
-    from .analysis.walker import where
+    from ..analysis.walker import where
     if not isinstance(grown, fx.GraphModule):
         return ""
     other = other_sizes(captured) if captured.dims else {}

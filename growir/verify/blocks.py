@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import GrowthError, first_line
+from ..errors import GrowthError, first_line
 from .lazy_model import LazyModel
 
 TOLERANCE = 1e-5  # as grow's self-check: max|Δ| <= TOLERANCE * max(1, max|y|) in float32 counts as exact
@@ -78,32 +78,6 @@ class BlockCheck:
         return "\n".join([self.summary()] + rows + more + self.notes)
 
 
-def verify_checkpoint(src_dir, grown_dir, width=1.0, depth=1.0, *, layers=None, width_method="auto",
-                      depth_method="auto", method=None, dtype=None) -> BlockCheck:
-    """Check block by block that the folder ``grown_dir`` is ``src_dir`` grown with these arguments (those of
-    the ``grow_checkpoint`` that wrote it, ``dtype`` included: it decides which groups ``width_method="auto"``
-    copies; the plan and index maps are made again, without weights). Returns
-    the ``BlockCheck``; ``check.preserved`` is False and ``check.first_failing`` names the block where the
-    grown folder departs (a tensor changed since, a different growth). Neither model is loaded.
-
-    >>> import tempfile, torch, growir
-    >>> from transformers import GPT2Config, GPT2LMHeadModel
-    >>> src, out = tempfile.mkdtemp(), tempfile.mkdtemp() + "/grown"
-    >>> GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100)).save_pretrained(src)
-    >>> _ = growir.grow_checkpoint(src, out, width=2.0)
-    >>> growir.verify_checkpoint(src, out, width=2.0).preserved
-    True
-    """
-    from pathlib import Path
-
-    from .stream import _prepare, methods
-
-    width_method, depth_method = methods(method, width_method, depth_method)
-    job = _prepare(Path(src_dir), width, depth, layers, width_method, depth_method, dtype, False)
-    return check_blocks(src_dir, grown_dir, job.fp, job.choice.config, (job.maps, job.scales), job.schedules,
-                        not job.reasons)
-
-
 def _size(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
@@ -123,7 +97,7 @@ def check_blocks(src_dir, grown_dir, fp, grown_config, maps, schedules: list, ex
     ``schedules``: the depth schedules. Only one module's tensors of one model are in memory at a time.
     """
     maps, scales = maps
-    from .verify_torch import output_maps
+    from .measure import output_maps
 
     start = time.perf_counter()
     p = fp.plan
@@ -143,7 +117,7 @@ def check_blocks(src_dir, grown_dir, fp, grown_config, maps, schedules: list, ex
 
 def _block_lists(p, counts: dict, maps: dict, scales: dict, schedules: list):
     """The plan's block lists (nested ones; parallel lists are compared at the model's outputs only)."""
-    from .verify_torch import axis_maps
+    from .measure import axis_maps
 
     by_prefix = {s.blocks.prefix: s for s in schedules}
     items, notes = [], []
@@ -208,7 +182,7 @@ def _run(lazy: LazyModel, lists: _Lists, args, kwargs, grown: bool) -> dict:
 
 def _scale(p, node, scales: dict) -> float:
     """The factor the grown value carries over its copies: c for a rescaled residual stream, else 1."""
-    from .analysis.axes import is_structured
+    from ..ir.axes import is_structured
 
     c = 1.0
     for axis in p.facts.axes.get(node.name) or []:
@@ -246,7 +220,7 @@ def _compare(source: dict, grown: dict, out_maps: list) -> dict:
 
 def _deviation(a: torch.Tensor, b: torch.Tensor, maps) -> float | None:
     """max|b - a| / max(1, max|a|), ``a`` mapped to ``b``'s positions; None for non-float outputs."""
-    from .verify import map_source_output
+    from .onnx_check import map_source_output
 
     if not isinstance(a, torch.Tensor) or not a.is_floating_point() or not a.numel():
         return None

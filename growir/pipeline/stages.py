@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import warnings
 
-from .capture import NoProxy, check_plan, full_capture, make_model_proxy, source_tensors
-from .context import Built
-from .errors import (AnalysisError, MaterializeError, NotExactError, PreservationError, RewriteError, SpecError,
-                     GrowthError, TraceError, first_line)
-from .frontend import capture
-from .inputs import example_inputs_for
+from ..frontend.proxy import NoProxy, check_plan, full_capture, make_model_proxy, source_tensors
+from .context import Built, Context
+from ..errors import (AnalysisError, MaterializeError, NotExactError, PreservationError, RewriteError, SpecError,
+                      GrowthError, TraceError, first_line)
+from ..frontend.export import capture
+from ..frontend.inputs import example_inputs_for
 from .manager import Pass, run_passes
-from .materialize import build_graph_module, release_weights
-from .passes.depth import target_layers
-from .passes.pipeline import RULES
-from .passes.tensor_rule import rounding_reason
-from .plan import make_plan, resolve_width, unused_width_notes
+from ..materialize.graph import build_graph_module, release_weights
+from ..passes.depth import target_layers
+from .rules import RULES
+from ..ir.tensor_rule import rounding_reason
+from ..analysis.plan import make_plan, resolve_width, unused_width_notes
 from .record import GrowthRecord
-from .verify_torch import failing_node, measure, output_maps
+from ..verify.measure import failing_node, measure, output_maps
 
 TOLERANCE = 1e-5  # max|Δ| <= TOLERANCE * max(1, max|y|) in float32 counts as exact
 MEASURED = "the real source and grown models in float32 at the example inputs and a second shape"
@@ -169,7 +169,7 @@ def _proxy_fits(c) -> None:
 
 
 def _rebuild_class(c) -> None:
-    from .rebuild import materialize_hf
+    from ..materialize.hf import materialize_hf
     if not c.plan.captured.is_hf:
         return
     rebuild = lambda p, sizes, depth_plan, opts: build(c, sizes, depth_plan, opts)  # noqa: E731
@@ -249,7 +249,7 @@ def _judge(c) -> None:
         warnings.warn(f"growir: the grown model is not function-preserving (measured deviation "
                       f"{record.deviation:.3g}): " + "; ".join(record.reasons), stacklevel=4)
     if c.verify:
-        from .verify import check
+        from ..verify.onnx_check import check
         record.check = check(c.model, grown)
         if record.exact and not record.check.preserved:
             raise PreservationError(f"ONNX Runtime says the grown model does not preserve the function:\n"
@@ -278,3 +278,18 @@ SPEC = (
     Pass("sizes", _sizes, ("plan",), ("sizes",), "resolving the width spec against the plan", SpecError),
     Pass("depth_plan", _depth_plan, ("plan",), ("depth_plan",), "resolving the depth spec", SpecError),
 )
+
+# The pipeline, stage by stage, pass by pass (names in the order they run):
+#   PLAN         capture, analyse (grow: PROXY_PLAN, on a two-block meta proxy where one stands in)
+#   SPEC         sizes, depth_plan
+#   RULES        fill_plan, index_maps, unit_constants, width_rules, size_values, head_dim, norms, split_copies,
+#                exactness, aki, noise, graph_edits, expand_blocks, depth, seed_fills
+#   MATERIALIZE  proxy_fits, apply_rules, rewrite_graph, record, rebuild_class, notes
+#   CHECK        measure, judge, release
+MATERIALIZE = FIT + GRAPH + CLASS
+GROW = PROXY_PLAN + SPEC + RULES + MATERIALIZE + CHECK
+
+
+def plan_of(model, example_inputs=None):
+    """The PLAN stage alone: the width groups and blocks of ``model`` (``growir.plan``)."""
+    return run_passes(PLAN, Context(model=model, example_inputs=example_inputs)).plan

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError
+from ..frontend.folder import Checkpoint, CheckpointError
 
 
 class LazyModel:
@@ -33,13 +33,13 @@ class LazyModel:
     most float32 bytes held at once."""
 
     def __init__(self, folder, config, cls):
-        from .materialize import _parameters_on_meta
-        from .stream import _names, _ties
+        from ..frontend.folder import parameters_on_meta
+        from ..frontend.folder import state_names, tied_names
 
-        with _parameters_on_meta():
+        with parameters_on_meta():
             self.model = cls(config).eval()
-        self.ck = Checkpoint(folder, _names(self.model))
-        self._ties = _ties(self.model)
+        self.ck = Checkpoint(folder, state_names(self.model))
+        self._ties = tied_names(self.model)
         self.loaded, self.held, self.peak_bytes = [], 0, 0
         self._saved, self._depth, self._handles = {}, {}, []
 

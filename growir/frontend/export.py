@@ -12,10 +12,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from .errors import TraceError, first_line
+from ..errors import TraceError, first_line
 from .inline import inline_context_regions
 from .inputs import example_inputs_for
-from .quiet import library_noise_off
+from ..quiet import library_noise_off
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _shared_batch(args: tuple, kwargs: dict):
     return Dim("batch"), firsts[0]
 
 
-def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, share: bool = True):
+def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, share: bool = True):
     """``dynamic_shapes`` keyed by forward()'s parameter names, so positional, keyword and ``*args``
     inputs can be mixed (torch.export wants a ``*args`` parameter's specs as one tuple)."""
     batch = _shared_batch(args, kwargs) if share else None
@@ -149,8 +149,8 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict):
 
 def _export_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict):
     """The dynamic export: one shared batch Dim first; if the model refuses it, one Dim.AUTO per input."""
-    shared = _dynamic_shapes(model, args, kwargs)
-    auto = _dynamic_shapes(model, args, kwargs, share=False)
+    shared = dynamic_shapes(model, args, kwargs)
+    auto = dynamic_shapes(model, args, kwargs, share=False)
     if shared != auto:
         try:
             return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shared, strict=False)

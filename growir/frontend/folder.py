@@ -1,0 +1,177 @@
+"""Model folders without their weights in memory: the config and the model class it names, the model built
+on the meta device, and the safetensors files read one tensor at a time (``Checkpoint``).
+
+>>> import tempfile, torch
+>>> from transformers import GPT2Config, GPT2LMHeadModel
+>>> d = tempfile.mkdtemp()
+>>> GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100)).save_pretrained(d)
+>>> config, cls = load_config(d)
+>>> model = meta_model(config, cls)
+>>> ck = Checkpoint(d, state_names(model))
+>>> ck.meta("transformer.h.0.mlp.c_fc.weight").shape, model.transformer.wte.weight.device
+(torch.Size([32, 128]), device(type='meta'))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import GrowthError, MaterializeError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(GrowthError):
+    """A model folder growir cannot read: no config, no weights, or weights that do not match the model."""
+
+
+# --- the model from its config, on the meta device ----------------------------------------------------------
+def load_config(folder):
+    """The folder's config (offline) and the model class its ``architectures`` names (AutoModel otherwise)."""
+    import transformers
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json here; expected a folder written by save_pretrained")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{folder}: cannot load the model: {first_sentence(error)}") from error
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        cls = transformers.AutoModel._model_mapping[type(config)]
+    return config, cls
+
+
+def meta_model(config, cls) -> torch.nn.Module:
+    """``cls(config)`` with every tensor on the meta device: no memory, no random init."""
+    with torch.device("meta"):
+        return cls(config).eval()
+
+
+# --- safetensors files, one tensor at a time -------------------------------------------------------------------
+class Checkpoint:
+    """The safetensors files of a folder, read lazily; key renames to module names resolved once.
+
+    ``names``: the model's state_dict names. A checkpoint key equals a name, or differs from it by a leading
+    module path (a checkpoint saved from the base model, loaded into a model with a head, or the reverse).
+    """
+
+    def __init__(self, folder, names):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        from safetensors import SafetensorError
+
+        try:
+            self._open = {f: safe_open(str(self.folder / f), framework="pt") for f in self._files()}
+        except (OSError, SafetensorError) as error:
+            raise CheckpointError(f"{self.folder}: cannot load the model: {first_sentence(error)}") from error
+        self.where = {k: f for f, h in self._open.items() for k in h.keys()}
+        self.key_of = _match_keys(set(self.where), set(names))
+
+    def _files(self) -> list:
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.folder}: no *.safetensors weights next to config.json (a .bin checkpoint "
+                                  f"can be converted with from_pretrained + save_pretrained)")
+        return files
+
+    def has(self, name: str) -> bool:
+        return name in self.key_of
+
+    def meta(self, name: str) -> torch.Tensor:
+        """An empty tensor with the stored shape and dtype (nothing read)."""
+        sl = self._open[self.where[self.key_of[name]]].get_slice(self.key_of[name])
+        dtype = _DTYPES[sl.get_dtype()]
+        return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+
+    def read(self, name: str) -> torch.Tensor:
+        """The stored tensor, through a handle opened for this read only: a file stays memory-mapped while its
+        handle is open, and every page read through a mapping counts in the process's RSS until it is
+        unmapped, so reading all tensors through the long-lived handles would end with every shard resident
+        (measured on a 111M-parameter bf16 decoder: peak RSS 1546 -> 1325 MiB streaming, 1899 -> 1330 verifying)."""
+        from safetensors import safe_open
+
+        key = self.key_of[name]
+        with safe_open(str(self.folder / self.where[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def nbytes(self) -> int:
+        return sum((self.folder / f).stat().st_size for f in self._open)
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _match_keys(keys: set, names: set) -> dict:
+    """{module name: checkpoint key}: equal, else one leading path added to or removed from every key."""
+    out = {n: n for n in names & keys}
+    rest = keys - set(out.values())
+    if not rest:
+        return out
+    prefixes = {}
+    for k in rest:
+        for n in names - set(out):
+            if n.endswith("." + k):
+                prefixes.setdefault(("add", n[:-len(k)]), {})[n] = k
+            elif k.endswith("." + n):
+                prefixes.setdefault(("drop", k[:-len(n)]), {})[n] = k
+    if prefixes:
+        out.update(max(prefixes.values(), key=len))
+    return out
+
+
+def first_sentence(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    cut = text.find(". ")
+    return text[:cut + 1] if 0 < cut < 300 else text[:300]
+
+
+def check_shapes(expected: dict, built: dict, what: str) -> None:
+    """Every tensor of ``built`` (name -> shape) exists in ``expected`` with the same shape."""
+    for name, shape in built.items():
+        if name in expected and tuple(expected[name]) != tuple(shape):
+            raise MaterializeError(f"{what}: `{name}` would be {tuple(shape)} but the grown tensor is "
+                                   f"{tuple(expected[name])}; nothing was written")
+
+
+def state_names(model) -> list:
+    return [n for n, _ in model.named_parameters(remove_duplicate=False)] + [
+        n for n, _ in model.named_buffers(remove_duplicate=False)]
+
+
+def tied_names(model) -> dict:
+    """name -> every name of the same tensor (tied weights)."""
+    by_id = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        by_id.setdefault(id(t), []).append(n)
+    return {n: names for names in by_id.values() for n in names}
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside register their parameters on the meta device; buffers stay where they are made.
+    (As accelerate's ``init_empty_weights(include_buffers=False)``; not thread-safe while it runs.)"""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            kind = type(param)
+            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register

@@ -1,0 +1,122 @@
+"""Materialize: the grown tensors as a rewritten GraphModule, or as the model's own class rebuilt from an
+updated config. Config field names are used only here, to rebuild; every rebuilt shape is checked
+against the grown tensors before anything is loaded, and a mismatch loads nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+
+from ..errors import MaterializeError
+from ..passes.depth import Schedule
+from ..quiet import library_noise_off
+
+
+# --- the rewritten GraphModule ----------------------------------------------------------------------------------
+def set_tensor(root: torch.nn.Module, dotted: str, value: torch.Tensor, as_param: bool) -> None:
+    *path, leaf = dotted.split(".")
+    mod = root
+    for part in path:
+        if not hasattr(mod, part):
+            mod.add_module(part, torch.nn.Module())
+        mod = getattr(mod, part)
+    if leaf in mod._parameters:
+        del mod._parameters[leaf]
+    if leaf in mod._buffers:
+        del mod._buffers[leaf]
+    if as_param:
+        mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
+    else:
+        mod.register_buffer(leaf, value)
+
+
+def release_weights(gm: torch.nn.Module) -> None:
+    """Replace ``gm``'s tensors by meta tensors of the same shape and dtype (its graph stays readable), so a
+    growth record that keeps the traced graph does not keep the source's weights alive. The tensors are
+    swapped in ``gm``'s own modules: whoever else holds them (the source model) keeps them."""
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers()):
+        if not t.is_meta:
+            set_tensor(gm, name, t.detach().to("meta"), isinstance(t, torch.nn.Parameter))
+
+
+def build_graph_module(gm: fx.GraphModule, state: dict, params: set, schedules: list[Schedule],
+                       rewrite=None, aliases: dict | None = None) -> fx.GraphModule:
+    """A copy of ``gm`` holding the grown tensors, its size literals rewritten, blocks copied per schedule.
+    Tied tensors (``aliases``: name -> the name the graph reads) stay one tensor."""
+    shared = [t for _, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers())]
+    with library_noise_off():  # copying the GraphModule's pytree specs warns inside torch
+        new = copy.deepcopy(gm, {id(t): t for t in shared})  # the graph and modules, not the weights it replaces
+    if rewrite is not None:
+        rewrite(new)
+    aliases = aliases or {}
+    for name, tensor in state.items():
+        if name not in aliases:
+            set_tensor(new, name, tensor, name in params)
+    for name, canonical in aliases.items():
+        *path, leaf = name.split(".")
+        owner = new.get_submodule(".".join(path)) if path else new
+        target = new.get_parameter(canonical) if canonical in params else new.get_buffer(canonical)
+        owner._parameters.pop(leaf, None)
+        owner._buffers.pop(leaf, None)
+        setattr(owner, leaf, target) if canonical in params else owner.register_buffer(leaf, target)
+    _unshare(new, shared)
+    for sched in schedules:
+        _copy_blocks(new, sched)
+    new.graph.eliminate_dead_code()
+    new.graph.lint()
+    new.recompile()
+    return new
+
+
+def _unshare(new: fx.GraphModule, shared: list) -> None:
+    """A source tensor no grown one replaced (none, normally) is copied: the grown model shares nothing."""
+    ids = {id(t) for t in shared}
+    for name, t in list(new.named_parameters(remove_duplicate=False)) + list(new.named_buffers()):
+        if id(t) in ids:
+            set_tensor(new, name, t.detach().clone(), isinstance(t, torch.nn.Parameter))
+
+
+def _copy_blocks(gm: fx.GraphModule, sched: Schedule) -> None:
+    """Re-emit the block region of ``gm``'s graph as the schedule's sequence of block copies."""
+    b = sched.blocks
+    names = [[n.name for n in ns] for ns in b.nodes]
+    by_name = {n.name: n for n in gm.graph.nodes}
+    blocks = [[by_name[x] for x in ns] for ns in names]
+    inside = {n for ns in blocks for n in ns}
+    chain_in = by_name[b.chain_in[0].name]
+    last_out = by_name[b.chain_out[-1].name]
+    order = list(gm.graph.nodes)
+    first = min(order.index(ns[0]) for ns in blocks)
+    last = max(order.index(ns[-1]) for ns in blocks)
+    between = [n for n in order[first:last + 1] if n not in inside]
+    if any(a in inside for n in between for a in n.all_input_nodes):
+        raise MaterializeError(f"nodes between the blocks of `{b.prefix}` read block outputs; growir cannot "
+                               f"reorder them to copy blocks")
+    for n in between:  # they only read earlier values: move them before the block region
+        order[first].prepend(n)
+    current = chain_in
+    cursor = blocks[0][0]
+    latest = {}  # original node -> its newest copy: size arithmetic one block shares with the next
+    for pos, src in enumerate(sched.sources):
+        env = dict(latest)
+        env[by_name[b.chain_in[src].name] if src else chain_in] = current
+        for n in blocks[src]:
+            for a in n.all_input_nodes:
+                suffix = b.suffix_of(src, a.target) if a.op == "get_attr" and a not in env else None
+                if suffix is not None:
+                    with gm.graph.inserting_before(cursor):
+                        env[a] = gm.graph.get_attr(b.name(pos, suffix))
+            with gm.graph.inserting_before(cursor):
+                copied = gm.graph.node_copy(n, lambda a: env.get(a, a))
+            env[n] = copied
+            latest[n] = copied
+        current = env[by_name[b.chain_out[src].name]]
+    last_out.replace_all_uses_with(current, delete_user_cb=lambda u: u not in inside)
+    for ns in reversed(blocks):
+        for n in reversed(ns):
+            gm.graph.erase_node(n)
+
+

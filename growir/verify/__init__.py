@@ -1,0 +1,17 @@
+"""Verify: that a grown model computes its source's function. ``measure`` runs both in PyTorch (the
+self-measure of every ``grow``), ``onnx_check`` compares them in ONNX Runtime (``growir.check``), ``blocks``
+compares two folders block by block without loading either; ``precision`` makes every comparison float32.
+
+ONNX tooling loads on first use: ``check``, ``export_onnx`` and ``CheckReport`` are resolved lazily.
+"""
+
+from .measure import measure, output_maps
+
+__all__ = ["measure", "output_maps", "check", "export_onnx", "CheckReport"]
+
+
+def __getattr__(name):
+    if name in ("check", "export_onnx", "CheckReport"):
+        from . import onnx_check
+        return getattr(onnx_check, name)
+    raise AttributeError(f"module 'growir.verify' has no attribute {name!r}")
