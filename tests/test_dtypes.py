@@ -94,13 +94,13 @@ def test_float32_twin_of_a_graph_module_rewrites_its_casts():
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_module_by_module_float32_equals_the_float32_twin_and_restores_the_model(name):
     from growir.verify.precision import float32_modules
-    from growir.verify.measure import _run
+    from growir.verify.measure import eval_outputs
     source = make(name).to(torch.bfloat16)
     before = {k: v for k, v in source.named_parameters()}
     inputs = [((), {"input_ids": torch.randint(0, 100, (2, 7))})]
     with float32_modules(source) as wide:
-        lazy = _run(wide, inputs)[0][0]
-    twin = _run(float32_twin(source), inputs)[0][0]
+        lazy = eval_outputs(wide, inputs)[0][0]
+    twin = eval_outputs(float32_twin(source), inputs)[0][0]
     assert lazy.dtype == torch.float32 and torch.allclose(lazy, twin, atol=1e-6, rtol=0)
     assert all(p is before[k] and p.dtype == torch.bfloat16 for k, p in source.named_parameters())
 

@@ -22,7 +22,8 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 import growir
 from growir.errors import TraceError
 from growir.frontend.inputs import hf_example_inputs
-from growir.verify.onnx_check import _compare, default_tolerance, map_source_output
+from growir.verify.compare import map_source_output
+from growir.verify.onnx_check import compare_output, default_tolerance
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
@@ -156,7 +157,7 @@ def test_lm_logits_get_kl_and_top1():
 
 def test_identical_logits_have_zero_kl_and_full_agreement():
     logits = [torch.randn(2, 5, 11), torch.randn(1, 3, 11)]
-    out = _compare("logits", logits, [t.clone() for t in logits], None, None, None, vocab=11)
+    out = compare_output("logits", logits, [t.clone() for t in logits], vocab=11)
     assert out.preserved and out.max_abs_error == 0.0
     assert out.kl_divergence == pytest.approx(0.0, abs=1e-12) and out.top1_agreement == 1.0
 
@@ -165,11 +166,11 @@ def test_tolerance_scales_with_the_output_magnitude():
     source = [torch.tensor([1000.0, -2.0])]
     assert default_tolerance(torch.float32) == (1e-4, 0.0)
     # bound = 1e-4 * max(1, 1000) = 0.1
-    assert _compare("y", source, [source[0] + torch.tensor([0.09, 0.0])], None, None, None, None).preserved
-    assert not _compare("y", source, [source[0] + torch.tensor([0.0, 0.11])], None, None, None, None).preserved
+    assert compare_output("y", source, [source[0] + torch.tensor([0.09, 0.0])]).preserved
+    assert not compare_output("y", source, [source[0] + torch.tensor([0.0, 0.11])]).preserved
     nan = [torch.tensor([float("nan"), 1.0])]
-    assert not _compare("y", source, nan, None, None, None, None).preserved
-    assert _compare("y", nan, [nan[0].clone()], None, None, None, None).preserved
+    assert not compare_output("y", source, nan).preserved
+    assert compare_output("y", nan, [nan[0].clone()]).preserved
 
 
 class TwoLayer(torch.nn.Module):

@@ -7,9 +7,10 @@ on the two-block proxy); the units compared are: the input of each list's first 
 made), every block's output (the residual stream it hands on), and the model's outputs (after the final
 norm and head). The grown value is mapped back to the source's positions with the plan's index maps for
 that value's axes (the residual stream's group at a block boundary, the output maps at the end), and the
-deviation is max|Δ| / max(1, max|source|), as ``grow``'s self-check. A grown block made by depth growth is
-compared with the source block it follows (``Schedule.sources``). Errors carry forward, so the unit where
-the deviation first exceeds the tolerance is where the growth went wrong; the report names it.
+deviation is max|Δ| / max(1, max|source|) against ``TOLERANCE``, as ``grow``'s self-check (both are
+:mod:`growir.verify.compare`). A grown block made by depth growth is compared with the source block it
+follows (``Schedule.sources``). Errors carry forward, so the unit where the deviation first exceeds the
+tolerance is where the growth went wrong; the report names it.
 
 >>> import tempfile, torch, growir
 >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -30,9 +31,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..errors import GrowthError, first_line
+from ..ir.axes import is_structured
+from .compare import TOLERANCE, axis_maps, deviation, output_maps
 from .lazy_model import LazyModel
-
-TOLERANCE = 1e-5  # as grow's self-check: max|Δ| <= TOLERANCE * max(1, max|y|) in float32 counts as exact
 
 
 @dataclass
@@ -57,9 +58,11 @@ class BlockCheck:
 
     @property
     def preserved(self) -> bool:
+        """Whether every unit is within the tolerance (:data:`growir.verify.compare.TOLERANCE`)."""
         return self.first_failing is None
 
     def summary(self) -> str:
+        """One line: the verdict, the first unit beyond the tolerance, the worst unit, time and memory."""
         name, dev = self.worst
         head = "preserved" if self.preserved else f"NOT preserved from `{self.first_failing}` on " \
                                                   f"({self.deviations[self.first_failing]:.3g})"
@@ -97,8 +100,6 @@ def check_blocks(src_dir, grown_dir, fp, grown_config, maps, schedules: list, ex
     ``schedules``: the depth schedules. Only one module's tensors of one model are in memory at a time.
     """
     maps, scales = maps
-    from .measure import output_maps
-
     start = time.perf_counter()
     p = fp.plan
     args, kwargs = p.captured.args, p.captured.kwargs
@@ -117,8 +118,6 @@ def check_blocks(src_dir, grown_dir, fp, grown_config, maps, schedules: list, ex
 
 def _block_lists(p, counts: dict, maps: dict, scales: dict, schedules: list):
     """The plan's block lists (nested ones; parallel lists are compared at the model's outputs only)."""
-    from .measure import axis_maps
-
     by_prefix = {s.blocks.prefix: s for s in schedules}
     items, notes = [], []
     for b in p.blocks:
@@ -182,8 +181,6 @@ def _run(lazy: LazyModel, lists: _Lists, args, kwargs, grown: bool) -> dict:
 
 def _scale(p, node, scales: dict) -> float:
     """The factor the grown value carries over its copies: c for a rescaled residual stream, else 1."""
-    from ..ir.axes import is_structured
-
     c = 1.0
     for axis in p.facts.axes.get(node.name) or []:
         tree = p.facts.ag.expand(axis)
@@ -210,20 +207,10 @@ def _compare(source: dict, grown: dict, out_maps: list) -> dict:
             continue
         ref = source[skey][1]
         if key == ("out",):
-            devs = [_deviation(a, b, out_maps[k] if k < len(out_maps) else None)
+            devs = [deviation(a, b, out_maps[k] if k < len(out_maps) else None)
                     for k, (a, b) in enumerate(zip(ref, value))]
             deviations[name] = max([d for d in devs if d is not None], default=0.0)
         else:
-            deviations[name] = _deviation(ref, value / maps[1], maps[0])
+            deviations[name] = deviation(ref, value / maps[1], maps[0])
     return deviations
 
-
-def _deviation(a: torch.Tensor, b: torch.Tensor, maps) -> float | None:
-    """max|b - a| / max(1, max|a|), ``a`` mapped to ``b``'s positions; None for non-float outputs."""
-    from .onnx_check import map_source_output
-
-    if not isinstance(a, torch.Tensor) or not a.is_floating_point() or not a.numel():
-        return None
-    expected, index = map_source_output(a.float(), b.shape, maps)
-    scale = max(1.0, float(expected.abs().max()))
-    return float((b.float()[index] - expected).abs().max()) / scale

@@ -1,9 +1,9 @@
 """The in-process preservation measurement ``grow`` runs on every result (PyTorch; ``growir.check`` does the
 same comparison in ONNX Runtime): outputs on the example inputs and on a second shape, source outputs
-mapped into the grown coordinates by the groups' index maps. Both models run in float32
-(:mod:`growir.precision`, module by module), one after the other, so a bfloat16 growth is judged by the
-float32 standard without a float32 copy of either model. Only axes the export proved dynamic change size,
-and only within the range the export allows.
+mapped into the grown coordinates by the groups' index maps (:mod:`growir.verify.compare`). Both models
+run in float32 (:mod:`growir.verify.precision`, module by module), one after the other, so a bfloat16
+growth is judged by the float32 standard without a float32 copy of either model. Only axes the export
+proved dynamic change size, and only within the range the export allows.
 """
 
 from __future__ import annotations
@@ -13,20 +13,11 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..frontend.export import Captured
+from .compare import deviation, output_maps
 from .precision import float32_modules, float32_twin, needs_upcast, upcast_inputs
 
-
-def output_maps(plan, maps: dict) -> list:
-    """Per flat graph output, per axis: the index map (new position -> source position) or None."""
-    return [axis_maps(plan, axes, maps) for axes in plan.facts.outputs]
-
-
-def axis_maps(plan, axes, maps: dict) -> list | None:
-    """Per axis of one graph value (its axis ids, ``plan.facts.axes[node]``): the index map or None."""
-    from ..ir.index_maps import tree_map
-    if not axes:
-        return None
-    return [tree_map(plan.facts.ag.expand(axis), plan.facts.ag, maps)[0] for axis in axes]
+__all__ = ["measure", "output_maps", "other_sizes", "long_sizes", "inputs_at", "eval_outputs", "measurable",
+           "failing_node"]  # output_maps: defined in .compare, kept importable here for its callers
 
 
 def _hints(captured: Captured) -> dict:
@@ -98,10 +89,11 @@ def _resized(t: torch.Tensor, shape: list, k: int) -> torch.Tensor:
 
 def measure(source, grown, captured: Captured, maps: list, quick: bool = False,
             sizes: dict | None = None) -> float | None:
-    """max|Δ| / max(1, max|y|) over all outputs, at the example shape and (unless quick) one other shape
-    of the axes the export proved dynamic; ``sizes`` (symbol -> size) measures at that shape only. Both
-    models run in float32. None when either model is on the meta device (no values to measure)."""
-    from .onnx_check import map_source_output
+    """The largest :func:`~growir.verify.compare.deviation` (max|Δ| / max(1, max|y|)) over all outputs, at
+    the example shape and (unless quick) one other shape of the axes the export proved dynamic; ``sizes``
+    (symbol -> size) measures at that shape only. ``maps``: per flat output, its index maps
+    (:func:`~growir.verify.compare.output_maps`). Both models run in float32. None when either model is on
+    the meta device (no values to measure)."""
     if not measurable(source) or not measurable(grown):
         return None
     if sizes is not None:
@@ -112,12 +104,8 @@ def measure(source, grown, captured: Captured, maps: list, quick: bool = False,
     worst = 0.0
     for ys, yg in zip(_outputs(source, inputs), _outputs(grown, inputs)):
         for i, (a, b) in enumerate(zip(ys, yg)):
-            if not isinstance(a, torch.Tensor) or not a.is_floating_point() or not a.numel():
-                continue
-            m = maps[i] if i < len(maps) else None
-            expected, index = map_source_output(a, b.shape, m)
-            scale = max(1.0, float(expected.abs().max()))
-            worst = max(worst, float((b[index] - expected).abs().max()) / scale)
+            d = deviation(a, b, maps[i] if i < len(maps) else None)
+            worst = worst if d is None else max(worst, d)
     return worst
 
 
@@ -126,15 +114,22 @@ def _outputs(model, inputs: list) -> list:
     module where its forward allows, else through a whole float32 twin."""
     try:
         with float32_modules(model) as wide:
-            return _run(wide, inputs)
+            return eval_outputs(wide, inputs)
     except RuntimeError:  # a forward that multiplies another module's low-precision tensor: copy it all
         if not needs_upcast(model):
             raise
-        return _run(float32_twin(model), inputs)
+        return eval_outputs(float32_twin(model), inputs)
 
 
-def _run(model, inputs: list) -> list:
-    from .onnx_export import eval_mode
+def eval_outputs(model, inputs: list) -> list:
+    """The flat output leaves of ``model`` on each (args, kwargs) of ``inputs``, in eval mode without grad,
+    floating-point inputs upcast to float32 (the model's own precision is the caller's: see ``_outputs``).
+
+    >>> net = torch.nn.Linear(2, 1)
+    >>> [[y.shape for y in ys] for ys in eval_outputs(net, [((torch.ones(3, 2),), {})])]
+    [[torch.Size([3, 1])]]
+    """
+    from .onnx_export import eval_mode  # ONNX tooling loads on first use (see growir.verify)
     with eval_mode(model), torch.no_grad():
         return [pytree.tree_leaves(model(*args, **kwargs)) for args, kwargs in upcast_inputs(inputs)]
 

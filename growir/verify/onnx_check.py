@@ -3,10 +3,11 @@
 Both models are exported with ``torch.onnx.export(..., dynamo=True)`` and run in onnxruntime (CPU) on the
 same seeded inputs: several batch sizes and sequence lengths, with padding in the attention mask. Each
 output (named by its pytree path: ``last_hidden_state``, ``logits``, ``output[0]``) is compared after
-mapping the source output into the grown coordinates (:func:`map_source_output`).
+mapping the source output into the grown coordinates, by the alignment and relative scale that every growir
+check shares (:mod:`growir.verify.compare`).
 
 Precision. Both models run in float32: bfloat16/float16 weights and inputs are upcast (exactly) into a float32
-twin of each model (:func:`growir.precision.float32_twin`), so a low-precision growth is judged by the float32
+twin of each model (:func:`growir.verify.precision.float32_twin`), so a low-precision growth is judged by the float32
 standard; the models themselves are not modified.
 
 Tolerance. An output is preserved when, on every sample and element,
@@ -14,9 +15,10 @@ Tolerance. An output is preserved when, on every sample and element,
     |grown_i - source_i| <= atol * max(1, max_j |source_j|) + rtol * |source_i|
 
 so ``atol`` is absolute for outputs of magnitude up to 1 and relative to the output's largest magnitude
-beyond that. Defaults by output dtype: float64 atol 1e-8, float32 1e-4, float16 1e-2, bfloat16 5e-2, and
-rtol 0; integer outputs must be equal. A function-preserving growth in float32 typically measures ~1e-6:
-only the order of summation changes.
+beyond that (:func:`growir.verify.compare.bound`; ``grow``'s self-measure is this bound with
+``atol = TOLERANCE = 1e-5`` and ``rtol = 0``). Defaults by output dtype: float64 atol 1e-8, float32 1e-4,
+float16 1e-2, bfloat16 5e-2, and rtol 0; integer outputs must be equal. A function-preserving growth in
+float32 typically measures ~1e-6: only the order of summation changes.
 
 >>> import copy, growir, torch
 >>> from transformers import BertConfig, BertModel
@@ -41,10 +43,12 @@ import torch.utils._pytree as pytree
 
 from ..errors import TraceError
 from ..frontend.inputs import Inputs, hf_example_inputs, is_hf_model, normalize_inputs
+from .compare import abs_diff, bound, map_source_output
 from .precision import float32_twin, upcast_inputs
 from .onnx_export import SAMPLE_SHAPES, eval_mode, export_onnx, ort_session, run_session, to_onnx_program
 
-__all__ = ["check", "CheckReport", "OutputCheck", "map_source_output", "default_tolerance", "export_onnx"]
+__all__ = ["check", "CheckReport", "OutputCheck", "compare_output", "map_source_output", "default_tolerance",
+           "export_onnx"]  # map_source_output: defined in .compare, kept importable here for its callers
 
 # dtype -> (atol, rtol); see the module docstring for how they combine.
 DEFAULT_TOLERANCES = {
@@ -58,50 +62,6 @@ DEFAULT_TOLERANCES = {
 def default_tolerance(dtype: torch.dtype) -> tuple[float, float]:
     """``(atol, rtol)`` used for outputs of ``dtype`` when check() is not given them; exact for integers."""
     return DEFAULT_TOLERANCES.get(dtype, (0.0, 0.0))
-
-
-def map_source_output(source_out: torch.Tensor, grown_shape, maps=None) -> tuple[torch.Tensor, tuple]:
-    """Align a source output with a grown output: ``grown_out[index]`` should equal ``expected``.
-
-    ``maps`` has one entry per axis: None (the axis is unchanged, or grew keeping the source's indices
-    first) or a LongTensor ``g`` of length ``grown_shape[axis]`` with ``g[j]`` = the source index that
-    grown index ``j`` copies; mapped axes compare ``source_out.index_select(axis, g)`` with the whole grown
-    axis. An unmapped axis that grew compares the leading slice ``grown_out[..., :old]`` (growir's maps
-    are the identity on the first ``old`` indices). Raises ValueError for shapes that cannot correspond.
-
-    >>> s = torch.tensor([[1., 2., 3.]])
-    >>> expected, index = map_source_output(s, (1, 5), [None, torch.tensor([0, 1, 2, 0, 2])])
-    >>> expected.tolist(), index
-    ([[1.0, 2.0, 3.0, 1.0, 3.0]], (slice(None, None, None), slice(None, None, None)))
-    >>> map_source_output(s, (1, 5))[1]
-    (slice(None, None, None), slice(0, 3, None))
-    """
-    grown_shape = tuple(grown_shape)
-    if source_out.dim() != len(grown_shape):
-        raise ValueError(f"source output has shape {tuple(source_out.shape)} but grown output {grown_shape}: "
-                         "a growth changes sizes, never the number of axes")
-    if maps is not None and len(maps) != source_out.dim():
-        raise ValueError(f"output map has {len(maps)} axes but the output has {source_out.dim()}")
-    expected, index = source_out, []
-    for axis, (old, new) in enumerate(zip(source_out.shape, grown_shape)):
-        g = None if maps is None else maps[axis]
-        if g is not None:
-            g = torch.as_tensor(g, dtype=torch.long, device=source_out.device)
-            if g.dim() != 1 or len(g) != new or (len(g) and (int(g.min()) < -1 or int(g.max()) >= old)):
-                raise ValueError(f"output map of axis {axis} must be {new} source indices in [0, {old}) "
-                                 f"(or -1 for a fill position); got shape {tuple(g.shape)}")
-            if bool((g < 0).any()):  # fill positions (repeat-and-fill) copy nothing: compare the copies
-                keep = (g >= 0).nonzero().squeeze(1)
-                expected = expected.index_select(axis, g[keep])
-                index.append(keep)
-                continue
-            expected = expected.index_select(axis, g)
-            index.append(slice(None))
-        elif new >= old:
-            index.append(slice(None) if new == old else slice(0, old))
-        else:
-            raise ValueError(f"axis {axis} shrank from {old} to {new}: a grown output cannot be narrower")
-    return expected, tuple(index)
 
 
 @dataclass
@@ -134,10 +94,12 @@ class CheckReport:
 
     @property
     def preserved(self) -> bool:
+        """Whether every output was compared and is within its bound on every sample."""
         return not self.problems and all(out.preserved for out in self.outputs)
 
     @property
     def max_abs_error(self) -> float:
+        """The largest |grown - source| over every output and sample (inf when nothing was compared)."""
         return max((out.max_abs_error for out in self.outputs), default=math.inf)
 
     @property
@@ -214,7 +176,7 @@ def check(source: torch.nn.Module, grown: torch.nn.Module, example_inputs=None, 
         for k, name in enumerate(src.names):
             leaf_maps = maps[src.leaf_positions[k]] if maps is not None else None
             try:
-                outputs.append(_compare(name, [o[k] for o in src.ort], [o[k] for o in big.ort], leaf_maps,
+                outputs.append(compare_output(name, [o[k] for o in src.ort], [o[k] for o in big.ort], leaf_maps,
                                         atol, rtol, vocab))
             except ValueError as error:
                 problems.append(f"output {name}: {error}")
@@ -348,7 +310,17 @@ def _output_maps(grown: torch.nn.Module):
     return getattr(record, "output_maps", None)
 
 
-def _compare(name, source_outs, grown_outs, maps, atol, rtol, vocab) -> OutputCheck:
+def compare_output(name: str, source_outs: list, grown_outs: list, maps=None, atol: float | None = None,
+                   rtol: float | None = None, vocab: int | None = None) -> OutputCheck:
+    """Compare one output over every sample: ``source_outs[k]`` mapped by ``maps`` (per axis, see
+    :func:`~growir.verify.compare.map_source_output`) against ``grown_outs[k]``, within
+    :func:`~growir.verify.compare.bound` (``atol``/``rtol`` default by dtype). An output named ``logits`` whose
+    last axis is ``vocab`` long also gets its KL divergence and top-1 agreement.
+
+    >>> s = [torch.tensor([1000.0, -2.0])]
+    >>> compare_output("y", s, [s[0] + torch.tensor([0.09, 0.0])]).preserved  # bound 1e-4 * max(1, 1000)
+    True
+    """
     default_atol, default_rtol = default_tolerance(source_outs[0].dtype)
     atol, rtol = default_atol if atol is None else atol, default_rtol if rtol is None else rtol
     abs_err = rel_err = ratio = 0.0
@@ -363,14 +335,13 @@ def _compare(name, source_outs, grown_outs, maps, atol, rtol, vocab) -> OutputCh
             compared = "index map"
         elif tuple(s.shape) != tuple(g.shape):
             compared = "leading slice"
-        diff = _abs_diff(got, expected)
-        scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-        bound = atol * scale + rtol * expected.abs()
+        diff = abs_diff(got, expected)
+        allowed = bound(expected, atol, rtol)
         abs_err = max(abs_err, float(diff.max()) if diff.numel() else 0.0)
         floor = 1e-3 * float(expected.abs().max()) if expected.numel() else 0.0
         rel = diff / expected.abs().clamp_min(max(floor, 1e-30))
         rel_err = max(rel_err, float(rel.max()) if rel.numel() else 0.0)
-        over = diff / torch.as_tensor(bound).clamp_min(1e-300) if diff.numel() else diff
+        over = diff / allowed.clamp_min(1e-300) if diff.numel() else diff
         ratio = max(ratio, float(over.max()) if over.numel() else 0.0)
         if is_logits and expected.numel():
             log_p, log_q = expected.log_softmax(-1), got.log_softmax(-1)
@@ -384,13 +355,6 @@ def _compare(name, source_outs, grown_outs, maps, atol, rtol, vocab) -> OutputCh
                        top1_agreement=agree / positions if positions else None)
 
 
-def _abs_diff(got: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-    """|got - expected|, with NaN where exactly one side is NaN (never within tolerance) and 0 where both are."""
-    diff = (got - expected).abs()
-    both_nan = got.isnan() & expected.isnan()
-    return torch.where(both_nan, torch.zeros_like(diff), torch.where(diff.isnan(), math.inf, diff))
-
-
 def _fidelity(run: _Run, atol, rtol) -> tuple[float, bool]:
     """Max |torch - onnxruntime| over every output and sample, and whether it is within tolerance."""
     worst, ok = 0.0, True
@@ -401,8 +365,8 @@ def _fidelity(run: _Run, atol, rtol) -> tuple[float, bool]:
             a, r = default_tolerance(t.dtype)
             a, r = a if atol is None else atol, r if rtol is None else rtol
             t, o = t.double(), o.double()
-            diff = _abs_diff(o, t)
+            diff = abs_diff(o, t)
             if diff.numel():
                 worst = max(worst, float(diff.max()))
-                ok = ok and bool((diff <= a * max(1.0, float(t.abs().max())) + r * t.abs()).all())
+                ok = ok and bool((diff <= bound(t, a, r)).all())
     return worst, ok
