@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from contextlib import contextmanager
 
 
@@ -68,3 +71,24 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first non-empty line of an exception's message, at most ``limit`` characters."""
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
     return (lines[0] if lines else "")[:limit]
+
+
+_PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")  # growir/: never "the user's line"
+
+
+def warn(message: str, category: type = UserWarning) -> None:
+    """``warnings.warn`` at the first frame outside growir: the user's line, however deep the call that warns.
+
+    Python 3.11 has no ``skip_file_prefixes``, and a hand-counted ``stacklevel`` goes stale when the pass
+    manager or a public function gains a frame.
+
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn("growir: a note")
+    >>> str(caught[0].message), caught[0].filename.startswith("<doctest")  # this line, not growir's
+    ('growir: a note', True)
+    """
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is warn's caller
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

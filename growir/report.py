@@ -16,6 +16,8 @@ def _short(items: list, n: int = 3) -> str:
 
 
 def plan_table(plan) -> str:
+    """The plan in words: one row per width group (what writes, splits and reads it), the fused axes, the
+    block lists, and a legend (``print(growir.plan(model))`` shows it)."""
     rows = []
     for g in plan.groups:
         prod = [f"{p.param}[{p.axis}]" for p in g.producers]

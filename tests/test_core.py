@@ -9,7 +9,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import growir
-from growir.verify.onnx_check import map_source_output
+from growir.verify.compare import map_source_output
 from zoo import ALL, PRE_NORM, SIZE_FIELDS, NanoGPT, TorchEncoder, example_inputs, make
 
 TOL = 1e-5

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, Phase, example, given, note, settings
 from hypothesis import strategies as st
 
 import growir
-from growir.verify.onnx_check import map_source_output
+from growir.verify.compare import map_source_output
 from strategies import Arch, Spec, archs, specs
 
 TOL = 1e-5

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import warnings
 from dataclasses import dataclass, field
 
 import sympy
@@ -12,7 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from ..errors import TraceError, first_line
+from ..errors import TraceError, first_line, warn
 from .inline import inline_context_regions
 from .inputs import example_inputs_for
 from ..quiet import library_noise_off
@@ -20,6 +19,8 @@ from ..quiet import library_noise_off
 
 @dataclass
 class Captured:
+    """A model exported by ``capture``: its aten graph, the example inputs it was traced with, and the input
+    dimensions and symbol ranges that the export left dynamic."""
     gm: torch.fx.GraphModule  # ep.module(): parameters as get_attr nodes named by their state_dict names
     args: tuple
     kwargs: dict
@@ -108,10 +109,9 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Captured:
     finally:
         model.train(was_training)
     if static is not None:
-        warnings.warn(f"growir: torch.export could not keep the batch and sequence axes of {type(model).__name__} "
-                      f"dynamic ({static}); the graph was exported at the example inputs' fixed shapes, so a "
-                      f"rewritten GraphModule accepts only those shapes and growir measures the growth at them "
-                      f"only", stacklevel=3)
+        warn(f"growir: torch.export could not keep the batch and sequence axes of {type(model).__name__} "
+             f"dynamic ({static}); the graph was exported at the example inputs' fixed shapes, so a rewritten "
+             f"GraphModule accepts only those shapes and growir measures the growth at them only")
     dims, ranges = _input_dims(gm, args, kwargs, ep.range_constraints)
     return Captured(gm, args, kwargs, is_hf(model), dims, ranges, static)
 

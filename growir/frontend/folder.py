@@ -86,6 +86,7 @@ class Checkpoint:
         return files
 
     def has(self, name: str) -> bool:
+        """Whether the checkpoint stores the tensor that the model calls ``name``."""
         return name in self.key_of
 
     def meta(self, name: str) -> torch.Tensor:
@@ -106,6 +107,7 @@ class Checkpoint:
             return handle.get_tensor(key)
 
     def nbytes(self) -> int:
+        """The size on disk of the weight files, in bytes."""
         return sum((self.folder / f).stat().st_size for f in self._open)
 
 
@@ -133,6 +135,11 @@ def _match_keys(keys: set, names: set) -> dict:
 
 
 def first_sentence(error: Exception) -> str:
+    """The first sentence of an error's message (at most 300 characters), on one line.
+
+    >>> first_sentence(ValueError("shapes differ.  See\\nthe log. And more"))
+    'shapes differ.'
+    """
     text = " ".join(str(error).split())
     cut = text.find(". ")
     return text[:cut + 1] if 0 < cut < 300 else text[:300]
@@ -146,15 +153,33 @@ def check_shapes(expected: dict, built: dict, what: str) -> None:
                                    f"{tuple(expected[name])}; nothing was written")
 
 
+def named_tensors(model, buffer_aliases: bool = False) -> list:
+    """(name, tensor) for every parameter of ``model`` under each of its names (a tied weight is one tensor
+    under several), then every buffer: once, under its first name, unless ``buffer_aliases``.
+
+    >>> shared = torch.nn.Linear(2, 2)
+    >>> shared.register_buffer("b", torch.zeros(1))
+    >>> pair = torch.nn.Sequential(shared, shared)
+    >>> [n for n, _ in named_tensors(pair)], [n for n, _ in named_tensors(pair, buffer_aliases=True)][-2:]
+    (['0.weight', '0.bias', '1.weight', '1.bias', '0.b'], ['0.b', '1.b'])
+    """
+    return list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=not buffer_aliases))
+
+
 def state_names(model) -> list:
-    return [n for n, _ in model.named_parameters(remove_duplicate=False)] + [
-        n for n, _ in model.named_buffers(remove_duplicate=False)]
+    """Every parameter and buffer name of ``model``, a tied tensor under each of its names.
+
+    >>> state_names(torch.nn.BatchNorm1d(2))
+    ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
+    """
+    return [n for n, _ in named_tensors(model, buffer_aliases=True)]
 
 
 def tied_names(model) -> dict:
     """name -> every name of the same tensor (tied weights)."""
     by_id = {}
-    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+    for n, t in named_tensors(model):
         by_id.setdefault(id(t), []).append(n)
     return {n: names for names in by_id.values() for n in names}
 

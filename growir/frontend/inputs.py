@@ -81,6 +81,12 @@ def _vocab_size(config) -> int:
 
 
 def max_positions(config, default: int) -> int:
+    """The longest sequence the config allows (its position table), else ``default``.
+
+    >>> from types import SimpleNamespace
+    >>> max_positions(SimpleNamespace(n_positions=1024), 512), max_positions(SimpleNamespace(), 512)
+    (1024, 512)
+    """
     for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

@@ -35,6 +35,7 @@ import torch
 
 from ..errors import GrowthError
 from .export import is_hf
+from .folder import named_tensors
 
 PROXY_BLOCKS = 2
 
@@ -42,8 +43,7 @@ PROXY_BLOCKS = 2
 def signature(module: torch.nn.Module) -> tuple:
     """A module's structure: its submodules' classes and its tensors' names, shapes and dtypes."""
     mods = tuple((n, type(m).__qualname__) for n, m in module.named_modules())
-    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in
-                    list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers()))
+    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in named_tensors(module))
     return mods, tensors
 
 
@@ -141,6 +141,7 @@ class Proxy:
     source: dict = field(default_factory=dict, repr=False)  # the real model's tensors (ties under every name)
 
     def describe(self) -> str:
+        """The proxy in words, for the growth record."""
         lists = ", ".join(f"`{k}` ({n} blocks)" for k, n in self.counts.items())
         return f"a {PROXY_BLOCKS}-block proxy of {lists}"
 
@@ -174,7 +175,7 @@ def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def state_of(model: torch.nn.Module) -> dict:
     """Every parameter and buffer of ``model`` by its state name, tied tensors under each of their names."""
-    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    return dict(named_tensors(model, buffer_aliases=True))
 
 
 def make_model_proxy(model: torch.nn.Module, materialize: str = "auto") -> Proxy:
@@ -202,6 +203,11 @@ def check_plan(plan, proxy: Proxy) -> None:
 
 
 def full_capture(why) -> str:
+    """The record's words for a growth captured whole, and why no proxy stood in.
+
+    >>> full_capture("a single block")
+    'the full model (no proxy: a single block)'
+    """
     return f"the full model (no proxy: {why})"
 
 

@@ -52,8 +52,9 @@ def _runs(index: torch.Tensor):
     return [(s, f, e - s) for s, f, e in zip(starts, index[starts].clamp(min=-1).tolist(), ends)]
 
 
-def gather(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
-    """``t.index_select(axis, index)`` with zeros at the positions where ``index`` is -1 (a fill, written later),
+def gather(t: torch.Tensor, axis: int, index: torch.Tensor, zero_holes: bool = True) -> torch.Tensor:
+    """``t.index_select(axis, index)`` with zeros at the positions where ``index`` is -1 (a fill, written later;
+    ``zero_holes=False`` leaves them unset for a caller that writes every one of them),
     as block copies where the index is a few runs of consecutive positions (whole copies: 0..n-1, 0..n-1),
     which copy memory blocks instead of gathering element by element (several times faster along a last axis).
     Both copy values only: the result is the same, bitwise.
@@ -67,13 +68,16 @@ def gather(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
     if runs is None:  # scattered: one gather is faster than many slices
         out = t.index_select(axis, index.clamp(min=0).to(t.device))
         holes = (index < 0).nonzero().flatten()
-        return out.index_fill_(axis, holes.to(t.device), 0) if len(holes) else out
+        return out.index_fill_(axis, holes.to(t.device), 0) if len(holes) and zero_holes else out
     shape = list(t.shape)
     shape[axis] = len(index)
     out = torch.empty(shape, dtype=t.dtype, device=t.device)
     for start, first, n in runs:
         part = out.narrow(axis, start, n)
-        part.zero_() if first < 0 else part.copy_(t.narrow(axis, first, n))
+        if first >= 0:
+            part.copy_(t.narrow(axis, first, n))
+        elif zero_holes:
+            part.zero_()
     return out
 
 

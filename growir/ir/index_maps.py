@@ -17,6 +17,15 @@ from .axes import PROD, is_structured
 
 @dataclass
 class GroupMap:
+    """How one group's axis grows from ``old`` to ``new`` positions: where each new position is copied from
+    (``index``), how many copies each old one has (``counts``, the divisor of the consumers that read it), and
+    what fills the positions that copy nothing.
+
+    >>> import torch
+    >>> m = GroupMap(2, 4, torch.tensor([0, 1, 0, 1]), torch.tensor([2, 2]))
+    >>> m.uniform, m.as_copies() is m
+    (True, True)
+    """
     old: int
     new: int
     index: torch.Tensor  # [new] -> old position, or -1 at a fill position (repeat-and-fill)
@@ -27,10 +36,12 @@ class GroupMap:
     copies: torch.Tensor | None = None  # "interleave"/"fresh": [new] -> the old position each new one sits beside
 
     def as_copies(self) -> "GroupMap":
+        """The map by the old position each new one sits beside (``copies``) where a fill has one, else itself."""
         return GroupMap(self.old, self.new, self.copies, self.counts) if self.copies is not None else self
 
     @property
     def uniform(self) -> bool:
+        """Whether every old position has as many copies as the others (a whole-number ratio)."""
         return bool((self.counts == self.counts[0]).all())
 
 

@@ -46,6 +46,14 @@ class AxisMap:
 
 @dataclass
 class TensorRule:
+    """How one grown tensor is made from a source tensor: an ``AxisMap`` per axis (copy, divide, scale, fill),
+    a whole-tensor scale, and the notes that say why; ``apply`` computes it.
+
+    >>> import torch
+    >>> rule = TensorRule("w", [AxisMap(index=torch.tensor([0, 1, 0])), AxisMap()])
+    >>> rule.new_shape((2, 5)), rule.apply(torch.eye(2)[:, :1]).flatten().tolist()
+    ((3, 5), [1.0, 0.0, 1.0])
+    """
     source: str  # state_dict name of the tensor this one is made from
     axes: list = field(default_factory=list)  # AxisMap per axis
     scale: float = 1.0
@@ -58,6 +66,7 @@ class TensorRule:
     fill_seed: int = 0  # seeds the "random" fills (one draw per tensor and axis)
 
     def new_shape(self, old_shape) -> tuple:
+        """The grown tensor's shape, from the source's."""
         return tuple(len(m.index) if m.index is not None else s for m, s in zip(self.axes, old_shape))
 
     def apply(self, old: torch.Tensor, donor: torch.Tensor | None = None, store: torch.dtype | None = None
@@ -163,6 +172,7 @@ class TensorRule:
         put_at(new, axis, at, draw)
 
     def has_copies_to_perturb(self) -> bool:
+        """Whether an axis holds copies that divide a read (so noise added to them can cancel over the copies)."""
         return any(m.divide is not None and m.index is not None and len(m.index) > len(m.divide)
                    and m.split is None for m in self.axes)
 
@@ -181,16 +191,17 @@ class TensorRule:
                 index = torch.where(m.index >= 0, m.index, m.source)  # filled from an old entry, no history
             if index is not None:
                 geometric = _geometric(new, index, m) if m.fill == "geometric" else None
-                before, new = new, gather(new, axis, index)  # positions at -1 hold zeros until filled
+                # positions at -1 hold zeros until filled; a fill writes all of them, so they need none then
+                before, new = new, gather(new, axis, index, zero_holes=m.fill is None)
             shape = [1] * new.dim()
             shape[axis] = -1
             if m.divide is not None and m.split is not None and index is not None:
                 factors = split_factors(new.shape, axis, index, m.split, self.fill_seed * 31 + axis + 7, new.dtype)
                 new = exact_shares(before, new.mul_(on(factors)), factors, axis, on(index))
-            elif m.divide is not None:  # in place once ``new`` is no longer the source tensor itself
+            elif m.divide is not None and not _ones(m.divide):  # x / 1 is x: no pass over the tensor
                 counts = on(m.divide if index is None else m.divide[index.clamp(min=0)]).to(new.dtype)
                 new = new.div_(counts.reshape(shape)) if new is not old else new / counts.reshape(shape)
-            if m.scale is not None:
+            if m.scale is not None and not _ones(m.scale):
                 factor = on(m.scale if index is None else m.scale[index.clamp(min=0)]).to(new.dtype)
                 new = new.mul_(factor.reshape(shape)) if new is not old else new * factor.reshape(shape)
             if m.fill is not None:  # written in place into the fill positions only (``new`` was gathered)
@@ -216,7 +227,7 @@ class TensorRule:
             shape = [1] * new.dim()
             shape[axis] = -1
             for per_old, op, op_ in ((m.divide, torch.div, torch.Tensor.div_), (m.scale, torch.mul, torch.Tensor.mul_)):
-                if per_old is not None:
+                if per_old is not None and not _ones(per_old):
                     factor = on(per_old).to(new.dtype).reshape(shape)
                     new = op_(new, factor) if new is not old else op(new, factor)
         if self.zero:
@@ -230,11 +241,6 @@ class TensorRule:
         if self.scale != 1.0:
             return new.mul_(self.scale) if new is not old else new * self.scale
         return new
-
-    @property
-    def changes(self) -> bool:
-        return self.zero or self.scale != 1.0 or any(m.index is not None or m.divide is not None
-                                                     or m.scale is not None for m in self.axes)
 
 
 def split_factors(shape, axis: int, index: torch.Tensor, bounds: tuple, seed: int,
@@ -321,6 +327,12 @@ def exact_in_own_dtype(rule: TensorRule, old: torch.Tensor) -> bool:
     low, high = min(low, lo * abs(rule.scale)), max(high, hi * abs(rule.scale))
     info, a = torch.finfo(old.dtype), old.detach().abs()
     return not bool(((a > 0) & (a < info.tiny / low)).any()) and float(a.max()) * high <= info.max
+
+
+def _ones(per_old: torch.Tensor) -> bool:
+    """Every factor is one: dividing or multiplying by them changes no bit (x / 1 and x * 1 are x, NaN included),
+    so the pass over the tensor is skipped (a fresh group's old units appear once: every count is one)."""
+    return bool((per_old == 1).all())
 
 
 def _power_of_two(x: float) -> bool:

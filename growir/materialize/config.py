@@ -149,6 +149,12 @@ def _shape_changes(relevant: dict, size_pairs: dict, shapes_of, fits, max_tries:
 
 
 def follow_lists(base: dict, cfg: dict, layer_sources: dict) -> dict:
+    """``cfg`` with every per-layer list of ``base`` (a value per block) reordered to the grown blocks' sources,
+    where a block count changed; ``layer_sources`` maps an old count to the source block of each new one.
+
+    >>> follow_lists({"n": 2, "kinds": ["a", "b"]}, {"n": 4, "kinds": ["a", "b"]}, {2: [0, 0, 1, 1]})
+    {'n': 4, 'kinds': ['a', 'a', 'b', 'b']}
+    """
     out = dict(cfg)
     for key, old in base.items():
         if isinstance(old, int) and not isinstance(old, bool) and cfg.get(key) != old and old in layer_sources:
@@ -172,6 +178,8 @@ def _fits(shapes, expected, required=frozenset()) -> bool:
 
 
 def config_shapes(model, cfg_dict: dict):
+    """name -> shape of every tensor of ``model``'s class built (on the meta device) from ``cfg_dict``, or None
+    where that config does not build."""
     cfg = _config(model, cfg_dict)
     if cfg is None:
         return None

@@ -11,12 +11,15 @@ import torch
 import torch.fx as fx
 
 from ..errors import MaterializeError
+from ..frontend.folder import named_tensors
 from ..passes.depth import Schedule
 from ..quiet import library_noise_off
 
 
 # --- the rewritten GraphModule ----------------------------------------------------------------------------------
 def set_tensor(root: torch.nn.Module, dotted: str, value: torch.Tensor, as_param: bool) -> None:
+    """Put ``value`` at the dotted name under ``root`` as a parameter or a buffer, creating the empty modules on
+    the way and replacing what was there."""
     *path, leaf = dotted.split(".")
     mod = root
     for part in path:
@@ -37,7 +40,7 @@ def release_weights(gm: torch.nn.Module) -> None:
     """Replace ``gm``'s tensors by meta tensors of the same shape and dtype (its graph stays readable), so a
     growth record that keeps the traced graph does not keep the source's weights alive. The tensors are
     swapped in ``gm``'s own modules: whoever else holds them (the source model) keeps them."""
-    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers()):
+    for name, t in named_tensors(gm):
         if not t.is_meta:
             set_tensor(gm, name, t.detach().to("meta"), isinstance(t, torch.nn.Parameter))
 
@@ -46,7 +49,7 @@ def build_graph_module(gm: fx.GraphModule, state: dict, params: set, schedules: 
                        rewrite=None, aliases: dict | None = None) -> fx.GraphModule:
     """A copy of ``gm`` holding the grown tensors, its size literals rewritten, blocks copied per schedule.
     Tied tensors (``aliases``: name -> the name the graph reads) stay one tensor."""
-    shared = [t for _, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers())]
+    shared = [t for _, t in named_tensors(gm)]
     with library_noise_off():  # copying the GraphModule's pytree specs warns inside torch
         new = copy.deepcopy(gm, {id(t): t for t in shared})  # the graph and modules, not the weights it replaces
     if rewrite is not None:
@@ -74,7 +77,7 @@ def build_graph_module(gm: fx.GraphModule, state: dict, params: set, schedules: 
 def _unshare(new: fx.GraphModule, shared: list) -> None:
     """A source tensor no grown one replaced (none, normally) is copied: the grown model shares nothing."""
     ids = {id(t) for t in shared}
-    for name, t in list(new.named_parameters(remove_duplicate=False)) + list(new.named_buffers()):
+    for name, t in named_tensors(new):
         if id(t) in ids:
             set_tensor(new, name, t.detach().clone(), isinstance(t, torch.nn.Parameter))
 

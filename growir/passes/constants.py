@@ -14,6 +14,8 @@ from ..ir.index_maps import tree_map
 
 
 def new_sizes(plan: Plan, maps: dict):
+    """Two functions of an axis under the group maps: ``size`` (its grown size, symbolic where the axis is
+    dynamic) and ``concrete_factor`` (the product of its static grown leaf sizes)."""
     ag = plan.facts.ag
 
     def size(axis) -> sympy.Expr:

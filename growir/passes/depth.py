@@ -21,6 +21,14 @@ DEPTH_METHODS = ("auto", "stack", "interpolate", "identity")
 
 @dataclass
 class Schedule:
+    """The grown block list of one depth growth: the source block of each new position, and which positions
+    are added blocks.
+
+    >>> from types import SimpleNamespace
+    >>> s = schedule(SimpleNamespace(count=2, pre_norm=True), 4, "auto")
+    >>> s.sources, s.fresh, s.exact
+    ([0, 0, 1, 1], [False, True, False, True], True)
+    """
     blocks: Blocks
     sources: list  # per new position: the old block index it copies
     fresh: list  # per new position: True where the block is added (not one of the originals in place)
@@ -28,10 +36,17 @@ class Schedule:
 
     @property
     def exact(self) -> bool:
+        """Whether the depth growth preserves the function: identity blocks added to a pre-norm model."""
         return self.method == "identity" and self.blocks.pre_norm
 
 
 def target_layers(count: int, depth, layers) -> int:
+    """The grown block count: ``layers`` where given, else ``count * depth``; a SpecError where that is fewer
+    than ``count`` or not whole.
+
+    >>> target_layers(4, 1.5, None), target_layers(4, 1, 6)
+    (6, 6)
+    """
     if layers is not None:
         if not isinstance(layers, int) or isinstance(layers, bool) or layers < count:
             raise SpecError(f"layers={layers!r} must be a whole number >= the model's {count} blocks")
@@ -50,6 +65,9 @@ def target_layers(count: int, depth, layers) -> int:
 
 
 def schedule(blocks: Blocks, new: int, method: str) -> Schedule:
+    """Where each of ``new`` blocks comes from: ``"stack"`` repeats the list (then its last blocks),
+    ``"interpolate"`` and ``"identity"`` put each copy after its source; ``"auto"`` picks identity for
+    pre-norm blocks, stack otherwise (see ``Schedule``'s example)."""
     old = blocks.count
     if method == "auto":
         method = "identity" if blocks.pre_norm else "stack"

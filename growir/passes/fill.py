@@ -29,6 +29,8 @@ from ..analysis.plan import Plan
 
 @dataclass
 class FillPlan:
+    """Which grown groups repeat and fill (and with what), the norm sites that decide it, and why the others
+    do not."""
     fills: dict = field(default_factory=dict)  # group root -> "mean" | "zero"
     sites: dict = field(default_factory=dict)  # group root -> [NormSite]
     reasons: dict = field(default_factory=dict)  # group root -> why repeat-and-fill does not apply
@@ -155,6 +157,7 @@ def _fill_from_copies(axis, new: int, old: int, copy: bool) -> None:
 
 
 def rewrite_eps(gm: fx.GraphModule, eps: dict) -> None:
+    """Set each norm node's eps argument in ``gm`` to its grown value (``eps``: node name -> (position, value))."""
     for n in gm.graph.nodes:
         if n.name in eps:
             pos, value = eps[n.name]

@@ -34,6 +34,8 @@ from ..analysis.plan import Plan
 
 @dataclass
 class UnitConstant:
+    """A constant computed from sizes alone with an axis along a grown group (a per-unit table): its value is
+    recomputed at the new size."""
     node: str  # the input-independent node whose value is computed from sizes
     axis: int  # its axis along the group
     root: object  # the group's root

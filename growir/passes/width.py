@@ -18,6 +18,7 @@ import torch
 
 from ..ir.axes import is_structured, tree_leaves
 from ..analysis.plan import Plan
+from ..frontend.folder import named_tensors
 from ..ir.tensor_rule import AxisMap, TensorRule
 from ..ir.index_maps import GroupMap, fpi_index, fill_index, interleave_index, tree_map
 
@@ -46,6 +47,8 @@ def group_maps(plan: Plan, sizes: dict, seed: int = 0, index_fn=fpi_index, fills
 
 @dataclass
 class WidthResult:
+    """The width stage's output: a TensorRule per state name, the axis trees that made them, and the tied
+    (param, axis) pairs."""
     rules: dict = field(default_factory=dict)  # state name -> TensorRule
     axis_trees: dict = field(default_factory=dict)  # state name -> [tree per axis]
     tied: list = field(default_factory=list)  # (param, axis) both copied and contracted (tied embeddings)
@@ -79,7 +82,7 @@ def width_rules(plan: Plan, maps: dict) -> WidthResult:
     for alias, canonical in f.aliases.items():
         res.rules[alias] = res.rules[canonical]
     gm = plan.captured.gm
-    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers()):
+    for name, t in named_tensors(gm):
         if name not in res.rules:  # a tensor the traced forward never reads: carried over unchanged
             res.rules[name] = TensorRule(name, [AxisMap() for _ in t.shape], notes=["unused by the forward"])
     return res

@@ -24,18 +24,17 @@ import gc
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..frontend.folder import Checkpoint, CheckpointError, check_shapes, load_config, meta_model
-from ..errors import MaterializeError, NotExactError, SpecError
+from ..errors import MaterializeError, NotExactError, SpecError, warn
 from ..ir.tensor_rule import rounding_reason, rounds
 from ..quiet import hf_quiet
 from .shards import copy_side_files, parse_size, shard_layout, write_atomically, write_shard
-from ..frontend.folder import state_names, tied_names
+from ..frontend.folder import named_tensors, state_names, tied_names
 
 
 @dataclass
@@ -59,6 +58,7 @@ class StreamReport:
 
     @property
     def exact(self) -> bool:
+        """Whether the streamed growth preserves the function (no reason says otherwise)."""
         return not self.reasons
 
     def __str__(self) -> str:
@@ -115,9 +115,8 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
             checked.append(_verify(src, staging, job, verify))
     write_atomically(out, write, force)
     if job.reasons:
-        warnings.warn(f"growir: the grown model is not function-preserving (measured deviation "
-                      f"{job.choice.deviation:.3g} on a float32 two-block proxy): " + "; ".join(job.reasons),
-                      stacklevel=2)
+        warn(f"growir: the grown model is not function-preserving (measured deviation "
+             f"{job.choice.deviation:.3g} on a float32 two-block proxy): " + "; ".join(job.reasons))
     return StreamReport(str(src), str(out), _params(job.fp.model), _params(job.target),
                         sum(it.nbytes for it in job.items.values()), len(layout.files), time.perf_counter() - start,
                         job.choice.changes, job.layer_info, job.reasons, job.choice.deviation,
@@ -135,6 +134,8 @@ def methods(method, width_method: str, depth_method: str) -> tuple:
 
 @dataclass
 class Job:
+    """A streamed growth, prepared before any weight is read: the folder plan, the chosen config, the meta-device
+    target, the rules and one Item per target tensor."""
     fp: object
     choice: object
     target: torch.nn.Module  # the grown model, on the meta device
@@ -180,6 +181,8 @@ def prepare(src: Path, width, depth, layers, width_method, depth_method, dtype, 
 
 
 def write_folder(job: Job, layout, staging: Path, dtype, progress) -> None:
+    """Write the grown shards, index, config and the source's side files (tokenizer) into ``staging``; a
+    rounding that the stored dtype makes joins ``job.reasons``."""
     bar = _bar(sum(it.nbytes for it in job.items.values()), progress)
     rounded = []
     try:
@@ -210,6 +213,7 @@ class Item:
 
     @property
     def nbytes(self) -> int:
+        """The tensor's size once written, in bytes."""
         return _numel(self.shape) * self.dtype.itemsize
 
 
@@ -286,8 +290,7 @@ def _check_target(target, items: dict) -> None:
 
 
 def _shapes(model):
-    return [(n, tuple(t.shape)) for n, t in
-            list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())]
+    return [(n, tuple(t.shape)) for n, t in named_tensors(model)]
 
 
 def _numel(shape) -> int:
@@ -335,10 +338,11 @@ def _bar(total: int, progress):
 
 def _verify(src: Path, grown_dir: Path, job: Job, how):
     """``how`` True or "blocks": block by block, each module's tensors read from the shards (neither model is
-    loaded, see ``growir.verify_blocks``); "onnx": both models loaded in float32 and compared in ONNX Runtime
+    loaded, see ``growir.verify.blocks``); "onnx": both models loaded in float32 and compared in ONNX Runtime
     (for models that fit in memory; refused when they would not)."""
     from ..errors import PreservationError
     from ..verify.blocks import check_blocks
+    from ..verify.compare import TOLERANCE
 
     if how == "onnx":
         return _verify_onnx(src, grown_dir, job)
@@ -347,7 +351,7 @@ def _verify(src: Path, grown_dir: Path, job: Job, how):
     if result.exact and not result.preserved:
         raise PreservationError(f"the streamed model does not preserve the function; it departs from the source at "
                                 f"`{result.first_failing}` (deviation {result.deviations[result.first_failing]:.3g}, "
-                                f"float32, relative; tolerance 1e-05); nothing was written:\n{result}")
+                                f"float32, relative; tolerance {TOLERANCE:g}); nothing was written:\n{result}")
     return result
 
 

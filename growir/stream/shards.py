@@ -43,6 +43,7 @@ def parse_size(size) -> int:
 
 @dataclass
 class Layout:
+    """Which tensors go to which shard file (``shard_layout``), and their total size in bytes."""
     files: dict  # shard file name -> tensor names in write order
     total: int
 

@@ -59,6 +59,8 @@ class ProgressiveStacking(Callback):
         self.stages, self.new_only, self.unfreeze_at = dict(stages), new_only, unfreeze_at
 
     def on_step_begin(self, model: nn.Module, step: int) -> bool:
+        """Stack blocks where ``step`` starts a stage (MSLT: freeze all but the new ones); True where it stacked or
+        unfroze (the optimizer is rebuilt)."""
         changed = False
         depth = self.stages.get(step)
         if depth is not None and depth > len(find_blocks(model).blocks):

@@ -69,10 +69,11 @@ class Callback:
     """Hooks of the plain loop. ``on_step_begin`` returns True when it replaced parameters."""
 
     def on_step_begin(self, model: nn.Module, step: int) -> bool:
+        """Before the step's forward pass; True where it replaced parameters (the loop rebuilds its optimizer)."""
         return False
 
     def on_step_end(self, model: nn.Module, step: int) -> None:
-        pass
+        """After the step's optimizer update."""
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -52,6 +52,8 @@ class TwoStage(Callback):
         return sorted(set(list(range(self.block_size, total, self.block_size)) + [total]))
 
     def on_step_begin(self, model: nn.Module, step: int) -> bool:
+        """In stage one: slice the model to a random sub-model depth and train only its last blocks (and the
+        head where asked); replaces no parameters."""
         self.trained_blocks, self.depth = [], None
         if step >= self.stage1_steps:
             return False
@@ -72,6 +74,7 @@ class TwoStage(Callback):
         return False
 
     def on_step_end(self, model: nn.Module, step: int) -> None:
+        """Back to full depth, every parameter's trainable flag as before the step."""
         self._slice.close()  # full depth back
         for p in model.parameters():
             p.requires_grad_(self._flags.get(id(p), p.requires_grad))
