@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .analysis.norms import is_square
-from .analysis.ops import op_name, traits
+from .analysis.ops import MEAN, op_name, traits
 from .errors import GrowthError
 from .analysis.plan import Plan, resolve_width
 
@@ -82,7 +82,7 @@ def _norms(p: Plan) -> list[str]:
 
 def _norm_kind(node) -> str:
     op = op_name(node)
-    if op == "aten.mean" and node.args and is_square(node.args[0]):
+    if MEAN(node) and node.args and is_square(node.args[0]):
         return "RMS norm (a mean of squares, aten.mean)"
     return f"{traits(node).label} ({op})" if traits(node).label else f"a mean ({op})"
 

@@ -1,37 +1,40 @@
-"""One table of op traits (growir/analysis/ops.py): no other module keeps its own collection of op names.
+"""One op table (growir/analysis/ops.py): every op growir knows, with its axis rule and its value traits.
 
-A set of op names written in a pass drifts from the others (one walk passes ``aten.t``, the next forgets it);
-the passes ask the table for a trait instead. The axis rules are the one other place keyed by op, on purpose:
-``rules.py``, ``shape_rules.py`` and ``routing_rules.py`` map each op to the function that says what it does to
-axes (one rule per op), while ``ops.py`` says what it does to values.
+A set of op names written in a pass drifts from the others (one walk passes ``aten.t``, the next forgets it),
+and two tables keyed by op drift apart (an op with a rule but no row counted silently as "other"). So the
+rule modules (``rules.py``, ``shape_rules.py``, ``routing_rules.py``) hold rule *functions* only, the table
+registers each op once with its rule and its kind, and no other module compares or collects op names.
 """
 
 import ast
+import inspect
 import pathlib
 import re
 
+import torch
+from torch import fx
+
 import growir
-from growir.analysis.ops import CONTRACTIONS, LAYOUT, PART, TRAITS, kinds
-from growir.analysis.rules import RULES
+from growir.analysis import routing_rules, rules, shape_rules
+from growir.analysis.ops import CONTRACTIONS, KINDS, LAYOUT, PART, TRAITS, ZERO_WITH_FIRST, kinds
 
 ROOT = pathlib.Path(growir.__file__).parent
 TABLE = "analysis/ops.py"
-ALLOWED = {  # module -> why it may hold op names in a collection
-    "analysis/rules.py": "the axis rule registry: op -> the function saying what the op does to axes",
-    "analysis/shape_rules.py": "the axis rules of shape-changing ops, merged into that registry",
-    "analysis/routing_rules.py": "the axis rules of routing ops (mixture of experts), merged into that registry",
-}
+RULE_MODULES = (rules, shape_rules, routing_rules)
 OP_NAME = re.compile(r"^(aten|prims|transformers)\.\w+$")
 
 
 def _op_names(node: ast.AST) -> list[str]:
-    """Op-name strings (``"aten.add"``, ``f"aten.{n}"``) directly inside a collection literal or comprehension."""
+    """Op-name strings (``"aten.add"``, ``f"aten.{n}"``) directly inside a collection literal or comprehension, or
+    compared with ``==``, ``!=`` or ``in``."""
     if isinstance(node, ast.Dict):
         items = [k for k in node.keys if k is not None] + list(node.values)
     elif isinstance(node, (ast.Set, ast.List, ast.Tuple)):
         items = node.elts
     elif isinstance(node, (ast.SetComp, ast.ListComp, ast.DictComp, ast.GeneratorExp)):
         items = [node.key] if isinstance(node, ast.DictComp) else [node.elt]
+    elif isinstance(node, ast.Compare):
+        items = [node.left] + node.comparators
     else:
         return []
     found = []
@@ -44,31 +47,63 @@ def _op_names(node: ast.AST) -> list[str]:
     return found
 
 
-def test_no_op_name_collections_outside_the_table():
-    offenders = []
+def _modules():
     for path in sorted(ROOT.rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
-        if rel == TABLE or rel in ALLOWED:
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = _op_names(node)
-            if names:
-                offenders.append(f"{rel}:{node.lineno}: {', '.join(names[:3])}")
-    assert not offenders, ("op names collected outside growir/analysis/ops.py (give the op a trait there and ask "
-                           "for the trait):\n" + "\n".join(offenders))
+        if rel != TABLE:
+            yield rel, path.read_text()
 
 
-def test_the_check_sees_collections():
+def test_no_op_name_comparisons_or_collections_outside_the_table():
+    offenders = [f"{rel}:{node.lineno}: {', '.join(names[:3])}" for rel, text in _modules()
+                 for node in ast.walk(ast.parse(text)) if (names := _op_names(node))]
+    assert not offenders, ("op names compared or collected outside growir/analysis/ops.py (give the op a row or a "
+                           "family there and ask for it):\n" + "\n".join(offenders))
+
+
+def test_no_op_name_string_outside_the_table():
+    """Any string that is an op name (an argument, a default, a return value), not only in a comparison: what a
+    grep for ``"aten.`` finds in code, docstrings and examples aside."""
+    found = [f"{rel}:{node.lineno}: {node.value}" for rel, text in _modules() for node in ast.walk(ast.parse(text))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str) and OP_NAME.match(node.value)]
+    assert found == []
+
+
+def test_the_check_sees_collections_and_comparisons():
     tree = ast.parse('X = {"aten.view", "aten.t"}\nY = ("aten.mul", 1)\nZ = {f"aten.{n}": 1 for n in "ab"}\n'
-                     'W = op == "aten.add"')
+                     'W = op == "aten.add"\nV = name in ("aten.t",)\nU = "relu" == op')
     found = [n for node in ast.walk(tree) for n in _op_names(node)]
-    assert found == ["aten.view", "aten.t", "aten.mul", "f'aten.{n}'"]
+    assert sorted(found) == sorted(["aten.view", "aten.t", "aten.mul", "f'aten.{n}'", "aten.add", "aten.t"])
 
 
-def test_every_traited_op_has_an_axis_rule():
-    """A trait for an op the analysis refuses would be dead: only assertions and random draws have none."""
-    missing = [op for op, t in TRAITS.items() if op not in RULES and t.kind != "assert" and not t.random]
-    assert missing == []
+def _rule_functions() -> dict:
+    """Every public function of the rule modules that is a rule (takes a walker and a node) or makes one."""
+    out = {}
+    for module in RULE_MODULES:
+        for name, f in vars(module).items():
+            if inspect.isfunction(f) and f.__module__ == module.__name__ and not name.startswith("_"):
+                out[f"{module.__name__}.{name}"] = f
+    return out
+
+
+def test_every_rule_function_is_registered_and_every_registered_rule_is_a_rule_function():
+    """Both ways: a rule written but in no row is dead, and a row's rule comes from a rule module."""
+    registered = {f"{r.__module__}.{r.__qualname__.split('.')[0]}" for r in (t.rule for t in TRAITS.values()) if r}
+    helpers = {f"growir.analysis.rules.{n}" for n in ("broadcast", "matmul", "grouped_channels")}
+    assert registered <= set(_rule_functions()), registered - set(_rule_functions())
+    assert set(_rule_functions()) - registered == helpers  # called by other rules, not registered themselves
+
+
+def test_no_rule_registry_outside_the_table():
+    for module in RULE_MODULES:
+        assert not [n for n, v in vars(module).items() if isinstance(v, dict) and n.isupper()], module.__name__
+
+
+def test_every_op_has_a_kind_and_only_asserts_and_random_draws_lack_a_rule():
+    assert {t.kind for t in TRAITS.values()} == set(KINDS)  # every row has a known kind, and every kind a row
+    no_rule = sorted(op for op, t in TRAITS.items() if t.rule is None)
+    assert all(TRAITS[op].kind == "assert" or TRAITS[op].random for op in no_rule), no_rule
+    assert len(TRAITS) >= 225  # the ops the rule files knew before the table joined them
 
 
 def test_named_sets_are_unions_of_kinds():
@@ -80,11 +115,6 @@ def test_named_sets_are_unions_of_kinds():
 
 def test_a_pad_is_zero_with_its_input_only_when_it_pads_with_zero():
     """``constant_pad_nd(x, pad, 1.0)`` of a zero ``x`` is not zero: a block ending in it is no identity."""
-    import torch
-    from torch import fx
-
-    from growir.analysis.ops import ZERO_WITH_FIRST
-
     def f(x):
         return torch.ops.aten.constant_pad_nd.default(x, [1, 1], 1.0), torch.ops.aten.constant_pad_nd.default(x, [1, 1])
 

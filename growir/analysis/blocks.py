@@ -18,12 +18,14 @@ import torch
 import torch.fx as fx
 
 from .residual import stream_terms, zeroing_params
-from .ops import op_name
+from .nodes import op_name
 from .walker import Facts
 
 
 @dataclass
 class Blocks:
+    """A list of repeated blocks: their module paths, graph nodes, shared parameter suffixes, residual chain,
+    whether they are pre-norm, and the parameters whose zeroing makes a new block an identity."""
     prefix: str  # module path of the container, e.g. "model.layers"
     paths: list  # block module paths in order
     nodes: list  # per block: fx nodes in graph order
@@ -38,6 +40,7 @@ class Blocks:
 
     @property
     def count(self) -> int:
+        """How many blocks the list holds."""
         return len(self.paths)
 
     def name(self, i: int, suffix: str) -> str:
@@ -73,6 +76,8 @@ def _classes(gm: fx.GraphModule) -> dict:
 
 
 def find_blocks(gm: fx.GraphModule, facts: Facts) -> list[Blocks]:
+    """Every block list of the graph (nested module lists and parallel lists), with whether each is
+    homogeneous and pre-norm (why not, in words) and the parameters that make a new block an identity."""
     classes = _classes(gm)
     children = defaultdict(dict)
     for path in classes:

@@ -16,14 +16,17 @@ from dataclasses import dataclass, field
 import sympy
 import torch.fx as fx
 
-from .ops import PART, SCALES, back
-from .walker import Facts, ParamAxis, Read, SizeConst, indexes_leading
+from .nodes import back
+from .ops import PART, SCALES, indexes_leading
+from .walker import Facts, ParamAxis, Read, SizeConst
 
 ROLES = ("hidden", "heads", "kv_heads", "head_dim", "ffn")
 
 
 @dataclass
 class Group:
+    """A width group: one leaf of the axis graph, the parameter axes copied (producers) and contracted
+    (consumers) along it, what reads it, the literals carrying its size, and its role (or why it is pinned)."""
     id: int
     root: object
     size: int | None  # None for symbolic (batch/sequence) groups
@@ -38,13 +41,11 @@ class Group:
 
     @property
     def label(self) -> str:
+        """How plans and errors name the group: ``g3:ffn``."""
         role = self.role or "-"
         if self.per_kv:
             role = "heads (per kv head)"
         return f"g{self.id}:{role}"
-
-    def describe_reads(self) -> list[str]:
-        return sorted({f"{r.kind} at {r.where}" for r in self.reads})
 
 
 def _concrete(size: sympy.Expr) -> int | None:
@@ -52,6 +53,7 @@ def _concrete(size: sympy.Expr) -> int | None:
 
 
 def find_groups(facts: Facts) -> list[Group]:
+    """The width groups of a walk's facts (leaves touching a parameter), with roles, ordered by role."""
     ag = facts.ag
     groups: dict = {}
 

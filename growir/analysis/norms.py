@@ -12,13 +12,15 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from .ops import ASSERTS, CASTS, CONTRACTIONS, LAYOUT, LINEAR, NORMS, PART, SCALES, back, chain, forward, op_name
-from .ops import traits
-from .walker import Facts, indexes_leading
+from .nodes import back, chain, op_name
+from .ops import ADD, ASSERTS, CASTS, CONTRACTIONS, LAYOUT, LINEAR, MEAN, MUL, NORMS, PART, POW, RSQRT, SCALES
+from .ops import forward, indexes_leading, traits
+from .walker import Facts
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one per norm in the graph
 class NormSite:
+    """One norm over one axis: where it is, what it normalizes, its output, and the parameters scaling it."""
     node: str  # the layer_norm node, or the mean of squares of a decomposed RMSNorm
     kind: str  # "layer" | "rms"
     axis: object  # the normalized axis id
@@ -64,7 +66,7 @@ def norm_sites(gm: fx.GraphModule, facts: Facts) -> list[NormSite]:
                                   eps, n.args[4] if eps else None, (n,)))
     for r in facts.reads:
         n = nodes[r.node]
-        if r.kind == "norm" and op_name(n) == "aten.mean" and is_square(n.args[0]):
+        if r.kind == "norm" and MEAN(n) and is_square(n.args[0]):
             site = _rms_site(n, r.axis, facts)
             if site is not None:
                 sites.append(site)
@@ -77,30 +79,30 @@ def _param(arg, facts: Facts):
 
 def is_square(x) -> bool:
     """``x ** 2`` (the mean of which an RMSNorm divides by)."""
-    return isinstance(x, fx.Node) and x.op == "call_function" and op_name(x) == "aten.pow" and x.args[1] == 2
+    return POW(x) and x.args[1] == 2
 
 
 def _users(n: fx.Node) -> list:
     return [u for u in n.users if not ASSERTS(u)]
 
 
-def _only_user(n: fx.Node, op: str):
+def _only_user(n: fx.Node, family):
     users = _users(n)
-    return users[0] if len(users) == 1 and op_name(users[0]) == op else None
+    return users[0] if len(users) == 1 and family(users[0]) else None
 
 
 def _rms_site(mean: fx.Node, axis, facts: Facts) -> NormSite | None:
     """mean(x^2) -> add eps -> rsqrt -> mul(x, .) [-> to] [-> mul(weight, .)]."""
-    add = _only_user(mean, "aten.add")
-    rsqrt = _only_user(add, "aten.rsqrt") if add is not None else None
-    mul = _only_user(rsqrt, "aten.mul") if rsqrt is not None else None
+    add = _only_user(mean, ADD)
+    rsqrt = _only_user(add, RSQRT) if add is not None else None
+    mul = _only_user(rsqrt, MUL) if rsqrt is not None else None
     if mul is None or not isinstance(add.args[1], float):
         return None
     out, weight = mul, None
     while len(_users(out)) == 1 and CASTS(_users(out)[0]):
         out = _users(out)[0]
     nxt = _users(out)[0] if len(_users(out)) == 1 else None
-    if nxt is not None and op_name(nxt) == "aten.mul":  # the weight: w, or c + w (a (1 + w) norm)
+    if nxt is not None and MUL(nxt):  # the weight: w, or c + w (a (1 + w) norm)
         params = [p for a in nxt.args[:2] if a is not out and (p := weight_param(a, facts)) is not None]
         if len(params) == 1:
             out, weight = nxt, params[0]
@@ -116,7 +118,7 @@ def is_param(a, facts: Facts) -> bool:
 def weight_param(x, facts: Facts) -> str | None:
     """The parameter behind a norm's weight operand: ``w`` or ``c + w``, through layout ops; else None."""
     x = back(x, LAYOUT)
-    if isinstance(x, fx.Node) and x.op == "call_function" and op_name(x) == "aten.add" and len(x.args) == 2:
+    if ADD(x) and len(x.args) == 2:
         nodes = [a for a in x.args if isinstance(a, fx.Node)]
         if len(nodes) == 1 and any(isinstance(a, float) for a in x.args):
             x = back(nodes[0], LAYOUT)
@@ -124,16 +126,15 @@ def weight_param(x, facts: Facts) -> str | None:
 
 
 def weight_uses(node: fx.Node) -> list:
-    """(op name, float constant) of each use of ``node`` past layout ops: ``c + w`` gives ("aten.add", c), any
-    other use (op, None). A norm parametrised as x̂·(1 + w) reads its weight only as ("aten.add", 1.0)."""
+    """The float constant c of each use of ``node`` past layout ops that adds it (``c + w``), None for any other
+    use. A norm parametrised as x̂·(1 + w) reads its weight only as 1.0 + w: [1.0, 1.0, ...]."""
     out = []
     for u in forward(node, LAYOUT):
-        name = op_name(u) if u.op == "call_function" else u.op
-        if name == "aten.add" and len(u.args) == 2:
+        c = None
+        if ADD(u) and len(u.args) == 2:
             other = next((a for a in u.args if not isinstance(a, fx.Node)), None)
-            out.append((name, other if isinstance(other, float) and u.kwargs.get("alpha", 1) == 1 else None))
-        else:
-            out.append((name, None))
+            c = other if isinstance(other, float) and u.kwargs.get("alpha", 1) == 1 else None
+        out.append(c)
     return out
 
 
@@ -143,15 +144,14 @@ def scaling_params(x, facts: Facts) -> list[str]:
     x = back(x, PART)
     if not isinstance(x, fx.Node) or x.op != "call_function":
         return []
-    name = op_name(x)
     if NORMS(x):
         return [facts.params[a.name] for a in x.args[2:4] if isinstance(a, fx.Node) and a.name in facts.params]
-    if name == "aten.add":
+    if ADD(x):
         a, b = x.args[:2]
         bias = [facts.params[t.name] for t in (a, b) if isinstance(t, fx.Node) and t.name in facts.params]
         rest = [t for t in (a, b) if isinstance(t, fx.Node) and t.name not in facts.params]
         return bias + scaling_params(rest[0], facts) if len(bias) == 1 and len(rest) == 1 else []
-    if name == "aten.mul":  # a norm's weight: w, or c + w (a (1 + w) norm; its rule's offset keeps it right)
+    if MUL(x):  # a norm's weight: w, or c + w (a (1 + w) norm; its rule's offset keeps it right)
         ps = [p for t in x.args[:2] if (p := weight_param(t, facts)) is not None]
         return ps if len(ps) == 1 else []
     return []

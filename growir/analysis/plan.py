@@ -33,9 +33,11 @@ class Plan:
     blocks: list[Blocks] = field(default_factory=list)
 
     def by_role(self, role: str) -> list[Group]:
+        """The groups of one role ("hidden", "ffn", ...), in plan order."""
         return [g for g in self.groups if g.role == role]
 
     def group_of(self, root) -> Group | None:
+        """The group whose leaf root is ``root``; None for an axis no parameter touches."""
         return next((g for g in self.groups if g.root == root), None)
 
     def layout(self, param: str, axis: int):
@@ -65,6 +67,7 @@ class Plan:
 
 
 def make_plan(captured: Captured) -> Plan:
+    """The plan of a captured model: walk its graph once, then its width groups and its blocks."""
     facts = analyze(captured.gm)
     groups = find_groups(facts)
     return Plan(captured, facts, groups, find_blocks(captured.gm, facts))

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .groups import Group, contractions_over
+from .nodes import back
 from .ops import ADDS, ASSERTS, CONTRACTIONS, LINEAR, PART, SAME_VALUES, SCALES, ZERO_WITH_ALL, ZERO_WITH_FIRST
-from .ops import ZERO_WITH_ONE, ZEROS, Blocked, back, op_name, reach, traits
+from .ops import ZERO_WITH_ONE, ZEROS, Blocked, reach, traits
 from .walker import Facts
 
 
@@ -73,7 +74,6 @@ def _zeroing(n: fx.Node, facts: Facts, owns, memo: dict) -> frozenset | None:
         return frozenset([n.name]) if state is not None and owns(state) else None
     if n.op != "call_function":
         return None
-    name = op_name(n)
     tensors = [a for a in n.all_input_nodes if _is_tensor(a)]
     if ZEROS(n):
         return frozenset()
@@ -92,7 +92,7 @@ def _zeroing(n: fx.Node, facts: Facts, owns, memo: dict) -> frozenset | None:
     if ZERO_WITH_ALL(n):
         zs = [zeroing_params(a, facts, owns, memo) for a in tensors if not _is_index(a)]
         return None if any(z is None for z in zs) else frozenset().union(*zs)
-    if name == "aten.scaled_dot_product_attention":  # zero values give zero outputs
+    if traits(n).kind == "attention":  # zero values give zero outputs
         return zeroing_params(n.args[2], facts, owns, memo)
     if traits(n).zero == "affine":  # a LayerNorm inside the branch: zero weight and bias
         affine = [zeroing_params(a, facts, owns, memo) for a in n.args[2:4] if isinstance(a, fx.Node)]

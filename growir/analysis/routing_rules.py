@@ -155,12 +155,3 @@ def flip(w: Walker, node: fx.Node) -> None:
         w.eq(a, o, node)
     for d in node.args[1]:
         w.read(x[d % len(x)], "index", node)
-
-
-ROUTING_RULES = {"aten.topk": topk, "aten.sort": sort, "aten.argsort": sort, "aten.msort": sort,
-                 "aten.histc": histc, "aten.one_hot": one_hot, "aten.index_put": index_put,
-                 "aten.index_put_": index_put, "aten.index_add": index_add, "aten.index_add_": index_add,
-                 "aten.scatter": scatter, "aten.scatter_": scatter, "aten.scatter_add": scatter,
-                 "aten.scatter_add_": scatter, "aten.scatter_reduce": scatter, "aten.scatter_reduce_": scatter,
-                 "aten._grouped_mm": grouped_mm, "transformers.grouped_mm_fallback": grouped_mm,
-                 "aten.roll": roll, "aten.flip": flip}

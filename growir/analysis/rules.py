@@ -1,17 +1,15 @@
-"""One rule per aten op: how the op relates the axes of its inputs and outputs.
+"""Axis rules: how an op relates the axes of its inputs and outputs, one function ``rule(walker, node)`` each.
 
 A rule may (1) make axes equal, (2) give an axis a product or concatenation structure, (3) record a read
 that matters for exactness (a mean, a sum, a contraction), (4) record graph literals that carry a size,
-(5) pin axes that must never grow. Rules are data: ``RULES`` maps an op name to its function, and the
-shape-changing rules live in ``shape_rules.py``.
+(5) pin axes that must never grow. The op table (``ops.py``) says which op uses which rule; the shape-changing
+rules live in ``shape_rules.py``, the routing ones in ``routing_rules.py``.
 """
 
 from __future__ import annotations
 
 import torch.fx as fx
 
-from .routing_rules import ROUTING_RULES
-from .shape_rules import SHAPE_RULES
 from .walker import Walker, where
 
 
@@ -32,17 +30,14 @@ def broadcast(w: Walker, node: fx.Node, inputs: list, out: list) -> None:
 
 
 def elementwise(w: Walker, node: fx.Node) -> None:
+    """Tensor operands broadcast against the output (add, mul, where, comparisons)."""
     broadcast(w, node, _tensors(node.args), w.out(node))
 
 
 def unary(w: Walker, node: fx.Node) -> None:
+    """The output's axes are the first operand's (activations, casts, copies)."""
     for a, o in zip(w.ax(node.args[0]), w.out(node)):
         w.eq(a, o, node)
-
-
-def no_axes(w: Walker, node: fx.Node) -> None:
-    """Ops whose outputs carry no model axis (fresh masks, random numbers, scalars)."""
-    w.out(node)
 
 
 def fresh_sized(w: Walker, node: fx.Node) -> None:
@@ -56,6 +51,7 @@ def fresh_sized(w: Walker, node: fx.Node) -> None:
 
 
 def new_sized(w: Walker, node: fx.Node) -> None:
+    """new_zeros(x, [B, S, 32]) and friends: the size list (argument 1) carries the axes' sizes."""
     out = w.out(node)
     sizes = node.args[1] if len(node.args) > 1 else []
     for i, s in enumerate(sizes):
@@ -71,6 +67,8 @@ def _dims(dims, ndim: int) -> list:
 
 
 def reduction(kind: str):
+    """The rule of a reduction over ``dim`` (all axes when none is given): a ``kind`` read of each reduced axis,
+    the kept axes equal to the output's."""
     def rule(w: Walker, node: fx.Node) -> None:
         x = w.ax(node.args[0])
         dims = _dims(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"), len(x))
@@ -102,6 +100,7 @@ def along_dim(kind: str):
 
 
 def layer_norm(w: Walker, node: fx.Node) -> None:
+    """layer_norm / rms_norm over the last ``len(normalized_shape)`` axes, which its weight and bias share."""
     x, out = w.ax(node.args[0]), (w.tuple_out(node)[0] if isinstance(node.meta.get("val"), tuple) else w.out(node))
     for a, o in zip(x, out):
         w.eq(a, o, node)
@@ -119,6 +118,7 @@ def layer_norm(w: Walker, node: fx.Node) -> None:
 
 
 def linear(w: Walker, node: fx.Node) -> None:
+    """linear(x, W (out, in), b): x's last axis is contracted with W's axis 1; W's axis 0 is the output's last."""
     x, weight = node.args[0], node.args[1]
     xa, wa, out = w.ax(x), w.ax(weight), w.out(node)
     w.eq(xa[-1], wa[1], node)
@@ -151,33 +151,24 @@ def matmul(w: Walker, node: fx.Node, a, b, out: list) -> None:
     if w.param_of(a) is None and w.param_of(b) is None:  # attention written out: batch dims hold the heads
         for o in batch_out:
             w.read(o, "batch", node)
-        if len(ba) >= 2 and _after_softmax(a):  # probabilities @ values: the values' last axis is a head_dim
+        if len(ba) >= 2 and w.after_softmax(a):  # probabilities @ values: the values' last axis is a head_dim
             w.read(ba[-1], "value", node)
 
 
-def _after_softmax(x) -> bool:
-    """Whether ``x`` is a softmax's output, through casts, dropout and copies."""
-    while isinstance(x, fx.Node) and x.op == "call_function":
-        name = x.target._overloadpacket.__name__ if hasattr(x.target, "_overloadpacket") else ""
-        if name in ("softmax", "_softmax"):
-            return True
-        if name not in ("to", "_to_copy", "type_as", "dropout", "clone", "contiguous", "detach", "alias"):
-            return False
-        x = x.args[0]
-    return False
-
-
 def mm(w: Walker, node: fx.Node) -> None:
+    """mm, bmm, matmul: ``matmul`` of the two operands."""
     matmul(w, node, node.args[0], node.args[1], w.out(node))
 
 
 def addmm(w: Walker, node: fx.Node) -> None:
+    """addmm(b, x, W) = b + x @ W; b broadcasts to the product."""
     out = w.out(node)
     matmul(w, node, node.args[1], node.args[2], out)
     broadcast(w, node, [node.args[0]], out)
 
 
 def einsum(w: Walker, node: fx.Node) -> None:
+    """einsum: axes with one letter are equal; letters missing from the output are contracted."""
     equation, operands = node.args[0].replace(" ", ""), node.args[1]
     lhs, rhs = equation.split("->") if "->" in equation else (equation, None)
     specs = lhs.split(",")
@@ -210,13 +201,14 @@ def _einsum_attention_reads(w: Walker, node: fx.Node, specs: list, operands, rhs
     for c in rhs:
         if all(c in spec for spec in specs):
             w.read(first[c], "batch", node)
-    if _after_softmax(operands[0]):
+    if w.after_softmax(operands[0]):
         for c in specs[1]:
             if c in rhs and c not in specs[0]:
                 w.read(first[c], "value", node)
 
 
 def embedding(w: Walker, node: fx.Node) -> None:
+    """embedding(table, ids): the table's rows are pinned (vocabulary, positions), its columns the output's last."""
     wa, idx, out = w.ax(node.args[0]), w.ax(node.args[1]), w.out(node)
     w.pin(wa[0], f"the table size of the embedding at `{node.name}` (vocabulary or positions)")
     w.produce(node.args[0])
@@ -245,6 +237,8 @@ def conv(w: Walker, node: fx.Node) -> None:
 
 
 def sdpa(w: Walker, node: fx.Node) -> None:
+    """scaled_dot_product_attention(q, k, v): batch, heads (kv heads x a group with enable_gqa), sequence and
+    head_dim axes tied across q, k, v and the output; q and k contracted over head_dim."""
     q, k, v = (w.ax(a) for a in node.args[:3])
     out = w.out(node)
     gqa = node.kwargs.get("enable_gqa", False)
@@ -275,6 +269,7 @@ def sdpa(w: Walker, node: fx.Node) -> None:
 
 
 def getitem(w: Walker, node: fx.Node) -> None:
+    """One part of a tuple output: that part's axes."""
     src, i = node.args
     if isinstance(src, fx.Node) and src.name in w.f.tuple_axes:
         for a, o in zip(w.f.tuple_axes[src.name][i], w.out(node)):
@@ -285,6 +280,7 @@ def getitem(w: Walker, node: fx.Node) -> None:
 
 
 def native_dropout(w: Walker, node: fx.Node) -> None:
+    """native_dropout(x) -> (output, mask), both with x's axes."""
     x = w.ax(node.args[0])
     for t in w.tuple_out(node):
         for a, o in zip(x, t):
@@ -305,6 +301,7 @@ def like(w: Walker, node: fx.Node) -> None:
 
 
 def gather(w: Walker, node: fx.Node) -> None:
+    """gather(x, dim, index): the output has the index's axes; x's other axes of equal size are equal to them."""
     x, idx, out = w.ax(node.args[0]), w.ax(node.args[2]), w.out(node)
     dim = node.args[1] % len(x)
     for i, (a, o) in enumerate(zip(idx, out)):
@@ -315,6 +312,8 @@ def gather(w: Walker, node: fx.Node) -> None:
 
 
 def index_tensor(w: Walker, node: fx.Node) -> None:
+    """x[i0, i1, ...] (aten.index): indexed axes are read; the index tensors broadcast into the output, in place
+    of the indexed axes when they are contiguous, first otherwise (numpy's rule)."""
     x, out = w.ax(node.args[0]), w.out(node)
     indices = list(node.args[1])
     used = [i for i, t in enumerate(indices) if t is not None]
@@ -333,6 +332,7 @@ def index_tensor(w: Walker, node: fx.Node) -> None:
 
 
 def index_select(w: Walker, node: fx.Node) -> None:
+    """index_select(x, dim, index): x's axes, except ``dim``, which has the index's length."""
     x, out = w.ax(node.args[0]), w.out(node)
     dim = node.args[1] % len(x)
     w.eq_except(x, out, dim, node)
@@ -340,41 +340,7 @@ def index_select(w: Walker, node: fx.Node) -> None:
     w.eq(w.ax(node.args[2])[0], out[dim], node)
 
 
-UNARY = ["abs", "neg", "relu", "gelu", "silu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "sin", "cos",
-         "erf", "to", "_to_copy", "contiguous", "clone", "dropout", "alias", "detach", "lift_fresh_copy",
-         "clamp", "clamp_min", "clamp_max", "hardtanh", "leaky_relu", "logical_not", "bitwise_not", "reciprocal",
-         "square", "sign", "floor", "ceil", "round", "isnan", "isinf", "softplus", "mish", "elu", "relu_", "gelu_",
-         "silu_", "tril", "triu", "feature_dropout", "log1p", "expm1", "erfinv", "hardswish", "hardsigmoid",
-         "relu6", "fill", "type_as", "trunc", "sgn"]
-BINARY = ["add", "sub", "mul", "div", "rsub", "where", "masked_fill", "eq", "ne", "lt", "le", "gt", "ge",
-          "__and__", "__or__", "__xor__", "bitwise_and", "bitwise_or", "bitwise_xor", "logical_and", "logical_or",
-          "maximum", "minimum", "fmod", "remainder", "floor_divide", "lerp", "addcmul", "addcdiv",
-          "add_", "mul_", "sub_", "div_", "masked_fill_", "copy_", "copy", "atan2", "hypot"]
-REDUCTIONS = {"mean": "norm", "var": "norm", "std": "norm", "var_mean": "norm", "sum": "sum", "prod": "sum",
-              "logsumexp": "sum", "amax": "max", "amin": "max", "argmax": "max", "argmin": "max", "any": "max",
-              "all": "max", "norm": "sum", "linalg_vector_norm": "sum"}
-
-RULES: dict = {f"aten.{name}": unary for name in UNARY}
-RULES.update({f"aten.{name}": elementwise for name in BINARY + ["pow"]})
-RULES.update({f"aten.{name}": reduction(kind) for name, kind in REDUCTIONS.items()})
-RULES.update({f"aten.{n}": along_dim("softmax") for n in ("softmax", "_softmax", "log_softmax", "_log_softmax")})
-RULES.update({f"aten.{n}": along_dim("cumsum") for n in ("cumsum", "cumprod")})
-RULES.update({f"aten.{n}": fresh_sized for n in ("zeros", "ones", "full", "empty", "rand", "randn", "arange",
-                                                   "scalar_tensor", "tensor", "randint", "linspace")})
-RULES.update({f"aten.{n}": new_sized for n in ("new_zeros", "new_ones", "new_full", "new_empty")})
-RULES.update({f"aten.{n}": like for n in ("zeros_like", "ones_like", "full_like", "empty_like", "rand_like",
-                                          "randn_like")})
-RULES.update({
-    "aten.layer_norm": layer_norm, "aten.native_layer_norm": layer_norm, "aten.rms_norm": layer_norm,
-    "aten.linear": linear, "aten.mm": mm, "aten.bmm": mm, "aten.matmul": mm, "aten.addmm": addmm,
-    "aten.einsum": einsum, "aten.embedding": embedding, "aten.conv1d": conv, "aten.conv2d": conv,
-    "aten.conv3d": conv, "aten.scaled_dot_product_attention": sdpa, "getitem": getitem,
-    "aten.native_dropout": native_dropout, "aten.gather": gather, "aten.index": index_tensor,
-    "aten.index_select": index_select, "aten.min": min_max, "aten.max": min_max,
-})
-RULES.update(SHAPE_RULES)
-
-# --- rules added for mixture-of-experts, routing and the ops issue #11 found missing ---------------------------
+# --- batched products and grouped convolutions ----------------------------------------------------------------
 
 
 def baddbmm(w: Walker, node: fx.Node) -> None:
@@ -410,6 +376,3 @@ def grouped_channels(w: Walker, node: fx.Node, xa: list, wa: list, out: list, gr
     w.f.ag.set_structure(wa[0], "prod", [g, per_out], where(node))
     w.eq(wa[0], out[1], node)
 
-
-RULES.update(ROUTING_RULES)
-RULES.update({"aten.baddbmm": baddbmm, "aten.detach_": unary})

@@ -14,6 +14,7 @@ import re
 import sympy
 import torch.fx as fx
 
+from .nodes import permutation
 from .walker import Walker, where
 
 INT_MAX = 2 ** 62
@@ -36,6 +37,7 @@ def _record_size_list(w: Walker, node: fx.Node, argpos: int, out: list, offset: 
 
 
 def reshape(w: Walker, node: fx.Node) -> None:
+    """A reshape keeps the row-major flat index; view/reshape/unflatten size literals are recorded."""
     x, out = w.ax(node.args[0]), w.out(node)
     w.f.ag.align("prod", x, out, where(node))
     name = node.target._overloadpacket.__name__
@@ -46,21 +48,14 @@ def reshape(w: Walker, node: fx.Node) -> None:
 
 
 def permute(w: Walker, node: fx.Node) -> None:
+    """permute, transpose, t: output axis k is input axis ``order[k]``."""
     x, out = w.ax(node.args[0]), w.out(node)
-    name = node.target._overloadpacket.__name__
-    if name == "permute":
-        order = [d % len(x) for d in node.args[1]]
-    elif name in ("t", "numpy_T"):
-        order = list(reversed(range(len(x))))
-    else:  # transpose / swapaxes
-        order = list(range(len(x)))
-        a, b = node.args[1] % len(x), node.args[2] % len(x)
-        order[a], order[b] = order[b], order[a]
-    for o, i in zip(out, order):
+    for o, i in zip(out, permutation(node, len(x))):
         w.eq(x[i], o, node)
 
 
 def expand(w: Walker, node: fx.Node) -> None:
+    """expand / broadcast_to: equal axes stay equal, broadcast ones are replicas (grouped-query kv heads)."""
     x, out = w.ax(node.args[0]), w.out(node)
     lead = len(out) - len(x)
     for i, a in enumerate(x):
@@ -74,6 +69,7 @@ def expand(w: Walker, node: fx.Node) -> None:
 
 
 def repeat(w: Walker, node: fx.Node) -> None:
+    """repeat(x, reps): each repeated axis is the product of a replica axis and the input's."""
     x, out = w.ax(node.args[0]), w.out(node)
     reps = list(node.args[1])
     lead = len(out) - len(x)
@@ -93,6 +89,7 @@ def repeat(w: Walker, node: fx.Node) -> None:
 
 
 def repeat_interleave(w: Walker, node: fx.Node) -> None:
+    """repeat_interleave(x, r, dim): ``dim`` becomes the product of the input's and r copies."""
     x, out = w.ax(node.args[0]), w.out(node)
     dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
     if dim is None or not isinstance(node.args[1], int):
@@ -110,6 +107,7 @@ def repeat_interleave(w: Walker, node: fx.Node) -> None:
 
 
 def select(w: Walker, node: fx.Node) -> None:
+    """select(x, dim, i): ``dim`` is read at i and dropped; the other axes pass."""
     x, out = w.ax(node.args[0]), w.out(node)
     dim = node.args[1] % len(x)
     w.read(x[dim], "select", node, node.args[2])
@@ -139,6 +137,7 @@ def _cut(w: Walker, node: fx.Node, axis, start, out_axis) -> list | None:
 
 
 def slice_(w: Walker, node: fx.Node) -> None:
+    """slice(x, dim, start, end, step): ``dim`` is cut into (before, the slice, after)."""
     x, out = w.ax(node.args[0]), w.out(node)
     dim = (node.args[1] if len(node.args) > 1 else 0) % len(x)
     start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
@@ -163,6 +162,7 @@ def slice_(w: Walker, node: fx.Node) -> None:
 
 
 def narrow(w: Walker, node: fx.Node) -> None:
+    """narrow(x, dim, start, length): a slice."""
     x, out = w.ax(node.args[0]), w.out(node)
     dim = node.args[1] % len(x)
     w.eq_except(x, out, dim, node)
@@ -186,12 +186,14 @@ def _join(w: Walker, node: fx.Node, whole: list, pieces: list, dim: int) -> None
 
 
 def cat(w: Walker, node: fx.Node) -> None:
+    """cat(tensors, dim): the output's ``dim`` is the concatenation of the inputs'."""
     out = w.out(node)
     dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % len(out)
     _join(w, node, out, [w.ax(t) for t in node.args[0]], dim)
 
 
 def split(w: Walker, node: fx.Node) -> None:
+    """split / split_with_sizes: the input's ``dim`` is the concatenation of the parts'."""
     x = w.ax(node.args[0])
     dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(x)
     parts = w.tuple_out(node)
@@ -205,12 +207,14 @@ def split(w: Walker, node: fx.Node) -> None:
 
 
 def chunk(w: Walker, node: fx.Node) -> None:
+    """chunk(x, n, dim): split into n parts."""
     x = w.ax(node.args[0])
     dim = (node.args[2] if len(node.args) > 2 else 0) % len(x)
     _join(w, node, x, w.tuple_out(node), dim)
 
 
 def unbind(w: Walker, node: fx.Node) -> None:
+    """unbind(x, dim): ``dim`` is read (indexed) and each part has the other axes."""
     x = w.ax(node.args[0])
     dim = (node.args[1] if len(node.args) > 1 else 0) % len(x)
     w.read(x[dim], "index", node)
@@ -220,6 +224,7 @@ def unbind(w: Walker, node: fx.Node) -> None:
 
 
 def stack(w: Walker, node: fx.Node) -> None:
+    """stack(tensors, dim): every input's axes are the output's other than the new ``dim``."""
     out = w.out(node)
     dim = (node.args[1] if len(node.args) > 1 else 0) % len(out)
     rest = [a for i, a in enumerate(out) if i != dim]
@@ -229,6 +234,7 @@ def stack(w: Walker, node: fx.Node) -> None:
 
 
 def pad(w: Walker, node: fx.Node) -> None:
+    """constant_pad_nd / pad: unpadded axes pass; a padded axis is read as an index."""
     x, out = w.ax(node.args[0]), w.out(node)
     for a, o in zip(x, out):
         if w.size(a) == w.size(o):
@@ -250,18 +256,3 @@ def pool(w: Walker, node: fx.Node) -> None:
         w.read(a, "max" if "max" in name else "sum", node)
     for o in out[len(out) - k:]:
         w.pin(o, f"a pooled axis of {where(node)}")
-
-
-SHAPE_RULES = {f"aten.{n}": reshape for n in ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze",
-                                                "unsqueeze", "view_as", "reshape_as")}
-SHAPE_RULES.update({f"aten.{n}": permute for n in ("permute", "transpose", "t", "numpy_T", "swapaxes")})
-SHAPE_RULES.update({f"aten.{n}": expand for n in ("expand", "expand_as", "broadcast_to")})
-SHAPE_RULES.update({"aten.repeat": repeat, "aten.repeat_interleave": repeat_interleave, "aten.select": select,
-                    "aten.slice": slice_, "aten.narrow": narrow, "aten.cat": cat, "aten.concat": cat,
-                    "aten.split": split, "aten.split_with_sizes": split, "aten.unsafe_split": split,
-                    "aten.chunk": chunk, "aten.unbind": unbind, "aten.stack": stack, "aten.constant_pad_nd": pad,
-                    "aten.pad": pad})
-SHAPE_RULES.update({f"aten.{n}": pool for n in (
-    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "avg_pool1d",
-    "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d",
-    "adaptive_max_pool2d", "max_pool2d_with_indices")})

@@ -1,7 +1,8 @@
 """Where a query or key comes from: the projection rows that write it, and the norm in between.
 
 head_dim growth rescales the query (and zeroes its new rotary dimensions), so it has to find the tensors
-that scale it linearly, and checks that the key does not share them. Walking back from the attention's argument through layout ops and ops linear in it
+that scale it linearly, and checks that the key does not share them. Walking back from the attention's argument
+through layout ops and ops linear in it
 (rotary: ``q*cos + rotate_half(q)*sin``), it stops at
 
 - a norm over the head (a per-head q/k norm): the norm's weight and bias scale its output, and the walk
@@ -24,8 +25,9 @@ import torch
 import torch.fx as fx
 
 from .norms import NormSite
-from .ops import LAYOUT, LINEAR, PROJECTIONS, SAME_VALUES, SCALES, SPLITS, WEIGHTED, Blocked, back, op_name, reach
-from .ops import traits
+from .nodes import back
+from .ops import CAT, DIV, EXPAND, LAYOUT, LINEAR, MUL, NEG, PROJECTIONS, SAME_VALUES, SCALES, SELECT, SPLITS
+from .ops import WEIGHTED, Blocked, reach, traits
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Rows:
 
 @dataclass
 class Source:
+    """Where a query or key comes from: the projection rows writing it, and a norm in between if there is one."""
     proj: list  # [Rows] of the projection (weight, bias)
     norm: NormSite | None = None  # a norm between the projection and the attention
     norm_proj: list | None = None  # [Rows] of the projection behind that norm
@@ -94,7 +97,6 @@ def _walk(x, facts, dep: set, stop_at: dict):
         if n in stop_at:
             ends.add(stop_at[n])
             return []
-        name = op_name(n) if n.op == "call_function" else n.op
         if PROJECTIONS(n):
             operands = [n.args[i] for i in (traits(n).weight_at, traits(n).bias_at) if i < len(n.args)]
             if not all(a.name in facts.params for a in operands if isinstance(a, fx.Node)):
@@ -103,9 +105,9 @@ def _walk(x, facts, dep: set, stop_at: dict):
             return []
         if SPLITS(n):
             inputs = [n.args[0]]
-        elif LINEAR(n) or name == "aten.mul":
-            inputs = list(n.args[0] if name == "aten.cat" else n.args[:2])
-            if name == "aten.mul" and all(a in dep for a in inputs):
+        elif LINEAR(n) or MUL(n):
+            inputs = list(n.args[0] if CAT(n) else n.args[:2])
+            if MUL(n) and all(a in dep for a in inputs):
                 raise Blocked  # a product of two traced tensors is not linear in either
         else:
             raise Blocked
@@ -132,7 +134,7 @@ def _rows(proj: fx.Node, path: set, x: fx.Node, facts) -> list[Rows] | None:
     at = traits(proj)
     weight = proj.args[at.weight_at]
     bias = proj.args[at.bias_at] if len(proj.args) > at.bias_at else None
-    out_axis = 0 if op_name(proj) == "aten.linear" else 1  # linear's weight is (out, in); addmm's is (in, out)
+    out_axis = at.weight_out  # linear's weight is (out, in); addmm's is (in, out)
     n_rows = weight.meta["val"].shape[out_axis]
     shape = _concrete(proj)
     labels = {proj: torch.arange(n_rows, dtype=torch.float64).expand(shape)}
@@ -153,25 +155,24 @@ def _rows(proj: fx.Node, path: set, x: fx.Node, facts) -> list[Rows] | None:
 
 
 def _propagate(n: fx.Node, labels: dict):
-    name = op_name(n)
     args = [labels[a] if isinstance(a, fx.Node) and a in labels else a for a in n.args]
     traced = [a for a in n.args if isinstance(a, fx.Node) and a in labels]
     if n.target is operator.getitem:
         return args[0][args[1]]
     if traits(n).kind == "view":
         return args[0].reshape(_concrete(n))
-    if name == "aten.expand":
+    if EXPAND(n):
         return args[0].expand(_concrete(n))
-    if SAME_VALUES(n) or name == "aten.neg":
+    if SAME_VALUES(n) or NEG(n):
         return args[0]
     if traits(n).kind == "slice":
         dim = args[1] % args[0].dim()
         if _concrete(n.args[0])[dim] == 1 and not isinstance(n.args[0].meta["val"].shape[dim], int):
-            return args[0].select(dim, 0) if name == "aten.select" else args[0]
+            return args[0].select(dim, 0) if SELECT(n) else args[0]
         return n.target(args[0], *[a if isinstance(a, int) else None for a in args[1:]])
-    if name == "aten.cat":
+    if CAT(n):
         return torch.cat([labels[t] for t in n.args[0]], *args[1:])
-    if LINEAR(n) or name == "aten.mul":
+    if LINEAR(n) or MUL(n):
         if len(traced) == 2 and not torch.equal(torch.unique(labels[traced[0]]), torch.unique(labels[traced[1]])):
             raise ValueError("a sum of two tensors written by different rows")
         return torch.broadcast_to(labels[traced[0]], _concrete(n))
@@ -200,7 +201,7 @@ def constant_scalings(gm: fx.GraphModule, facts) -> list[Scaling]:
     for n in gm.graph.nodes:
         if not SCALES(n) or len(n.args) != 2:
             continue
-        divides = op_name(n) == "aten.div"
+        divides = DIV(n)
         for pos in (1,) if divides else (1, 0):
             scalar, other = scalar_value(n.args[pos], gm, facts), n.args[1 - pos]
             param = linear_param(other, facts) if scalar is not None else None

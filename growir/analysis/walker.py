@@ -8,7 +8,6 @@ carry a group's size, and which axes are *pinned* (model inputs, vocabularies, k
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import sympy
@@ -17,8 +16,7 @@ import torch.fx as fx
 
 from ..errors import AnalysisError, GrowthError, UnsupportedOpError, first_line
 from ..ir.axes import AxisGraph
-from .ops import INDEXES, LAYOUT, back, chain, op_name, permutation, traits
-
+from .nodes import back, chain, op_name, permutation
 
 
 def module_of(node: fx.Node) -> tuple[str, str]:
@@ -31,31 +29,15 @@ def module_of(node: fx.Node) -> tuple[str, str]:
     return path or "<top>", cls_name.rsplit(".", 1)[-1]
 
 
-def gathers_rows(node: fx.Node) -> bool:
-    """``x[idx]`` with one 1-d index: whole rows of x, every other axis kept in place."""
-    if op_name(node) != "aten.index" or len(node.args[1]) != 1 or not isinstance(node.args[1][0], fx.Node):
-        return False
-    idx = node.args[1][0].meta.get("val")
-    return idx is not None and idx.dim() == 1 and not idx.dtype == torch.bool
-
-
-def indexes_leading(node: fx.Node) -> bool:
-    """An index on leading axes only (tokens routed to experts): the last axis passes intact."""
-    if not isinstance(node, fx.Node) or node.op != "call_function" or op_name(node) not in INDEXES:
-        return False
-    ndim = len(node.args[0].meta["val"].shape)
-    if op_name(node) == "aten.index":
-        return len(node.args[1]) < ndim
-    return node.args[1] % ndim != ndim - 1
-
-
 def where(node: fx.Node) -> str:
+    """A node for messages: its name, its op and the module it came from."""
     path, cls = module_of(node)
     return f"`{node.name}` ({op_name(node)}) in module `{path}`" + (f" ({cls})" if cls else "")
 
 
 @dataclass(frozen=True)
 class ParamAxis:
+    """Axis ``axis`` of the parameter (or buffer) ``param``, by its state_dict name."""
     param: str  # state_dict name
     axis: int
 
@@ -81,6 +63,9 @@ class SizeConst:
 
 @dataclass
 class Facts:
+    """What one walk of a graph found: the axis graph, each value's axes, the parameters and where each is
+    copied (produced) or contracted (consumed), the reads that can break exactness, the size literals, the
+    pinned axes, the attention sites and the norms. The passes read these instead of walking the graph."""
     ag: AxisGraph = field(default_factory=AxisGraph)
     axes: dict = field(default_factory=dict)  # node name -> [axis ids] (tensor outputs)
     tuple_axes: dict = field(default_factory=dict)  # node name -> [[axis ids]] (tuple outputs)
@@ -97,15 +82,18 @@ class Facts:
     expanded: set = field(default_factory=set)  # axis ids created by expand/repeat (kv-group replicas)
     attention: list = field(default_factory=list)  # dicts: node, q, k, v, out axes, scale given?
     norms: list = field(default_factory=list)  # (node name, [normalized axis ids])
-    param_uses: dict = field(default_factory=lambda: defaultdict(set))  # state name -> {op node names}
 
 
 class Walker:
-    """Applies the op rules (``growir.analysis.rules.RULES``) to every node of a graph."""
+    """Applies each op's axis rule to every node of a graph and collects the ``Facts``.
 
-    def __init__(self, gm: fx.GraphModule, rules: dict):
+    ``table`` is the op table (``growir.analysis.ops.TRAITS``: op name -> row with ``rule``, ``kind``, ``layout``);
+    it is passed in because the table names the rules, which use the walker.
+    """
+
+    def __init__(self, gm: fx.GraphModule, table: dict):
         self.gm = gm
-        self.rules = rules
+        self.table = table
         self.f = Facts()
         self.nodes = {n.name: n for n in gm.graph.nodes}
         param_ids = {id(p) for p in gm.parameters()}
@@ -116,7 +104,8 @@ class Walker:
                 if isinstance(obj, torch.Tensor) and n.users:
                     (self.f.params if id(obj) in param_ids else self.f.buffers)[n.name] = n.target
                     used[id(obj)] = n.target
-        for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+        for name, t in tensors:
             if id(t) in used and used[id(t)] != name:
                 self.f.aliases[name] = used[id(t)]
 
@@ -135,9 +124,11 @@ class Walker:
         return ids
 
     def out(self, node: fx.Node) -> list:
+        """The axis ids of a node's (tensor) output."""
         return self.ax(node)
 
     def tuple_out(self, node: fx.Node) -> list:
+        """The axis ids of each part of a node's tuple output."""
         if node.name not in self.f.tuple_axes:
             vals = node.meta.get("val") or []
             self.f.tuple_axes[node.name] = [
@@ -146,6 +137,7 @@ class Walker:
         return self.f.tuple_axes[node.name]
 
     def eq(self, a, b, node: fx.Node) -> None:
+        """Make two axes one (they index the same thing), because of ``node``."""
         self.f.ag.unify(a, b, where(node))
 
     def eq_except(self, xs: list, outs: list, dim: int, node: fx.Node) -> None:
@@ -155,21 +147,25 @@ class Walker:
                 self.eq(a, o, node)
 
     def size(self, axis):
+        """The (sympy) size of an axis."""
         return self.f.ag.size_of(axis)
 
     def read(self, axis, kind: str, node: fx.Node, detail=None) -> None:
+        """Record that ``node`` reads ``axis`` beyond copying it (a ``Read`` of this kind)."""
         self.f.reads.append(Read(axis, kind, node.name, where(node), detail))
 
     def pin(self, axis, reason: str) -> None:
+        """Keep ``axis`` from growing, for ``reason`` (the first reason given stays)."""
         self.f.pins.setdefault(axis, reason)
 
     def const(self, node: fx.Node, path: tuple, axis, kind: str = "size") -> None:
+        """Record a literal of ``node`` (at ``path`` in its arguments) that carries ``axis``'s size."""
         self.f.consts.append(SizeConst(node.name, path, axis, kind))
 
     def param_of(self, arg) -> str | None:
         """The state_dict name of the parameter an operand is, through layout-only ops and gathers of whole
         rows (``weight[expert_ids]``: per-token expert weights); else None."""
-        src = back(arg, lambda n: LAYOUT(n) or (n.op == "call_function" and gathers_rows(n)))
+        src = back(arg, lambda n: self._row(n).layout or self._gathers_rows(n))
         return self.f.params.get(src.name) if isinstance(src, fx.Node) and src.op == "get_attr" else None
 
     def contract(self, a, a_axis, b, b_axis, node: fx.Node) -> None:
@@ -187,9 +183,9 @@ class Walker:
         i = self.ax(operand).index(axis)
         for op in chain(operand, lambda n: n.op != "get_attr")[:-1]:  # param_of has checked the ops on the way
             src = op.args[0]
-            if traits(op).kind == "permute":
+            if self._row(op).kind == "permute":
                 i = permutation(op, len(self.ax(src)))[i]
-            elif traits(op).kind == "view":
+            elif self._row(op).kind == "view":
                 target = self.f.ag.find(self.ax(op)[i])
                 return next(k for k, a in enumerate(self.ax(src)) if self.f.ag.find(a) == target)
         return i
@@ -200,8 +196,30 @@ class Walker:
         if p is not None:
             self.f.produced.add(p)
 
+    def _row(self, node):
+        """The op table's row for a call (a row of no kind and no rule for anything else)."""
+        row = self.table.get(op_name(node)) if isinstance(node, fx.Node) and node.op == "call_function" else None
+        return row if row is not None else _NO_ROW
+
+    def _gathers_rows(self, node) -> bool:
+        """``x[idx]`` with one 1-d index: whole rows of x, every other axis kept in place (of the gather kind,
+        only ``index`` takes a list of index tensors)."""
+        if self._row(node).kind != "gather" or not isinstance(node.args[1], (list, tuple)):
+            return False
+        if len(node.args[1]) != 1 or not isinstance(node.args[1][0], fx.Node):
+            return False
+        idx = node.args[1][0].meta.get("val")
+        return idx is not None and idx.dim() == 1 and not idx.dtype == torch.bool
+
+    def after_softmax(self, x) -> bool:
+        """Whether ``x`` is a softmax's output (attention probabilities), through casts, copies and dropout."""
+        while self._row(x).kind in ("cast", "copy", "dropout"):
+            x = x.args[0]
+        return self._row(x).kind == "softmax"
+
     # --- the walk ------------------------------------------------------------------------------------
     def run(self) -> Facts:
+        """Walk every node once, in graph order, and return the facts."""
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 self.f.inputs.append(node.name)
@@ -218,10 +236,6 @@ class Walker:
             elif node.op in ("call_module", "call_method") and _has_tensor(node.meta.get("val")):
                 raise UnsupportedOpError(f"{node.op} `{node.target}` at `{node.name}`: growir reads aten-level "
                                          f"graphs from torch.export; this graph was not fully lowered")
-        for pname in list(self.f.params) + list(self.f.buffers):
-            node = self.nodes[pname]
-            for user in node.users:
-                self.f.param_uses[self.f.params.get(pname) or self.f.buffers[pname]].add(user.name)
         return self.f
 
     def _name_sizes(self, node: fx.Node) -> None:
@@ -234,13 +248,13 @@ class Walker:
 
     def _apply(self, node: fx.Node) -> None:
         name = op_name(node)
-        rule = self.rules.get(name)
+        rule = self._row(node).rule
         if rule is None:
             if not _has_tensor(node.meta.get("val")):
                 return  # symbolic-size arithmetic and assertions carry no tensor axes
             raise UnsupportedOpError(
                 f"growir has no rule for the op `{node.target}` at {where(node)}. It stops rather than guess "
-                f"how the op treats tensor axes; add a rule for it in growir/analysis/rules.py")
+                f"how the op treats tensor axes; give it a row with an axis rule in growir/analysis/ops.py")
         try:
             rule(self, node)
         except GrowthError:
@@ -252,6 +266,14 @@ class Walker:
                 f"{type(exc).__name__}: {first_line(exc)}. It stops rather than guess how the op treats tensor "
                 f"axes; write that step with ops growir reads (see docs/design.md, 'Adding an op'), or report "
                 f"it") from exc
+
+
+class _NoRow:
+    """The row of a node outside the table: no kind, no rule, not a layout op."""
+    kind, rule, layout = "", None, False
+
+
+_NO_ROW = _NoRow()
 
 
 def _has_tensor(val) -> bool:

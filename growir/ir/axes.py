@@ -6,8 +6,14 @@ concatenations relate axes structurally: an axis may be the row-major *product* 
 a ``Structure`` over finer atoms; a *leaf* is an axis class without structure, and the leaves are the width
 groups that can grow.
 
-The union-find gives cheap incremental merging (structures merge when their owners do); the mirrored
-``networkx`` graph keeps every edge with the op that created it, so ``why(a, b)`` can explain a grouping.
+The union-find gives cheap incremental merging (structures merge when their owners do), and a leaf's class
+is its root: the width groups are the union-find's classes, so no separate graph is kept.
+
+>>> ag = AxisGraph()
+>>> hidden, heads, head_dim = ag.add("hidden", 32), ag.add("heads", 4), ag.add("head_dim", 8)
+>>> ag.set_structure(hidden, PROD, [heads, head_dim], "a view")
+>>> ag.expand(hidden)
+('prod', ['heads', 'head_dim'])
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
-import networkx as nx
 import sympy
 
 from ..errors import AnalysisError
@@ -53,35 +58,40 @@ def tree_leaves(tree) -> list:
 
 @dataclass
 class Structure:
+    """An axis class made of finer ones: their row-major product (PROD) or their concatenation (CAT)."""
     kind: str  # PROD (row-major: first part is the major one) or CAT
     parts: list  # axis ids; their classes are found through the union-find
 
 
 @dataclass
 class AxisGraph:
-    graph: nx.Graph = field(default_factory=nx.Graph)
+    """Every tensor axis of a program, joined into classes of equal axes (a union-find), each class possibly
+    the product or concatenation of finer classes (``structure``); the leaf classes are the width groups."""
     parent: dict = field(default_factory=dict)
     size: dict = field(default_factory=dict)  # root -> sympy size
     structure: dict = field(default_factory=dict)  # root -> Structure
     names: dict = field(default_factory=dict)  # size symbol -> what it is, in words (for error messages)
+    origin: dict = field(default_factory=dict)  # fresh atom -> what made it, in words (for debugging)
     _fresh: int = 0
 
     # --- nodes -----------------------------------------------------------------------------------
     def add(self, axis: Axis, size) -> Axis:
+        """Add ``axis`` of ``size`` as its own class (nothing if it is known); returns it."""
         if axis not in self.parent:
             self.parent[axis] = axis
             self.size[axis] = as_expr(size)
-            self.graph.add_node(axis)
         return axis
 
     def fresh(self, size, why: str = "") -> Axis:
+        """A new atom of ``size`` (a part of a structure), described by ``why``."""
         self._fresh += 1
         axis = ("seg", self._fresh)
         self.add(axis, size)
-        self.graph.nodes[axis]["why"] = why
+        self.origin[axis] = why
         return axis
 
     def find(self, axis: Axis) -> Axis:
+        """The root of ``axis``'s class."""
         root = axis
         while self.parent[root] != root:
             root = self.parent[root]
@@ -90,12 +100,14 @@ class AxisGraph:
         return root
 
     def size_of(self, axis: Axis) -> sympy.Expr:
+        """The size of ``axis``'s class."""
         return self.size[self.find(axis)]
 
     # --- equalities ------------------------------------------------------------------------------
     def unify(self, a: Axis, b: Axis, why: str) -> None:
+        """Make ``a`` and ``b`` one class (their structures merge); ``why`` names the op, for the error raised
+        when their sizes differ."""
         ra, rb = self.find(a), self.find(b)
-        self.graph.add_edge(a, b, why=why)
         if ra == rb:
             return
         if sympy.simplify(self.size[ra] - self.size[rb]) != 0:
@@ -119,8 +131,6 @@ class AxisGraph:
             self.unify(axis, parts[0], why)
             return
         root = self.find(axis)
-        for p in parts:
-            self.graph.add_edge(axis, p, why=why, structural=kind)
         old = self.structure.get(root)
         new = Structure(kind, parts)
         if old is None:
@@ -198,10 +208,10 @@ class AxisGraph:
         legend = "; ".join(f"{s} is {self.names.get(s, 'a size only known at run time')}" for s in symbols)
         return (f"{why}: this reshape regroups elements in a way growir cannot follow: one side's axes end after "
                 f"{', '.join(map(str, x))} elements, the other's after {', '.join(map(str, y))}, and neither "
-                f"boundary divides the other" + (f" ({legend})" if legend else "") + ". growir follows reshapes "
-                f"that split or merge whole axes, like (batch, seq, heads*head_dim) <-> (batch, seq, heads, "
-                f"head_dim); one that mixes a batch or sequence axis with feature sizes cannot be grown. "
-                f"Reshape over whole axes there, or report the model")
+                "boundary divides the other" + (f" ({legend})" if legend else "") + ". growir follows reshapes "
+                "that split or merge whole axes, like (batch, seq, heads*head_dim) <-> (batch, seq, heads, "
+                "head_dim); one that mixes a batch or sequence axis with feature sizes cannot be grown. "
+                "Reshape over whole axes there, or report the model")
 
     def _segments(self, kind: str, chain: list, why: str) -> list:
         segs, prev = [], sympy.Integer(1 if kind == PROD else 0)
@@ -223,11 +233,3 @@ class AxisGraph:
     def leaf_roots(self, axis: Axis) -> list:
         """The distinct leaf roots of the axis's tree, in order."""
         return list(dict.fromkeys(tree_leaves(self.expand(axis))))
-
-    def why(self, a: Axis, b: Axis) -> list[str]:
-        """The chain of ops that made two axes equal (for error messages and the plan)."""
-        try:
-            path = nx.shortest_path(self.graph, a, b)
-        except (nx.NetworkXNoPath, nx.NodeNotFound):
-            return []
-        return [self.graph.edges[u, v]["why"] for u, v in zip(path, path[1:])]

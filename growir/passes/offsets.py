@@ -5,8 +5,8 @@ w' = s·w + (s − 1)·c, not s·w. A parameter whose every use is ``add(w, c)``
 ``TensorRule.offset = c``, so every pass that multiplies the rule's scale (tied heads, repeat-and-fill, head_dim
 growth) stays correct for such norms without knowing about them.
 
->>> offset_of_uses([("aten.add", 1.0), ("aten.add", 1.0)])
-1.0
+>>> offset_of_uses([1.0, 1.0]), offset_of_uses([1.0, None])
+(1.0, None)
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from ..analysis.plan import Plan
 
 
 def offset_of_uses(uses: list) -> float | None:
-    """The common c of uses given as (op name, float constant or None); None unless all are add(w, c)."""
-    cs = {c for op, c in uses if op == "aten.add" and isinstance(c, float)}
-    if not uses or len(cs) != 1 or any(op != "aten.add" or not isinstance(c, float) for op, c in uses):
+    """The common c of uses given as the float c of an add(w, c), None for any other use; None unless all are
+    add(w, c) with one c."""
+    if not uses or None in uses or len(set(uses)) != 1:
         return None
-    return cs.pop()
+    return uses[0]
 
 
 def mark_offsets(plan: Plan, rules: dict) -> None:
