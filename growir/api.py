@@ -4,8 +4,8 @@ composes them.
 
 Each stage is a declared list of passes that ``manager.run_passes`` runs in order on one ``Context``
 (``context.py``); a pass names what it reads and writes, an unexpected failure is a GrowthError naming the
-stage and the pass, and ``record.timings`` gives each pass's time. The passes live in ``stages.py`` (plan,
-spec, materialize, check) and ``passes/pipeline.py`` (the rules).
+stage and the pass, and ``record.timings`` gives each pass's time. The passes live in ``pipeline/stages.py``
+(plan, spec, materialize, check) and ``pipeline/rules.py`` (the rules).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from .pipeline.manager import run_passes
 from .pipeline.rules import RULES
 from .analysis.plan import Plan
 from .pipeline.record import GrowthRecord, GrowthRules
-from .pipeline.stages import CHECK, GROW, MATERIALIZE, PLAN, SPEC, TOLERANCE, plan_of
+from .pipeline.stages import CHECK, GROW, MATERIALIZE, PLAN, SPEC, plan_of
+from .verify.compare import TOLERANCE
 from .pipeline.spec import options, check_mode
 
 __all__ = ["plan", "rules", "materialize", "grow", "growth_rules", "GrowthRecord", "GrowthRules", "Options",

@@ -1,7 +1,10 @@
 """The pipeline as public stages: plan -> rules -> materialize (or stream) -> check, each a declared list of
-passes run by growir.manager on one Context."""
+passes run by pipeline.manager on one Context; every pass touches only what it declares (``checking``), a restart
+is the driver's, and a grow runs each stage once unless ``record.reruns`` says why."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -11,7 +14,8 @@ import growir
 import growir.api as api
 from growir.pipeline.context import Context
 from growir.errors import RewriteError, SpecError
-from growir.pipeline.manager import Pass, check_order, run_passes
+from growir.pipeline import stages
+from growir.pipeline.manager import Pass, Restart, check_declared, check_order, checking, declare, run_passes
 
 INPUTS = ("opts", "model", "example_inputs", "width", "depth", "layers", "counts", "asked_method", "materialize",
           "strict", "verify")
@@ -30,8 +34,11 @@ def names(passes) -> list[str]:
 
 def test_the_declared_stages_are_well_ordered_and_named_once():
     check_order(api.GROW, given=INPUTS)  # every field a pass reads is an input or written before it
+    check_order(stages.GROW_PLANNED, given=INPUTS + ("plan",))
     assert len(set(names(api.GROW))) == len(api.GROW)
-    assert names(api.GROW) == names(api.PLAN + api.SPEC + api.RULES + api.MATERIALIZE + api.CHECK)
+    assert names(api.GROW) == names(api.PLAN + api.SPEC + stages.STAND_IN + api.RULES + api.MATERIALIZE + api.CHECK)
+    for passes in (api.GROW, stages.GROW_PLANNED, api.PLAN):
+        check_declared(passes, Context)  # every name a pass declares is a field of the context
     assert names(api.PLAN) == ["capture", "analyse"]
     assert names(api.CHECK)[-3:] == ["measure", "judge", "release"]
 
@@ -62,10 +69,11 @@ def test_streaming_builds_its_rules_with_the_same_passes(meta_plan):
 
 def test_rules_are_weight_free_and_reproduce_grow(meta_plan):
     """Rules from a meta-device plan, applied one tensor at a time, are the tensors grow() makes."""
-    meta = growir.rules(meta_plan, width=1.5, depth=2)
+    with checking():  # rules from a plan, and a grow without a proxy (two blocks): every pass as declared
+        meta = growir.rules(meta_plan, width=1.5, depth=2)
+        grown = growir.grow(llama(), width=1.5, depth=2)
     assert meta.exact and meta.layers == {"model.layers": (2, 4, "identity")}
     model = llama()
-    grown = growir.grow(model, width=1.5, depth=2)
     assert set(meta.rules) == set(grown.growir_record.rules)
     applied = meta.apply({**dict(model.named_parameters()), **dict(model.named_buffers())})
     state = grown.state_dict()
@@ -76,8 +84,9 @@ def test_rules_are_weight_free_and_reproduce_grow(meta_plan):
 
 def test_materialize_continues_the_rules_once():
     model = llama()
-    r = growir.rules(model, width=2.0)
-    grown = api.materialize(model, r)
+    with checking():
+        r = growir.rules(model, width=2.0)
+        grown = api.materialize(model, r)
     assert grown.config.hidden_size == 64 and grown.growir_record.exact
     assert grown.growir_record.deviation is not None and grown.growir_record.deviation <= api.TOLERANCE
     with pytest.raises(SpecError, match="already materialized"):
@@ -94,3 +103,92 @@ def test_the_manager_names_the_pass_and_checks_what_it_writes():
         run_passes([Pass("lazy", lambda c: None, writes=("sizes",))], Context())
     with pytest.raises(RewriteError, match="pass `early` reads `plan`"):
         run_passes([Pass("early", lambda c: None, reads=("plan",))], Context())
+
+
+def test_a_declared_name_that_is_no_field_fails():
+    with pytest.raises(RewriteError, match="pass `typo` declares `sizez`, which is not a field of Context"):
+        check_declared([Pass("typo", lambda c: None, writes=("sizez",))], Context)
+
+
+def test_checking_catches_what_a_pass_touches_without_declaring_it():
+    @declare(reads=("plan",), writes=("sizes",))
+    def sneaky(c):
+        c.sizes = {}
+        c.counts["x"] = 1  # mutates a field it does not declare
+    with checking(), pytest.raises(RewriteError, match="pass `sneaky` touched `counts`"):
+        run_passes([sneaky], Context(plan=object()))
+
+    @declare(writes=("sizes",))
+    def peeks(c):
+        c.sizes = dict(c.counts)  # reads a field it does not declare
+    with checking(), pytest.raises(RewriteError, match="pass `peeks` touched `counts`"):
+        run_passes([peeks], Context())
+    run_passes([peeks], Context())  # not checked outside checking(): no cost in a real growth
+
+
+def test_a_restart_is_handled_by_the_driver():
+    @declare(reads=("width",), writes=("sizes",))
+    def sizes(c):
+        c.sizes = {"w": c.width}
+
+    @declare(reads=("how?",))
+    def once(c):
+        if not c.how:
+            raise Restart("full, because", [sizes])
+    ctx = run_passes([sizes, once], Context(width=2.0))
+    assert ctx.how == "full, because" and ctx.sizes == {"w": 2.0}
+    assert ctx.ran == ["sizes", "once", "sizes"] and ctx.reruns == ["once: full, because"]
+
+
+def bert():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    return BertModel(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                                vocab_size=100)).eval()
+
+
+def llama4():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=100)).eval()
+
+
+@pytest.mark.parametrize("make, spec, exports, rule_runs, reruns", [
+    (bert, {"width": 2.0}, 1, 2, ["rules, graph: the config sizes a group that only the outputs read"]),
+    (bert, {"depth": 2}, 2, 1, ["proxy_depth: the full model (no proxy: the growth is not exact (depth growth"]),
+    (llama4, {"width": 2.0}, 1, 1, []),
+], ids=["bert-x2", "bert-depth-x2", "llama-x2"])
+def test_each_stage_runs_once_unless_the_record_says_why(monkeypatch, make, spec, exports, rule_runs, reruns):
+    """Every pass declares what it touches (checked), and a grow exports once and makes its rules once; a second
+    run is in ``record.reruns`` with its reason (a pooler the config sizes; a depth growth that cannot be exact
+    needs the full graph, which the proxy's plan shows before any rule is made)."""
+    exported, contexts = [], []
+    real_capture, real_run = stages.capture, api.run_passes
+    monkeypatch.setattr(stages, "capture", lambda *a: exported.append(a) or real_capture(*a))
+    monkeypatch.setattr(api, "run_passes", lambda passes, ctx: contexts.append(ctx) or real_run(passes, ctx))
+    with checking(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the depth growth of a post-norm model warns that it is not exact
+        record = growir.grow(make(), **spec).growir_record
+    ran = contexts[0].ran  # every pass that ran in the grow, nested rebuilds and restarts included
+    assert len(exported) == exports
+    assert ran.count("fill_plan") == rule_runs and ran.count("apply_rules") == rule_runs
+    assert len(record.reruns) == len(reruns)
+    assert all(got.startswith(want) for got, want in zip(record.reruns, reruns)), record.reruns
+
+
+def test_each_context_field_belongs_to_the_stage_whose_passes_write_it():
+    from dataclasses import fields
+    from growir.pipeline.context import FIELD_STAGES
+    grouped = [name for names in FIELD_STAGES.values() for name in names]
+    assert sorted(grouped) == sorted(f.name for f in fields(Context))  # every field, once
+    for stage, passes in stages.STAGES.items():
+        group = FIELD_STAGES.get({"PROXY_PLAN": "PLAN"}.get(stage, stage), ())  # STAND_IN, CHECK: no field
+        for p in passes:
+            assert set(p.sets) <= set(group), (stage, p.name, set(p.sets) - set(group))
+
+
+def test_the_design_doc_table_is_the_generated_one():
+    from pathlib import Path
+    from growir.pipeline.table import generated_part, stage_table
+    doc = (Path(__file__).parent.parent / "docs" / "design.md").read_text()
+    assert generated_part(doc) == stage_table(), "run `python -m growir.pipeline.table` and paste its output"

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 
 import sympy
 import torch
 import torch.utils._pytree as pytree
 
-from ..errors import MaterializeError, first_line
+from ..errors import MaterializeError, first_line, warn
 from ..passes.depth import schedule
 from ..ir.index_maps import tree_map
+from ..verify.compare import TOLERANCE
 from ..verify.measure import long_sizes, measurable, measure
 
-TOLERANCE = 1e-5  # as api.TOLERANCE: max|Δ| <= TOLERANCE * max(1, max|y|) in float32
 MAX_CHECK_LEN = 512  # the longest sequence the config check runs (it runs on the full grown model)
 MATERIALIZE = ("auto", "hf", "graph")
 
@@ -33,7 +32,8 @@ def materialize_hf(model, p, sizes: dict, depth_plan: list, opts, built, rebuild
 
     ``mode="hf"`` raises MaterializeError where no config computes the grown function; ``"auto"`` keeps
     the rewritten GraphModule there, with a warning and a note in the record that say why; ``"graph"``
-    always keeps it. ``rebuild(p, sizes, depth_plan, opts)`` builds again (a pooler the config sizes).
+    always keeps it. ``rebuild(p, sizes, depth_plan, opts, why)`` builds the rules and graph again (a pooler the
+    config sizes); ``why`` says why, for ``record.reruns``.
     """
     if mode == "graph":
         return built
@@ -45,7 +45,7 @@ def materialize_hf(model, p, sizes: dict, depth_plan: list, opts, built, rebuild
         note = (f"returned the rewritten torch.fx.GraphModule, not a {type(model).__name__}, because {err}. "
                 f"It computes the grown function; pass materialize='hf' to make this an error")
         built.record.notes.append(note)
-        warnings.warn("growir: " + note, stacklevel=4)
+        warn("growir: " + note)
         return built
 
 
@@ -82,7 +82,8 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
                               if b.name(0, sfx) in params}
     sources = {b.count: schedule(b, n, opts.depth_method).sources for b, n in depth_plan}
     if built.eps_values and not opts.keep_eps and eps_shared(p, built.eps_nodes or {}):
-        return _fit_config(model, p, sizes, depth_plan, *_kept_eps(p, sizes, depth_plan, opts, rebuild), rebuild)
+        why = "every norm's eps kept: a config field holds the eps of a norm the growth changes and of one it keeps"
+        return _fit_config(model, p, sizes, depth_plan, *_kept_eps(p, sizes, depth_plan, opts, rebuild, why), rebuild)
     tried = []
     for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads, required, sources,
                                                   built.eps_values):
@@ -99,15 +100,16 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
             return candidate
         tried.append(f"{changes} ({why})")
     if built.eps_values and not opts.keep_eps:  # e.g. an eps the config does not hold: keep it
-        return _fit_config(model, p, sizes, depth_plan, *_kept_eps(p, sizes, depth_plan, opts, rebuild), rebuild)
+        why = "every norm's eps kept: no config expresses the rescaled eps"
+        return _fit_config(model, p, sizes, depth_plan, *_kept_eps(p, sizes, depth_plan, opts, rebuild, why), rebuild)
     raise MaterializeError(f"every {type(model).__name__} config that fits the grown shapes computes something "
                            f"else than the rewritten graph: {'; '.join(tried[:4])}")
 
 
-def _kept_eps(p, sizes: dict, depth_plan, opts, rebuild) -> tuple:
+def _kept_eps(p, sizes: dict, depth_plan, opts, rebuild, why: str) -> tuple:
     """(options, rules) of the growth built again with every norm's eps kept."""
     kept = dataclasses.replace(opts, keep_eps=True)
-    return kept, rebuild(p, sizes, depth_plan, kept)
+    return kept, rebuild(p, sizes, depth_plan, kept, why)
 
 
 def eps_shared(p, changed: dict) -> bool:
@@ -127,12 +129,14 @@ def _load_candidate(model, p, cfg: dict, sizes: dict, depth_plan, opts, built, r
     put them."""
     from .config import load_hf
     from ..passes.per_unit import rebuilt_values
-    candidate = rebuild(p, sizes, depth_plan, opts) if built is None else built
+    why = "the config sizes a group that only the outputs read (a pooler): the rules at that size"
+    candidate = rebuild(p, sizes, depth_plan, opts, why) if built is None else built
     grown = load_hf(model, cfg, with_source_ties(model, candidate.state))
     if candidate.units and not opts.unit_values:  # the rebuilt model's own per-unit constants
         values = rebuilt_values(candidate.units, candidate.maps, grown)
         if values:
-            candidate = rebuild(p, sizes, depth_plan, dataclasses.replace(opts, unit_values=values))
+            candidate = rebuild(p, sizes, depth_plan, dataclasses.replace(opts, unit_values=values),
+                                "per-unit constants (ALiBi slopes) placed where the rebuilt model puts them")
             grown = load_hf(model, cfg, with_source_ties(model, candidate.state))
     return candidate, grown
 

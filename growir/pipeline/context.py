@@ -1,7 +1,8 @@
-"""The one object the pipeline's passes read and write (``growir.manager``), and the growth options.
+"""The one object the pipeline's passes read and write (``pipeline.manager``), and the growth options.
 
-Each field says which pass writes it; a pass declares the fields it reads and writes, so the order of
-``pipeline.GROW`` can be checked without running it (``manager.check_order``).
+Each field belongs to the stage that writes it (``FIELD_STAGES``); a pass declares the fields it reads, writes
+and mutates, so the order of ``stages.GROW`` can be checked without running it (``manager.check_order``) and
+what a pass touches checked while it runs (``manager.checking``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,25 @@ class Built:
     eps_nodes: dict = field(default_factory=dict)  # the eps literals changed: node -> (position, new eps)
 
 
+# Each field, grouped by the stage whose passes write it (a test checks every pass against it); the caller sets
+# the inputs, and may give a stage's results instead of running it (``growir.rules`` on a plan: plan, counts).
+FIELD_STAGES = {
+    "inputs": ("opts", "model", "example_inputs", "width", "depth", "layers", "asked_method", "materialize",
+               "strict", "verify"),
+    "PLAN": ("proxy", "how", "counts", "captured", "plan"),
+    "SPEC": ("sizes", "depth_plan"),
+    "RULES": ("fill", "new_units", "maps", "units", "frozen", "unit_reasons", "width_result", "size_literals",
+              "scales", "compensated", "head_dim_reasons", "tied_reasons", "rescaled", "stream_scales", "eps",
+              "eps_values", "reasons", "graph_edits", "filled", "rules", "schedules", "layer_info"),
+    "MATERIALIZE": ("state", "rounded", "graph", "built"),
+    "bookkeeping": ("ran", "timings", "reruns"),  # the manager's
+}
+
+
 @dataclass
 class Context:
-    """The growth in progress. Inputs first (the caller sets them), then what each stage's passes write."""
+    """The growth in progress. Inputs first (the caller sets them), then what each stage's passes write
+    (``FIELD_STAGES``)."""
     # --- inputs --------------------------------------------------------------------------------------------
     opts: Options = field(default_factory=Options)
     model: torch.nn.Module | None = None
@@ -44,7 +61,6 @@ class Context:
     width: object = 1.0  # the spec as given: a multiplier or a role dict
     depth: object = 1.0
     layers: int | None = None
-    counts: dict = field(default_factory=dict)  # block list -> full block count (rules of a two-block proxy)
     asked_method: str = "auto"  # the width_method the caller asked for ("auto": per group)
     materialize: str = "auto"
     strict: bool = False
@@ -52,6 +68,7 @@ class Context:
     # --- plan: capture, analyse ----------------------------------------------------------------------------
     proxy: object = None  # capture.Proxy: grow planned on a two-block meta proxy (None: the full model)
     how: str = ""  # what was captured: the proxy, or the full model and why
+    counts: dict = field(default_factory=dict)  # block list -> full block count (rules of a two-block proxy)
     captured: object = None  # frontend.Captured
     plan: object = None  # plan.Plan
     # --- spec: sizes, depth_plan ---------------------------------------------------------------------------
@@ -69,6 +86,7 @@ class Context:
     scales: dict | None = None  # attention score scales to rewrite (head_dim growth)
     compensated: set | None = None  # (group root, read kind) the head_dim pass made exact
     head_dim_reasons: list | None = None
+    tied_reasons: list | None = None  # why a tied head's norm could not absorb its copies
     rescaled: set | None = None  # residual groups rescaled so that their norms keep eps
     stream_scales: dict | None = None  # group root -> c: that residual stream is c x its copies
     eps: dict | None = None  # norm eps literal -> new value (repeat-and-fill)
@@ -87,15 +105,18 @@ class Context:
     # --- bookkeeping (the manager) -------------------------------------------------------------------------
     ran: list = field(default_factory=list)  # pass names, in the order they ran
     timings: dict = field(default_factory=dict)  # pass name -> seconds (summed over nested runs)
+    reruns: list = field(default_factory=list)  # "pass: why" for each stage that ran again (a restart, a rebuild)
 
     def nested(self, **inputs) -> "Context":
-        """A fresh context for a nested run (a config rebuild, the copies a growth prefers), sharing
-        ``timings``."""
-        return Context(plan=self.plan, counts=self.counts, proxy=self.proxy, timings=self.timings, **inputs)
+        """A fresh context for a nested run (a config rebuild), sharing the bookkeeping (``ran``, ``timings``,
+        ``reruns``): a grow's ``ran`` lists every pass that ran in it."""
+        return Context(plan=self.plan, counts=self.counts, proxy=self.proxy, ran=self.ran, timings=self.timings,
+                       reruns=self.reruns, **inputs)
 
-    def restarted(self, how: str) -> "Context":
-        """The inputs alone, for a growth started again on the full capture (``how`` says why), sharing
-        ``timings`` and ``ran``."""
-        return Context(self.opts, self.model, self.example_inputs, self.width, self.depth, self.layers,
-                       asked_method=self.asked_method, materialize=self.materialize, strict=self.strict,
-                       verify=self.verify, how=how, ran=self.ran, timings=self.timings)
+    def restart(self, how: str) -> None:
+        """Back to the inputs alone, for a growth started again on the full capture (``how`` says why); the
+        bookkeeping is kept (``manager.Restart``)."""
+        fresh = Context(self.opts, self.model, self.example_inputs, self.width, self.depth, self.layers,
+                        asked_method=self.asked_method, materialize=self.materialize, strict=self.strict,
+                        verify=self.verify, how=how, ran=self.ran, timings=self.timings, reruns=self.reruns)
+        self.__dict__.update(fresh.__dict__)

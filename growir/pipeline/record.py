@@ -27,6 +27,7 @@ class GrowthRecord:
     seconds: float = 0.0  # wall time of the grow call: trace, rules, rebuild, measurement (and --verify)
     timings: dict = field(default_factory=dict)  # pass name -> seconds (growir.manager), for the benchmarks
     capture: str = ""  # what was exported: a two-block proxy, or the full model and why
+    reruns: list = field(default_factory=list)  # "pass: why" for each stage that ran again in this growth
     measured: str = ""  # what the self-measure ran
 
     @property

@@ -1,7 +1,8 @@
 """The rules stage as a declared list of passes: index maps, per-tensor width rules and every compensation,
 then the rules of a two-block proxy expanded to the full block lists, then depth. No weights are read.
 
-Each pass reads and writes fields of ``growir.context.Context``; ``RULES`` is the order they run in. The
+Each pass declares the fields of ``pipeline.context.Context`` it reads, writes and mutates (``@declare``, right
+above it; most mutate ``width_result``, the per-tensor rules they compensate); ``RULES`` is the order. The
 order matters where one compensation reads another's output: size values are absorbed before the tied
 head is compensated (it reads the scale they leave), and the exactness verdict comes after every rule is
 final.
@@ -13,7 +14,7 @@ import dataclasses
 
 import torch
 
-from .manager import Pass
+from .manager import declare
 from ..passes.aki import aki_rules
 from ..passes.attention import compensate_head_dim, rewrite_scales, rotary_fills
 from ..passes.constants import rewrite_constants
@@ -32,6 +33,7 @@ from ..passes.width import group_maps, width_rules
 FRESH = ("fresh", "auto")  # the width methods that build fresh units and fills ("auto": per group)
 
 
+@declare(reads=("plan", "sizes", "opts"), writes=("fill", "new_units"))
 def _fill_plan(c) -> None:
     fresh = c.opts.width_method in FRESH
     c.fill = plan_fill(c.plan, c.sizes, every=fresh) if c.opts.width_method in ("fpi", *FRESH) else FillPlan()
@@ -50,12 +52,14 @@ def _low_precision(c) -> bool:
                for t in list(gm.parameters()) + list(gm.buffers()))
 
 
+@declare(reads=("plan", "sizes", "opts", "fill", "new_units"), writes=("maps",))
 def _index_maps(c) -> None:
     index_fn = random_index if c.opts.width_method == "fpi_random" else fpi_index
     fills = {**c.fill.fills, **c.new_units, **rotary_fills(c.plan, c.sizes)}
     c.maps = group_maps(c.plan, c.sizes, c.opts.seed, index_fn, fills, c.opts.width_method in FRESH)
 
 
+@declare(reads=("plan", "opts"), writes=("units", "unit_reasons", "frozen"), mutates=("maps",))
 def _unit_constants(c) -> None:
     """Per-unit constants (ALiBi slopes): old units where the rebuilt model's values match."""
     c.units = find_unit_constants(c.plan, c.maps)
@@ -64,19 +68,25 @@ def _unit_constants(c) -> None:
     c.frozen = {u.node: c.opts.unit_values.get(u.node, grown_value(u, c.maps)) for u in c.units}
 
 
+@declare(reads=("plan", "maps"), writes=("width_result",))
 def _width_rules(c) -> None:
     c.width_result = width_rules(c.plan, c.maps)
     mark_offsets(c.plan, c.width_result.rules)
 
 
+@declare(reads=("plan", "maps"), writes=("size_literals",), mutates=("width_result",))
 def _size_values(c) -> None:
     c.size_literals, _ = absorb_size_values(c.plan, c.maps, c.width_result)
 
 
+@declare(reads=("plan", "maps"), writes=("head_dim_reasons", "compensated", "scales"), mutates=("width_result",))
 def _head_dim(c) -> None:
     c.head_dim_reasons, c.compensated, c.scales = compensate_head_dim(c.plan, c.maps, c.width_result)
 
 
+@declare(reads=("plan", "maps", "opts"),
+         writes=("rescaled", "stream_scales", "eps", "eps_values"),
+         mutates=("width_result", "fill"))
 def _norms(c) -> None:
     """The residual stream rescaled where its norms keep eps, else eps rescaled; fill columns opened."""
     c.rescaled = rescale_residuals(c.plan, c.fill, c.maps, c.width_result.rules)
@@ -86,6 +96,7 @@ def _norms(c) -> None:
     open_fill_columns(c.plan, c.fill, c.maps, c.width_result.rules, kind)
 
 
+@declare(reads=("plan", "fill", "opts"), mutates=("width_result",))
 def _split_copies(c) -> None:
     """width_method='fresh'/'auto': a copied (post-norm) group's consumers split by random factors, not 1/n
     (not below float32 precision, where the factors would round and a division by 2^j does not)."""
@@ -93,10 +104,19 @@ def _split_copies(c) -> None:
         split_copies(c.plan, c.fill.copied, c.width_result.rules)
 
 
+@declare(reads=("plan", "maps"), writes=("tied_reasons",), mutates=("width_result",))
+def _tied_head(c) -> None:
+    """The norm before a tied head (an embedding read as the output layer) rescaled by 1/n; why not, where not."""
+    c.tied_reasons = compensate_tied(c.plan, c.maps, c.width_result)
+
+
+@declare(reads=("plan", "maps", "fill", "compensated", "tied_reasons", "head_dim_reasons", "unit_reasons", "eps",
+                "opts"),
+         writes=("reasons", "eps", "eps_values"))
 def _exactness(c) -> None:
     p = c.plan
     c.reasons = (deviations(p, c.maps, c.compensated | {(root, "norm") for root in c.fill.fills})
-                 + compensate_tied(p, c.maps, c.width_result) + c.head_dim_reasons
+                 + c.tied_reasons + c.head_dim_reasons
                  + [f"repeat-and-fill cannot make {p.group_of(r).label} exact: {why}"
                     for r, why in c.fill.reasons.items()]
                  + c.unit_reasons)
@@ -106,12 +126,14 @@ def _exactness(c) -> None:
                          "was kept: the error is about eps / var(x), measured below")
 
 
+@declare(reads=("plan", "maps", "opts"), mutates=("width_result", "reasons"))
 def _aki(c) -> None:
     if c.opts.width_method == "aki" and aki_rules(c.plan, c.maps, c.width_result.rules):
         c.reasons.append("AKI gives the new units of each block the next block's weights (bert2BERT): "
                          "not function-preserving by design")
 
 
+@declare(reads=("opts",), mutates=("width_result",))
 def _noise(c) -> None:
     """Symmetry breaking on every consumer axis that has copies (each tensor its own seeded draw)."""
     rules, opts = c.width_result.rules, c.opts
@@ -122,6 +144,8 @@ def _noise(c) -> None:
             rules[name] = dataclasses.replace(rule, noise=(opts.noise, opts.seed * 100003 + k))
 
 
+@declare(reads=("plan", "maps", "eps", "size_literals", "scales", "frozen", "fill", "new_units"),
+         writes=("graph_edits", "filled"))
 def _graph_edits(c) -> None:
     p, maps, eps, literals, scales, frozen = c.plan, c.maps, c.eps, c.size_literals, c.scales, c.frozen
     c.graph_edits = [lambda g: rewrite_constants(p, maps, g), lambda g: rewrite_scales(g, scales),
@@ -131,12 +155,14 @@ def _graph_edits(c) -> None:
     c.filled.update({p.group_of(root).label: f"copies ({why})" for root, why in c.fill.copied.items()})
 
 
+@declare(reads=("width_result", "counts"), writes=("rules",))
 def _expand_blocks(c) -> None:
     """A two-block proxy's rules, block for block, for the full block lists (``checkpoint.counts``)."""
     from ..frontend.proxy import expand_block_rules
     c.rules = expand_block_rules(c.width_result.rules, c.counts)
 
 
+@declare(reads=("depth_plan", "counts", "opts"), writes=("schedules", "layer_info"), mutates=("rules", "reasons"))
 def _depth(c) -> None:
     c.schedules, c.layer_info = [], {}
     for b, new in c.depth_plan:
@@ -151,28 +177,10 @@ def _depth(c) -> None:
                              + (" (its blocks are post-norm)" if sched.method == "identity" else ""))
 
 
+@declare(reads=("plan", "opts"), mutates=("rules", "width_result"))  # the rule objects expand_blocks shares
 def _seed_fills(c) -> None:
     seed_random_fills(c.rules, c.plan.facts.aliases, c.opts.seed)
 
 
-_IN = ("plan", "sizes", "opts")
-RULES = (
-    Pass("fill_plan", _fill_plan, _IN, ("fill", "new_units")),
-    Pass("index_maps", _index_maps, _IN + ("fill", "new_units"), ("maps",)),
-    Pass("unit_constants", _unit_constants, ("plan", "maps", "opts"), ("units", "unit_reasons", "frozen")),
-    Pass("width_rules", _width_rules, ("plan", "maps"), ("width_result",)),
-    Pass("size_values", _size_values, ("plan", "maps", "width_result"), ("size_literals",)),
-    Pass("head_dim", _head_dim, ("plan", "maps", "width_result"), ("head_dim_reasons", "compensated", "scales")),
-    Pass("norms", _norms, ("plan", "fill", "maps", "width_result", "opts"), ("rescaled", "stream_scales", "eps",
-                                                                              "eps_values")),
-    Pass("split_copies", _split_copies, ("plan", "fill", "width_result", "opts"), ()),
-    Pass("exactness", _exactness, ("plan", "maps", "fill", "width_result", "compensated", "head_dim_reasons",
-                                   "unit_reasons", "eps", "opts"), ("reasons",)),
-    Pass("aki", _aki, ("plan", "maps", "width_result", "reasons", "opts"), ()),
-    Pass("noise", _noise, ("width_result", "opts"), ()),
-    Pass("graph_edits", _graph_edits, ("plan", "maps", "eps", "size_literals", "scales", "frozen", "fill",
-                                       "new_units"), ("graph_edits", "filled")),
-    Pass("expand_blocks", _expand_blocks, ("width_result",), ("rules",)),
-    Pass("depth", _depth, ("rules", "depth_plan", "reasons", "opts"), ("schedules", "layer_info")),
-    Pass("seed_fills", _seed_fills, ("rules", "plan", "opts"), ()),
-)
+RULES = (_fill_plan, _index_maps, _unit_constants, _width_rules, _size_values, _head_dim, _norms, _split_copies,
+         _tied_head, _exactness, _aki, _noise, _graph_edits, _expand_blocks, _depth, _seed_fills)

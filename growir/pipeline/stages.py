@@ -1,47 +1,56 @@
-"""The passes of every stage but the rules (``passes/pipeline.py``): plan (capture, analyse), spec (sizes,
+"""The passes of every stage but the rules (``pipeline/rules.py``): plan (capture, analyse), spec (sizes,
 depth), materialize (grown tensors, rewritten graph, record, the class rebuilt) and check (measure, judge).
 
-``grow`` plans on a two-block meta proxy where one stands in for the model (``capture.py``): no GraphModule
+``grow`` plans on a two-block meta proxy where one stands in for the model (``frontend/proxy.py``): no GraphModule
 is built then, and the rebuilt class is measured on the real source once. Where the proxy cannot do (the
 growth is not exact, no config rebuilds it, the proxy's graph is not a chain of blocks), the growth starts
-again on the full capture (``_restart``) and ``record.capture`` says why.
+again on the full capture (a pass raises ``manager.Restart``, the driver runs the stages again) and
+``record.capture`` and ``record.reruns`` say why.
 
-Each pass is a small function of the one ``Context``; ``api.py`` declares the order. A pass that warns
-uses ``stacklevel=4`` (the pass, the manager, the public function, the caller's line).
+Each pass is a small function of the one ``Context``, declared (``manager.declare``) with what it reads, writes
+and mutates; the stage lists at the end give the order. A pass that warns
+uses ``errors.warn``, which points the warning at the caller's line, the first frame outside growir.
 """
 
 from __future__ import annotations
 
-import warnings
+import dataclasses
 
 from ..frontend.proxy import NoProxy, check_plan, full_capture, make_model_proxy, source_tensors
+from ..passes.depth import schedule
 from .context import Built, Context
 from ..errors import (AnalysisError, MaterializeError, NotExactError, PreservationError, RewriteError, SpecError,
-                      GrowthError, TraceError, first_line)
+                      GrowthError, TraceError, first_line, warn)
 from ..frontend.export import capture
 from ..frontend.inputs import example_inputs_for
-from .manager import Pass, run_passes
+from .manager import Restart, declare, run_passes
 from ..materialize.graph import build_graph_module, release_weights
 from ..passes.depth import target_layers
 from .rules import RULES
 from ..ir.tensor_rule import rounding_reason
 from ..analysis.plan import make_plan, resolve_width, unused_width_notes
 from .record import GrowthRecord
-from ..verify.measure import failing_node, measure, output_maps
+from ..verify.compare import TOLERANCE, output_maps
+from ..verify.measure import failing_node, measure
 
-TOLERANCE = 1e-5  # max|Δ| <= TOLERANCE * max(1, max|y|) in float32 counts as exact
 MEASURED = "the real source and grown models in float32 at the example inputs and a second shape"
+_EXPORT, _ANALYSE, _SPEC = "exporting the model", "analysing the exported graph", "resolving the growth spec"
+_CLASS, _CHECK = "rebuilding the model's class from its config", "measuring the grown model"
 
 
 # --- plan -----------------------------------------------------------------------------------------------------
+@declare(reads=("model", "example_inputs?"), writes=("captured",), name="capture", what=_EXPORT, error=TraceError)
 def _capture(c) -> None:
     c.captured = capture(c.model, c.example_inputs)
 
 
+@declare(reads=("captured",), writes=("plan",), name="analyse", what=_ANALYSE, error=AnalysisError)
 def _analyse(c) -> None:
     c.plan = make_plan(c.captured)
 
 
+@declare(reads=("model", "example_inputs?", "materialize", "how?", "proxy?"),
+         writes=("captured", "proxy?", "counts", "how"), name="capture", what=_EXPORT, error=TraceError)
 def _capture_in_memory(c) -> None:
     """grow: the two-block meta proxy where one stands in for the model, else the full model (``c.how``)."""
     if not c.how:  # a restarted growth has said why it captures the full model
@@ -51,43 +60,35 @@ def _capture_in_memory(c) -> None:
         except NoProxy as why:
             c.how = full_capture(why)
     if c.proxy is None:
-        return _capture(c)
+        c.captured = capture(c.model, c.example_inputs)
+        return
     try:
         c.captured = capture(c.proxy.model, c.example_inputs)  # a meta model is traced with CPU inputs
     except GrowthError as err:  # the full capture says the same, or succeeds
-        return _without_proxy(c, f"the proxy could not be captured ({type(err).__name__})", _capture)
+        raise Restart(full_capture(f"the proxy could not be captured ({type(err).__name__})"), (_capture_in_memory,))
     c.captured.args, c.captured.kwargs = example_inputs_for(c.model, c.example_inputs)  # the real model's
 
 
+@declare(reads=("captured", "proxy?"), writes=("plan",), name="analyse", what=_ANALYSE, error=AnalysisError)
 def _analyse_in_memory(c) -> None:
     if c.proxy is None:
-        return _analyse(c)
+        c.plan = make_plan(c.captured)
+        return
     try:
         c.plan = make_plan(c.captured)
         check_plan(c.plan, c.proxy)
     except (GrowthError, NoProxy) as why:
-        _without_proxy(c, why if isinstance(why, NoProxy) else f"the proxy could not be analysed "
-                       f"({type(why).__name__})", _capture, _analyse)
-
-
-def _without_proxy(c, why, *steps) -> None:
-    """The full model captured instead of the proxy (before any rule was made)."""
-    c.proxy, c.counts, c.how = None, {}, full_capture(why)
-    for step in steps:
-        step(c)
-
-
-def _restart(c, why: str, passes) -> None:
-    """The growth started again on the full capture: ``passes`` run on the inputs alone, their results kept."""
-    fresh = c.restarted(full_capture(why))
-    c.__dict__.update(run_passes(passes, fresh).__dict__)
+        raise Restart(full_capture(why if isinstance(why, NoProxy) else f"the proxy could not be analysed "
+                                   f"({type(why).__name__})"), PROXY_PLAN)
 
 
 # --- spec -----------------------------------------------------------------------------------------------------
+@declare(reads=("plan", "width"), writes=("sizes",), what=_SPEC, error=SpecError)
 def _sizes(c) -> None:
     c.sizes = resolve_width(c.plan, c.width)
 
 
+@declare(reads=("plan", "depth", "layers?", "counts"), writes=("depth_plan",), what=_SPEC, error=SpecError)
 def _depth_plan(c) -> None:
     wants_depth = c.layers is not None or float(c.depth) != 1.0
     if wants_depth and not c.plan.blocks:
@@ -96,7 +97,23 @@ def _depth_plan(c) -> None:
                     for b in (c.plan.blocks if wants_depth else [])]
 
 
+@declare(reads=("proxy?", "depth_plan", "counts", "opts"), what=_SPEC, error=SpecError)
+def _proxy_depth(c) -> None:
+    """Decided before any rule is made: a depth growth that cannot be exact needs the full graph (the class
+    rebuilt for it is checked against the rewritten graph), so the full model is captured now, once."""
+    if c.proxy is None:
+        return
+    for b, new in c.depth_plan:
+        full = dataclasses.replace(b, paths=[f"{b.prefix}.{i}" for i in range(c.counts.get(b.prefix, b.count))])
+        sched = schedule(full, new, c.opts.depth_method)
+        if not sched.exact:
+            raise Restart(full_capture(f"the growth is not exact (depth growth of `{b.prefix}` by `{sched.method}`), "
+                                       f"and the class rebuilt for it is checked against the rewritten full graph"),
+                          PROXY_PLAN + SPEC)
+
+
 # --- materialize ----------------------------------------------------------------------------------------------
+@declare(reads=("plan", "rules", "proxy?"), writes=("state", "rounded"))
 def _apply_rules(c) -> None:
     """Each rule applied to its source tensor (and AKI donor), computed in float32, cast once."""
     gm = c.plan.captured.gm
@@ -108,6 +125,7 @@ def _apply_rules(c) -> None:
         c.rounded += [name] if lossy else []
 
 
+@declare(reads=("plan", "rules", "state", "schedules", "graph_edits", "proxy?"), writes=("graph?",))
 def _rewrite_graph(c) -> None:
     """The rewritten GraphModule (none on a proxy's plan: it holds two blocks, and nothing returns it)."""
     c.graph = None
@@ -121,6 +139,8 @@ def _rewrite_graph(c) -> None:
                                  c.plan.facts.aliases)
 
 
+@declare(reads=("plan", "sizes", "layer_info", "reasons", "maps", "rules", "filled", "opts", "rounded", "state",
+                "graph?", "eps_values", "units", "eps"), writes=("built",))
 def _record(c) -> None:
     record = GrowthRecord(c.plan, dict(c.sizes), c.layer_info, c.reasons, output_maps=output_maps(c.plan, c.maps),
                           rules=c.rules, filled=c.filled, width_method=c.opts.width_method,
@@ -128,28 +148,15 @@ def _record(c) -> None:
     c.built = Built(record, c.state, c.graph, c.maps, c.eps_values, c.units, c.eps)
 
 
-GRAPH = (
-    Pass("apply_rules", _apply_rules, ("plan", "rules"), ("state", "rounded")),
-    Pass("rewrite_graph", _rewrite_graph, ("plan", "rules", "state", "schedules", "graph_edits"), ()),
-    Pass("record", _record, ("plan", "sizes", "layer_info", "reasons", "maps", "rules", "state"), ("built",)),
-)
-BUILD = RULES + GRAPH
+GRAPH = (_apply_rules, _rewrite_graph, _record)
 
 
 def build(c, sizes: dict, depth_plan: list, opts) -> Built:
-    """The rules and the rewritten graph again, in a nested context (a config rebuild, the copies)."""
-    return run_passes(BUILD, c.nested(sizes=sizes, depth_plan=depth_plan, opts=opts)).built
+    """The rules and the rewritten graph again, in a nested context (a config rebuild)."""
+    return run_passes(RULES + GRAPH, c.nested(sizes=sizes, depth_plan=depth_plan, opts=opts)).built
 
 
-def _notes(c) -> None:
-    p, record = c.plan, c.built.record
-    notes = unused_width_notes(p, c.width, c.sizes) + _aki_notes(p, record, c.opts.width_method)
-    for note in notes:
-        warnings.warn("growir: " + note, stacklevel=4)
-    record.notes += notes + ([f"the graph was exported at fixed shapes ({p.captured.static})"]
-                             if p.captured.static else [])
-
-
+@declare(reads=("proxy?", "rules", "reasons"))
 def _proxy_fits(c) -> None:
     """A proxy's growth goes on only where it is exact (else the rebuilt class is checked against the rewritten
     full graph) and its rules read tensors the model holds; otherwise the growth starts again, full."""
@@ -165,23 +172,49 @@ def _proxy_fits(c) -> None:
         except NoProxy as err:
             why = str(err)
     if why:
-        _restart(c, why, PROXY_PLAN + SPEC + RULES)
+        raise Restart(full_capture(why), PROXY_PLAN + SPEC + RULES)
 
 
+@declare(reads=("model", "plan", "built", "sizes", "depth_plan", "opts", "proxy?", "materialize", "counts"),
+         writes=("built",), what=_CLASS, error=MaterializeError)
 def _rebuild_class(c) -> None:
     from ..materialize.hf import materialize_hf
     if not c.plan.captured.is_hf:
         return
-    rebuild = lambda p, sizes, depth_plan, opts: build(c, sizes, depth_plan, opts)  # noqa: E731
+    rebuild = _rebuilder(c)
     if c.proxy is None:
         c.built = materialize_hf(c.model, c.plan, c.sizes, c.depth_plan, c.opts, c.built, rebuild, c.materialize)
         return
     try:  # no GraphModule to fall back to: the full capture makes it
         c.built = materialize_hf(c.model, c.plan, c.sizes, c.depth_plan, c.opts, c.built, rebuild, "hf")
     except MaterializeError as err:
-        _restart(c, f"no config rebuilds {type(c.model).__name__} from the proxy's growth ({first_line(err)[:300]})",
-                 PROXY_PLAN + SPEC + RULES + GRAPH)
-        _rebuild_class(c)
+        why = f"no config rebuilds {type(c.model).__name__} from the proxy's growth ({first_line(err)[:300]})"
+        raise Restart(full_capture(why), PROXY_PLAN + SPEC + RULES + GRAPH + (_rebuild_class,))
+
+
+def _rebuilder(c):
+    """``materialize_hf``'s callback: the rules and graph built again for other sizes or options, each distinct
+    build once (candidate configs often ask for the same one), and ``c.reruns`` says why."""
+    done = []
+
+    def rebuild(p, sizes, depth_plan, opts, why):
+        for key, built in done:
+            if key == (sizes, depth_plan, opts):
+                return built
+        c.reruns.append(f"rules, graph: {why}")
+        done.append(((dict(sizes), list(depth_plan), opts), build(c, sizes, depth_plan, opts)))
+        return done[-1][1]
+    return rebuild
+
+
+@declare(reads=("plan", "built", "width", "sizes", "opts"), mutates=("built",), what=_CLASS)
+def _notes(c) -> None:
+    p, record = c.plan, c.built.record
+    notes = unused_width_notes(p, c.width, c.sizes) + _aki_notes(p, record, c.opts.width_method)
+    for note in notes:
+        warn("growir: " + note)
+    record.notes += notes + ([f"the graph was exported at fixed shapes ({p.captured.static})"]
+                             if p.captured.static else [])
 
 
 def _aki_notes(p, record, width_method: str) -> list[str]:
@@ -196,16 +229,8 @@ def _aki_notes(p, record, width_method: str) -> list[str]:
     return notes
 
 
-_GRAPH = "computing the grown tensors and rewriting the graph"
-FIT = (Pass("proxy_fits", _proxy_fits, ("rules", "reasons"), (), _GRAPH),)
-CLASS = (
-    Pass("rebuild_class", _rebuild_class, ("plan", "built", "sizes", "depth_plan", "opts"), ("built",),
-         "rebuilding the model's class from its config", MaterializeError),
-    Pass("notes", _notes, ("plan", "built", "sizes", "opts"), (), _GRAPH),
-)
-
-
 # --- check ----------------------------------------------------------------------------------------------------
+@declare(reads=("model", "plan", "built", "strict", "how?"), mutates=("built",), what=_CHECK)
 def _measure(c) -> None:
     """Parameter counts and the self-measure; a cast that rounded counts only where it shows in float32."""
     record, grown = c.built.record, c.built.grown
@@ -213,7 +238,7 @@ def _measure(c) -> None:
         raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(record.reasons))
     record.params_before = sum(t.numel() for t in c.model.parameters())
     record.params_after = sum(t.numel() for t in grown.parameters())
-    record.capture = c.how
+    record.capture, record.reruns = c.how, list(c.reruns)
     if record.measured:  # a proxy's growth was measured on the real source while its class was rebuilt
         return
     try:
@@ -230,6 +255,7 @@ def _measure(c) -> None:
             raise NotExactError("strict=True and this growth is not exact: " + record.rounding)
 
 
+@declare(reads=("model", "built", "verify"), mutates=("built",), what=_CHECK)
 def _judge(c) -> None:
     """The verdict: a bug (exact by theorem, not by measure), a warning (not exact), and verify's check."""
     record, grown = c.built.record, c.built.grown
@@ -238,16 +264,16 @@ def _judge(c) -> None:
         if c.verify:
             raise SpecError("verify=True needs weights, but the model is on the meta device: grow the real model")
         if not record.exact:
-            warnings.warn("growir: the grown model is not function-preserving (not measured: meta device): "
-                          + "; ".join(record.reasons), stacklevel=4)
+            warn("growir: the grown model is not function-preserving (not measured: meta device): "
+                 + "; ".join(record.reasons))
         return
     if record.exact and record.deviation > TOLERANCE:
         raise PreservationError(f"this growth should be exact but its outputs moved by {record.deviation:.3g} "
                                 f"(relative to max(1, max|y|)); this is a growir bug: please report it with "
                                 f"the model's config")
     if not record.exact:
-        warnings.warn(f"growir: the grown model is not function-preserving (measured deviation "
-                      f"{record.deviation:.3g}): " + "; ".join(record.reasons), stacklevel=4)
+        warn(f"growir: the grown model is not function-preserving (measured deviation "
+             f"{record.deviation:.3g}): " + "; ".join(record.reasons))
     if c.verify:
         from ..verify.onnx_check import check
         record.check = check(c.model, grown)
@@ -256,38 +282,22 @@ def _judge(c) -> None:
                                     f"{record.check}")
 
 
+@declare(reads=("plan",), mutates=("plan",), what=_CHECK)
 def _release(c) -> None:
     release_weights(c.plan.captured.gm)  # the record keeps the graph, not the source's weights
 
 
-_CHECK = "measuring the grown model"
-CHECK = (
-    Pass("measure", _measure, ("model", "plan", "built"), (), _CHECK),
-    Pass("judge", _judge, ("built",), (), _CHECK),
-    Pass("release", _release, ("plan",), (), _CHECK),
-)
-PLAN = (
-    Pass("capture", _capture, ("model",), ("captured",), "exporting the model", TraceError),
-    Pass("analyse", _analyse, ("captured",), ("plan",), "analysing the exported graph", AnalysisError),
-)
-PROXY_PLAN = (  # grow in memory: the two-block proxy where it stands in for the model
-    Pass("capture", _capture_in_memory, ("model",), ("captured",), "exporting the model", TraceError),
-    Pass("analyse", _analyse_in_memory, ("captured",), ("plan",), "analysing the exported graph", AnalysisError),
-)
-SPEC = (
-    Pass("sizes", _sizes, ("plan",), ("sizes",), "resolving the width spec against the plan", SpecError),
-    Pass("depth_plan", _depth_plan, ("plan",), ("depth_plan",), "resolving the depth spec", SpecError),
-)
-
-# The pipeline, stage by stage, pass by pass (names in the order they run):
-#   PLAN         capture, analyse (grow: PROXY_PLAN, on a two-block meta proxy where one stands in)
-#   SPEC         sizes, depth_plan
-#   RULES        fill_plan, index_maps, unit_constants, width_rules, size_values, head_dim, norms, split_copies,
-#                exactness, aki, noise, graph_edits, expand_blocks, depth, seed_fills
-#   MATERIALIZE  proxy_fits, apply_rules, rewrite_graph, record, rebuild_class, notes
-#   CHECK        measure, judge, release
-MATERIALIZE = FIT + GRAPH + CLASS
-GROW = PROXY_PLAN + SPEC + RULES + MATERIALIZE + CHECK
+# The pipeline, stage by stage (docs/design.md renders this table from the lists: ``stage_table``).
+PLAN = (_capture, _analyse)
+PROXY_PLAN = (_capture_in_memory, _analyse_in_memory)  # grow: the two-block proxy where it stands in
+SPEC = (_sizes, _depth_plan)
+STAND_IN = (_proxy_depth,)  # grow: whether the proxy can stand in, decided before any rule is made
+MATERIALIZE = (_proxy_fits,) + GRAPH + (_rebuild_class, _notes)
+CHECK = (_measure, _judge, _release)
+GROW = PROXY_PLAN + SPEC + STAND_IN + RULES + MATERIALIZE + CHECK
+GROW_PLANNED = SPEC + RULES + MATERIALIZE + CHECK  # grow on a plan made beforehand (a streamed model's proxy)
+STAGES = {"PLAN": PLAN, "PROXY_PLAN": PROXY_PLAN, "SPEC": SPEC, "STAND_IN": STAND_IN, "RULES": RULES,
+          "MATERIALIZE": MATERIALIZE, "CHECK": CHECK}  # by name, for docs/design.md's table (pipeline/table.py)
 
 
 def plan_of(model, example_inputs=None):

@@ -21,7 +21,7 @@ import torch
 
 from .plan import FolderPlan, plan_folder
 from ..frontend.proxy import PROXY_BLOCKS, signature, check_proxy, make_proxy
-from ..frontend.folder import meta_model
+from ..frontend.folder import meta_model, named_tensors
 from ..errors import MaterializeError
 
 SMALL_VOCAB = 128
@@ -29,6 +29,8 @@ SMALL_VOCAB = 128
 
 @dataclasses.dataclass
 class Choice:
+    """The grown config chosen on the proxy (``choose_config``): the changed fields, the proxy's measured
+    deviation, and whether the rules keep an eps the config cannot rescale."""
     config: object  # the grown model's config
     changes: dict  # field -> new value
     deviation: float | None  # the proxy's measured deviation
@@ -75,7 +77,7 @@ def plan_sample(folder, config, cls, full, exact_blocks: bool = True) -> FolderP
     planned = plan_folder(folder, proxy=exact_blocks)
     blocks = small if exact_blocks else {}
     planned.layer_fields = fp.layer_fields if exact_blocks else {}
-    planned.small = {**blocks, **_input_fields_from_plan(planned, base, blocks)}
+    planned.small = {**blocks, **_input_fields_on_full_plan(planned, base, blocks)}
     planned.sample = _sample(planned, planned.small)
     return planned
 
@@ -91,12 +93,11 @@ def choose_config(fp, sizes: dict, depth_plan: list, width, opts) -> Choice:
     with ``opts`` (``opts.low_precision``: the weights are stored below float32, where
     ``width_method="auto"`` copies some groups it would otherwise fill, ``passes/fresh.py``; the proxy runs in
     float32 with the same rules). Raises MaterializeError where no config of the class computes the growth."""
-    from ..pipeline.stages import GROW
+    from ..pipeline.stages import GROW, GROW_PLANNED
     from ..pipeline.context import Context
     from ..pipeline.manager import run_passes
     from ..materialize.config import follow_lists
     from ..passes.depth import schedule
-    from ..pipeline.stages import PLAN
 
     base, small = fp.config.to_dict(), fp.small
     spec = _proxy_depth(fp, depth_plan)
@@ -105,7 +106,7 @@ def choose_config(fp, sizes: dict, depth_plan: list, width, opts) -> Choice:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            run_passes(GROW[len(PLAN):] if fp.planned_sample else GROW, ctx)
+            run_passes(GROW_PLANNED if fp.planned_sample else GROW, ctx)
         except MaterializeError as error:
             raise MaterializeError(f"cannot stream this growth: a streamed checkpoint is loaded by "
                                    f"{fp.cls.__name__}, but {error} (found on a random-weight two-block proxy). "
@@ -181,8 +182,10 @@ def _input_axes_unread(p, axes: list) -> bool:
         not axes or any(g.pinned for g in groups))
 
 
-def _input_fields_from_plan(fp, base: dict, small: dict) -> dict:
-    """The old way, from a plan of the full-vocabulary proxy: fields holding a pinned group's size."""
+def _input_fields_on_full_plan(fp, base: dict, small: dict) -> dict:
+    """The input-size fields where the proxy's own plan cannot confirm them (``width_method="fpi_random"``,
+    which plans the full model on the meta device, or a shrunk axis that a parameter reads): the fields that
+    hold a pinned group's size in ``fp.plan`` and, set to ``SMALL_VOCAB``, keep the module tree."""
     keys = {t[0] for t in signature(_built({**base, **small}, fp))[1]}
     out = {}
     for g in fp.plan.groups:
@@ -197,7 +200,7 @@ def _input_fields_from_plan(fp, base: dict, small: dict) -> dict:
 
 
 def _shapes(model) -> tuple:
-    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+    tensors = named_tensors(model)
     return [n for n, _ in tensors], {n: tuple(t.shape) for n, t in tensors}
 
 
