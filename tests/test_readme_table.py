@@ -31,7 +31,7 @@ def readme_tested_names() -> set:
 
 def test_every_architecture_the_table_names_is_built_by_a_test():
     this = pathlib.Path(__file__).name
-    sources = _norm("".join(p.read_text() for p in (ROOT / "tests").glob("*.py") if p.name != this))
+    sources = _norm("".join(p.read_text() for p in (ROOT / "tests").rglob("*.py") if p.name != this))
     names = readme_tested_names()
     assert {"llama", "mixtral", "qwen2moe", "gemma", "bloom", "mpt", "falcon", "swin"} <= names, sorted(names)
     missing = sorted(n for n in names if n not in sources)

@@ -8,7 +8,7 @@ Each row registers ops under a *kind* (their value family) with their axis rule 
   view, a transpose, a cast)? Is it zero when an operand is zero? Is it a contraction, a norm, a sum of terms?
 
 A new op joins a family in one line, and with it every named set below (``LAYOUT``, ``ZERO_WITH_FIRST`` ...),
-since each is a union of kinds or a test on traits. No other module compares op names (tests/test_op_table.py).
+since each is a union of kinds or a test on traits. No other module compares op names (tests/analysis/test_op_table.py).
 Ops whose values growir follows no further have a kind no walk follows (``pointwise``, ``reduce``, ``other``...):
 a choice made in their row, not a default.
 

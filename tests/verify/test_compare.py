@@ -16,7 +16,7 @@ from growir.verify.compare import TOLERANCE, bound, deviation, map_source_output
 from growir.verify.measure import measure
 from growir.verify.onnx_check import compare_output
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = {"TOLERANCE", "output_maps", "axis_maps", "map_source_output", "deviation", "relative_scale", "abs_diff",
           "bound"}
 
