@@ -54,7 +54,14 @@ def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict,
     base = model.config.to_dict()
     floats = {k: float_pairs[v] for k, v in base.items() if isinstance(v, float) and v in (float_pairs or {})}
     base = {**base, **floats}
-    shapes_of = lambda changes: config_shapes(model, follow_lists(base, with_changes(base, changes), layer_sources))
+    built = {}  # the search asks for the same changes more than once: each config is built on meta once
+
+    def shapes_of(changes: dict):
+        key = repr(sorted(changes.items()))
+        if key not in built:
+            built[key] = config_shapes(model, follow_lists(base, with_changes(base, changes), layer_sources))
+        return built[key]
+
     fits = lambda sh: _fits(sh, expected, required)
     fields = {k: v for k, v in int_fields(base).items() if v in size_pairs and not is_token_field(_field(k))}
     base_shapes = shapes_of({})
