@@ -4,6 +4,8 @@ Each row registers ops under a *kind* (their value family) with their axis rule 
 
 - the **rule** (``rules.py``, ``shape_rules.py``, ``routing_rules.py``) says how the op relates the axes of its
   inputs and outputs; the walker applies it. An op without a rule (``None``) is refused where it makes a tensor.
+  The rule ``derived`` (``derived_rules.py``) is read from the op's own meta kernel by the distinct-prime probe
+  (``probe.py``); the walker uses it for any aten op with no row too, as kind ``other``.
 - the **traits** say what the growth passes ask about values: is the output the input's values rearranged (a
   view, a transpose, a cast)? Is it zero when an operand is zero? Is it a contraction, a norm, a sum of terms?
 
@@ -28,6 +30,7 @@ from typing import Callable
 import torch.fx as fx
 
 from .nodes import op_name
+from .derived_rules import derived
 from .routing_rules import flip, grouped_mm, histc, index_add, index_put, one_hot, roll, scatter, sort, topk
 from .rules import (addmm, along_dim, baddbmm, conv, einsum, elementwise, embedding, fresh_sized, gather, getitem,
                     index_select, index_tensor, layer_norm, like, linear, min_max, mm, native_dropout, new_sized,
@@ -170,6 +173,13 @@ _add("other", "histc", histc)
 _add("other", "one_hot", one_hot)
 _add("other", "view_as reshape_as", reshape)  # not followed as views: a walk through them needs a test first
 _add("other", "concat", cat)  # cat's alias, not followed as a sum (same reason)
+# --- axis rules derived from the op's own meta kernel (derived_rules.py): no hand rule, the kind still a choice ------
+# (an aten op with no row gets the derived rule too, as kind "other"; a row says what its values are)
+_add("pointwise", "xlogy logaddexp logaddexp2 copysign nan_to_num frac digamma lgamma sinh cosh tan asin acos atan "
+                  "asinh acosh atanh exp2 log2 log10 logit heaviside nextafter i0 sinc deg2rad rad2deg fmax fmin "
+                  "float_power true_divide positive polar", derived)
+_add("other", "tensor_split diff narrow_copy tile kron outer rot90 logcumsumexp cummax cummin linalg_cross take "
+              "view_as_real", derived)
 # --- made, not computed from operands -----------------------------------------------------------------------------
 _add("creation", "zeros", fresh_sized, zero="always")
 _add("creation", "zeros_like", like, zero="always")

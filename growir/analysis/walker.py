@@ -9,6 +9,7 @@ carry a group's size, and which axes are *pinned* (model inputs, vocabularies, k
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import sympy
 import torch
@@ -88,12 +89,14 @@ class Walker:
     """Applies each op's axis rule to every node of a graph and collects the ``Facts``.
 
     ``table`` is the op table (``growir.analysis.ops.TRAITS``: op name -> row with ``rule``, ``kind``, ``layout``);
-    it is passed in because the table names the rules, which use the walker.
+    it is passed in because the table names the rules, which use the walker. ``derive`` is the rule for aten ops
+    the table lacks (``growir.analysis.derived_rules.derived``, read from its meta kernel); without it they are refused.
     """
 
-    def __init__(self, gm: fx.GraphModule, table: dict):
+    def __init__(self, gm: fx.GraphModule, table: dict, derive: Callable | None = None):
         self.gm = gm
         self.table = table
+        self.derive = derive
         self.f = Facts()
         self.nodes = {n.name: n for n in gm.graph.nodes}
         param_ids = {id(p) for p in gm.parameters()}
@@ -248,10 +251,11 @@ class Walker:
 
     def _apply(self, node: fx.Node) -> None:
         name = op_name(node)
-        rule = self._row(node).rule
+        row = self._row(node)
+        if not _has_tensor(node.meta.get("val")) and (row is _NO_ROW or row.rule is None):
+            return  # symbolic-size arithmetic and assertions carry no tensor axes
+        rule = self.derive if row is _NO_ROW and isinstance(node.target, torch._ops.OpOverload) else row.rule
         if rule is None:
-            if not _has_tensor(node.meta.get("val")):
-                return  # symbolic-size arithmetic and assertions carry no tensor axes
             raise UnsupportedOpError(
                 f"growir has no rule for the op `{node.target}` at {where(node)}. It stops rather than guess "
                 f"how the op treats tensor axes; give it a row with an axis rule in growir/analysis/ops.py")
