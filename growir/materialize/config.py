@@ -57,7 +57,7 @@ def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict,
     built = {}  # the search asks for the same changes more than once: each config is built on meta once
 
     def shapes_of(changes: dict):
-        key = repr(sorted(changes.items()))
+        key = repr(sorted((_name(k), v) for k, v in changes.items()))  # names: a str and a (name, i) do not sort
         if key not in built:
             built[key] = config_shapes(model, follow_lists(base, with_changes(base, changes), layer_sources))
         return built[key]
@@ -72,7 +72,8 @@ def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict,
         diff = _first_mismatch(shapes_of({k: max(size_pairs[v]) for k, v in relevant.items()}), expected, required)
         raise MaterializeError(
             f"no change of {type(model.config).__name__}'s size fields ({', '.join(relevant) or 'none'}) rebuilds "
-            f"{type(model).__name__} with the grown shapes ({diff}): its config cannot express this growth. "
+            f"{type(model).__name__} with the grown shapes ({diff}): its config cannot express this growth"
+            f"{skipped_note(base, size_pairs)}. "
             f"Nothing was loaded; grow(..., materialize='graph') returns the rewritten GraphModule instead")
     needed, optional = _required_only(needed, shapes_of, fits)
     optional += [(k, n) for k, v in fields.items() if k not in relevant and v in head_pairs for n in sorted(head_pairs[v])]
@@ -101,6 +102,39 @@ def int_fields(cfg: dict) -> dict:
         elif isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
             out.update({(k, i): x for i, x in enumerate(v)})
     return out
+
+
+def skipped_fields(cfg: dict, size_pairs: dict) -> dict:
+    """name -> why the search does not change it: fields that hold a size the growth changes in a form
+    :func:`int_fields` does not read (a nested config, a list of lists, a list mixing numbers and names).
+
+    >>> skipped_fields({"d": 8, "sub": {"d": 8}, "stages": [[8, 2]], "names": ["a", 8], "kinds": ["a"]}, {8: {16}})
+    {'sub': 'a nested dict holds 8', 'stages': 'a nested list holds 8', 'names': 'a list of mixed types holds 8'}
+    """
+    out = {}
+    for k, v in cfg.items():
+        if is_token_field(k) or not isinstance(v, (list, dict)) or int_fields({k: v}):  # read as ints
+            continue
+        held = sorted(n for n in _ints_in(v) if n in size_pairs)
+        if held:
+            kind = ("a nested dict" if isinstance(v, dict) else "a nested list"
+                    if any(isinstance(x, (list, dict)) for x in v) else "a list of mixed types")
+            out[k] = f"{kind} holds {', '.join(map(str, held[:3]))}"
+    return out
+
+
+def skipped_note(cfg: dict, size_pairs: dict) -> str:
+    """'' or '; fields not searched: ...' for an error message (:func:`skipped_fields`)."""
+    skipped = skipped_fields(cfg, size_pairs)
+    return "; fields not searched: " + ", ".join(f"{k} ({why})" for k, why in skipped.items()) if skipped else ""
+
+
+def _ints_in(value) -> list:
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _ints_in(v)]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _ints_in(v)]
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else []
 
 
 def with_changes(cfg: dict, changes: dict) -> dict:

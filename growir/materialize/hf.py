@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
+import traceback
 
 import sympy
 import torch
 import torch.utils._pytree as pytree
 
-from ..errors import MaterializeError, first_line, warn
+from ..errors import GrowthError, MaterializeError, first_line, warn
 from ..passes.depth import schedule
 from ..ir.index_maps import tree_map
 from ..verify.compare import TOLERANCE
@@ -88,12 +90,8 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
     for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads, required, sources,
                                                   built.eps_values):
         extra = sizes_given(free, shapes)
-        try:
-            candidate, grown = _load_candidate(model, p, cfg, {**sizes, **extra}, depth_plan, opts,
+        candidate, grown, why = _try_candidate(model, p, cfg, shapes, {**sizes, **extra}, depth_plan, opts,
                                                None if extra else built, rebuild)
-            why = _differs(model, candidate, grown, p.captured, _window_fields(model, cfg, shapes))
-        except Exception as exc:  # noqa: BLE001 - a config whose model cannot run the example: the next one
-            why = f"the rebuilt model fails on the example: {type(exc).__name__}: {first_line(exc)}"
         if why is None:
             _keep_generation_config(model, grown)
             candidate.grown, candidate.record.config_changes = grown, config_diff(model.config, grown.config)
@@ -104,6 +102,41 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
         return _fit_config(model, p, sizes, depth_plan, *_kept_eps(p, sizes, depth_plan, opts, rebuild, why), rebuild)
     raise MaterializeError(f"every {type(model).__name__} config that fits the grown shapes computes something "
                            f"else than the rewritten graph: {'; '.join(tried[:4])}")
+
+
+def _try_candidate(model, p, cfg: dict, shapes: dict, sizes: dict, depth_plan, opts, built, rebuild) -> tuple:
+    """(rules, rebuilt model, why the candidate does not fit -- None where it does). A candidate does not fit
+    where growir refuses its sizes (a GrowthError) or the rebuilt model fails in its own code; any other
+    exception is a growir bug and propagates (the pass names the stage), never hidden as a failed candidate."""
+    candidate = grown = None
+    try:
+        candidate, grown = _load_candidate(model, p, cfg, sizes, depth_plan, opts, built, rebuild)
+        return candidate, grown, _differs(model, candidate, grown, p.captured, _window_fields(model, cfg, shapes))
+    except GrowthError as exc:
+        return candidate, grown, f"growir refuses it: {first_line(exc)}"
+    except Exception as exc:  # noqa: BLE001 - the model's own code failing is the candidate's failure
+        if not raised_in_model(exc, model):
+            raise
+        return candidate, grown, f"the rebuilt model fails on the example: {type(exc).__name__}: {first_line(exc)}"
+
+
+def raised_in_model(exc: BaseException, model) -> bool:
+    """Whether ``exc`` was raised while the model's own code ran (its class's module or the library that
+    defines it), not in growir's code between.
+
+    >>> raised_in_model(ValueError("x"), torch.nn.Linear(1, 1))
+    False
+    """
+    import inspect
+    import os
+    top = type(model).__module__.split(".")[0]
+    roots = [os.path.dirname(os.path.abspath(inspect.getfile(type(model))))]
+    package = sys.modules.get(top)
+    if top not in ("torch", "growir") and getattr(package, "__file__", None):
+        roots.append(os.path.dirname(os.path.abspath(package.__file__)))
+    own = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "")  # growir/ itself
+    files = [os.path.abspath(f.filename) for f in traceback.extract_tb(exc.__traceback__)]
+    return any(f.startswith(tuple(os.path.join(r, "") for r in roots)) and not f.startswith(own) for f in files)
 
 
 def _kept_eps(p, sizes: dict, depth_plan, opts, rebuild, why: str) -> tuple:

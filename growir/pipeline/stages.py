@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..frontend.proxy import NoProxy, check_plan, full_capture, make_model_proxy, source_tensors
+from ..frontend.proxy import NoProxy, check_plan, full_capture, make_model_proxy, source_tensors, state_of
 from ..passes.depth import schedule
 from .context import Built, Context
 from ..errors import (AnalysisError, MaterializeError, NotExactError, PreservationError, RewriteError, SpecError,
@@ -25,6 +25,7 @@ from ..frontend.export import capture
 from ..frontend.inputs import example_inputs_for
 from .manager import Restart, declare, run_passes
 from ..materialize.graph import build_graph_module, release_weights
+from ..materialize.reload import reload_check
 from ..passes.depth import target_layers
 from .rules import RULES
 from ..ir.tensor_rule import rounding_reason
@@ -117,8 +118,7 @@ def _proxy_depth(c) -> None:
 def _apply_rules(c) -> None:
     """Each rule applied to its source tensor (and AKI donor), computed in float32, cast once."""
     gm = c.plan.captured.gm
-    source = source_tensors(c.proxy, c.rules) if c.proxy is not None else {
-        **dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    source = source_tensors(c.proxy, c.rules) if c.proxy is not None else state_of(gm)
     c.state, c.rounded = {}, []
     for name, rule in c.rules.items():
         c.state[name], lossy = rule.apply_checked(source[rule.source], source.get(rule.donor))
@@ -255,6 +255,22 @@ def _measure(c) -> None:
             raise NotExactError("strict=True and this growth is not exact: " + record.rounding)
 
 
+@declare(reads=("plan", "built", "strict"), mutates=("built",), what=_CHECK)
+def _reload(c) -> None:
+    """A rebuilt Hugging Face class saved and loaded again (``materialize/reload.py``): the same model, or a note
+    and a warning that say what ``from_pretrained`` changes, with the deviation (strict: an error)."""
+    record, grown = c.built.record, c.built.grown
+    if not c.plan.captured.is_hf or not hasattr(grown, "save_pretrained"):
+        return
+    result = reload_check(grown, c.plan.captured, len(record.plan.facts.outputs))
+    note = result.note()
+    if result.moved:
+        if c.strict:
+            raise MaterializeError("strict=True and " + note)
+        warn("growir: " + note)
+    record.notes += [note] if note else []
+
+
 @declare(reads=("model", "built", "verify"), mutates=("built",), what=_CHECK)
 def _judge(c) -> None:
     """The verdict: a bug (exact by theorem, not by measure), a warning (not exact), and verify's check."""
@@ -293,7 +309,7 @@ PROXY_PLAN = (_capture_in_memory, _analyse_in_memory)  # grow: the two-block pro
 SPEC = (_sizes, _depth_plan)
 STAND_IN = (_proxy_depth,)  # grow: whether the proxy can stand in, decided before any rule is made
 MATERIALIZE = (_proxy_fits,) + GRAPH + (_rebuild_class, _notes)
-CHECK = (_measure, _judge, _release)
+CHECK = (_measure, _reload, _judge, _release)
 GROW = PROXY_PLAN + SPEC + STAND_IN + RULES + MATERIALIZE + CHECK
 GROW_PLANNED = SPEC + RULES + MATERIALIZE + CHECK  # grow on a plan made beforehand (a streamed model's proxy)
 STAGES = {"PLAN": PLAN, "PROXY_PLAN": PROXY_PLAN, "SPEC": SPEC, "STAND_IN": STAND_IN, "RULES": RULES,

@@ -40,7 +40,7 @@ def test_the_declared_stages_are_well_ordered_and_named_once():
     for passes in (api.GROW, stages.GROW_PLANNED, api.PLAN):
         check_declared(passes, Context)  # every name a pass declares is a field of the context
     assert names(api.PLAN) == ["capture", "analyse"]
-    assert names(api.CHECK)[-3:] == ["measure", "judge", "release"]
+    assert names(api.CHECK)[-4:] == ["measure", "reload", "judge", "release"]
 
 
 def test_grow_runs_the_declared_pass_list_in_order(monkeypatch):

@@ -1,0 +1,123 @@
+"""A grown Hugging Face model that is the same model after ``save_pretrained`` / ``from_pretrained``.
+
+At load a class rebuilds some tensors itself instead of reading them: those it drops on save
+(``_keys_to_ignore_on_save``, e.g. a sinusoidal position table) are recomputed from the config, non-persistent
+buffers (rotary ``inv_freq``) are computed by the constructor, and tied weights are tied again. A grown tensor
+the class rebuilds differently is silently replaced. The check saves the grown model into a temporary folder,
+loads it back and compares every tensor and the outputs.
+
+Where the replaced tensors are ones the class drops on save, the grown model keeps them in its own save (its
+instance's ``_keys_to_ignore_on_save`` no longer lists them), and the reload is exact. The class's own table
+cannot be made exact instead: a sinusoidal table of width d has sin columns ``sin(p / 10000^(2k/d))``; at width
+2d the class's table holds each of them (at column 2k) but also columns of frequencies no old column has, and a
+post-norm block's LayerNorm statistics read every hidden column, so no map of the hidden axis hides them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+
+import torch
+
+from ..quiet import hf_quiet
+from ..verify.compare import TOLERANCE
+from ..verify.measure import measurable, measure
+
+RELOAD_CHECK_MAX = 200_000_000  # elements: a larger model is not saved and loaded again (disk, a second copy)
+
+
+@dataclasses.dataclass
+class Reload:
+    """What ``save_pretrained`` / ``from_pretrained`` does to a grown model.
+
+    ``changed``: tensors the reloaded model holds other values in; ``deviation``: the outputs' deviation after
+    reload (None: not measured; ``moved``: beyond TOLERANCE); ``kept``: tensors the class drops on save that the
+    grown model saves anyway.
+
+    >>> print(Reload(0.0, [], ["model.encoder.embed_positions.weight"]).note()[:72])
+    save_pretrained keeps 1 tensor the class drops on save and recomputes at
+    >>> Reload(0.3, ["lm_head.weight"], []).moved, Reload(1e-7, ["inv_freq"], []).moved
+    (True, False)
+    """
+    deviation: float | None
+    changed: list
+    kept: list
+
+    @property
+    def moved(self) -> bool:
+        """Whether the reloaded model computes something else (beyond TOLERANCE: a buffer rounded to the
+        model's dtype, say, may differ by less)."""
+        return bool(self.changed) and (self.deviation or 0.0) > TOLERANCE
+
+    def note(self) -> str:
+        """One sentence for ``record.notes`` ('' where there is nothing to say)."""
+        if self.moved:
+            return (f"after save_pretrained / from_pretrained the grown model's outputs move by "
+                    f"{self.deviation:.3g}: the class rebuilds {len(self.changed)} tensor(s) at load from its config "
+                    f"({', '.join(self.changed[:4])}) with other values than the grown ones")
+        if self.kept:
+            why = ("the grown values differ from what the class computes at the grown size" if self.deviation is not
+                   None else "the model was not saved and loaded again to compare (meta device, or too large)")
+            return (f"save_pretrained keeps {len(self.kept)} tensor{'s' * (len(self.kept) > 1)} the class drops on "
+                    f"save and recomputes at load ({', '.join(self.kept[:4])}): {why}")
+        return ""
+
+
+def dropped_on_save(model) -> list:
+    """Names of ``model``'s state the class leaves out of ``save_pretrained`` (rebuilt at load).
+
+    >>> dropped_on_save(torch.nn.Linear(2, 2))
+    []
+    """
+    names = set(model.state_dict())
+    return sorted(k for k in (getattr(model, "_keys_to_ignore_on_save", None) or ()) if k in names)
+
+
+def keep_on_save(model, names) -> None:
+    """Make ``model.save_pretrained`` write ``names`` although its class drops them (this instance only)."""
+    model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) - set(names)
+
+
+def reload_check(grown, captured, outputs: int) -> Reload:
+    """Save ``grown`` and load it back; where the class replaced tensors it drops on save, save them and check
+    again. ``outputs``: how many flat outputs the model has. A model on the meta device, or above
+    RELOAD_CHECK_MAX elements, is not reloaded: every tensor its class drops on save is kept."""
+    if not measurable(grown) or sum(t.numel() for t in grown.state_dict().values()) > RELOAD_CHECK_MAX:
+        kept = dropped_on_save(grown)
+        keep_on_save(grown, kept)
+        return Reload(None, [], kept)
+    changed, deviation = reloaded_difference(grown, captured, outputs)
+    kept = [k for k in dropped_on_save(grown) if k in changed]
+    if kept:
+        keep_on_save(grown, kept)
+        changed, deviation = reloaded_difference(grown, captured, outputs)
+    return Reload(deviation, changed, kept)
+
+
+def reloaded_difference(grown, captured, outputs: int) -> tuple[list, float]:
+    """(names whose reloaded values differ, the outputs' deviation after reload) of one save and load."""
+    configs = [c for c in (grown.config, getattr(grown, "generation_config", None)) if c is not None]
+    kept = [dict(vars(c)) for c in configs]  # save_pretrained writes into them (architectures, dtype)
+    try:
+        with tempfile.TemporaryDirectory() as folder, hf_quiet():
+            grown.save_pretrained(folder)
+            back = type(grown).from_pretrained(folder)
+    finally:
+        for c, fields in zip(configs, kept):
+            vars(c).clear()
+            vars(c).update(fields)
+    device = next(iter(grown.state_dict().values())).device
+    back = back.to(device).train(grown.training)
+    before = dict(grown.state_dict())
+    before.update(dict(grown.named_buffers()))  # non-persistent buffers too
+    after = dict(back.state_dict())
+    after.update(dict(back.named_buffers()))
+    changed = sorted(k for k, v in before.items() if k not in after or not _same(v, after[k]))
+    if not changed:
+        return [], 0.0
+    return changed, measure(grown, back, captured, [None] * outputs, quick=True)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.detach().to(b.dtype), b.detach())
