@@ -12,6 +12,9 @@
 from .errors import (AnalysisError, GrowthError, MaterializeError, NotExactError, PreservationError, SpecError,
                      TraceError, UnsupportedOpError)
 
+import sys  # noqa: E402
+import types  # noqa: E402
+
 __version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it
 
 __all__ = ["GrowthError", "SpecError", "TraceError", "UnsupportedOpError", "AnalysisError", "NotExactError",
@@ -19,15 +22,37 @@ __all__ = ["GrowthError", "SpecError", "TraceError", "UnsupportedOpError", "Anal
            "export_onnx", "grow_checkpoint", "verify_checkpoint", "doctor"]
 
 
-from .api import grow, plan, rules  # noqa: E402  (after the errors)
-from .optim import grow_with_optimizer  # noqa: E402
-from .stream.grow import grow_checkpoint  # noqa: E402
-from .stream.check import verify_checkpoint  # noqa: E402
-from .doctor import doctor  # noqa: E402
+# lazy: torch and the core load on first use, so the CLI reports a usage error before importing them
+_LAZY = {"grow": "api", "plan": "api", "rules": "api", "grow_with_optimizer": "optim",
+         "grow_checkpoint": "stream.grow", "verify_checkpoint": "stream.check", "doctor": "doctor",
+         "check": "verify.onnx_check", "export_onnx": "verify.onnx_check", "CheckReport": "verify.onnx_check"}
 
 
-def __getattr__(name):  # lazy: ONNX tooling loads on first use
-    if name in ("check", "export_onnx", "CheckReport"):
-        from .verify import onnx_check
-        return getattr(onnx_check, name)
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'growir' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """growir's module type: ``growir.doctor`` stays the function even after the submodule of that name is
+    imported (the import system binds a submodule on its package; before, the eager import came after it)."""
+
+    @property
+    def doctor(self):
+        from .doctor import doctor
+        return doctor
+
+    @doctor.setter
+    def doctor(self, value):
+        pass  # the import system binding the submodule `growir.doctor`: the function stays the public name
+
+
+sys.modules[__name__].__class__ = _Package

@@ -52,7 +52,8 @@ def doctor(model, example_inputs=None) -> Diagnosis:
 
 def diagnose(p: Plan, name: str = "model", counts: dict | None = None) -> Diagnosis:
     """The Diagnosis of an existing plan; ``counts``: the real block counts where ``p`` was made on a proxy."""
-    facts = _blocks(p, counts or {}) + _norms(p) + _attention(p) + _tied(p) + _groups(p)
+    per = _stands_for(p, counts or {})
+    facts = _blocks(p, counts or {}) + _norms(p, per) + _attention(p, per) + _tied(p) + _groups(p, counts or {})
     return Diagnosis(name, facts, _verdicts(p))
 
 
@@ -68,16 +69,37 @@ def _blocks(p: Plan, counts: dict) -> list[str]:
     return out
 
 
-def _norms(p: Plan) -> list[str]:
+def _stands_for(p: Plan, counts: dict) -> dict:
+    """node name -> how many nodes of the full model it stands for: on a proxy that keeps k of a list's n
+    blocks, each proxy block's node stands for n / k (the blocks are identical in structure)."""
+    out = {}
+    for b in p.blocks:
+        if counts.get(b.prefix) and b.count:
+            out.update({getattr(n, "name", n): counts[b.prefix] / b.count for nodes in b.nodes for n in nodes})
+    return out
+
+
+def _group_stands_for(p: Plan, g, counts: dict) -> float:
+    """How many groups of the full model ``g`` stands for: a group whose parameters all sit in one proxy block
+    (a block's FFN, its heads) is one of n / k; a group across blocks (the residual stream) is one."""
+    params = {a.param for a in g.producers + g.consumers}
+    for b in p.blocks:
+        if counts.get(b.prefix) and b.count and params and any(
+                all(x.startswith(path + ".") for x in params) for path in b.paths):
+            return counts[b.prefix] / b.count
+    return 1
+
+
+def _norms(p: Plan, per: dict) -> list[str]:
     nodes = {n.name: n for n in p.captured.gm.graph.nodes}
     kinds = Counter()
     for g in p.groups:
         for r in g.reads:
             if r.kind == "norm" and r.node in nodes:
-                kinds[(_norm_kind(nodes[r.node]), _role(g))] += 1
+                kinds[(_norm_kind(nodes[r.node]), _role(g))] += per.get(r.node, 1)
     if not kinds:
         return ["norms: none"]
-    return ["norms: " + "; ".join(f"{n} x {op} over {role}" for (op, role), n in sorted(kinds.items()))]
+    return ["norms: " + "; ".join(f"{round(n)} x {op} over {role}" for (op, role), n in sorted(kinds.items()))]
 
 
 def _norm_kind(node) -> str:
@@ -91,7 +113,7 @@ def _role(g) -> str:
     return "query heads per kv head" if g.per_kv else (g.role or "-")
 
 
-def _attention(p: Plan) -> list[str]:
+def _attention(p: Plan, per: dict) -> list[str]:
     from .analysis.rotary import rotary_parts
     ag, kinds = p.facts.ag, Counter()
     for site in p.facts.attention:
@@ -108,10 +130,10 @@ def _attention(p: Plan) -> list[str]:
             kind = f"grouped-query ({q} query heads share {kv} kv heads)"
         rot = rotary_parts(p.facts.ag, site)
         rotary = "not rotary" if rot is None else ("rotary" if rot[1] is None else "partial rotary")
-        kinds[f"{kind}, head_dim {d}, {rotary}"] += 1
+        kinds[f"{kind}, head_dim {d}, {rotary}"] += per.get(site["node"], 1)
     if not kinds and p.by_role("head_dim"):
         return ["attention: written out as matmuls (query-key contraction found, no fused attention op)"]
-    return [f"attention: {n} x {k}" for k, n in kinds.items()] or ["attention: none found"]
+    return [f"attention: {round(n)} x {k}" for k, n in kinds.items()] or ["attention: none found"]
 
 
 def _tied(p: Plan) -> list[str]:
@@ -129,10 +151,13 @@ def _tied(p: Plan) -> list[str]:
     return out or ["tied weights: none"]
 
 
-def _groups(p: Plan) -> list[str]:
-    roles = Counter((_role(g), g.size) for g in p.groups if g.role)
+def _groups(p: Plan, counts: dict) -> list[str]:
+    roles = Counter()
+    for g in p.groups:
+        if g.role:
+            roles[(_role(g), g.size)] += _group_stands_for(p, g, counts)
     pinned = sorted({g.pinned for g in p.groups if g.pinned})
-    line = "width groups: " + ", ".join(f"{role} {size}" + (f" (x{n})" if n > 1 else "")
+    line = "width groups: " + ", ".join(f"{role} {size}" + (f" (x{round(n)})" if n > 1 else "")
                                         for (role, size), n in roles.items())
     return [line] + ([f"fixed: {len(pinned)} group(s), e.g. {pinned[0]}"] if pinned else [])
 

@@ -78,3 +78,51 @@ def test_cli_doctor(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out.startswith(f"growir doctor: BertModel ({tmp_path / 'tiny'})") and err == ""
     assert "post-norm" in out and "multi-head (4 heads)" in out
+
+
+def test_cli_doctor_counts_the_full_model_not_its_proxy(tmp_path, capsys):
+    """A 6-layer config is planned on a two-block proxy; the printout counts 6 blocks' norms and attentions."""
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=100, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    assert main(["doctor", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "`model.layers`, 6 of the same ops" in out
+    assert "norms: 13 x RMS norm (a mean of squares, aten.mean) over hidden" in out  # 2 a block, and the final
+    assert "attention: 6 x grouped-query (4 query heads share 2 kv heads)" in out
+    assert "width groups: hidden 32, query heads per kv head 2 (x6), kv_heads 2 (x6)" in out  # one per block
+    assert "ffn 64 (x6)" in out
+
+
+def test_cli_doctor_plans_a_model_that_makes_its_own_tensors_as_grow_does(tmp_path, capsys):
+    """Mamba's forward makes tensors of its own, so no meta-device trace: doctor plans it on grow's random-weight
+    proxy instead, never showing the internal device error."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=100, state_size=4,
+                                 expand=2)).save_pretrained(tmp_path / "mamba")
+    capsys.readouterr()
+    assert main(["doctor", str(tmp_path / "mamba")]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "`backbone.layers`, 2 of the same ops" in out and "norms: 3 x RMS norm" in out
+
+
+def test_cli_doctor_refuses_an_untraceable_model_as_grow_does(tmp_path, capsys, monkeypatch):
+    """A forward that branches on a value cannot be exported: doctor says what grow says, in one line."""
+    from transformers.models.bert import modeling_bert
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         vocab_size=100, max_position_embeddings=32)).save_pretrained(tmp_path / "tiny")
+    pool = modeling_bert.BertPooler.forward
+    monkeypatch.setattr(modeling_bert.BertPooler, "forward",
+                        lambda self, h: pool(self, h) if h.sum() > 0 else pool(self, -h))
+    capsys.readouterr()
+    assert main(["doctor", str(tmp_path / "tiny")]) == 1
+    doctor_err = capsys.readouterr().err
+    assert main(["grow", str(tmp_path / "tiny"), str(tmp_path / "out"), "--width", "2"]) == 1
+    grow_err = capsys.readouterr().err
+    # (torch logs the graph of a failed export on stderr above growir's line: the last line is growir's)
+    doctor_err, grow_err = doctor_err.strip().splitlines()[-1], grow_err.strip().splitlines()[-1]
+    assert doctor_err.removeprefix("growir doctor: ") == grow_err.removeprefix("growir grow: ")
+    assert doctor_err.startswith("growir doctor: torch.export could not trace BertModel")
+    assert "expected device meta" not in doctor_err

@@ -29,6 +29,11 @@ class CheckpointError(GrowthError):
     """A model folder growir cannot read: no config, no weights, or weights that do not match the model."""
 
 
+class CorruptWeightsError(CheckpointError):
+    """A weight file that cannot be used as stored: truncated or not safetensors, missing from its index, of a
+    dtype the config does not declare, or holding NaN or Inf (the message names the file and the tensor)."""
+
+
 # --- the model from its config, on the meta device ----------------------------------------------------------
 def load_config(folder):
     """The folder's config (offline) and the model class its ``architectures`` names (AutoModel otherwise)."""
@@ -63,27 +68,43 @@ class Checkpoint:
     """
 
     def __init__(self, folder, names):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
-        from safetensors import SafetensorError
-
-        try:
-            self._open = {f: safe_open(str(self.folder / f), framework="pt") for f in self._files()}
-        except (OSError, SafetensorError) as error:
-            raise CheckpointError(f"{self.folder}: cannot load the model: {first_sentence(error)}") from error
+        self._open = {f: _open_shard(self.folder / f) for f in self._files()}
         self.where = {k: f for f, h in self._open.items() for k in h.keys()}
         self.key_of = _match_keys(set(self.where), set(names))
+        self._check_dtypes()
 
     def _files(self) -> list:
         index = self.folder / INDEX_FILE
         if index.is_file():
-            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise CorruptWeightsError(f"{index}: not a safetensors index (a JSON object with a "
+                                          f"`weight_map`): {first_sentence(error)}") from error
+            missing = [f for f in files if not (self.folder / f).is_file()]
+            if missing:
+                raise CorruptWeightsError(f"{index}: names the shard {missing[0]}, which is not in {self.folder}"
+                                          + (f" ({len(missing)} shards missing)" if len(missing) > 1 else ""))
+            return files
         files = sorted(p.name for p in self.folder.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{self.folder}: no *.safetensors weights next to config.json (a .bin checkpoint "
                                   f"can be converted with from_pretrained + save_pretrained)")
         return files
+
+    def _check_dtypes(self) -> None:
+        """Refuse a floating tensor stored in a dtype that config.json does not declare (float32 is allowed
+        beside a narrower declared dtype: classes keep some modules in float32)."""
+        declared = _declared_dtype(self.folder)
+        if declared is None:
+            return
+        for key, f in self.where.items():
+            dtype = _DTYPES.get(self._open[f].get_slice(key).get_dtype())
+            if dtype is not None and dtype.is_floating_point and dtype not in (declared, torch.float32):
+                raise CorruptWeightsError(f"{self.folder / f}: `{key}` is stored as {dtype} but config.json "
+                                          f"declares {declared}; fix the config's `dtype` (or `torch_dtype`) or "
+                                          f"re-save the weights")
 
     def has(self, name: str) -> bool:
         """Whether the checkpoint stores the tensor that the model calls ``name``."""
@@ -96,19 +117,75 @@ class Checkpoint:
         return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
 
     def read(self, name: str) -> torch.Tensor:
-        """The stored tensor, through a handle opened for this read only: a file stays memory-mapped while its
+        """The stored tensor, checked to be finite (a NaN or Inf is a ``CorruptWeightsError`` naming the file
+        and the tensor). Read through a handle opened for this read only: a file stays memory-mapped while its
         handle is open, and every page read through a mapping counts in the process's RSS until it is
         unmapped, so reading all tensors through the long-lived handles would end with every shard resident
         (measured on a 111M-parameter bf16 decoder: peak RSS 1546 -> 1325 MiB streaming, 1899 -> 1330 verifying)."""
-        from safetensors import safe_open
+        from safetensors import safe_open, SafetensorError
 
         key = self.key_of[name]
-        with safe_open(str(self.folder / self.where[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
+        path = self.folder / self.where[key]
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                t = handle.get_tensor(key)
+        except (OSError, SafetensorError) as error:
+            raise CorruptWeightsError(f"{path}: cannot read `{key}`: {first_sentence(error)}") from error
+        bad = non_finite(t)
+        if bad:
+            raise CorruptWeightsError(f"{path}: `{key}` holds {bad:,} NaN or Inf values of {t.numel():,}; the "
+                                      f"checkpoint is corrupt (growir refuses to grow or check it)")
+        return t
 
     def nbytes(self) -> int:
         """The size on disk of the weight files, in bytes."""
         return sum((self.folder / f).stat().st_size for f in self._open)
+
+
+def _open_shard(path: Path):
+    """A safetensors handle on ``path``; a missing, truncated or malformed file is an error naming it."""
+    from safetensors import safe_open, SafetensorError
+
+    if not path.is_file():
+        raise CorruptWeightsError(f"{path}: no such weight file")
+    try:
+        return safe_open(str(path), framework="pt")
+    except (OSError, SafetensorError) as error:
+        raise CorruptWeightsError(f"{path}: not a readable safetensors file (truncated or malformed?): "
+                                  f"{first_sentence(error)}") from error
+
+
+def _declared_dtype(folder: Path):
+    """The torch dtype config.json declares (``dtype``, else ``torch_dtype``), or None."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+CHUNK = 1 << 24  # elements reduced at once (float8 chunks are upcast first, as aminmax does not take them)
+
+
+def non_finite(t: torch.Tensor) -> int:
+    """How many values of ``t`` are NaN or Inf (0 for integer tensors). Cheap when there are none: the smallest
+    and largest value are finite exactly when every value is (a NaN propagates through min and max), one pass
+    that allocates nothing (~4 ms for 28M bf16 values on one core, where ``isfinite(t).all()`` takes 175 ms).
+
+    >>> non_finite(torch.tensor([1.0, float("nan"), float("inf")])), non_finite(torch.arange(3))
+    (2, 0)
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), CHUNK):
+        part = flat[i:i + CHUNK]
+        lo, hi = torch.aminmax(part.float() if part.element_size() == 1 else part)
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+            return int((~torch.isfinite(flat)).sum())
+    return 0
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

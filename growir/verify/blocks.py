@@ -24,6 +24,7 @@ tolerance is where the growth went wrong; the report names it.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -55,6 +56,12 @@ class BlockCheck:
     def first_failing(self) -> str | None:
         """The first unit, in run order, beyond the tolerance: where the grown model goes wrong."""
         return next((k for k, v in self.deviations.items() if not v <= TOLERANCE), None)
+
+    @property
+    def finite(self) -> bool:
+        """Whether every deviation is a number: a NaN or Inf is a failure whatever the growth claims (no rounding
+        or inexact method makes one)."""
+        return all(math.isfinite(v) for v in self.deviations.values())
 
     @property
     def preserved(self) -> bool:
