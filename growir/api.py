@@ -23,6 +23,7 @@ from .pipeline.record import GrowthRecord, GrowthRules
 from .pipeline.stages import CHECK, GROW, MATERIALIZE, PLAN, SPEC, plan_of
 from .verify.compare import TOLERANCE
 from .pipeline.spec import options, check_mode
+from .pipeline.target import derive
 
 __all__ = ["plan", "rules", "materialize", "grow", "growth_rules", "GrowthRecord", "GrowthRules", "Options",
            "TOLERANCE"]
@@ -91,7 +92,8 @@ def materialize(model: torch.nn.Module, growth_rules: GrowthRules, *, mode="auto
 
 
 def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="auto", depth_method="auto",
-         method=None, noise=0.0, example_inputs=None, strict=False, seed=0, verify=False, materialize="auto"):
+         method=None, noise=0.0, example_inputs=None, strict=False, seed=0, verify=False, materialize="auto",
+         into=None):
     """Grow ``model`` wider and deeper, starting from the same function where mathematics allows.
 
     Returns an instance of the same class for Hugging Face models (config updated), else a rewritten
@@ -117,6 +119,10 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     ``materialize``: ``"auto"`` rebuilds a Hugging Face model's class from a changed config, or returns the
     rewritten GraphModule with a warning where no config computes the grown function; ``"hf"`` raises
     MaterializeError there instead; ``"graph"`` always returns the GraphModule.
+    ``into``: a target of the model's class (a transformers config, a model folder or a config.json path)
+    instead of ``width``/``depth``/``layers``: every size is derived from the two graphs (``pipeline/target.py``)
+    and the grown config equals the target's in every field the growth decides; the record's notes name the
+    target's fields kept at the source's value (token ids, ...). A size no growth reaches is a SpecError.
 
     >>> import growir
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -130,9 +136,14 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     asked, opts = options(method, width_method, depth_method, noise, seed)
     check_mode(materialize)
     started = time.perf_counter()
+    target = derive(model, into, width, depth, layers) if into is not None else None
+    if target is not None:
+        width, layers = target.width, target.layers
     ctx = Context(opts, model, example_inputs, width, depth, layers, asked_method=asked, materialize=materialize,
                   strict=strict, verify=verify)
     record = run_passes(GROW, ctx).built.record
+    if target is not None:
+        record.notes += target.settle(ctx.built.grown)
     record.seconds, record.timings = time.perf_counter() - started, ctx.timings
     return ctx.built.grown
 
