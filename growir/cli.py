@@ -2,19 +2,23 @@
 
     growir plan SRC
     growir doctor SRC
-    growir grow SRC OUT --width 2 --depth 2 [--width-method auto] [--depth-method auto] [--layers N]
+    growir grow SRC OUT --width 2 --depth 2 [--width-method auto] [--depth-method auto] [--layers N] [--into CONFIG]
                         [--dtype bfloat16] [--max-shard-size 5GB] [--in-memory]
                         [--verify] [--strict] [--force] [--debug]
-    growir check SRC GROWN
+    growir check SRC GROWN [--width ... --depth ... as given to grow] [--onnx [--samples N]]
     growir export SRC OUT.onnx [--opset N] [--force]
 
 SRC is a model folder (config.json plus safetensors weights, sharded or not), loaded offline. ``plan`` needs
 only config.json. ``grow`` streams a safetensors folder tensor by tensor (``growir.grow_checkpoint``: the
 model is never loaded whole); ``--in-memory`` loads it and uses ``growir.grow`` instead. ``--verify`` runs
 source and grown block by block from their shards (``growir.verify.blocks``; with ``--in-memory``: both
-compared in ONNX Runtime). Outputs are written atomically: into a temporary folder or file beside OUT, moved
-into place at the end, so a failure leaves no OUT. Exit status: 0 on success (``check``: the function is preserved), 1 on failure (``check``: it
-is not), 2 on bad usage. Errors are one line on stderr; ``--debug`` shows the traceback instead.
+compared in ONNX Runtime). ``check`` runs the same block check on two folders already on disk (the grow
+arguments, which rebuild the index maps, come from GROWN's growir.json or the command line), in about the
+memory of the largest block; ``--onnx`` loads both models whole and compares them in ONNX Runtime instead.
+Outputs are written atomically: into a temporary folder or file beside OUT, moved into place at the end, so a
+failure leaves no OUT. Exit status: 0 on success (``check``: the function is preserved), 1 on failure
+(``check``: it is not), 2 on bad usage. Errors are one line on stderr; ``--debug`` shows the traceback instead.
+Usage errors come before torch is imported (``growir`` imports its core lazily).
 
 Only this module prints: the library returns reports and this module shows them.
 """
@@ -49,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are read from folders, never downloaded
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print(f"growir {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM/SIGHUP during a write (growir.stream.shards.Interrupted)
+        print(f"growir {args.command}: {str(stop) or 'interrupted'}; nothing was written", file=sys.stderr)
+        return 128 + getattr(stop, "signum", 2)
     except Exception as error:  # the CLI boundary: every failure becomes one line, or a traceback with --debug
         if args.debug:
             raise
@@ -83,6 +87,24 @@ def _growth_factor(text: str) -> float:
     if not math.isfinite(value) or value < 1:
         raise argparse.ArgumentTypeError(f"must be a number at least 1 (growir only grows), got {text!r}")
     return value
+
+
+def _width(text: str):
+    """A width factor (``2``), or target sizes by role as the API's width dict (``hidden=960,heads=15``).
+
+    >>> _width("1.5"), _width("hidden=960, heads=15,ffn=2560")
+    (1.5, {'hidden': 960, 'heads': 15, 'ffn': 2560})
+    """
+    if "=" not in text:
+        return _growth_factor(text)
+    spec = {}
+    for part in text.split(","):
+        role, _, size = (x.strip() for x in part.partition("="))
+        if not role or role in spec or not size.isdigit() or int(size) < 1:
+            raise argparse.ArgumentTypeError(f"must be a factor (2) or sizes by role (hidden=960,heads=15,ffn=2560: "
+                                             f"each role once, each size a whole number), got {text!r}")
+        spec[role] = int(size)
+    return spec
 
 
 def _positive_int(text: str) -> int:
@@ -117,17 +139,20 @@ def _parser() -> argparse.ArgumentParser:
     grow = sub.add_parser("grow", parents=[common], help="grow a model and save it to OUT")
     grow.add_argument("src", help="Hugging Face model folder")
     grow.add_argument("out", help="folder to write (must not exist unless --force)")
-    grow.add_argument("--width", type=_growth_factor, default=1.0, help="width factor, at least 1 (default 1)")
+    grow.add_argument("--width", type=_width, default=1.0, help="width factor, at least 1 (default 1), or new sizes "
+                      "by role: hidden=960,heads=15,kv_heads=5,head_dim=64,ffn=2560 (roles left out keep their size)")
     grow.add_argument("--depth", type=_growth_factor, default=1.0, help="depth factor, at least 1 (default 1)")
     grow.add_argument("--layers", type=_positive_int, help="target number of layers (instead of --depth)")
+    grow.add_argument("--into", metavar="CONFIG", help="grow into this config (a model folder or a config.json of "
+                      "the same class) instead of --width/--depth/--layers: every size derived from the two graphs")
     grow.add_argument("--width-method", default="auto", help="how new width is filled (default auto: per group, "
                       "fresh units and a residual fill where exact, else copies; fresh, fpi, fpi_balanced, "
                       "fpi_random, aki)")
     grow.add_argument("--depth-method", default="auto", help="how new layers are made (default auto)")
     grow.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                       help="dtype of the written weights (default: the source's)")
-    grow.add_argument("--max-shard-size", default="50GB", help="largest output shard (default 50GB, as "
-                                                               "save_pretrained)")
+    grow.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB (default: like the source, up to "
+                                               "its largest shard)")
     grow.add_argument("--in-memory", action="store_true", help="load the whole model instead of streaming")
     grow.add_argument("--verify", action="store_true", help="also compare source and grown: block by block from the "
                       "shards when streaming (neither model is loaded; names the worst block), in onnxruntime "
@@ -136,10 +161,20 @@ def _parser() -> argparse.ArgumentParser:
     grow.add_argument("--force", action="store_true", help="replace OUT if it exists")
     grow.set_defaults(run=_run_grow)
 
-    check = sub.add_parser("check", parents=[common], help="compare two models in onnxruntime (exit 1: differ)")
+    check = sub.add_parser("check", parents=[common], help="check that GROWN computes what SRC does, block by block "
+                           "from the shards (neither model is loaded; exit 1: it does not)")
     check.add_argument("src", help="source model folder")
     check.add_argument("grown", help="grown model folder")
-    check.add_argument("--samples", type=_positive_int, default=4, help="input shapes to try (default 4)")
+    check.add_argument("--width", type=_width, help="the grow arguments, which rebuild the index maps (default: "
+                       "the spec in GROWN/growir.json)")
+    check.add_argument("--depth", type=_growth_factor)
+    check.add_argument("--layers", type=_positive_int)
+    check.add_argument("--width-method")
+    check.add_argument("--depth-method")
+    check.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    check.add_argument("--onnx", action="store_true", help="instead load both models whole and compare them in "
+                       "ONNX Runtime at several input shapes (for models that fit in memory twice over)")
+    check.add_argument("--samples", type=_positive_int, default=4, help="with --onnx: input shapes to try (default 4)")
     check.set_defaults(run=_run_check)
 
     export = sub.add_parser("export", parents=[common], help="write an ONNX file with dynamic batch/sequence")
@@ -174,19 +209,25 @@ class _Stages:
         self.bar.close()
 
 
-def load_model(src: str):
-    """The model in folder ``src``: ``config.architectures`` names the class, AutoModel otherwise; offline."""
+def _model_folder(src: str, weights: bool = True) -> Path:
+    """``src`` as a model folder: it exists and holds config.json (and weights, unless ``weights`` is False)."""
     folder = Path(src)
     if not folder.is_dir():
         raise CliError(f"{src}: no such folder (expected a Hugging Face model folder with config.json)")
     if not (folder / "config.json").is_file():
         raise CliError(f"{src}: no config.json here; expected a folder written by save_pretrained")
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+    if weights and not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
         raise CliError(f"{src}: no weights (*.safetensors) next to config.json")
+    return folder
+
+
+def load_model(src: str):
+    """The model in folder ``src``: ``config.architectures`` names the class, AutoModel otherwise; offline."""
+    folder = _model_folder(src)
     import safetensors
     import transformers
 
-    from .frontend.folder import first_sentence
+    from .frontend.folder import first_sentence, non_finite
 
     try:
         with hf_quiet():  # no "Loading weights" bar or info logs: the stage bar says what runs
@@ -203,42 +244,55 @@ def load_model(src: str):
     if missing:
         raise CliError(f"{src}: the weights do not match {type(model).__name__}: {len(missing)} tensors missing or "
                        f"misshapen (e.g. {missing[0]}); they would be initialised at random")
+    bad = next(((name, n) for name, t in model.state_dict().items() if (n := non_finite(t))), None)
+    if bad:  # as the streamed path refuses it (growir.frontend.folder.Checkpoint.read)
+        raise CliError(f"{src}: `{bad[0]}` holds {bad[1]:,} NaN or Inf values; the checkpoint is corrupt (growir "
+                       f"refuses to grow or check it)")
     return model.eval()
 
 
 def _run_plan(args) -> int:
-    from .stream.plan import plan_folder
-
-    folder = Path(args.src)
-    if not (folder / "config.json").is_file():
-        raise CliError(f"{args.src}: no config.json here; expected a Hugging Face model folder")
     with _Stages("plan", ["trace"]) as stages, stages.stage("trace"):
-        plan = plan_folder(folder)
+        plan = _folder_plan(args.src)
     print(plan)
     return 0
 
 
-def _run_doctor(args) -> int:
+def _folder_plan(src: str):
+    """The folder's plan, from config.json alone on the meta device (no weights are read). A model that cannot
+    be traced there (its forward makes tensors of its own) is planned as ``grow`` plans it, on a small
+    random-weight proxy: it gets ``grow``'s own refusal, or a plan."""
+    from .errors import TraceError
+    from .frontend.folder import load_config, meta_model
     from .stream.plan import plan_folder
+    from .stream.sample import plan_sample
+
+    folder = _model_folder(src, weights=False)
+    try:
+        return plan_folder(folder)
+    except TraceError:
+        config, cls = load_config(folder)
+        return plan_sample(folder, config, cls, meta_model(config, cls))
+
+
+def _run_doctor(args) -> int:
     from .doctor import diagnose
 
-    folder = Path(args.src)
-    if not (folder / "config.json").is_file():
-        raise CliError(f"{args.src}: no config.json here; expected a Hugging Face model folder")
     with _Stages("doctor", ["trace"]) as stages, stages.stage("trace"):
-        fp = plan_folder(folder)  # config.json alone, on the meta device: no weights are read
+        fp = _folder_plan(args.src)
     print(diagnose(fp.plan, f"{fp.cls.__name__} ({args.src})", fp.counts))
     return 0
 
 
 def _run_grow(args) -> int:
     out = Path(args.out)
-    _refuse_existing(out, args.force)
-    if out.resolve() == Path(args.src).resolve():
-        raise CliError(f"{args.out}: OUT is the source folder; write the grown model somewhere else")
+    _refuse_existing(out, args.force)  # the cheap refusal first, before torch is imported
     depth = args.depth if args.layers is None else 1.0
     if not args.in_memory and any(Path(args.src).glob("*.safetensors")):
-        return _stream(args, depth)
+        return _stream(args, depth)  # grow_checkpoint refuses an OUT that would destroy anything
+    from .stream.shards import check_output
+
+    check_output(out, args.force, args.src)  # OUT is not SRC, not around or inside it, a model folder if it exists
     with _Stages("grow", ["load", "grow", "save"]) as stages:
         with stages.stage("load"):
             model = load_model(args.src)
@@ -248,9 +302,10 @@ def _run_grow(args) -> int:
             warnings.simplefilter("always", UserWarning)
             grown = grow(model, width=args.width, depth=depth, layers=args.layers,
                          width_method=args.width_method, depth_method=args.depth_method,
-                         strict=args.strict, verify=args.verify, materialize="hf")  # a folder holds the class
+                         strict=args.strict, verify=args.verify, materialize="hf",  # a folder holds the class
+                         into=args.into)
         with stages.stage("save"):
-            _write_folder(out, lambda staging: _save(grown, Path(args.src), staging), args.force)
+            _write_folder(out, lambda staging: _save(grown, Path(args.src), staging, args), args)
     _print_warnings(caught)
     print(_grow_summary(args.src, out, model, grown))
     return 0
@@ -268,19 +323,24 @@ def _refuse_existing(out: Path, force: bool) -> None:
         raise CliError(f"{out}: already exists; pass --force to replace it")
 
 
-def _save(grown, src: Path, staging: Path) -> None:
-    from .stream.shards import copy_side_files
+def _save(grown, src: Path, staging: Path, args) -> None:
+    from .stream.record import memory_record, write_record
+    from .stream.shards import copy_side_files, source_shard_size
 
+    shard = args.max_shard_size or source_shard_size(src) or "50GB"  # sharded like the source
     with hf_quiet():  # no "Writing model shards" bar: the stage bar says what runs
-        grown.save_pretrained(staging)
+        grown.save_pretrained(staging, max_shard_size=shard)
     copy_side_files(src, staging)
+    spec = {k: getattr(args, k) for k in ("width", "depth", "layers", "width_method", "depth_method", "strict",
+                                          "verify", "max_shard_size")}
+    write_record(staging, memory_record(src, spec, getattr(grown, "growir_record", None)))
 
 
-def _write_folder(out: Path, write, force: bool) -> None:
+def _write_folder(out: Path, write, args) -> None:
     from .stream.shards import write_atomically
 
     try:
-        write_atomically(out, write, force)
+        write_atomically(out, write, args.force, args.src)
     except FileExistsError as error:
         raise CliError(str(error)) from None
 
@@ -297,7 +357,7 @@ def _stream(args, depth: float) -> int:
                                  width_method=args.width_method, depth_method=args.depth_method,
                                  dtype=getattr(torch, args.dtype) if args.dtype else None,
                                  max_shard_size=args.max_shard_size, strict=args.strict, force=args.force,
-                                 verify=args.verify)
+                                 verify=args.verify, into=args.into)
     _print_warnings(caught)
     print(report)
     return 0
@@ -321,6 +381,48 @@ def _grow_summary(src: str, out: Path, model, grown) -> str:
 
 
 def _run_check(args) -> int:
+    if args.onnx:
+        return _check_onnx(args)
+    from .stream.check import verify_checkpoint
+
+    _model_folder(args.src)
+    _model_folder(args.grown)
+    spec = _grown_spec(args)
+    with _Stages("check", ["block by block"]) as stages, stages.stage("block by block"), hf_quiet():
+        report = verify_checkpoint(args.src, args.grown, **spec)
+    print(report)
+    return 0 if report.preserved else 1
+
+
+_SPEC = ("width", "depth", "layers", "width_method", "depth_method", "method", "dtype")  # verify_checkpoint's
+
+
+def _grown_spec(args) -> dict:
+    """The grow arguments of GROWN: its growir.json's spec, overridden by those given on the command line."""
+    import json
+
+    import torch
+
+    record = Path(args.grown) / "growir.json"
+    spec = {}
+    if record.is_file():
+        try:
+            saved = json.loads(record.read_text()).get("spec") or {}
+        except (ValueError, AttributeError) as error:
+            raise CliError(f"{record}: not a growir record ({error}); pass the grow arguments "
+                           f"(--width, --depth, --layers)") from None
+        spec = {k: v for k, v in saved.items() if k in _SPEC and v is not None}
+    given = {k: getattr(args, k) for k in _SPEC if getattr(args, k, None) is not None}
+    if not spec and not given:
+        raise CliError(f"{args.grown}: no growir.json says how it was grown; pass the grow arguments (--width, "
+                       f"--depth or --layers), or --onnx to compare the two models whole")
+    spec.update(given)
+    if isinstance(spec.get("dtype"), str):
+        spec["dtype"] = getattr(torch, spec["dtype"])
+    return spec
+
+
+def _check_onnx(args) -> int:
     from .verify.onnx_check import check
 
     with _Stages("check", ["load source", "load grown", "export and run"]) as stages:

@@ -60,7 +60,7 @@ def grown_dir(tiny_dir, tmp_path_factory):
 def test_grow_writes_a_wider_model_with_its_tokenizer(grown_dir):
     out, code, stdout, stderr = grown_dir
     assert code == 0, stderr
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "vocab.txt"]
+    assert sorted(os.listdir(out)) == ["config.json", "growir.json", "model.safetensors", "vocab.txt"]
     assert sorted(os.listdir(out.parent)) == ["big"]  # no staging folder left beside OUT
     config = json.loads((out / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]) == (64, 2, 128)
@@ -70,16 +70,27 @@ def test_grow_writes_a_wider_model_with_its_tokenizer(grown_dir):
 
 
 def test_check_passes_on_the_grown_model_and_fails_on_a_tampered_one(capsys, tiny_dir, grown_dir):
+    """Block by block, the grow arguments read from growir.json (or given); --onnx compares the whole models."""
     out = grown_dir[0]
-    code, stdout, _ = run(capsys, "check", tiny_dir, out, "--samples", "2")
+    code, stdout, err = run(capsys, "check", tiny_dir, out)
+    assert code == 0 and stdout.startswith("block check: preserved;"), err
+    code, stdout, _ = run(capsys, "check", tiny_dir, out, "--onnx", "--samples", "2")
     assert code == 0 and stdout.splitlines()[0] == "growir check: PRESERVED"
     tampered = out.parent / "tampered"
     shutil.copytree(out, tampered)
+    (tampered / "growir.json").unlink()
     model = BertModel.from_pretrained(tampered, local_files_only=True)
     with torch.no_grad():
         model.pooler.dense.bias[0] += 0.05
     model.save_pretrained(tampered)
-    code, stdout, _ = run(capsys, "check", tiny_dir, tampered, "--samples", "2")
+    capsys.readouterr()  # the load's and save's own progress bars
+    code, _, err = run(capsys, "check", tiny_dir, tampered)
+    assert code == 1
+    assert_one_line_error(err, f"growir check: {tampered}: no growir.json says how it was grown; pass the grow "
+                               "arguments (--width, --depth or --layers), or --onnx")
+    code, stdout, _ = run(capsys, "check", tiny_dir, tampered, "--width", "2")
+    assert code == 1 and stdout.startswith("block check: NOT preserved from `outputs (after pooler")
+    code, stdout, _ = run(capsys, "check", tiny_dir, tampered, "--onnx", "--samples", "2")
     assert code == 1 and "NOT PRESERVED (pooler_output)" in stdout
 
 
@@ -110,6 +121,10 @@ def test_grow_force_replaces_an_existing_output_and_grows_depth(capsys, tiny_dir
     assert code == 1
     assert_one_line_error(err, f"{out}: already exists; pass --force")
     assert os.listdir(out) == ["stale.txt"]
+    code, _, err = run(capsys, "grow", tiny_dir, out, "--width", "2", "--force")  # not a model folder: kept
+    assert code == 1 and os.listdir(out) == ["stale.txt"]
+    assert_one_line_error(err, f"{out}: OUT is not a model folder (1 entry: stale.txt)")
+    shutil.copytree(tiny_dir, out, dirs_exist_ok=True)  # a model folder (an earlier growth, say) is replaced
     code, stdout, err = run(capsys, "grow", tiny_dir, out, "--width", "2", "--depth", "2", "--force")
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
@@ -128,8 +143,8 @@ def broken(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("truncate", "cannot load the model: Error while deserializing header"),
-    ("garbage", "cannot load the model: Error while deserializing header"),
+    ("truncate", "model.safetensors: not a readable safetensors file (truncated or malformed?)"),
+    ("garbage", "model.safetensors: not a readable safetensors file (truncated or malformed?)"),
     ("no weights", "no weights (*.safetensors)"),
     ("unknown type", "cannot load the model: The checkpoint you are trying to load has model type `foonet`"),
     ("no config", "no config.json here"),
@@ -189,3 +204,31 @@ def test_python_dash_m_runs_the_cli(tmp_path):
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.strip() == (f"growir grow: {tmp_path / 'nope'}: no such folder "
                                      "(expected a Hugging Face model folder with config.json)")
+
+
+def test_role_specs_grow_the_groups_named(capsys, tiny_dir, tmp_path):
+    code, stdout, err = run(capsys, "grow", tiny_dir, tmp_path / "out", "--width", " ffn=96")
+    assert code == 0, err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]) == (32, 96, 4)
+    assert json.loads((tmp_path / "out" / "growir.json").read_text())["spec"]["width"] == {"ffn": 96}
+    code, _, err = run(capsys, "grow", tiny_dir, tmp_path / "o2", "--width", "hidden=64,hiden=64")
+    assert code == 1
+    assert_one_line_error(err, "growir grow: unknown width role(s) ['hiden']")
+
+
+@pytest.mark.parametrize("width", ["hidden=", "hidden=6.5", "hidden=64,hidden=96", "=64", "hidden=0"])
+def test_malformed_role_specs_are_usage_errors(capsys, tiny_dir, tmp_path, width):
+    code, _, err = run(capsys, "grow", tiny_dir, tmp_path / "out", "--width", width)
+    assert code == 2
+    assert_one_line_error(err, "argument --width: must be a factor (2) or sizes by role")
+
+
+@pytest.mark.parametrize("argv", [["grow"], ["grow", "src"], ["check", "a", "b", "--width", "0.5"], ["frobnicate"]])
+def test_usage_errors_come_before_torch_is_imported(argv):
+    """A usage error is reported without importing torch or the core: a fraction of a second, not 7-12 s."""
+    code = ("import sys; from growir.cli import main; code = main(sys.argv[1:]); "
+            "print(code, sorted(m for m in ('torch', 'transformers', 'growir.api') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "2 []", result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "(see growir" in result.stderr

@@ -4,7 +4,8 @@ plan (``config.json`` on the meta device, deep models on a two-block proxy) -> r
 tensor: read its source (and AKI donor) lazily, apply the rule in float32, cast to the source dtype (or
 ``dtype``), write it into its shard. Shard headers are known before any weight is read (the rules give
 every target shape), so each tensor goes to disk as soon as it is made: peak memory is about the imports
-plus three times the largest target tensor in float32. The output appears atomically at the end.
+plus three times the largest target tensor in float32. The output, with ``growir.json`` (``record``), appears
+atomically at the end, replacing only a model folder (``shards.write_atomically``).
 
 >>> import tempfile, torch, growir
 >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -33,7 +34,9 @@ from ..frontend.folder import Checkpoint, CheckpointError, check_shapes, load_co
 from ..errors import MaterializeError, NotExactError, SpecError, warn
 from ..ir.tensor_rule import rounding_reason, rounds
 from ..quiet import hf_quiet
-from .shards import copy_side_files, parse_size, shard_layout, write_atomically, write_shard
+from .record import shard_summary, stream_record, write_record
+from .shards import check_output, clean_stale, copy_side_files, parse_size, shard_layout, source_shard_size
+from .shards import write_atomically, write_shard
 from ..frontend.folder import named_tensors, state_names, tied_names
 
 
@@ -55,6 +58,7 @@ class StreamReport:
     prepare_seconds: float = 0.0  # planning, config choice and rules, before any weight is read
     plan: object = field(default=None, repr=False)
     sizes: dict = field(default_factory=dict, repr=False)  # group id -> new size
+    notes: list = field(default_factory=list)  # what the caller should know beyond exactness (into's kept fields)
 
     @property
     def exact(self) -> bool:
@@ -75,12 +79,17 @@ class StreamReport:
 
 
 def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, width_method="auto",
-                    depth_method="auto", method=None, dtype=None, max_shard_size="50GB", strict=False,
-                    force=False, verify=False, progress=None) -> StreamReport:
+                    depth_method="auto", method=None, dtype=None, max_shard_size=None, strict=False,
+                    force=False, verify=False, progress=None, into=None) -> StreamReport:
     """Grow the safetensors folder ``src_dir`` into ``out_dir`` without loading the model.
 
-    Arguments as ``growir.grow``; ``dtype`` (e.g. ``torch.float32``) overrides the source's floating dtype,
-    ``max_shard_size`` (bytes or "5GB") splits the output like ``save_pretrained``. ``progress``: a bar over
+    Arguments as ``growir.grow`` (``into`` too: a target config, refused before a tensor is written);
+    ``dtype`` (e.g. ``torch.float32``) overrides the source's floating dtype,
+    ``max_shard_size`` (bytes or "5GB") splits the output like ``save_pretrained`` (default: like the source,
+    shards up to its largest; one file for a one-file source). ``out_dir`` may not be, hold or lie inside
+    ``src_dir``; an existing one is replaced (``force``) only if it is a model folder, once the new one is
+    complete. The output holds ``growir.json``: version, source and its digest, spec, per-group methods,
+    exactness, deviations, timings. ``progress``: a bar over
     the bytes written on stderr (None: only on a terminal, after two seconds). ``verify``: run source and grown
     block by block in float32, each module's tensors read from the shards (neither model is loaded; the
     report's ``check`` names the worst block and raises ``PreservationError`` naming the first block that
@@ -96,31 +105,44 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
     """
     start = time.perf_counter()
     src, out = Path(src_dir), Path(out_dir)
-    if out.resolve() == src.resolve():
-        raise SpecError(f"{out}: the output is the source folder; write the grown model somewhere else")
-    if out.exists() and not force:
-        raise SpecError(f"{out}: already exists; pass force=True to replace it")
+    clean_stale(out)  # a killed run's leftovers, before the work: a refusal should not wait for the growth
+    check_output(out, force, src)
     if verify not in (False, None, True, "blocks", "onnx"):
         raise SpecError(f"verify={verify!r}: use True (block by block), 'blocks' or 'onnx'")
     width_method, depth_method = methods(method, width_method, depth_method)
+    if into is not None:  # every size derived from the two configs' graphs (pipeline/target.py)
+        from ..pipeline.target import derive_folder
+        into = derive_folder(src, into, width, depth, layers)
+        width, layers = into.width, into.layers
     job = prepare(src, width, depth, layers, width_method, depth_method, dtype, strict)
+    notes = into.settle_config(job.choice.config) if into is not None else []
     release_heap()
     prepared = time.perf_counter() - start
-    layout = shard_layout(job.items, parse_size(max_shard_size))
-    checked = []
+    max_bytes = parse_size(max_shard_size) if max_shard_size is not None else source_shard_size(src) or 50 * 10**9
+    layout = shard_layout(job.items, max_bytes)
+    spec = dict(width=width, depth=depth, layers=layers, width_method=width_method, depth_method=depth_method,
+                method=method, dtype=dtype, max_shard_size=max_bytes, strict=strict, verify=verify)
+    checked, timings = [], {"prepare": prepared}
+    job.metadata = shard_summary(stream_record(job, src, spec, timings, None))
 
     def write(staging: Path) -> None:
+        began = time.perf_counter()
         write_folder(job, layout, staging, dtype, progress)
+        timings["write"] = time.perf_counter() - began
         if verify:  # before the rename: a failed check leaves no OUT
             checked.append(_verify(src, staging, job, verify))
-    write_atomically(out, write, force)
+            timings["verify"] = time.perf_counter() - began - timings["write"]
+        timings["total"] = time.perf_counter() - start
+        write_record(staging, stream_record(job, src, spec, timings, checked[0] if checked else None))
+    write_atomically(out, write, force, src)
     if job.reasons:
         warn(f"growir: the grown model is not function-preserving (measured deviation "
              f"{job.choice.deviation:.3g} on a float32 two-block proxy): " + "; ".join(job.reasons))
     return StreamReport(str(src), str(out), _params(job.fp.model), _params(job.target),
                         sum(it.nbytes for it in job.items.values()), len(layout.files), time.perf_counter() - start,
                         job.choice.changes, job.layer_info, job.reasons, job.choice.deviation,
-                        checked[0] if checked else None, prepared, plan=job.fp.plan, sizes=job.sizes)
+                        checked[0] if checked else None, prepared, plan=job.fp.plan, sizes=job.sizes,
+                        notes=notes)
 
 
 def methods(method, width_method: str, depth_method: str) -> tuple:
@@ -148,6 +170,8 @@ class Job:
     maps: dict = field(default_factory=dict)  # group -> GroupMap (the width index maps)
     schedules: list = field(default_factory=list)  # the depth schedules
     scales: dict = field(default_factory=dict)  # group root -> c, for residual streams grown rescaled
+    filled: dict = field(default_factory=dict)  # group label -> fill kind, where repeat-and-fill was used
+    metadata: dict = field(default_factory=dict)  # str -> str, into each shard's header (``record``)
 
 
 def prepare(src: Path, width, depth, layers, width_method, depth_method, dtype, strict) -> Job:
@@ -177,7 +201,7 @@ def prepare(src: Path, width, depth, layers, width_method, depth_method, dtype, 
     items = _targets(fp, ctx.rules, ck, dtype)
     _check_target(target, items)
     return Job(fp, choice, target, ctx.sizes, ctx.rules, items, ck, ctx.layer_info, ctx.reasons, ctx.maps,
-                ctx.schedules, ctx.stream_scales)
+                ctx.schedules, ctx.stream_scales, ctx.filled or {})
 
 
 def write_folder(job: Job, layout, staging: Path, dtype, progress) -> None:
@@ -188,7 +212,7 @@ def write_folder(job: Job, layout, staging: Path, dtype, progress) -> None:
     try:
         for filename, names in layout.files.items():
             write_shard(staging / filename, [job.items[n] for n in names],
-                        lambda it: make_tensor(it, job.rules, job.ck, rounded), bar.update)
+                        lambda it: make_tensor(it, job.rules, job.ck, rounded), bar.update, job.metadata)
     finally:
         bar.close()
     if rounded:
@@ -348,7 +372,7 @@ def _verify(src: Path, grown_dir: Path, job: Job, how):
         return _verify_onnx(src, grown_dir, job)
     result = check_blocks(src, grown_dir, job.fp, job.choice.config, (job.maps, job.scales), job.schedules,
                           not job.reasons)
-    if result.exact and not result.preserved:
+    if (result.exact or not result.finite) and not result.preserved:  # a NaN is never rounding
         raise PreservationError(f"the streamed model does not preserve the function; it departs from the source at "
                                 f"`{result.first_failing}` (deviation {result.deviations[result.first_failing]:.3g}, "
                                 f"float32, relative; tolerance {TOLERANCE:g}); nothing was written:\n{result}")
