@@ -76,6 +76,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit status 2)."""
 
     def error(self, message: str):
+        """One line and exit status 2, as argparse, with a pointer to --help."""
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
@@ -198,6 +199,7 @@ class _Stages:
 
     @contextlib.contextmanager
     def stage(self, name: str):
+        """Show ``name`` beside the bar while the block runs."""
         self.bar.set_postfix_str(name)
         yield
         self.bar.update()

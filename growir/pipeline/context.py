@@ -14,6 +14,8 @@ import torch
 
 @dataclass
 class Options:
+    """How the rules are made: the width and depth methods, the seed, noise, and what the caller knows of the
+    weights (stored below float32, eps a config cannot hold, per-unit constants a rebuilt model computes)."""
     width_method: str = "auto"  # "auto" decides per group (passes/fresh.py: copy_where_exact)
     depth_method: str = "auto"
     seed: int = 0

@@ -186,6 +186,7 @@ class _Watched:
         setattr(self._ctx, name, value)
 
     def check(self) -> None:
+        """Raise RewriteError where the pass read, wrote or changed a field it did not declare."""
         p, ctx = self._pass, self._ctx
         declared = p.touches | set(_BOOKKEEPING)
         undeclared = sorted(n for n in self._seen & set(self._fields) if n not in declared)

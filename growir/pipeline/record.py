@@ -32,6 +32,7 @@ class GrowthRecord:
 
     @property
     def exact(self) -> bool:
+        """No reason the growth is not function-preserving was found."""
         return not self.reasons
 
     @property
@@ -70,6 +71,7 @@ class GrowthRules:
 
     @property
     def exact(self) -> bool:
+        """No reason the growth is not function-preserving was found."""
         return not self.reasons
 
     @property

@@ -37,5 +37,6 @@ def options(method, width_method: str, depth_method: str, noise, seed) -> tuple[
 
 
 def check_mode(mode: str) -> None:
+    """SpecError unless ``mode`` is one of grow's ``materialize`` modes."""
     if mode not in MATERIALIZE_MODES:
         raise SpecError(f"unknown materialize {mode!r}: choose one of {', '.join(MATERIALIZE_MODES)}")

@@ -89,6 +89,7 @@ def test_a_tensor_rebuilt_at_load_is_reported():
 
 def test_strict_refuses_a_model_that_changes_at_reload(monkeypatch):
     """What from_pretrained would change is a warning with the deviation, and under strict=True an error."""
+    monkeypatch.setattr(reload_mod, "recomputed_unchanged", lambda grown: False)  # no shortcut: save and load
     monkeypatch.setattr(reload_mod, "reloaded_difference", lambda grown, captured, n: (["lm_head.weight"], 0.25))
     with pytest.warns(UserWarning, match=r"after save_pretrained / from_pretrained .* move by 0\.25"):
         grown = growir.grow(make("llama"), width=2.0)
@@ -105,3 +106,11 @@ def test_an_exact_reload_adds_no_note(dtype):
         warnings.simplefilter("error", UserWarning)
         grown = growir.grow(make("llama").to(dtype), width=2.0)
     assert not [n for n in grown.growir_record.notes if "save_pretrained" in n]
+
+
+def test_the_shortcut_agrees_with_a_real_save_and_load():
+    """Where nothing the class recomputes at load differs (llama), no save is made, and a real save and load agree."""
+    grown = growir.grow(make("llama"), width=2.0)
+    assert reload_mod.recomputed_unchanged(grown)
+    changed, _ = reload_mod.reloaded_difference(grown, grown.growir_record.plan.captured, 1)
+    assert changed == []
