@@ -229,7 +229,8 @@ def load_model(src: str):
     import safetensors
     import transformers
 
-    from .frontend.folder import first_sentence, non_finite
+    from .errors import first_sentence
+    from .frontend.folder import non_finite
 
     try:
         with hf_quiet():  # no "Loading weights" bar or info logs: the stage bar says what runs

@@ -73,6 +73,17 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return (lines[0] if lines else "")[:limit]
 
 
+def first_sentence(error: Exception) -> str:
+    """The first sentence of an error's message (at most 300 characters), on one line.
+
+    >>> first_sentence(ValueError("shapes differ.  See\\nthe log. And more"))
+    'shapes differ.'
+    """
+    text = " ".join(str(error).split())
+    cut = text.find(". ")
+    return text[:cut + 1] if 0 < cut < 300 else text[:300]
+
+
 _PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")  # growir/: never "the user's line"
 
 

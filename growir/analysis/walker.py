@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import AnalysisError, GrowthError, UnsupportedOpError, first_line
+from ..frontend.folder import named_tensors
 from ..ir.axes import AxisGraph
 from .nodes import back, chain, op_name, permutation
 
@@ -107,8 +108,7 @@ class Walker:
                 if isinstance(obj, torch.Tensor) and n.users:
                     (self.f.params if id(obj) in param_ids else self.f.buffers)[n.name] = n.target
                     used[id(obj)] = n.target
-        tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
-        for name, t in tensors:
+        for name, t in named_tensors(gm, buffer_aliases=True):
             if id(t) in used and used[id(t)] != name:
                 self.f.aliases[name] = used[id(t)]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import GrowthError, MaterializeError
+from ..errors import GrowthError, MaterializeError, first_sentence
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -209,17 +209,6 @@ def _match_keys(keys: set, names: set) -> dict:
     if prefixes:
         out.update(max(prefixes.values(), key=len))
     return out
-
-
-def first_sentence(error: Exception) -> str:
-    """The first sentence of an error's message (at most 300 characters), on one line.
-
-    >>> first_sentence(ValueError("shapes differ.  See\\nthe log. And more"))
-    'shapes differ.'
-    """
-    text = " ".join(str(error).split())
-    cut = text.find(". ")
-    return text[:cut + 1] if 0 < cut < 300 else text[:300]
 
 
 def check_shapes(expected: dict, built: dict, what: str) -> None:

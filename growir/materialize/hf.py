@@ -20,6 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..errors import GrowthError, MaterializeError, first_line, warn
+from ..frontend.folder import tied_names
 from ..passes.depth import schedule
 from ..ir.index_maps import tree_map
 from ..verify.compare import TOLERANCE
@@ -333,15 +334,11 @@ def _head_pairs(p, maps: dict) -> dict:
 def with_source_ties(model, state: dict) -> dict:
     """The grown tensors under every name the source model gives them: a tensor the source shares between
     two names (a tied bias, say) that the traced graph saw under one name gets both."""
-    by_tensor = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
-        by_tensor.setdefault(id(t), []).append(name)
     out = dict(state)
-    for names in by_tensor.values():
+    for name, names in tied_names(model).items():
         known = [n for n in names if n in state]
-        for n in names:
-            if n not in out and known:
-                out[n] = state[known[0]]
+        if name not in out and known:
+            out[name] = state[known[0]]
     return out
 
 

@@ -77,7 +77,7 @@ class GrowthRules:
     @property
     def output_maps(self) -> list:
         """Per flat output, per axis: where each grown position reads the source's output (None: unchanged)."""
-        from ..verify.measure import output_maps
+        from ..verify.compare import output_maps
         return output_maps(self.plan, self.context.maps)
 
     def apply(self, state: dict) -> dict:

@@ -13,11 +13,10 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..frontend.export import Captured
-from .compare import deviation, output_maps
+from .compare import deviation
 from .precision import float32_modules, float32_twin, needs_upcast, upcast_inputs
 
-__all__ = ["measure", "output_maps", "other_sizes", "long_sizes", "inputs_at", "eval_outputs", "measurable",
-           "failing_node"]  # output_maps: defined in .compare, kept importable here for its callers
+__all__ = ["measure", "other_sizes", "long_sizes", "inputs_at", "eval_outputs", "measurable", "failing_node"]
 
 
 def _hints(captured: Captured) -> dict:

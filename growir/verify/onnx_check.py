@@ -47,8 +47,7 @@ from .compare import abs_diff, bound, map_source_output
 from .precision import float32_twin, upcast_inputs
 from .onnx_export import SAMPLE_SHAPES, eval_mode, export_onnx, ort_session, run_session, to_onnx_program
 
-__all__ = ["check", "CheckReport", "OutputCheck", "compare_output", "map_source_output", "default_tolerance",
-           "export_onnx"]  # map_source_output: defined in .compare, kept importable here for its callers
+__all__ = ["check", "CheckReport", "OutputCheck", "compare_output", "default_tolerance", "export_onnx"]
 
 # dtype -> (atol, rtol); see the module docstring for how they combine.
 DEFAULT_TOLERANCES = {

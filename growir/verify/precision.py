@@ -22,6 +22,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from ..frontend.folder import named_tensors
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -155,4 +157,4 @@ def _upcast_graph(gm: fx.GraphModule) -> None:
 
 
 def _tensors(model: torch.nn.Module) -> list:
-    return [t for _, t in model.named_parameters(remove_duplicate=False)] + list(model.buffers())
+    return [t for _, t in named_tensors(model)]
