@@ -119,7 +119,8 @@ def build(method: str, setting: Setting, sizes: Sizes, seed: int, source, optimi
     info["grown"] = growth_used(model)
     if method == "bert2bert":
         block = max(1, depth // 4)
-        callbacks.append(TwoStage(block_size=block, stage1_steps=round(sizes.stage1_fraction * steps), seed=seed))
+        callbacks.append(TwoStage(block_size=block, stage1_steps=round(sizes.stage1_fraction * steps), seed=seed,
+                                  submodels="prefix"))  # the paper's sub-models, as its stacking expects
         info.update(block_size=block, stage1_steps=callbacks[0].stage1_steps)
     return model, callbacks, info
 

@@ -103,7 +103,7 @@ def test_flops_count_tied_head_and_scale_linearly_with_tokens():
 def test_stage1_flops_count_only_what_runs():
     m = llama(layers=4)
     full = step_flops(m, 2, 8)
-    cb = TwoStage(block_size=1, stage1_steps=1)
+    cb = TwoStage(block_size=1, stage1_steps=1, submodels="prefix")
     cb.rng.choice = lambda depths: 2                 # sub-model of depth 2, training block 1
     cb.on_step_begin(m, 0)
     part = step_flops(m, 2, 8)
@@ -119,7 +119,7 @@ def test_stage1_flops_count_only_what_runs():
 
 def test_stage1_updates_only_the_sampled_submodels_top_blocks():
     m = llama(layers=4)
-    cb = TwoStage(block_size=2, stage1_steps=5, seed=0)
+    cb = TwoStage(block_size=2, stage1_steps=5, seed=0, submodels="prefix")  # the paper's bottom-prefix sub-models
     seen = set()
     for step in range(5):
         m.zero_grad(set_to_none=True)
@@ -194,6 +194,15 @@ def test_two_stage_in_a_real_trainer(tmp_path):
     Trainer(model=m, args=args, train_dataset=data, callbacks=[hf_callback(cb)]).train()
     assert changed_blocks(m, before) in ({0, 1}, {2, 3})
     assert len(find_blocks(m).blocks) == 4
+
+
+def test_the_trainer_callback_refuses_ddp_that_ignores_frozen_blocks():
+    from types import SimpleNamespace
+    cb = hf_callback(TwoStage(block_size=1, stage1_steps=1))
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters"):
+        cb.on_train_begin(SimpleNamespace(world_size=2, ddp_find_unused_parameters=False), None, None)
+    for world, unused in ((1, False), (2, None), (2, True)):
+        cb.on_train_begin(SimpleNamespace(world_size=world, ddp_find_unused_parameters=unused), None, None)
 
 
 def test_sliced_blocks_restores_on_error():

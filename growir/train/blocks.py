@@ -13,6 +13,17 @@ shapes) and that holds the most parameters; no table of architecture names is ne
 2
 >>> len(find_blocks(m).blocks)
 3
+
+A block whose residual writers are zero (growir's exact depth growth adds such blocks) is an identity: the
+model computes the same function without it.
+
+>>> block = m.model.layers[1]
+>>> _ = block.self_attn.o_proj.weight.data.zero_(), block.mlp.down_proj.weight.data.zero_()
+>>> identity_blocks(m)
+[1]
+>>> with sliced_blocks(m, [0, 2]) as kept:
+...     [b.self_attn.layer_idx for b in kept]  # numbered by position while sliced (the KV cache's index)
+[0, 1]
 """
 
 from __future__ import annotations
@@ -21,7 +32,10 @@ import contextlib
 import copy
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from ..verify.compare import TOLERANCE, deviation
 
 
 @dataclass(frozen=True)
@@ -63,21 +77,69 @@ def _set_depth(model: nn.Module, stack: BlockStack, blocks: nn.ModuleList) -> No
         config.num_hidden_layers = len(blocks)  # HF decoders iterate layers[: config.num_hidden_layers]
 
 
+def _number(blocks, indices) -> None:
+    for i, block in zip(indices, blocks):
+        for module in block.modules():  # HF attention keeps its index for the KV cache
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = i
+
+
 @contextlib.contextmanager
-def sliced_blocks(model: nn.Module, depth: int):
-    """Run ``model`` as its bottom ``depth`` blocks (embeddings and head shared); restore the full stack on exit."""
+def sliced_blocks(model: nn.Module, keep):
+    """Run ``model`` as a sub-model (embeddings and head shared): its bottom ``keep`` blocks, or, for a list of
+    indices, those blocks in model order; restore the full stack on exit. While sliced, the kept blocks are
+    numbered by position (``layer_idx``), so a cache sized for the sub-model indexes them right."""
     stack = find_blocks(model)
-    if not 1 <= depth <= len(stack.blocks):
-        raise ValueError(f"depth {depth} is outside 1..{len(stack.blocks)} for {stack.path}")
+    count = len(stack.blocks)
+    indices = list(range(keep)) if isinstance(keep, int) else sorted(set(keep))
+    if not indices or indices[0] < 0 or indices[-1] >= count:
+        raise ValueError(f"sub-model {keep!r} is outside the {count} blocks of {stack.path}")
     config = getattr(model, "config", None)
     old_layers = getattr(config, "num_hidden_layers", None)
-    _set_depth(model, stack, nn.ModuleList(list(stack.blocks)[:depth]))
+    kept = [stack.blocks[i] for i in indices]
+    numbered = [(m, m.layer_idx) for block in kept for m in block.modules() if hasattr(m, "layer_idx")]
+    _set_depth(model, stack, nn.ModuleList(kept))
+    _number(kept, range(len(kept)))
     try:
-        yield stack.blocks[:depth]
+        yield kept
     finally:
+        for module, index in numbered:
+            module.layer_idx = index
         setattr(stack.parent, stack.attr, stack.blocks)
         if old_layers is not None:
             config.num_hidden_layers = old_layers
+
+
+def _probe_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def identity_blocks(model: nn.Module, tokens: int = 16, seed: int = 0) -> list[int]:
+    """The blocks the model's function does not need: dropping one alone leaves the output on a random token
+    probe within growir's exactness bound (``TOLERANCE``, :mod:`growir.verify.compare`). growir's exact depth
+    growth of a pre-norm model adds such blocks (zero residual writers); a stacked copy is not one. The model
+    runs in eval mode (no dropout) for the probe and is put back as it was."""
+    count = len(find_blocks(model).blocks)
+    if count < 2:
+        return []  # dropping the only block leaves no model
+    vocab = model.get_input_embeddings().num_embeddings
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or tokens
+    ids = torch.randint(0, vocab, (1, min(tokens, limit)), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(next(model.parameters()).device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = _probe_output(model, ids)
+            found = []
+            for i in range(count):
+                with sliced_blocks(model, [j for j in range(count) if j != i]):
+                    if deviation(full, _probe_output(model, ids)) <= TOLERANCE:
+                        found.append(i)
+    finally:
+        model.train(training)
+    return found
 
 
 def stack_blocks(model: nn.Module, depth: int) -> list[int]:
@@ -95,9 +157,6 @@ def stack_blocks(model: nn.Module, depth: int) -> list[int]:
     if depth < len(old):
         raise ValueError(f"cannot stack {stack.path} from {len(old)} down to {depth} blocks")
     extra = [copy.deepcopy(old[i % len(old)]) for i in range(depth - len(old))]
-    for i, block in enumerate(old + extra):
-        for module in block.modules():  # HF attention keeps its index for the KV cache
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = i
+    _number(old + extra, range(depth))
     _set_depth(model, stack, nn.ModuleList(old + extra))
     return list(range(len(old), depth))
