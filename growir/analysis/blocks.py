@@ -6,6 +6,12 @@ being the previous block's output. Blocks may also be stored as parallel lists (
 ``mlp[i]``): block i is then the stretch of the graph from the first op of any list's i-th entry to the first
 op of the (i+1)-th entries, glue included, and the same tests apply. Names decide nothing here; indices and
 the graph do.
+
+Blocks may also differ by design (SSM and attention layers, sliding and full attention, dense and MoE
+feed-forwards): blocks with the same class, parameter shapes, ops and shared inputs (the values computed before
+the list that a block reads, such as one of several masks) are one *kind*, and a list whose kinds repeat with a
+period (``[ssm, attn, ssm, attn]``: period 2; a list whose kinds never repeat is one period) is copyable when
+each block keeps the stream's shape and every kind is identity-ready. Depth growth then copies whole periods.
 """
 
 from __future__ import annotations
@@ -37,6 +43,24 @@ class Blocks:
     pre_norm: bool = False
     writers: list = field(default_factory=list)  # parameter suffixes whose zeroing makes a block an identity
     containers: list = field(default_factory=list)  # parallel lists (block i = their i-th entries); [] if nested
+    period: int = 1  # blocks i and i + period are of one kind (1: all blocks alike)
+    period_writers: list = field(default_factory=list)  # per position in the period: its writers ([] if period 1)
+    period_suffixes: list = field(default_factory=list)  # per position in the period: its parameter suffixes
+    alike: bool = True  # every block has the same parameters (kinds may still differ by ops or shared inputs)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the blocks differ by design (kinds that repeat with ``period``); ``alike`` says whether their
+        parameters still match (AKI's next-block units need them to)."""
+        return self.period > 1
+
+    def writers_of(self, i: int) -> list:
+        """The writer suffixes of block ``i`` (its kind's; ``i`` old or new, as whole periods move)."""
+        return self.period_writers[i % self.period] if self.mixed else self.writers
+
+    def suffixes_of(self, i: int) -> list:
+        """The parameter suffixes of block ``i`` (its kind's; ``i`` old or new, as whole periods move)."""
+        return self.period_suffixes[i % self.period] if self.mixed else self.suffixes
 
     @property
     def count(self) -> int:
@@ -91,12 +115,18 @@ def find_blocks(gm: fx.GraphModule, facts: Facts) -> list[Blocks]:
     found = []
     for prefix, kids in children.items():
         idx = sorted(kids)
-        if len(idx) < 2 or idx != list(range(len(idx))) or len({classes[kids[i]] for i in idx}) != 1:
+        if len(idx) < 2 or idx != list(range(len(idx))):
             continue
         if any(prefix.startswith(b.prefix + ".") and b.homogeneous for b in found):
             continue
         paths = [kids[i] for i in idx]
-        found.append(_describe(gm, facts, prefix, [members[p] for p in paths], Blocks(prefix, paths, [], [])))
+        b = _describe(gm, facts, prefix, [members[p] for p in paths], Blocks(prefix, paths, [], []),
+                      [classes[p] for p in paths])
+        if b.homogeneous or len({classes[p] for p in paths}) == 1 or 1 < b.period < b.count:
+            found.append(b)  # children of other classes: blocks if copyable, or a pattern of kinds that repeats
+    # layers of different kinds inside one entry of an outer list (a block's sub-layers: attention, then FFN) are
+    # no stack of their own: the outer list is, and its reason stands
+    found = [b for b in found if not b.mixed or not any(b.prefix.startswith(c.prefix + ".") for c in found)]
     # stages that differ (a downsampling layer here and there) are no blocks, but the block lists inside them are
     found = [b for b in found if b.homogeneous or not any(
         c.prefix.startswith(b.prefix + ".") and c.homogeneous for c in found)]
@@ -156,28 +186,95 @@ def _param_suffixes(gm: fx.GraphModule, b: Blocks, i: int) -> dict:
     return {b.suffix_of(i, name): tuple(p.shape) for name, p in tensors if b.suffix_of(i, name) is not None}
 
 
-def _describe(gm, facts, prefix, nodes, b: Blocks) -> Blocks:
+def _describe(gm, facts, prefix, nodes, b: Blocks, classes: list | None = None) -> Blocks:
     paths = b.paths
     shapes = [_param_suffixes(gm, b, i) for i in range(len(paths))]
     sigs = [tuple(op_name(n) for n in ns if _is_tensor(n)) for ns in nodes]
     b.nodes, b.suffixes = nodes, sorted(shapes[0])
+    keys = [(c, tuple(sorted(sh.items())), sig) for c, sh, sig in zip(classes or [None] * len(paths), shapes, sigs)]
     if any(s != shapes[0] for s in shapes):
         odd = next(i for i, s in enumerate(shapes) if s != shapes[0])
         extra = sorted(set(shapes[odd]) ^ set(shapes[0]))
-        b.homogeneous, b.why_not = False, (f"block `{paths[odd]}` has other parameters than `{paths[0]}` "
-                                           f"({', '.join(extra[:3]) or 'different shapes'})")
-        return b
+        why = (f"block `{paths[odd]}` has other parameters than `{paths[0]}` "
+               f"({', '.join(extra[:3]) or 'different shapes'})")
+        return _mixed(gm, facts, b, keys, why)
     if any(s != sigs[0] for s in sigs):
         odd = next(i for i, s in enumerate(sigs) if s != sigs[0])
-        b.homogeneous, b.why_not = False, f"block `{paths[odd]}` runs other ops than `{paths[0]}`"
-        return b
+        return _mixed(gm, facts, b, keys, f"block `{paths[odd]}` runs other ops than `{paths[0]}`")
     try:
-        _chain(b)
+        _chain(b, _kinds(keys))
     except ValueError as exc:
         b.homogeneous, b.why_not = False, str(exc)
         return b
+    keys = [k + (shared,) for k, shared in zip(keys, _shared_inputs(b))]
+    if len(set(keys)) > 1:  # alike blocks that read different shared values (a sliding and a full mask)
+        return _mixed(gm, facts, b, keys, "")
     b.pre_norm, b.writers = _residual_structure(gm, facts, b)
     return b
+
+
+def _kinds(keys: list) -> list:
+    """Per block, the index of the first block with the same key (its kind)."""
+    return [keys.index(k) for k in keys]
+
+
+def _period(kinds: list) -> int:
+    """The shortest period of the kinds that divides their count (the count itself where none is shorter).
+
+    >>> _period([0, 1, 0, 1]), _period([0, 1, 1, 1]), _period([0, 0, 0])
+    (2, 4, 1)
+    """
+    n = len(kinds)
+    return next(p for p in range(1, n + 1) if n % p == 0 and all(k == kinds[i % p] for i, k in enumerate(kinds)))
+
+
+def _mixed(gm, facts, b: Blocks, keys: list, why: str) -> Blocks:
+    """Blocks that differ by design: copyable by whole periods when they chain, each keeps the stream's shape
+    and every kind is identity-ready; otherwise not copyable, for ``why`` (or the first thing that fails)."""
+    b.homogeneous, b.why_not = False, why
+    try:
+        _chain(b, _kinds(keys))
+    except ValueError as exc:
+        b.why_not = why or str(exc)
+        return b
+    if len(keys[0]) == 3:
+        keys = [k + (shared,) for k, shared in zip(keys, _shared_inputs(b))]
+    kinds = _kinds(keys)
+    shape = lambda n: tuple(n.meta["val"].shape)  # noqa: E731
+    if any(shape(i) != shape(o) for i, o in zip(b.chain_in, b.chain_out)):
+        b.why_not = why or f"a block of `{b.prefix}` changes the shape of the stream"
+        return b
+    b.period = period = _period(kinds)
+    structures = [_residual_structure(gm, facts, b, i) for i in range(period)]
+    if not all(ready for ready, _ in structures):
+        odd = next(i for i, (ready, _) in enumerate(structures) if not ready)
+        b.why_not = (f"{why}; " if why else "") + f"block `{b.paths[odd]}` is not identity-ready (post-norm)"
+        return b
+    b.homogeneous, b.why_not, b.pre_norm = True, "", True
+    b.period_writers = [writers for _, writers in structures] if period > 1 else []
+    b.period_suffixes = [sorted(_param_suffixes(gm, b, i)) for i in range(period)] if period > 1 else []
+    b.alike = len({k[1] for k in keys}) == 1
+    b.writers = structures[0][1]
+    return b
+
+
+def _shared_inputs(b: Blocks) -> list:
+    """Per block, the values computed before the list that it reads, besides its stream input (masks, rotary
+    tables), as graph positions: blocks reading different ones are of different kinds. Values made between
+    blocks (a per-layer slice in the caller's loop) are left out."""
+    first = b.nodes[0][0] if b.nodes and b.nodes[0] else None
+    before, seen = set(), first.graph.nodes if first is not None else []
+    for n in seen:
+        if n is first:
+            break
+        before.add(n)
+    out = []
+    for i, ns in enumerate(b.nodes):
+        inside = set(ns)
+        reads = {a for n in ns for a in n.all_input_nodes if a not in inside and a in before and _is_tensor(a)
+                 and a.op != "get_attr" and a is not b.chain_in[i]}
+        out.append(tuple(sorted(a.name for a in reads)))
+    return out
 
 
 def _is_tensor(n: fx.Node) -> bool:
@@ -190,29 +287,37 @@ def _outside_users(ns: list) -> list:
     return [n for n in ns if _is_tensor(n) and any(u not in inside for u in n.users)]
 
 
-def _chain(b: Blocks) -> None:
+def _chain(b: Blocks, kinds: list) -> None:
     """Find each block's residual input and output (the value one block hands to the next)."""
+    b.chain_in, b.chain_out = [], []
     for i, ns in enumerate(b.nodes):
         outs = _outside_users(ns)
         if len(outs) != 1:
             raise ValueError(f"block `{b.paths[i]}` hands {len(outs)} values to the rest of the graph; "
                              f"depth growth needs exactly one (the residual stream)")
         b.chain_out.append(outs[0])
-    for i, ns in enumerate(b.nodes):
-        if i > 0:
-            b.chain_in.append(b.chain_out[i - 1])
-            continue
-        # block 0's input sits where block 1 reads block 0's output
-        prev = b.chain_out[0]
-        for k, n in enumerate(b.nodes[1]):
-            flat = fx.node.map_arg((n.args, n.kwargs), lambda a: a)
-            pos = _arg_positions(flat, prev)
-            if pos:
-                src = _at(fx.node.map_arg((ns[k].args, ns[k].kwargs), lambda a: a), pos[0])
-                b.chain_in.append(src)
-                break
-        else:
-            raise ValueError(f"block `{b.paths[1]}` does not read the output of `{b.paths[0]}`")
+    b.chain_in.append(_first_input(b, kinds))
+    b.chain_in += b.chain_out[:-1]
+
+
+def _first_input(b: Blocks, kinds: list) -> fx.Node:
+    """Block 0's stream input: where a later block of its kind reads its predecessor's output, block 0 reads
+    its input; with no such block, its one outside input shaped like its output."""
+    later = next((m for m in range(1, len(kinds)) if kinds[m] == kinds[0]), None)
+    if later is None:
+        inside, val = set(b.nodes[0]), b.chain_out[0].meta.get("val")
+        like = {a for n in b.nodes[0] for a in n.all_input_nodes if a not in inside and _is_tensor(a)
+                and a.op != "get_attr" and a.meta["val"].shape == val.shape}
+        if len(like) != 1:
+            raise ValueError(f"block `{b.paths[0]}` reads {len(like)} values shaped like its output; depth growth "
+                             f"needs one (the residual stream)")
+        return like.pop()
+    prev = b.chain_out[later - 1]
+    for k, n in enumerate(b.nodes[later]):
+        pos = _arg_positions(fx.node.map_arg((n.args, n.kwargs), lambda a: a), prev)
+        if pos:
+            return _at(fx.node.map_arg((b.nodes[0][k].args, b.nodes[0][k].kwargs), lambda a: a), pos[0])
+    raise ValueError(f"block `{b.paths[later]}` does not read the output of `{b.paths[later - 1]}`")
 
 
 def _arg_positions(tree, target, path=()) -> list:
@@ -231,17 +336,17 @@ def _at(tree, path):
     return tree
 
 
-def _residual_structure(gm, facts, b: Blocks):
-    """(identity-ready, writer suffixes) of block 0: the stream from input to output only adds terms, and
+def _residual_structure(gm, facts, b: Blocks, i: int = 0):
+    """(identity-ready, writer suffixes) of block ``i``: the stream from input to output only adds terms, and
     zeroing the writers zeroes every term (see ``residual.py``)."""
-    terms = stream_terms(b.chain_in[0], b.chain_out[0])
+    terms = stream_terms(b.chain_in[i], b.chain_out[i])
     if terms is None:
         return False, []
-    owns = lambda state: b.suffix_of(0, state) is not None
+    owns = lambda state: b.suffix_of(i, state) is not None
     memo, writers = {}, set()
     for t in terms:
         z = zeroing_params(t, facts, owns, memo)
         if z is None:
             return False, []
         writers |= z
-    return True, sorted(b.suffix_of(0, facts.params[w]) for w in writers)
+    return True, sorted(b.suffix_of(i, facts.params[w]) for w in writers)

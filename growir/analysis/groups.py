@@ -135,6 +135,10 @@ def _assign_roles(facts: Facts, groups: list[Group]) -> None:
         if r.kind == "batch" and any(by_root.get(leaf) is not None and by_root[leaf].consumers
                                      and leaf not in data for leaf in ag.leaf_roots(r.axis)):
             set_heads(r.axis)
+    heads = {g.root for g in groups if g.role in ("heads", "kv_heads")}
+    for r in facts.reads:  # a norm over heads x channels (an SSM's gated norm over its inner width): per-head ones
+        if r.kind == "norm" and heads & set(ag.leaf_roots(r.axis)):
+            set_role(r.axis, "head_dim")
     for g in groups:
         if g.role is None and g.size is not None and any(r.kind == "norm" for r in g.reads):
             g.role = "hidden"

@@ -40,10 +40,11 @@ class NormSite:
         return mean.args[0].args[0]  # mean(pow(x, 2))
 
     def pre_norm(self, facts: Facts) -> bool:
-        """Whether the output only reaches parameter contractions (or the model output), through layout ops and
-        gathers of whole tokens: a pre-norm, whose output is not the residual stream itself."""
+        """Whether the output only reaches parameter contractions (or the model output), through layout ops,
+        gathers of whole tokens and products (a padding mask: a zero at the fill stays zero): a pre-norm, whose
+        output is not the residual stream itself."""
         return all(u.op == "output" or (CONTRACTIONS(u) and any(is_param(a, facts) for a in u.all_input_nodes))
-                   for u in forward(self.output, lambda u: PART(u) or indexes_leading(u)))
+                   for u in forward(self.output, lambda u: PART(u) or indexes_leading(u) or SCALES(u)))
 
     def nonlinear_source(self) -> str | None:
         """The op that makes the input, through layout ops, when the input is not linear in the parameters

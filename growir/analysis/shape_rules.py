@@ -30,9 +30,11 @@ def _record_size_list(w: Walker, node: fx.Node, argpos: int, out: list, offset: 
         axis = out[offset + i]
         if isinstance(s, int) and s != -1:
             w.const(node, ("args", argpos, i), axis)
-        elif isinstance(s, fx.Node) and s.target in (operator.mul, operator.floordiv):
+        elif isinstance(s, fx.Node) and s.target is operator.mul:
+            # e.g. batch * num_heads computed as sym_size * 4. A floordiv's literal is a divisor, not a factor of
+            # the axis (a padded sequence cut into chunks: padded // chunk), so it is left as it is.
             for j, v in enumerate(s.args):
-                if isinstance(v, int):  # e.g. batch * num_heads computed as sym_size * 4
+                if isinstance(v, int):
                     w.const(node, ("sym", s.name, j), axis, "factor")
 
 
@@ -104,6 +106,8 @@ def repeat_interleave(w: Walker, node: fx.Node) -> None:
     w.f.expanded.add(rep)
     w.f.ag.set_structure(out[dim], "prod", [x[dim], rep], where(node))
     w.const(node, ("args", 1), rep)
+    if isinstance(node.kwargs.get("output_size"), int):  # checked against the output's size at run time
+        w.const(node, ("kwargs", "output_size"), out[dim])
 
 
 def select(w: Walker, node: fx.Node) -> None:

@@ -40,10 +40,44 @@ def as_expr(size) -> sympy.Expr:
 
 
 def divides(a: sympy.Expr, b: sympy.Expr) -> bool:
-    """Whether ``a`` divides ``b`` as a product of sizes (b / a is a polynomial in the shape symbols)."""
+    """Whether ``a`` divides ``b`` as a product of sizes (b / a is a polynomial in the shape symbols, or, for
+    sizes with floor/Mod, a whole number at every point of ``_grid``)."""
     ratio = sympy.cancel(b / a)
     _, den = sympy.fraction(ratio)
-    return den == 1 and (not ratio.is_number or (ratio.is_integer and ratio >= 1))
+    if den == 1:
+        return not ratio.is_number or (ratio.is_integer and ratio >= 1)
+    if not _rounded(ratio):
+        return False
+    return all((v := ratio.xreplace(point)).is_integer and v >= 1 for point in _grid(ratio.free_symbols))
+
+
+def same_size(a: sympy.Expr, b: sympy.Expr) -> bool:
+    """Whether two sizes are equal: symbolically, or, where floor/Mod hide it from sympy (a sequence padded to a
+    multiple of a chunk and cut into chunks: ``s + (4 - s % 4) % 4 == 4 * ((s + (4 - s % 4) % 4) // 4)``), at
+    every point of ``_grid``.
+
+    >>> s = sympy.Symbol("s", integer=True, positive=True)
+    >>> padded = s + sympy.Mod(4 - sympy.Mod(s, 4), 4)
+    >>> same_size(padded, 4 * sympy.floor(padded / 4)), same_size(padded, s)
+    (True, False)
+    """
+    diff = sympy.expand(a - b)
+    if _rounded(diff):  # simplify is slow on floor/Mod terms and rarely decides them
+        return all(diff.xreplace(point) == 0 for point in _grid(diff.free_symbols))
+    return diff == 0 or sympy.simplify(diff) == 0
+
+
+def _rounded(e: sympy.Expr) -> bool:
+    """Whether ``e`` has shape symbols under a function (floor, Mod, torch's FloorDiv), where sympy's algebra
+    cannot decide equality."""
+    return bool(e.free_symbols) and bool(e.atoms(sympy.Function))
+
+
+def _grid(symbols) -> list:
+    """Points for deciding a rounded size identity: each symbol takes 64 consecutive values from 2 (the smallest
+    dynamic size torch.export allows), so every residue modulo a chunk up to 64, the symbols on co-prime strides."""
+    symbols = sorted(symbols, key=str)
+    return [{s: sympy.Integer(2 + (i * (2 * k + 1)) % 64) for k, s in enumerate(symbols)} for i in range(64)]
 
 
 def is_structured(tree) -> bool:
@@ -110,7 +144,7 @@ class AxisGraph:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
-        if sympy.simplify(self.size[ra] - self.size[rb]) != 0:
+        if not same_size(self.size[ra], self.size[rb]):
             raise AnalysisError(f"{why}: axes of sizes {self.size[ra]} and {self.size[rb]} were found equal; "
                                 f"growir's rule for this op is wrong or the graph is inconsistent")
         sa, sb = self.structure.pop(ra, None), self.structure.pop(rb, None)
@@ -166,7 +200,7 @@ class AxisGraph:
         """
         a = [p for p in self.leaves(kind, a_parts) if not (kind == PROD and self.size_of(p) == 1)]
         b = [p for p in self.leaves(kind, b_parts) if not (kind == PROD and self.size_of(p) == 1)]
-        if len(a) == len(b) and all(sympy.simplify(self.size_of(x) - self.size_of(y)) == 0 for x, y in zip(a, b)):
+        if len(a) == len(b) and all(same_size(self.size_of(x), self.size_of(y)) for x, y in zip(a, b)):
             for x, y in zip(a, b):
                 self.unify(x, y, why)
             return
@@ -176,7 +210,7 @@ class AxisGraph:
         for parts, cuts in ((a, cuts_a), (b, cuts_b)):
             start = 0
             for part, end_cut in zip(parts, cuts):
-                end = chain.index(end_cut, start)
+                end = next(k for k in range(start, len(chain)) if same_size(chain[k], end_cut))
                 self.set_structure(part, kind, segments[start:end + 1], why)
                 start = end + 1
 
@@ -191,7 +225,7 @@ class AxisGraph:
         chain, i, j = [], 0, 0
         before = divides if kind == PROD else (lambda p, q: bool(sympy.simplify(q - p) >= 0))
         while i < len(x) or j < len(y):
-            if i < len(x) and j < len(y) and sympy.simplify(x[i] - y[j]) == 0:
+            if i < len(x) and j < len(y) and same_size(x[i], y[j]):
                 chain.append(x[i]); i += 1; j += 1
             elif j >= len(y) or (i < len(x) and before(x[i], y[j])):
                 chain.append(x[i]); i += 1

@@ -81,8 +81,8 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
     pairs = _size_pairs(p, built.maps, {b.prefix: (b.count, n, "") for b, n in depth_plan})
     heads = _head_pairs(p, built.maps)
     params = dict(model.named_parameters(remove_duplicate=False))
-    required = set(params) | {b.name(i, sfx) for b, n in depth_plan for i in range(n) for sfx in b.suffixes
-                              if b.name(0, sfx) in params}
+    required = set(params) | {b.name(i, sfx) for b, n in depth_plan for i in range(n) for sfx in b.suffixes_of(i)
+                              if b.name(i % b.period, sfx) in params}
     sources = {b.count: schedule(b, n, opts.depth_method).sources for b, n in depth_plan}
     if built.eps_values and not opts.keep_eps and eps_shared(p, built.eps_nodes or {}):
         why = "every norm's eps kept: a config field holds the eps of a norm the growth changes and of one it keeps"

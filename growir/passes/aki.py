@@ -39,7 +39,7 @@ def aki_rules(plan: Plan, maps: dict, rules: dict) -> int:
     ag, changed = plan.facts.ag, 0
     nodes = {state: node for node, state in plan.facts.params.items()}
     for b in plan.blocks:
-        if not b.homogeneous:
+        if not b.homogeneous or not b.alike:  # kinds with other parameters: no next-block units
             continue
         for level in range(b.count - 1):
             for g in plan.groups:

@@ -49,6 +49,11 @@ def rewrite_constants(plan: Plan, maps: dict, gm: fx.GraphModule) -> int:
             if not value.is_Integer:
                 continue
             value = int(value)
+        if c.path[0] == "kwargs":  # repeat_interleave's output_size
+            node = nodes[c.node]
+            changed += node.kwargs.get(c.path[1]) != value
+            node.kwargs = {**node.kwargs, c.path[1]: value}
+            continue
         if c.path[0] == "sym":
             node, pos = nodes[c.path[1]], c.path[2]
         else:

@@ -1,0 +1,98 @@
+"""State-space layers grow like any other: a chunked scan pads the sequence to a multiple of its chunk and cuts it
+into chunks (a reshape whose split is of the padded sequence, equal to its parts only at every size, not as
+polynomials), SSM heads, their channels and the state are width groups, and the gated RMSNorm over the inner width
+is a norm. Mamba2 and Jamba (attention, Mamba and MoE layers) grow x2 exactly in their own classes; Jamba's depth
+x2 keeps its layer pattern (tests/passes/test_mixed_depth.py has the mechanism on small modules).
+"""
+
+from __future__ import annotations
+
+import pytest
+import sympy
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import growir
+from growir.ir.axes import divides, same_size
+
+CHUNK = 3
+
+
+class Chunked(nn.Module):
+    """A causal running sum within chunks of the sequence, padded to a whole number of chunks first."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.norm = nn.Embedding(50, 16), nn.LayerNorm(16)
+        self.up, self.down, self.head = nn.Linear(16, 24), nn.Linear(24, 16), nn.Linear(16, 50)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        h = self.up(self.norm(x))
+        s = h.shape[1]
+        h = F.pad(h, (0, 0, 0, (CHUNK - s % CHUNK) % CHUNK))
+        h = torch.cumsum(h.reshape(h.shape[0], -1, CHUNK, h.shape[2]), dim=2)
+        return self.head(x + self.down(h.reshape(h.shape[0], -1, h.shape[3])[:, :s]))
+
+
+def test_padded_lengths_are_equal_at_every_size():
+    s = sympy.Symbol("s", integer=True, positive=True)
+    padded = s + sympy.Mod(4 - sympy.Mod(s, 4), 4)
+    chunks = sympy.floor(padded / 4)
+    assert same_size(chunks * sympy.floor(padded / chunks), padded) and divides(chunks, padded)
+    assert not same_size(padded, s) and not divides(chunks, s)
+
+
+def test_a_padded_chunked_scan_grows_exactly():
+    torch.manual_seed(0)
+    model = Chunked().eval()
+    big = growir.grow(model, width=2.0, example_inputs=(torch.randint(0, 50, (2, 7)),))
+    assert big.growir_record.exact, big.growir_record.reasons
+    assert big.state_dict()["up.weight"].shape == (48, 32)
+    for seq in (5, 8, 10):
+        ids = torch.randint(0, 50, (3, seq))
+        torch.testing.assert_close(big(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+def _mamba2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    # chunk 3: the traced length (8) is no multiple of it, so the traced graph pads, as most lengths do
+    config = transformers.Mamba2Config(hidden_size=16, num_hidden_layers=1, vocab_size=100, state_size=6, expand=2,
+                                       num_heads=8, head_dim=4, n_groups=2, chunk_size=CHUNK)
+    return transformers.Mamba2ForCausalLM(config).eval()
+
+
+def test_mamba2_grows_x2_exactly_in_its_class():
+    model = _mamba2()
+    big = growir.grow(model, width=2.0)
+    record, cfg = big.growir_record, big.config
+    # groups of heads (kv_heads, 2) x heads per group (4); per-head channels (4, by the gated norm) and the state
+    # (6, contracted between C and B) are head_dims, kept like attention's at x2; the residual stream is hidden
+    roles = sorted((g.role, g.size, g.per_kv) for g in record.plan.groups if g.role)
+    assert roles == [("head_dim", 4, False), ("head_dim", 6, False), ("heads", 4, True), ("hidden", 16, False),
+                     ("kv_heads", 2, False)], roles
+    assert record.exact and type(big).__name__ == "Mamba2ForCausalLM"
+    assert (cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.state_size, cfg.n_groups) == (32, 16, 4, 6, 2)
+    ids = torch.randint(0, 100, (2, 7))
+    torch.testing.assert_close(big(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_jamba_grows_x2_and_depth_x2_exactly_in_its_class():
+    """Jamba's layers are a Mamba layer with a dense MLP and an attention layer with MoE: two kinds, period 2.
+    Sizes are chosen apart so that no config field holds another field's size by chance."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.JambaConfig(
+        hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=5,
+        vocab_size=100, num_experts=3, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+        attn_layer_period=2, attn_layer_offset=1, mamba_d_state=6, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=7)
+    model = transformers.JambaForCausalLM(config).eval()
+    big = growir.grow(model, width=2.0, depth=2)
+    assert big.growir_record.exact and type(big).__name__ == "JambaForCausalLM"
+    c = big.config
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.mamba_dt_rank) == (80, 144, 4, 14)
+    assert c.layers_block_type == ["mamba", "attention"] * 2
+    ids = torch.randint(0, 100, (2, 7))
+    torch.testing.assert_close(big(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)

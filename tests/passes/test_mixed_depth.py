@@ -1,0 +1,165 @@
+"""Depth growth of block lists whose blocks differ by design (growir/analysis/blocks.py, growir/passes/depth.py).
+
+Blocks with the same class, parameter shapes, ops and shared inputs are one kind; a list whose kinds repeat with a
+period grows by whole periods, so the pattern is kept (``[a, b]`` x2 is ``[a, b, a', b']``), and each added
+block is an identity by its own kind's writers. Found from the graph: the tests build the kinds from module
+classes with nothing in common but the stream they read and write.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import growir
+from growir.errors import SpecError
+from growir.frontend.export import capture
+from growir.analysis.plan import make_plan
+from growir.passes.depth import schedule
+
+D, V = 16, 50
+
+
+class Mlp(nn.Module):
+    """A pre-norm feed-forward block: x + W2 gelu(W1 ln(x))."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln, self.up, self.down = nn.LayerNorm(D), nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(self.ln(x))))
+
+
+class Mix(nn.Module):
+    """A pre-norm token-mixing block of another kind: x + W_o cumsum(W_v rms(x)) (a causal running sum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.Parameter(torch.ones(D))
+        self.v, self.o = nn.Linear(D, D, bias=False), nn.Linear(D, D, bias=False)
+
+    def forward(self, x):
+        rms = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm
+        return x + self.o(torch.cumsum(self.v(rms), dim=1))
+
+
+class PostNorm(nn.Module):
+    """A post-norm block: ln(x + W x), never an identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.ln = nn.Linear(D, D), nn.LayerNorm(D)
+
+    def forward(self, x):
+        return self.ln(x + self.w(x))
+
+
+class Stack(nn.Module):
+    def __init__(self, kinds):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(V, D), nn.Linear(D, V)
+        self.layers = nn.ModuleList(kind() for kind in kinds)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _model(kinds):
+    torch.manual_seed(0)
+    model = Stack(kinds).eval()
+    with torch.no_grad():  # norms away from their init, so that a wrong copy would show
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+            if isinstance(m, Mix):
+                m.norm.uniform_(0.5, 1.5)
+    return model
+
+
+IDS = (torch.randint(0, V, (2, 7)),)
+
+
+def test_kinds_and_period_are_found_from_the_graph():
+    plan = make_plan(capture(_model([Mix, Mlp, Mix, Mlp]), IDS))
+    (b,) = plan.blocks
+    assert b.homogeneous and b.mixed and not b.alike and b.period == 2 and b.pre_norm, b.why_not
+    assert b.period_writers == [["o.weight"], ["down.bias", "down.weight"]]
+    assert b.suffixes_of(4) == ["norm", "o.weight", "v.weight"] and "up.weight" in b.suffixes_of(5)
+
+
+def test_mixed_stack_depth_x2_keeps_the_pattern_and_is_exact():
+    model = _model([Mix, Mlp])
+    grown = growir.grow(model, width=2.0, depth=2, example_inputs=IDS)
+    record = grown.growir_record
+    assert record.exact, record.reasons
+    state = grown.state_dict()
+    assert "layers.2.v.weight" in state and "layers.3.up.weight" in state and "layers.3.v.weight" not in state
+    assert not state["layers.2.o.weight"].any() and not state["layers.3.down.weight"].any()  # added: identities
+    ids = torch.randint(0, V, (3, 11))
+    torch.testing.assert_close(grown(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_schedule_moves_whole_periods():
+    b = make_plan(capture(_model([Mix, Mlp, Mix, Mlp]), IDS)).blocks[0]
+    identity = schedule(b, 6, "identity")
+    assert identity.sources == [0, 1, 0, 1, 2, 3] and identity.fresh == [False, False, True, True, False, False]
+    assert schedule(b, 8, "stack").sources == [0, 1, 2, 3, 0, 1, 2, 3]
+    with pytest.raises(SpecError, match="multiple of 2"):
+        schedule(b, 5, "identity")
+
+
+def test_kinds_that_never_repeat_are_one_period():
+    plan = make_plan(capture(_model([Mlp, Mix, Mix]), IDS))
+    assert plan.blocks[0].period == 3
+    grown = growir.grow(_model([Mlp, Mix, Mix]), depth=2, example_inputs=IDS)
+    assert grown.growir_record.exact and grown.growir_record.layers["layers"][:2] == (3, 6)
+
+
+def test_a_post_norm_kind_is_not_copyable_and_says_which():
+    plan = make_plan(capture(_model([Mlp, PostNorm, Mlp, PostNorm]), IDS))
+    (b,) = plan.blocks
+    assert not b.homogeneous and "layers.1" in b.why_not and "post-norm" in b.why_not
+    with pytest.raises(growir.GrowthError, match="post-norm"):
+        growir.grow(_model([Mlp, PostNorm, Mlp, PostNorm]), depth=2, example_inputs=IDS)
+
+
+def test_a_sequential_of_other_layers_is_no_block_list():
+    """Children of different classes that do not make a copyable stack are not reported as blocks at all."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.layers = nn.Embedding(V, D), nn.ModuleList([Mlp(), Mlp()])
+            self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            for layer in self.layers:
+                x = layer(x)
+            return self.mlp(x)
+
+    plan = make_plan(capture(Model().eval(), IDS))
+    assert [b.prefix for b in plan.blocks] == ["layers"] and not plan.blocks[0].mixed
+
+
+def test_gemma2_sliding_and_full_layers_keep_their_pattern():
+    """Gemma-2's layers are alike but read different masks (sliding, full): two kinds, period 2, so the grown
+    config's per-layer list, reordered by the schedule, repeats the pattern."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=100,
+                                       sliding_window=3)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    (b,) = make_plan(capture(model)).blocks
+    assert b.mixed and b.alike and b.period == 2  # alike parameters, other masks
+    grown = growir.grow(model, depth=2)
+    assert grown.growir_record.exact
+    assert grown.config.layer_types == ["sliding_attention", "full_attention"] * 2
+    ids = torch.randint(0, 100, (2, 9))
+    torch.testing.assert_close(grown(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
