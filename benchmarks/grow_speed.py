@@ -1,11 +1,13 @@
 """How fast growir grows, against what a user would do instead. Not a test: it writes a table.
 
-    python benchmarks/grow_speed.py [--sections memory,stream,plan] [--sizes 30M,134M] [--dtype float32,bfloat16] [--quick]
+    python benchmarks/grow_speed.py [--sections memory,stream,plan] [--sizes 30M,134M] [--dtype float32,bfloat16]
+        [--repeats 3] [--quick]
 
 Sections (``--sections`` picks some, comma-separated; results of sections not run are kept from the last run):
   memory  in-memory ``growir.grow`` of Llama-shaped models at x2 width, against building the target with
           ``from_config`` (random init) and against cloning the target's state dict (the copy floor), and the
-          extra peak RSS of the grow over the target's bytes.
+          extra peak RSS of the grow over the target's bytes; each case ``--repeats`` times, grow and from_config
+          back to back, medians and the ratios' ranges.
   stream  ``growir grow SRC OUT`` streaming a synthesised sharded bf16 Llama (~250M -> ~0.9B, ~1.6B) against the
           I/O floor, peak RSS against "imports + 3x the largest target tensor" (``stream_speed.py``).
   plan    ``growir plan`` on 7B- and 70B-shaped Llama folders holding only config.json (``stream_speed.py``).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -39,7 +42,6 @@ ONLY_DTYPES = {"500M": ("bfloat16",)}  # a 1.75B float32 target and its from_con
 
 # --- measurements, each run in a child process -------------------------------------------------------------------
 def _config(size: str, scale: int = 1):
-    import torch
     from transformers import LlamaConfig
     shape = {k: v * scale for k, v in SIZES[size].items() if k != "num_hidden_layers"}
     cfg = LlamaConfig(**shape, num_hidden_layers=SIZES[size]["num_hidden_layers"],
@@ -104,26 +106,51 @@ def run_child(kind: str, *args) -> dict:
 
 
 # --- sections ----------------------------------------------------------------------------------------------------
+RATIOS = {"grow / from_config": ("grow_s", "from_config_s"),
+          "grow / from_config (CPU)": ("grow_cpu_s", "from_config_cpu_s"),
+          "grow / clone": ("grow_s", "clone_s"), "extra peak / target bytes": ("extra_peak_bytes", "target_bytes")}
+
+
 def section_memory(args) -> dict:
-    rows = []
+    """Each case ``--repeats`` times, grow and from_config back to back (their order alternating), so both see the
+    same load; a row holds the median of each time and ratio, and the ratios' range over the repeats."""
+    rows, load = [], [os.getloadavg()[0]]
     for size, dtype in ((s, d) for d in args.dtype.split(",") for s in args.sizes.split(",")
                         if d in ONLY_DTYPES.get(s, (d,))):
-        grow = run_child("grow", size, dtype)
-        alt = run_child("from_config", size, dtype)
-        rows.append({"size": size, "dtype": dtype, **grow, **alt,
-                     "grow / from_config": grow["grow_s"] / alt["from_config_s"],
-                     "grow / from_config (CPU)": grow["grow_cpu_s"] / alt["from_config_cpu_s"],
-                     "grow / clone": grow["grow_s"] / alt["clone_s"],
-                     "extra peak / target bytes": grow["extra_peak_bytes"] / grow["target_bytes"]})
-        print(f"memory {size}: {rows[-1]['grow / from_config']:.2f}x from_config, "
-              f"{rows[-1]['extra peak / target bytes']:.2f}x target bytes", file=sys.stderr)
-    return {"rows": rows, "goals": GOALS, "load_average": os.getloadavg()[0]}
+        runs = []
+        for i in range(args.repeats):
+            kinds = ("grow", "from_config") if i % 2 == 0 else ("from_config", "grow")
+            runs.append({k: v for kind in kinds for k, v in run_child(kind, size, dtype).items()})
+            runs[-1].update({name: runs[-1][a] / runs[-1][b] for name, (a, b) in RATIOS.items()})
+        rows.append(_median_row(size, dtype, runs))
+        print(f"memory {size} {dtype}: {rows[-1]['grow / from_config']:.2f}x from_config "
+              f"({_spread(rows[-1], 'grow / from_config')}), {rows[-1]['extra peak / target bytes']:.2f}x target "
+              f"bytes", file=sys.stderr)
+    load.append(os.getloadavg()[0])
+    return {"rows": rows, "goals": GOALS, "load_average": load[-1], "load_average_start": load[0],
+            "repeats": args.repeats}
+
+
+def _median_row(size: str, dtype: str, runs: list) -> dict:
+    """The median of every number over the repeats (the other fields from the last run), and each ratio's range."""
+    row = {"size": size, "dtype": dtype, **runs[-1], "repeats": len(runs), "exact": all(r["exact"] for r in runs)}
+    for key, value in runs[-1].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[key] = statistics.median(r[key] for r in runs)
+    row.update({f"{name} range": [min(r[name] for r in runs), max(r[name] for r in runs)] for name in RATIOS})
+    return row
+
+
+def _spread(row: dict, name: str) -> str:
+    lo, hi = row.get(f"{name} range", (row[name], row[name]))
+    return f"{lo:.2f}-{hi:.2f}"
 
 
 def markdown_memory(result: dict) -> list[str]:
     lines = ["## In memory: `growir.grow(width=2.0)` of a Llama-shaped model", "",
              "| source | dtype | params (source -> target) | grow s (CPU s) | from_config s (CPU s) | clone s "
-             "| grow / from_config (CPU) | grow / clone | extra peak / target bytes | exact | captured |",
+             "| grow / from_config: median, range (CPU) | grow / clone | extra peak / target bytes | exact "
+             "| captured |",
              "|" + "---|" * 11]
     for r in result["rows"]:
         cpu = lambda key: f" ({r[key]:.1f})" if key in r else ""  # noqa: E731
@@ -132,12 +159,15 @@ def markdown_memory(result: dict) -> list[str]:
                   if "from_config_direct_s" in r else "")
         lines.append(f"| {r['size']} | {r['dtype']} | {r['source_params'] / 1e6:.0f}M -> {r['target_params'] / 1e6:.0f}M "
                      f"| {r['grow_s']:.1f}{cpu('grow_cpu_s')} | {r['from_config_s']:.1f}{cpu('from_config_cpu_s')}"
-                     f"{direct} | {r['clone_s']:.2f} | {r['grow / from_config']:.2f}{ratio} | {r['grow / clone']:.1f} "
-                     f"| {r['extra peak / target bytes']:.2f} | {r['exact']} | {_captured(r.get('capture', '?'))} |")
+                     f"{direct} | {r['clone_s']:.2f} "
+                     f"| {r['grow / from_config']:.2f}, {_spread(r, 'grow / from_config')}{ratio} "
+                     f"| {r['grow / clone']:.1f} | {r['extra peak / target bytes']:.2f} | {r['exact']} "
+                     f"| {_captured(r.get('capture', '?'))} |")
     rows = result["rows"]
     how = f"Self-measure: {rows[0].get('measured', '?')}." if rows else ""
     lines += ["", "Goals: " + ", ".join(f"{k} <= {v}" for k, v in result["goals"].items()), "", how, "",
-              NOTES.format(result.get("load_average", 0.0)), ""]
+              NOTES.format(repeats=result.get("repeats", 1), start=result.get("load_average_start", 0.0),
+                           end=result.get("load_average", 0.0)), ""]
     return lines
 
 
@@ -154,9 +184,11 @@ NOTES = ("The model is exported as a two-block proxy on the meta device (no weig
          "rest: about the target's bytes once), the one measurement (source and grown model's forward on the 2x8-token "
          "example) and building meta models while the config is searched. from_config is timed as "
          "`LlamaForCausalLM(cfg).to(dtype)` (as the earlier rows); built directly in bfloat16 where shown. "
-         "500M: bfloat16 only (a 1.75B float32 target does not fit beside the machine's other jobs). Machine "
-         "shared with other jobs (load average {:.1f} at the end of the section): wall seconds are inflated, "
-         "CPU seconds (in parentheses) are what an idle core would take.")
+         "500M: bfloat16 only (a 1.75B float32 target does not fit beside the machine's other jobs). Each row: "
+         "the median of {repeats} repeats, grow and from_config run back to back in fresh processes (their order "
+         "alternating), and the range of the per-repeat ratio. Machine shared with other jobs (load average "
+         "{start:.1f} at the start of the section, {end:.1f} at the end): wall seconds are inflated, CPU seconds (in "
+         "parentheses) are what an idle core would take.")
 
 
 # Other sections (streaming, planning) register here: name -> (run, markdown).
@@ -184,6 +216,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="30M,134M")
     parser.add_argument("--dtype", default="float32", help="comma-separated: float32,bfloat16")
     parser.add_argument("--quick", action="store_true", help="stream: a 4-block source instead of 16 blocks")
+    parser.add_argument("--repeats", type=int, default=3, help="memory: runs of each case (medians and ranges)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -6,6 +6,7 @@ position, left zero for the rule to write (``tensor_rule.TensorRule``).
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -94,3 +95,50 @@ def put_at(new: torch.Tensor, axis: int, at: torch.Tensor, values: torch.Tensor 
         new.index_fill_(axis, at.to(new.device), 0)
     else:
         new.index_copy_(axis, at.to(new.device), values.to(new.device, new.dtype))
+
+
+def gather_fill(t: torch.Tensor, indexes: list, fills: list, scale: float = 1.0) -> torch.Tensor | None:
+    """What gathering ``t`` along each axis in turn and then writing that axis's fill positions (-1) computes,
+    times ``scale``, in one pass of block copies into the result (no intermediate tensor per axis). ``fills[a]``
+    holds axis a's fill values at the shape the tensor has at that step (new sizes before a, the fill count at
+    a, old sizes after; None: zeros). A later axis's gather copies filled entries like any others, so a block's
+    values come from the fill of its last axis at a fill position, or from ``t``. None where an index is
+    scattered (many runs) or the blocks are too many: the caller goes axis by axis.
+
+    >>> t = torch.ones(2, 2)
+    >>> gather_fill(t, [torch.tensor([0, 1, -1]), torch.tensor([0, 1, -1])], [torch.full((1, 2), 5.0), None]).tolist()
+    [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [5.0, 5.0, 0.0]]
+    """
+    plans = [[(0, 0, n, 0)] if i is None else _ranked(i) for i, n in zip(indexes, t.shape)]
+    if any(p is None for p in plans) or math.prod(len(p) for p in plans) > 64:
+        return None
+    out = torch.empty([sum(n for _, _, n, _ in p) for p in plans], dtype=t.dtype, device=t.device)
+    for combo in itertools.product(*plans):
+        dst = out
+        for a, (start, _, n, _) in enumerate(combo):
+            dst = dst.narrow(a, start, n)
+        last = max((a for a, (_, first, _, _) in enumerate(combo) if first < 0), default=None)
+        if last is not None and fills[last] is None:
+            dst.fill_(0.0 * scale)  # zeros times the scale: -0.0 where it is negative, as a multiplication gives
+            continue
+        src = t if last is None else fills[last]
+        for a, (start, first, n, rank) in enumerate(combo):  # new positions before the fill axis, old after
+            src = src.narrow(a, start if last is not None and a < last else rank if a == last else first, n)
+        dst.copy_(src)
+        if scale != 1.0:
+            dst.mul_(scale)
+    return out
+
+
+def _ranked(index: torch.Tensor):
+    """``_runs`` with, per run, its rank among the fill positions (where a fill run's values start in a
+    fill tensor that holds one entry per -1, in order)."""
+    runs = _runs(index)
+    if runs is None:
+        return None
+    out, filled = [], 0
+    for start, first, n in runs:
+        out.append((start, first, n, filled))
+        filled += n if first < 0 else 0
+    return out
+

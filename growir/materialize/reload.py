@@ -88,8 +88,9 @@ def reload_check(grown, captured, outputs: int) -> Reload:
         kept = dropped_on_save(grown)
         keep_on_save(grown, kept)
         return Reload(None, [], kept)
-    if recomputed_unchanged(grown):
-        return Reload(0.0, [], [])
+    rounded = recomputed_rounded(grown)
+    if rounded is not None:
+        return Reload(None if rounded else 0.0, rounded, [])
     changed, deviation = reloaded_difference(grown, captured, outputs)
     kept = [k for k in dropped_on_save(grown) if k in changed]
     if kept:
@@ -98,28 +99,36 @@ def reload_check(grown, captured, outputs: int) -> Reload:
     return Reload(deviation, changed, kept)
 
 
-def recomputed_unchanged(grown) -> bool:
-    """Whether everything ``from_pretrained`` computes instead of reading is what ``grown`` holds, decided
-    without a save: the class drops nothing on save, and every non-persistent buffer it computes at
-    construction (its parameters on the meta device, so no weights are made) equals the grown one. The
-    saved state is read back bit for bit, so then the reload is exact; otherwise the caller saves and loads.
+def recomputed_rounded(grown) -> list | None:
+    """What ``from_pretrained`` computes instead of reading, decided without a save: the class drops nothing on
+    save, and every non-persistent buffer it computes at construction (its parameters on the meta device, so no
+    weights are made) equals the grown one, or is the grown one before rounding to the model's dtype. Returns
+    the names of those held rounded ([]: the reload is exact, as the saved state is read back bit for bit), or
+    None where a save and load must decide.
+
+    A model cast with ``.to(bfloat16)`` holds its rotary ``inv_freq`` rounded, while the class computes it in
+    float32 at load: for the source as for the grown model, whose buffers follow the source's dtype. Not a
+    change the growth makes, so it is listed (``Reload.changed``), not measured.
 
     >>> m = torch.nn.Linear(2, 2); m.config = None
-    >>> recomputed_unchanged(m)  # not a Hugging Face class: it cannot be rebuilt from its config
-    False
+    >>> recomputed_rounded(m) is None  # not a Hugging Face class: it cannot be rebuilt from its config
+    True
     """
     if dropped_on_save(grown) or getattr(grown, "config", None) is None:
-        return False
+        return None
     persistent = set(grown.state_dict())
     ours = {k: v for k, v in grown.named_buffers() if k not in persistent}
     if not ours:
-        return True
+        return []
     try:
         with parameters_on_meta(), hf_quiet():
             fresh = dict(type(grown)(grown.config).named_buffers())
     except Exception:  # noqa: BLE001 - a class that does not build this way: the save and load decide
-        return False
-    return all(k in fresh and not fresh[k].is_meta and _same(v, fresh[k]) for k, v in ours.items())
+        return None
+    if any(k not in fresh or fresh[k].is_meta for k in ours):
+        return None
+    rounded = [k for k, v in ours.items() if not _same(v, fresh[k])]
+    return rounded if all(_rounded(ours[k], fresh[k]) for k in rounded) else None
 
 
 def reloaded_difference(grown, captured, outputs: int) -> tuple[list, float]:
@@ -148,3 +157,9 @@ def reloaded_difference(grown, captured, outputs: int) -> tuple[list, float]:
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.detach().to(b.dtype), b.detach())
+
+
+def _rounded(held: torch.Tensor, computed: torch.Tensor) -> bool:
+    """Whether ``held`` is ``computed`` rounded to a narrower floating dtype (bfloat16 from float32)."""
+    return (held.is_floating_point() and computed.is_floating_point()
+            and torch.finfo(held.dtype).eps > torch.finfo(computed.dtype).eps and _same(computed, held))

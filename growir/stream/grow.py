@@ -3,9 +3,10 @@
 plan (``config.json`` on the meta device, deep models on a two-block proxy) -> rules -> for each target
 tensor: read its source (and AKI donor) lazily, apply the rule in float32, cast to the source dtype (or
 ``dtype``), write it into its shard. Shard headers are known before any weight is read (the rules give
-every target shape), so each tensor goes to disk as soon as it is made: peak memory is about the imports
-plus three times the largest target tensor in float32. The output, with ``growir.json`` (``record``), appears
-atomically at the end, replacing only a model folder (``shards.write_atomically``).
+every target shape), so each tensor goes to disk as soon as it is made (by a second thread, past the page
+cache: ``writer``): peak memory is about the imports plus three times the largest target tensor in float32.
+The output, with ``growir.json`` (``record``), appears atomically at the end, replacing only a model folder
+(``shards.write_atomically``).
 
 >>> import tempfile, torch, growir
 >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -19,9 +20,7 @@ atomically at the end, replacing only a model folder (``shards.write_atomically`
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import gc
 import os
 import sys
 import time
@@ -36,7 +35,8 @@ from ..ir.tensor_rule import rounding_reason, rounds
 from ..quiet import hf_quiet
 from .record import shard_summary, stream_record, write_record
 from .shards import check_output, clean_stale, copy_side_files, parse_size, shard_layout, source_shard_size
-from .shards import write_atomically, write_shard
+from .shards import write_atomically
+from .writer import release_heap, reused_heap, write_shards
 from ..frontend.folder import named_tensors, state_names, tied_names
 
 
@@ -59,6 +59,7 @@ class StreamReport:
     plan: object = field(default=None, repr=False)
     sizes: dict = field(default_factory=dict, repr=False)  # group id -> new size
     notes: list = field(default_factory=list)  # what the caller should know beyond exactness (into's kept fields)
+    rules: dict = field(default_factory=dict, repr=False)  # target name -> TensorRule (grows optimizer state)
 
     @property
     def exact(self) -> bool:
@@ -142,7 +143,7 @@ def grow_checkpoint(src_dir, out_dir, width=1.0, depth=1.0, *, layers=None, widt
                         sum(it.nbytes for it in job.items.values()), len(layout.files), time.perf_counter() - start,
                         job.choice.changes, job.layer_info, job.reasons, job.choice.deviation,
                         checked[0] if checked else None, prepared, plan=job.fp.plan, sizes=job.sizes,
-                        notes=notes)
+                        notes=notes, rules=job.rules)
 
 
 def methods(method, width_method: str, depth_method: str) -> tuple:
@@ -190,8 +191,9 @@ def prepare(src: Path, width, depth, layers, width_method, depth_method, dtype, 
     opts = Options(width_method, depth_method, low_precision=_stores_low_precision(ck, dtype))
     # a random draw per group depends on how many groups there are: fpi_random plans the full model
     fp = plan_sample(src, config, cls, full, exact_blocks=width_method != "fpi_random")
-    ctx = run_passes(SPEC, Context(opts, width=width, depth=depth, layers=layers, plan=fp.plan, counts=fp.counts))
-    choice = choose_config(fp, ctx.sizes, ctx.depth_plan, width, opts)
+    ctx = run_passes(SPEC, Context(opts, width=width, depth=depth, layers=layers, plan=fp.plan, counts=fp.counts,
+                                   strict=strict))  # strict keeps a post-norm residual's exact copies
+    choice = choose_config(fp, ctx.sizes, ctx.depth_plan, width, opts, strict)
     target = meta_model(choice.config, cls)
     ctx.sizes.update(choice.sizes if fp.planned_sample else _config_sizes(fp.plan, target))
     ctx.opts = dataclasses.replace(opts, keep_eps=choice.keep_eps)
@@ -210,9 +212,9 @@ def write_folder(job: Job, layout, staging: Path, dtype, progress) -> None:
     bar = _bar(sum(it.nbytes for it in job.items.values()), progress)
     rounded = []
     try:
-        for filename, names in layout.files.items():
-            write_shard(staging / filename, [job.items[n] for n in names],
-                        lambda it: make_tensor(it, job.rules, job.ck, rounded), bar.update, job.metadata)
+        with reused_heap():
+            write_shards(staging, {f: [job.items[n] for n in names] for f, names in layout.files.items()},
+                         lambda it: make_tensor(it, job.rules, job.ck, rounded), bar.update, job.metadata)
     finally:
         bar.close()
     if rounded:
@@ -340,17 +342,6 @@ def _main_dtype(items: dict) -> torch.dtype:
         if it.dtype.is_floating_point:
             sizes[it.dtype] = sizes.get(it.dtype, 0) + it.nbytes
     return max(sizes, key=sizes.get) if sizes else torch.float32
-
-
-def release_heap() -> None:
-    """Hand the memory freed so far back to the system. glibc keeps freed heap pages mapped (resident) for
-    reuse, and the proxy's export and growth free many small tensors: 200 MiB of RSS stayed after preparing a
-    246M-parameter decoder, with no tensor alive, until ``malloc_trim``. Elsewhere (no glibc) nothing happens."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _bar(total: int, progress):

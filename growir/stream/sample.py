@@ -88,7 +88,7 @@ def _sample(fp, small: dict) -> torch.nn.Module:
     return fp.cls(cfg).float().eval()
 
 
-def choose_config(fp, sizes: dict, depth_plan: list, width, opts) -> Choice:
+def choose_config(fp, sizes: dict, depth_plan: list, width, opts, strict: bool = False) -> Choice:
     """The grown config for the folder plan ``fp`` (see the module docstring): its proxy ``fp.sample`` grown
     with ``opts`` (``opts.low_precision``: the weights are stored below float32, where
     ``width_method="auto"`` copies some groups it would otherwise fill, ``passes/fresh.py``; the proxy runs in
@@ -102,7 +102,7 @@ def choose_config(fp, sizes: dict, depth_plan: list, width, opts) -> Choice:
     base, small = fp.config.to_dict(), fp.small
     spec = _proxy_depth(fp, depth_plan)
     ctx = Context(opts, fp.sample, None, width, 1.0, spec.get("layers"), asked_method=opts.width_method,
-                  materialize="hf", plan=fp.plan if fp.planned_sample else None)
+                  materialize="hf", plan=fp.plan if fp.planned_sample else None, strict=strict)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

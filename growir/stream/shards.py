@@ -1,8 +1,5 @@
-"""Writing model folders: safetensors shards streamed tensor by tensor, the index, side files, atomic output.
-
-A safetensors file is an 8-byte header length, a JSON header (name -> dtype, shape, byte offsets) and the raw
-bytes. With every shape known in advance the header is written first and each tensor's bytes follow as soon
-as the tensor exists, so a shard never has to be held in memory.
+"""Model folders written: which tensors go to which shard (``shard_layout``), the index, side files, atomic output
+(the shards' bytes: ``writer``).
 
 Writing never destroys anything (``write_atomically``): OUT is never the source, inside it or around it; an
 existing OUT is replaced only when it is a model folder, and only once the new one is complete (written
@@ -25,8 +22,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import SpecError, warn
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -35,9 +30,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 SIDE_FILES = ("generation_config.json",) + TOKENIZER_FILES
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30, "TIB": 2**40}
-_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
 
 
 def parse_size(size) -> int:
@@ -78,42 +71,6 @@ def shard_layout(items: dict, max_bytes: int) -> Layout:
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     return Layout(dict(zip(names, shards)), sum(it.nbytes for it in items.values()))
-
-
-def write_shard(path: Path, items: list, make, advance=lambda n: None, metadata=None) -> None:
-    """One safetensors file: the header from the items' shapes (``metadata``, str -> str, joins its
-    ``__metadata__``), then each ``make(item)``'s bytes in turn. A
-    tensor is written by a background thread while the next one is made (file writes and torch's kernels both
-    release the GIL), so at most two tensors are held: the one being written and the one being made."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    header, offset = {}, 0
-    for it in items:
-        header[it.name] = {"dtype": _DTYPE_NAMES[it.dtype], "shape": list(it.shape),
-                           "data_offsets": [offset, offset + it.nbytes]}
-        offset += it.nbytes
-    header["__metadata__"] = {**(metadata or {}), "format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="growir-write") as writer:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        pending = None
-        for it in items:
-            t = make(it)
-            if tuple(t.shape) != tuple(it.shape) or t.dtype != it.dtype:
-                raise RuntimeError(f"`{it.name}` came out {tuple(t.shape)} {t.dtype}, planned {it.shape} {it.dtype}")
-            if pending is not None:
-                pending.result()  # the previous tensor is on disk (its error, if any, raised here)
-            pending = writer.submit(_write_tensor, f, t.contiguous(), advance)
-            del t
-        if pending is not None:
-            pending.result()
-
-
-def _write_tensor(f, t: torch.Tensor, advance) -> None:
-    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    advance(t.numel() * t.element_size())
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from growir.ir.gathers import gather
-from growir.ir.tensor_rule import AxisMap, TensorRule, exact_shares, split_factors
+from growir.ir.shares import exact_shares, split_factors
+from growir.ir.tensor_rule import AxisMap, TensorRule
 
 
 def test_gather_by_slices_equals_index_select():
@@ -116,3 +117,28 @@ def test_split_shares_sum_to_the_old_weight_where_factors_tie():
     f = split_factors((64, 4096), 1, torch.arange(4096) % 2048, (0.25, 0.75), seed=3)
     s = exact_shares(torch.ones(64, 2048), f.clone(), f, 1, torch.arange(4096) % 2048)
     assert torch.equal(s[:, :2048] + s[:, 2048:], torch.ones(64, 2048))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fresh_fills_in_one_pass_give_the_stepwise_bits(dtype):
+    """Copies with zero and random fills (fresh units), written block by block into the grown tensor, equal the
+    axis-by-axis gathers and fills: the same draws land at the same positions, scaled the same way."""
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        shape = [int(n) for n in torch.randint(2, 6, (1 + trial % 3,), generator=gen)]
+        old = torch.randn(shape, generator=gen).to(dtype)
+        axes = []
+        for n in shape:
+            kind = int(torch.randint(0, 4, (1,), generator=gen))
+            holes = torch.full((int(torch.randint(1, 4, (1,), generator=gen)),), -1)
+            index = [None, torch.cat([torch.arange(n), holes]), torch.cat([holes, torch.arange(n), holes]),
+                     torch.cat([torch.arange(n), holes, torch.arange(n)])][kind]
+            fill = [None, "zero", "random"][int(torch.randint(0, 3, (1,), generator=gen))] if kind else None
+            axes.append(AxisMap(index, fill=fill))
+        rule = TensorRule("w", axes, scale=[1.0, 0.7, -2.0][trial % 3], fill_seed=trial)
+        store = torch.bfloat16 if trial % 2 else None
+        fast = rule._filled_blocks(old, store)
+        assert fast is not None and torch.equal(fast, rule._stepwise(old, store)), trial
+        assert torch.equal(fast.signbit(), rule._stepwise(old, store).signbit()), trial  # -0.0 where scaled by < 0
+    meta = rule._filled_blocks(old.to("meta"))
+    assert meta.is_meta and meta.shape == rule._stepwise(old).shape
