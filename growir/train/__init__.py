@@ -6,6 +6,8 @@
 * :mod:`.schedule` — bert2BERT's two-stage pre-training (plain loop and ``TrainerCallback``).
 * :mod:`.baselines` — StackBERT, MSLT and DirectCopy.
 * :mod:`.blocks` — finding, slicing and stacking a model's block ``nn.ModuleList``.
+* :mod:`.resume` — a ``transformers.Trainer`` checkpoint grown so that training resumes bigger.
+* :mod:`.recipe` — the learning-rate policy and optimizer treatment after growth (``growir_recipe.json``).
 
 Modules are imported on use; importing ``growir.train`` loads nothing heavy.
 """
