@@ -23,7 +23,9 @@ from .pipeline.record import GrowthRecord, GrowthRules
 from .pipeline.stages import CHECK, GROW, MATERIALIZE, PLAN, SPEC, plan_of
 from .verify.compare import TOLERANCE
 from .pipeline.spec import options, check_mode
+from .pipeline.experts import grow_with_experts
 from .pipeline.target import derive
+from .pipeline.upcycle import upcycle
 
 __all__ = ["plan", "rules", "materialize", "grow", "growth_rules", "GrowthRecord", "GrowthRules", "Options",
            "TOLERANCE"]
@@ -93,7 +95,7 @@ def materialize(model: torch.nn.Module, growth_rules: GrowthRules, *, mode="auto
 
 def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="auto", depth_method="auto",
          method=None, noise=0.0, example_inputs=None, strict=False, seed=0, verify=False, materialize="auto",
-         into=None):
+         into=None, experts=None, keep_top_k=False, drop=0.0):
     """Grow ``model`` wider and deeper, starting from the same function where mathematics allows.
 
     Returns an instance of the same class for Hugging Face models (config updated), else a rewritten
@@ -107,7 +109,9 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     channel by channel (a depthwise convolution), a filled group whose eps the config cannot change and
     whose residual cannot be rescaled, or, for weights stored below float32 precision, a group grown by a
     power of two (a fill's sqrt(d'/d) rounds there, copies do not); see ``passes/fresh.py`` and
-    docs/methods.md. It trained best in benchmarks/savings.py (docs/savings.md). ``"fresh"`` fills every
+    docs/methods.md. It trained best in benchmarks/savings.py (docs/savings.md). ``"fill"`` is ``"auto"`` that also
+    fills a post-norm residual only a head reads (a masked-LM BERT): not exact, reported with its measured
+    deviation; copies there train as one (docs/savings.md, the encoder setting). ``"fresh"`` fills every
     normalized group it can; ``"fpi"`` (function-preserving
     copies, and repeat-and-fill for a normalized group whose ratio is not whole, exact for pre-norm models),
     ``"fpi_balanced"`` (copies only, counts differing by at most one), ``"fpi_random"`` (bert2BERT's uniformly
@@ -123,6 +127,15 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     instead of ``width``/``depth``/``layers``: every size is derived from the two graphs (``pipeline/target.py``)
     and the grown config equals the target's in every field the growth decides; the record's notes name the
     target's fields kept at the source's value (token ids, ...). A size no growth reaches is a SpecError.
+    ``into`` a config of another class whose graph is the model's with each FFN made a mixture of experts
+    (a dense decoder into its family's MoE class) upcycles: the experts made from the FFN by the construction the
+    router makes exact (``pipeline/upcycle.py``); the other parameters copied, the router seeded by ``seed``.
+    ``experts``: on a mixture-of-experts model, a multiplier (2.0) or a target expert count (8): each expert
+    copied with its router row and top-k multiplied with them, which is exact (``pipeline/experts.py`` reads the
+    router's convention from the graph); ``keep_top_k=True`` keeps k (the inference cost) and warns with the
+    measured deviation; ``drop=r`` draws a fraction r of each new copy's FFN neurons again (Drop-Upcycling: not
+    exact, reported); ``noise`` there is noise that cancels over each expert's copies (exact). Width, depth or
+    ``into`` then grow the result.
 
     >>> import growir
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -135,8 +148,15 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     """
     asked, opts = options(method, width_method, depth_method, noise, seed)
     check_mode(materialize)
+    if experts is not None or keep_top_k or drop:
+        then = dict(width=width, depth=depth, layers=layers, width_method=width_method, depth_method=depth_method,
+                    method=method, noise=noise, example_inputs=example_inputs, strict=strict, seed=seed,
+                    verify=verify, materialize=materialize, into=into)
+        return grow_with_experts(grow, model, experts, keep_top_k=keep_top_k, drop=drop, then=then)
     started = time.perf_counter()
     target = derive(model, into, width, depth, layers) if into is not None else None
+    if target is not None and target.upcycle:
+        return upcycle(model, target.config, target.cls, seed=seed, strict=strict)
     if target is not None:
         width, layers = target.width, target.layers
     ctx = Context(opts, model, example_inputs, width, depth, layers, asked_method=asked, materialize=materialize,

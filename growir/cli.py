@@ -3,14 +3,17 @@
     growir plan SRC
     growir doctor SRC
     growir grow SRC OUT --width 2 --depth 2 [--width-method auto] [--depth-method auto] [--layers N] [--into CONFIG]
-                        [--dtype bfloat16] [--max-shard-size 5GB] [--in-memory]
-                        [--verify] [--strict] [--force] [--debug]
+                        [--experts 2.0 [--keep-top-k] [--drop 0.5]] [--dtype bfloat16] [--max-shard-size 5GB]
+                        [--in-memory] [--verify] [--strict] [--force] [--debug]
     growir check SRC GROWN [--width ... --depth ... as given to grow] [--onnx [--samples N]]
     growir export SRC OUT.onnx [--opset N] [--force]
 
 SRC is a model folder (config.json plus safetensors weights, sharded or not), loaded offline. ``plan`` needs
 only config.json. ``grow`` streams a safetensors folder tensor by tensor (``growir.grow_checkpoint``: the
-model is never loaded whole); ``--in-memory`` loads it and uses ``growir.grow`` instead. ``--verify`` runs
+model is never loaded whole); ``--in-memory`` loads it and uses ``growir.grow`` instead, as do growths that make
+experts (``--into`` a mixture-of-experts config of another class, ``--experts``: the output says what memory they
+need; their ``--verify`` and ``check`` load the written folder back and compare it with the source in float32:
+no block map describes experts). ``--verify`` runs
 source and grown block by block from their shards (``growir.verify.blocks``; with ``--in-memory``: both
 compared in ONNX Runtime). ``check`` runs the same block check on two folders already on disk (the grow
 arguments, which rebuild the index maps, come from GROWN's growir.json or the command line), in about the
@@ -108,6 +111,27 @@ def _width(text: str):
     return spec
 
 
+def _experts(text: str):
+    """A target expert count (``8``) or a multiplier (``2.0``, ``x2``), as the API's ``experts=``.
+
+    >>> _experts("8"), _experts("2.0"), _experts("x2")
+    (8, 2.0, 2.0)
+    """
+    if text.isdigit():
+        return _positive_int(text)
+    return _growth_factor(text.removeprefix("x"))
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -146,8 +170,14 @@ def _parser() -> argparse.ArgumentParser:
     grow.add_argument("--layers", type=_positive_int, help="target number of layers (instead of --depth)")
     grow.add_argument("--into", metavar="CONFIG", help="grow into this config (a model folder or a config.json of "
                       "the same class) instead of --width/--depth/--layers: every size derived from the two graphs")
+    grow.add_argument("--experts", type=_experts, help="a mixture of experts: the target expert count (8) or a "
+                      "multiplier (2.0); top-k grows with it (exact); in memory, not streamed")
+    grow.add_argument("--keep-top-k", action="store_true", help="with --experts: keep top-k (not exact: warns)")
+    grow.add_argument("--drop", type=_fraction, default=0.0, help="with --experts: redraw this fraction of each new "
+                      "expert copy's FFN neurons (Drop-Upcycling, not exact)")
     grow.add_argument("--width-method", default="auto", help="how new width is filled (default auto: per group, "
-                      "fresh units and a residual fill where exact, else copies; fresh, fpi, fpi_balanced, "
+                      "fresh units and a residual fill where exact, else copies; fill (auto, a post-norm residual filled: not "
+                      "exact), fresh, fpi, fpi_balanced, "
                       "fpi_random, aki)")
     grow.add_argument("--depth-method", default="auto", help="how new layers are made (default auto)")
     grow.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
@@ -159,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
                       "shards when streaming (neither model is loaded; names the worst block), in onnxruntime "
                       "with --in-memory")
     grow.add_argument("--strict", action="store_true", help="refuse growths that cannot be exact")
+    grow.add_argument("--optimizer", choices=("grown", "reset"), default="grown", help="for a Trainer checkpoint "
+                      "(SRC holds trainer_state.json): optimizer.pt's AdamW moments grown with the model (default), "
+                      "or reset (no state; see OUT/growir_recipe.json)")
     grow.add_argument("--force", action="store_true", help="replace OUT if it exists")
     grow.set_defaults(run=_run_grow)
 
@@ -291,7 +324,10 @@ def _run_grow(args) -> int:
     out = Path(args.out)
     _refuse_existing(out, args.force)  # the cheap refusal first, before torch is imported
     depth = args.depth if args.layers is None else 1.0
-    if not args.in_memory and any(Path(args.src).glob("*.safetensors")):
+    experts = {k: getattr(args, k) for k in ("experts", "keep_top_k", "drop") if getattr(args, k)}
+    streamed = any(Path(args.src).glob("*.safetensors"))
+    moe = bool(experts) or (args.into is not None and _upcycles(args.src, args.into))
+    if streamed and not args.in_memory and not moe:
         return _stream(args, depth)  # grow_checkpoint refuses an OUT that would destroy anything
     from .stream.shards import check_output
 
@@ -299,19 +335,97 @@ def _run_grow(args) -> int:
     with _Stages("grow", ["load", "grow", "save"]) as stages:
         with stages.stage("load"):
             model = load_model(args.src)
+        if moe:  # before the work: the user learns at once that the whole model is loaded, and what it costs
+            print(_memory_note(model, args), flush=True)
         from .api import grow  # after loading: refusing a bad SRC should not wait for the core to import
 
         with stages.stage("grow"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             grown = grow(model, width=args.width, depth=depth, layers=args.layers,
                          width_method=args.width_method, depth_method=args.depth_method,
-                         strict=args.strict, verify=args.verify, materialize="hf",  # a folder holds the class
-                         into=args.into)
+                         strict=args.strict, verify=args.verify and not moe, materialize="hf",  # a folder: a class
+                         into=args.into, **experts)
         with stages.stage("save"):
             _write_folder(out, lambda staging: _save(grown, Path(args.src), staging, args), args)
     _print_warnings(caught)
     print(_grow_summary(args.src, out, model, grown))
+    if moe:
+        print(f"peak memory: {_bytes(_peak_bytes())} resident")
+        if args.verify:  # the folder written, loaded back, against the source: no block map describes experts
+            del grown
+            print(_reload_check(model, out)[1])
     return 0
+
+
+def _upcycles(src: str, into: str) -> bool:
+    """Whether ``--into`` makes experts of SRC's FFNs (from the two configs): growir does that in memory."""
+    from .frontend.folder import load_config, meta_model
+    from .pipeline.target import upcycles
+
+    config, cls = load_config(_model_folder(src))
+    return upcycles(meta_model(config, cls), into)
+
+
+def _memory_note(model, args) -> str:
+    """What an in-memory mixture-of-experts growth costs: the source, a float32 copy of it where it is stored
+    narrower, and the grown model built in float32 (the imports come on top)."""
+    from .frontend.folder import meta_model
+    from .pipeline.target import load_target, target_class
+
+    before = sum(p.numel() for p in model.parameters())
+    width = next(model.parameters()).element_size()
+    after, bound = None, "about"
+    if args.into is not None:
+        config, cls = load_target(args.into)
+        after = sum(p.numel() for p in meta_model(config, target_class(model, config, cls)).parameters())
+    elif isinstance(args.experts, float):  # each parameter copied at most m times; a count says m once read
+        after, bound = before * args.experts, "at most"
+    narrow = width < 4  # measured and grown in float32, then cast: both copies of the grown model held at once
+    need, per = before * width + (before * 4 if narrow else 0), 4 + (width if narrow else 0)
+    grown = "the grown model in float32" + (" and cast back" if narrow else "")
+    grown += f" ({_bytes(after * per)})" if after else ""
+    total = f"{bound} {_bytes(need + after * per)}" if after else f"{_bytes(need)} plus the grown model"
+    return (f"growir grow: in memory (growir streams width and depth; experts are made in memory): the source "
+            f"loaded whole ({_bytes(before * width)}), a float32 copy of it where it is narrower, and {grown}: "
+            f"{total} besides the imports")
+
+
+def _bytes(n: float) -> str:
+    """``n`` bytes for people.
+
+    >>> _bytes(3.2e9), _bytes(4.5e7)
+    ('3.20 GB', '45.0 MB')
+    """
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _reload_check(source, folder: Path) -> tuple[bool, str]:
+    """(preserved, a line): the model in ``folder`` loaded back and compared with ``source`` in float32 on two
+    fresh input shapes (``growir.verify.compare.deviation``): for growths no block map describes (experts made
+    or added)."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    from .frontend.inputs import hf_example_inputs
+    from .verify.compare import TOLERANCE, deviation
+
+    grown, source, worst = load_model(str(folder)).float(), source.float(), 0.0
+    for batch, seq, seed in ((2, 13, 1), (1, 29, 2)):
+        inputs = hf_example_inputs(source, batch, seq, seed=seed)
+        with torch.no_grad():
+            pairs = zip(pytree.tree_leaves(source(**inputs)), pytree.tree_leaves(grown(**inputs)))
+            worst = max([worst] + [deviation(a, b) or 0.0 for a, b in pairs if a.shape == b.shape])
+    verdict = "preserved" if worst <= TOLERANCE else "NOT preserved"
+    return worst <= TOLERANCE, (f"reload check: {verdict}; deviation {worst:.2e} (tolerance {TOLERANCE:g}) of "
+                                f"{folder} loaded back, against the source in float32 on 2 input shapes")
+
+
+def _peak_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports kilobytes, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _print_warnings(caught) -> None:
@@ -331,11 +445,15 @@ def _save(grown, src: Path, staging: Path, args) -> None:
     from .stream.shards import copy_side_files, source_shard_size
 
     shard = args.max_shard_size or source_shard_size(src) or "50GB"  # sharded like the source
+    if args.dtype:  # else the source's: every growth returns the model in the dtype it was given
+        import torch
+
+        grown.to(getattr(torch, args.dtype))
     with hf_quiet():  # no "Writing model shards" bar: the stage bar says what runs
         grown.save_pretrained(staging, max_shard_size=shard)
     copy_side_files(src, staging)
     spec = {k: getattr(args, k) for k in ("width", "depth", "layers", "width_method", "depth_method", "strict",
-                                          "verify", "max_shard_size")}
+                                          "verify", "max_shard_size", "into", "experts", "keep_top_k", "drop")}
     write_record(staging, memory_record(src, spec, getattr(grown, "growir_record", None)))
 
 
@@ -349,18 +467,23 @@ def _write_folder(out: Path, write, args) -> None:
 
 
 def _stream(args, depth: float) -> int:
-    """``growir grow`` on a safetensors folder: disk to disk, one tensor at a time."""
+    """``growir grow`` on a safetensors folder: disk to disk, one tensor at a time (a ``Trainer`` checkpoint: its
+    optimizer, scheduler, step and RNG state too, ``growir.train.resume``)."""
     import torch
 
     from .stream.grow import grow_checkpoint
+    from .train.resume import grow_trainer_checkpoint, is_trainer_checkpoint
 
+    grow, extra = grow_checkpoint, {}
+    if is_trainer_checkpoint(args.src):  # its optimizer, scheduler, step and RNG state too
+        grow, extra = grow_trainer_checkpoint, {"optimizer": args.optimizer}
     with hf_quiet(), warnings.catch_warnings(record=True) as caught:  # growir's own bar, not HF's
         warnings.simplefilter("always", UserWarning)
-        report = grow_checkpoint(args.src, args.out, width=args.width, depth=depth, layers=args.layers,
-                                 width_method=args.width_method, depth_method=args.depth_method,
-                                 dtype=getattr(torch, args.dtype) if args.dtype else None,
-                                 max_shard_size=args.max_shard_size, strict=args.strict, force=args.force,
-                                 verify=args.verify, into=args.into)
+        report = grow(args.src, args.out, width=args.width, depth=depth, layers=args.layers,
+                      width_method=args.width_method, depth_method=args.depth_method,
+                      dtype=getattr(torch, args.dtype) if args.dtype else None,
+                      max_shard_size=args.max_shard_size, strict=args.strict, force=args.force,
+                      verify=args.verify, into=args.into, **extra)
     _print_warnings(caught)
     print(report)
     return 0
@@ -390,11 +513,29 @@ def _run_check(args) -> int:
 
     _model_folder(args.src)
     _model_folder(args.grown)
+    if _made_experts(Path(args.src), Path(args.grown)):  # no block map describes the experts: the whole models
+        with _Stages("check", ["load and compare"]) as stages, stages.stage("load and compare"):
+            preserved, line = _reload_check(load_model(args.src), Path(args.grown))
+        print(line)
+        return 0 if preserved else 1
     spec = _grown_spec(args)
     with _Stages("check", ["block by block"]) as stages, stages.stage("block by block"), hf_quiet():
         report = verify_checkpoint(args.src, args.grown, **spec)
     print(report)
     return 0 if report.preserved else 1
+
+
+def _made_experts(src: Path, grown: Path) -> bool:
+    """Whether GROWN's growir.json says it was grown with experts made (``--into`` a config of another class)
+    or added (``--experts``)."""
+    import json
+
+    try:
+        spec = json.loads((grown / "growir.json").read_text()).get("spec") or {}
+        arch = [json.loads((f / "config.json").read_text()).get("architectures") for f in (src, grown)]
+    except (OSError, ValueError, AttributeError):
+        return False  # no record (or a bad one): _grown_spec says so
+    return spec.get("experts") is not None or (spec.get("into") is not None and arch[0] != arch[1])
 
 
 _SPEC = ("width", "depth", "layers", "width_method", "depth_method", "method", "dtype")  # verify_checkpoint's

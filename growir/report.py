@@ -50,7 +50,7 @@ def _show(lay) -> str:
 def record_table(rec) -> str:
     """Grown groups collapsed by (role, old, new): one row per kind of change."""
     rows = {}
-    for g in rec.plan.groups:
+    for g in rec.plan.groups if rec.plan is not None else ():  # an upcycling's record has no width plan
         new = rec.sizes.get(g.id, g.size)
         if new != g.size:
             role = g.label.split(":", 1)[1] if g.role else "output-only"

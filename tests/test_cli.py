@@ -232,3 +232,63 @@ def test_usage_errors_come_before_torch_is_imported(argv):
     result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "2 []", result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "(see growir" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def upcycled(tmp_path_factory):
+    """A tiny Llama saved in bfloat16 in 3 shards, a 4-expert top-2 Mixtral config of its sizes, and ``growir grow
+    SRC OUT --into MOE --verify`` of the two (in memory: experts are not streamed), with its exit status and output."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig
+    from zoo import randomize_norms
+
+    root = tmp_path_factory.mktemp("upcycle")
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, rms_norm_eps=1e-6, head_dim=8,
+                 rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})  # the classes' defaults differ
+    torch.manual_seed(0)
+    randomize_norms(LlamaForCausalLM(LlamaConfig(**sizes))).to(torch.bfloat16).save_pretrained(
+        root / "src", max_shard_size="20KB")
+    (root / "src" / "vocab.txt").write_text("[PAD]\n")
+    target = MixtralConfig(**sizes, num_local_experts=4, num_experts_per_tok=2)
+    target.architectures = ["MixtralForCausalLM"]
+    target.save_pretrained(root / "moe")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["grow", str(root / "src"), str(root / "out"), "--into", str(root / "moe"), "--verify"])
+    return root, code, stdout.getvalue(), stderr.getvalue()
+
+
+def test_into_a_mixture_of_experts_grows_a_sharded_bf16_folder_in_memory(upcycled):
+    root, code, stdout, stderr = upcycled
+    assert code == 0, stderr
+    out = root / "out"
+    assert stdout.startswith("growir grow: in memory") and "besides the imports" in stdout.splitlines()[0]
+    assert "preservation: exact" in stdout and "peak memory:" in stdout
+    assert "reload check: preserved" in stdout  # --verify: the folder loaded back against the source
+    config = json.loads((out / "config.json").read_text())
+    assert (config["architectures"], config["num_local_experts"], config["dtype"]) == (
+        ["MixtralForCausalLM"], 4, "bfloat16")
+    assert len(list(out.glob("*.safetensors"))) > 1 and (out / "vocab.txt").is_file()  # sharded, side files
+    assert json.loads((out / "growir.json").read_text())["spec"]["into"] == str(root / "moe")
+    assert sorted(os.listdir(root)) == ["moe", "out", "src"]  # atomic: no staging folder left beside OUT
+
+
+def test_experts_doubled_from_the_shell_and_both_checked(capsys, upcycled, tmp_path):
+    """``--experts 2.0`` on the upcycled folder (top-k grows with it), and ``growir check`` on both growths:
+    the whole models compared (no block map describes experts), a tampered expert caught."""
+    root = upcycled[0]
+    code, stdout, err = run(capsys, "grow", root / "out", tmp_path / "more", "--experts", "2.0")
+    assert code == 0, err
+    config = json.loads((tmp_path / "more" / "config.json").read_text())
+    assert (config["num_local_experts"], config["num_experts_per_tok"]) == (8, 4)
+    for src, grown in ((root / "src", root / "out"), (root / "out", tmp_path / "more")):
+        code, stdout, err = run(capsys, "check", src, grown)
+        assert code == 0 and stdout.startswith("reload check: preserved"), err
+    from safetensors.torch import load_file, save_file
+
+    for shard in (tmp_path / "more").glob("*.safetensors"):
+        tensors = load_file(shard)
+        tensors = {k: v + 0.5 if ".experts.5." in k else v for k, v in tensors.items()}  # one new expert changed
+        save_file(tensors, shard, metadata={"format": "pt"})
+    code, stdout, _ = run(capsys, "check", root / "out", tmp_path / "more")
+    assert code == 1 and stdout.startswith("reload check: NOT preserved")

@@ -29,6 +29,7 @@ class GrowthRecord:
     capture: str = ""  # what was exported: a two-block proxy, or the full model and why
     reruns: list = field(default_factory=list)  # "pass: why" for each stage that ran again in this growth
     measured: str = ""  # what the self-measure ran
+    experts: dict = field(default_factory=dict)  # a layer's expert choice -> (old E, new E, old k, new k)
 
     @property
     def exact(self) -> bool:

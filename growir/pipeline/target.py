@@ -6,7 +6,8 @@ same groups in both (``Plan.layout``), so walking the two layouts side by side p
 target group that the same axes belong to, and the target group's size is the size to grow to. The pairs become
 a role dict for ``resolve_width`` (checked to give every group exactly its paired size) and ``layers=`` for the
 block lists. A pair that no growth gives (a smaller size, a fixed axis such as the vocabulary that differs, a
-layout that differs) is a SpecError naming the config field.
+layout that differs) is a SpecError naming the config field. A target of another class (or one holding expert
+tensors where the model has FFN matrices) is a dense → MoE upcycling instead, which ``pipeline/upcycle.py`` does.
 
 >>> import torch
 >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -57,6 +58,7 @@ class Into:
     width: dict
     layers: int | None
     source_config: object = None
+    upcycle: bool = False  # another class whose graph is the model's with FFNs made mixtures of experts
 
     def settle(self, grown) -> list[str]:
         """Check the grown model against the target: its class, and its config in every field the growth
@@ -105,29 +107,79 @@ def load_target(target):
 def derive(model, target, width=1.0, depth=1.0, layers=None) -> Into:
     """The growth of ``model`` (a transformers model; meta works) into ``target`` (``load_target``'s forms):
     a role dict and ``layers``. ``width``, ``depth`` and ``layers`` must be left at their defaults (``into``
-    decides them). SpecError: another class, a smaller size, a field no growth reaches."""
+    decides them). A target of another class, or with expert tensors where the model has FFN matrices, is an
+    upcycling (``upcycle=True``, ``pipeline/upcycle.py`` grows it). SpecError: a smaller size, a field no growth
+    reaches, a config no class of the model's kind reads."""
     if width != 1.0 or depth != 1.0 or layers is not None:
         raise SpecError("into= derives the width and the depth from the target: leave width, depth and layers out")
     source_config = getattr(model, "config", None)
     if source_config is None or not hasattr(source_config, "to_dict"):
         raise SpecError(f"into= needs a transformers model (one with a config); {type(model).__name__} has none")
     config, cls = load_target(target)
-    cls = cls or (type(model) if type(config) is type(source_config) else None)
-    if cls is not type(model):
-        named = cls.__name__ if cls else f"a {type(config).__name__}"
-        raise SpecError(f"into: the target is {named} but the model is a {type(model).__name__}: growir grows a "
-                        f"model into a larger one of its own class (architectures / model_type)")
-    src, tgt = _planned(model), _planned(meta_model(config, cls))
+    cls = target_class(model, config, cls)
+    if cls is None:
+        raise SpecError(f"into: no transformers class for a {type(config).__name__} does what a "
+                        f"{type(model).__name__} does (name it in the config's `architectures`)")
+    meta = meta_model(config, cls)
+    if cls is not type(model) or _has_experts_beyond(model, meta):  # dense FFNs into experts (``upcycle.py``)
+        return Into(config, cls, {}, None, source_config, upcycle=True)
+    src, tgt = _planned(model), _planned(meta)
     fields = _FieldNamer(source_config, config)
     layers = _layers(src, tgt, fields)  # first: a shallower target's proxy lacks blocks the source has
     pairs = _pairs(src.plan, tgt.plan, fields)
     return Into(config, cls, _role_dict(src.plan, tgt.plan, pairs, fields), layers, source_config)
 
 
+def target_class(model, config, cls=None):
+    """The class ``model`` grows into for ``config``: ``cls`` (named by the config), else the model's own for a
+    config of the model's kind, else the class of the model's head for ``config`` (``same_head``); None: none."""
+    return cls or (type(model) if type(config) is type(model.config) else same_head(model, config))
+
+
+def upcycles(model, target) -> bool:
+    """Whether growing ``model`` into ``target`` (``load_target``'s forms) makes experts of its FFNs (``derive``'s
+    ``upcycle``), from the two configs alone: nothing is planned (``growir grow`` grows these in memory).
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig
+    >>> kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    >>> upcycles(LlamaForCausalLM(LlamaConfig(**kw)), MixtralConfig(**kw))
+    True
+    """
+    config, cls = load_target(target)
+    cls = target_class(model, config, cls)
+    return cls is not None and (cls is not type(model) or _has_experts_beyond(model, meta_model(config, cls)))
+
+
+def same_head(model, config):
+    """The transformers class for ``config`` with the model's head: what the auto mapping that gives the model's
+    class for the model's config gives for ``config`` (a causal LM for a causal LM), or None."""
+    from transformers.models.auto import modeling_auto
+
+    for mapping in vars(modeling_auto).values():
+        if isinstance(mapping, modeling_auto._LazyAutoMapping):
+            try:
+                if mapping[type(model.config)] is type(model):
+                    return mapping[type(config)]
+            except (KeyError, ValueError):
+                continue
+    return None
+
+
 def derive_folder(src, target, width=1.0, depth=1.0, layers=None) -> Into:
     """``derive`` for the model folder ``src`` (its config.json alone, planned on the meta device)."""
     config, cls = load_config(src)
-    return derive(meta_model(config, cls), target, width, depth, layers)
+    into = derive(meta_model(config, cls), target, width, depth, layers)
+    if into.upcycle:
+        raise SpecError(f"into: a {into.cls.__name__} makes experts of the model's FFNs, which growir does in memory "
+                        f"only so far: load the model and call growir.grow(model, into=...), then save it")
+    return into
+
+
+def _has_experts_beyond(model, target) -> bool:
+    """Whether the target (of the model's class) holds tensors of more axes than any the model holds: expert
+    tensors (E, out, in) where the model has FFN matrices, a dense layer made a mixture of experts."""
+    most = max((t.dim() for t in model.state_dict().values()), default=0)
+    return any(t.dim() > most for t in target.state_dict().values())
 
 
 def _planned(model) -> Context:

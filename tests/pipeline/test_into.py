@@ -93,7 +93,7 @@ def test_refuses_a_field_no_growth_reaches(change, says):
 
 def test_refuses_another_class_and_a_spec_beside_into():
     small = LlamaForCausalLM(LlamaConfig(**narrow(SMOLLM_135M), **SAME))
-    with pytest.raises(growir.SpecError, match="MistralConfig .*LlamaForCausalLM"):
+    with pytest.raises(growir.SpecError, match="MistralForCausalLM from a LlamaForCausalLM.*diverge"):
         growir.grow(small, into=MistralConfig(**narrow(SMOLLM_360M), **SAME))
     with pytest.raises(growir.SpecError, match="leave width, depth and layers out"):
         growir.grow(small, width=2.0, into=LlamaConfig(**narrow(SMOLLM_360M), **SAME))
