@@ -11,7 +11,7 @@ import json
 import os
 
 from growir.train.metrics import flops_to_reach, mean_std, saving
-from savings_setup import LR_SWEEP, METHODS, USES_SOURCE, Setting, Sizes, target_config
+from savings_setup import LR_SWEEP, METHODS, SETTINGS, USES_SOURCE, Setting, Sizes, target_config
 
 def summarize_method(method: str, runs: list[dict], scratch: dict[int, dict], source_flops: dict[int, float]) -> dict:
     """One method of one setting, seeds paired with the scratch run of the same seed."""
@@ -91,22 +91,45 @@ def keep_partial(out: str, sizes: Sizes):
     return write
 
 
+# Sizes fields that only one architecture's runs read, and those only the source's training reads: a change to
+# one keeps the runs that do not read it (the other architecture's; scratch and the stacking baselines).
+ARCH_ONLY = {"decoder": ("lr_decoder",), "encoder": ("lr_encoder", "lr_encoder_source")}
+SOURCE_ONLY = ("source_steps", "lr_encoder_source")
+
+
+def same_sizes(a: dict, b: dict, arch: str, method: str | None = None) -> bool:
+    """Whether two sizes (``dataclasses.asdict(Sizes)``) agree on every field that ``arch``'s runs of ``method``
+    read (None: every field of the architecture, its source's included).
+
+    >>> same_sizes({"seq": 64, "lr_encoder": 1e-3}, {"seq": 64, "lr_encoder": 3e-3}, "decoder")
+    True
+    >>> a, b = {"lr_encoder_source": 1e-3}, {"lr_encoder_source": 3e-3}
+    >>> same_sizes(a, b, "encoder", "scratch"), same_sizes(a, b, "encoder", "directcopy")
+    (True, False)
+    """
+    other = {f for k, fields in ARCH_ONLY.items() if k != arch for f in fields}
+    if method is not None and method not in USES_SOURCE:
+        other |= set(SOURCE_ONLY)
+    return all(a.get(k) == b.get(k) for k in set(a) | set(b) if k not in other)
+
+
 def previous_runs(out: str, sizes: Sizes) -> tuple[dict[tuple, dict], dict]:
-    """Available runs of an earlier result in ``out`` with the same sizes, keyed (setting, method, seed), and
-    its sources' training logs ({arch: {seed: log}})."""
+    """Available runs of an earlier result in ``out`` with the same sizes (the fields each run reads:
+    ``same_sizes``), keyed (setting, method, seed), and its sources' training logs ({arch: {seed: log}})."""
+    now = dataclasses.asdict(sizes)
     try:
         with open(os.path.join(out, "savings.json")) as f:
-            same = json.load(f)["sizes"] == dataclasses.asdict(sizes)
+            before = json.load(f)["sizes"]
         with open(os.path.join(out, "savings_logs.json")) as f:
             logs = json.load(f)
     except (OSError, KeyError, ValueError):
         return {}, {}
-    if not same:
-        return {}, {}
-    sources = {a: {int(s): log for s, log in v.items()} for a, v in logs.get("sources", {}).items()}
-    runs = logs["runs"]
+    sources = {a: {int(s): log for s, log in v.items()} for a, v in logs.get("sources", {}).items()
+               if same_sizes(before, now, a)}
+    runs = [r for r in logs["runs"] if same_sizes(before, now, SETTINGS[r["setting"]].arch, r["method"])]
     if os.path.exists(partial_file(out)):  # an interrupted invocation's finished runs, later ones win
         with open(partial_file(out)) as f:
             lines = [json.loads(line) for line in f if line.strip()]
-        runs = runs + [e["run"] for e in lines if e["sizes"] == dataclasses.asdict(sizes)]
+        runs = runs + [e["run"] for e in lines
+                       if same_sizes(e["sizes"], now, SETTINGS[e["run"]["setting"]].arch, e["run"]["method"])]
     return {(r["setting"], r["method"], r["seed"]): r for r in runs if r["available"]}, sources

@@ -48,6 +48,10 @@ class Sizes:
     eval_every: int = 40
     lr_decoder: float = 3e-3    # peak LR, identical for all methods (and the source)
     lr_encoder: float = 1e-3
+    # The encoder source's own peak LR (None: lr_encoder). 3e-3 takes the 32-wide BERT source further off the
+    # masked-LM plateau (2.99-3.02 vs 3.08), but then scratch ends only 0.03-0.07 below it on encoder-wide and
+    # above it on one encoder-x1.5 seed (saturated): docs/savings.md, "The encoder setting".
+    lr_encoder_source: float | None = None
     warmup: float = 0.05        # linear warmup fraction, then cosine to 10%: every method restarts it
     rewarmup: int = 20          # after StackBERT/MSLT stackings (fresh optimizer state)
     stage1_fraction: float = 0.25   # bert2BERT stage 1 share of the steps
@@ -110,9 +114,10 @@ def target_config(setting: Setting, sizes: Sizes):
                         sizes)
 
 
-def train_config(arch: str, sizes: Sizes, steps: int, method: str = "") -> TrainConfig:
-    """The shared schedule; the LR_POLICIES methods change one field of it (the peak ``lr`` by a factor)."""
-    lr = sizes.lr_decoder if arch == "decoder" else sizes.lr_encoder
+def train_config(arch: str, sizes: Sizes, steps: int, method: str = "", source: bool = False) -> TrainConfig:
+    """The shared schedule; the LR_POLICIES methods change one field of it (the peak ``lr`` by a factor);
+    ``source``: the source's schedule (the encoder source has its own peak, ``lr_encoder_source``)."""
+    lr = sizes.lr_decoder if arch == "decoder" else (source and sizes.lr_encoder_source) or sizes.lr_encoder
     cfg = TrainConfig(steps=steps, lr=lr, warmup=sizes.warmup, eval_every=sizes.eval_every, rewarmup=sizes.rewarmup)
     change = dict(LR_POLICIES.get(method, {}))
     if "lr" in change:
@@ -137,7 +142,8 @@ def to_device(model, device: str, optimizer=None):
 # --- source -----------------------------------------------------------------------------------------------
 
 def source_path(arch: str, sizes: Sizes, seed: int, cache: str, device: str = "cpu") -> str:
-    key = [arch, dataclasses.asdict(sizes), load_corpus(sizes.corpus_bytes).digest()] + ([device] if device != "cpu" else [])
+    fields = {k: v for k, v in dataclasses.asdict(sizes).items() if v is not None}  # unset: as before it existed
+    key = [arch, fields, load_corpus(sizes.corpus_bytes).digest()] + ([device] if device != "cpu" else [])
     key = json.dumps(key, sort_keys=True)
     return os.path.join(cache, f"source-{arch}-{hashlib.sha256(key.encode()).hexdigest()[:10]}-seed{seed}.pt")
 
@@ -150,9 +156,9 @@ def pretrain_source(arch: str, sizes: Sizes, seed: int, cache: str, device: str 
         torch.set_num_threads(1)
         config = model_config(arch, sizes.hidden, sizes.layers, sizes)
         model = to_device(new_model(arch, config, seed), device)
-        opt = make_optimizer(model, train_config(arch, sizes, sizes.source_steps))
-        log = train(model, batcher(arch, sizes, seed + 1000, device), train_config(arch, sizes, sizes.source_steps),
-                    progress=False, optimizer=opt)
+        cfg = train_config(arch, sizes, sizes.source_steps, source=True)
+        opt = make_optimizer(model, cfg)
+        log = train(model, batcher(arch, sizes, seed + 1000, device), cfg, progress=False, optimizer=opt)
         model.cpu()
         opt.load_state_dict(opt.state_dict())  # the state follows its parameters to the CPU
         os.makedirs(cache, exist_ok=True)
@@ -170,6 +176,6 @@ def load_source(arch: str, path: str, sizes: Sizes | None = None):
     model.load_state_dict(blob["state_dict"])
     if sizes is None:
         return model, blob["log"]
-    opt = make_optimizer(model, train_config(arch, sizes, sizes.source_steps))
+    opt = make_optimizer(model, train_config(arch, sizes, sizes.source_steps, source=True))
     opt.load_state_dict(blob["optimizer"])
     return model, blob["log"], opt

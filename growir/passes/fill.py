@@ -9,8 +9,12 @@ so a norm with eps' = (n·d/d')·eps and weight' = weight·sqrt(n·d/d') on the 
 exactly [LN(x) n times, 0]. Producers of the group write the same map (fill rows = the mean of the old
 rows, or 0); consumers split by n and read zeros at the fill positions. This requires every norm over the
 group to be pre-norm (its output only feeds contractions or the model output): when a norm's output is the
-residual itself (post-norm), no elementwise-weighted norm can be exact (docs/methods.md), and growir
-falls back to balanced copies and reports the deviation.
+residual itself (post-norm), no elementwise-weighted norm can be exact (docs/methods.md). There
+``width_method="fill"`` (asked for; never the default) fills anyway where the model does not return the stream
+(``plan_fill(post_norm=True)``):
+the fill then differs from the stream's mean by the norm output's mean, ``mean((γ - mean γ) ⊙ x̂) + mean(β)``
+(small where γ is near uniform), which the record reports with the measured deviation. Otherwise, and with
+``strict=True``, the group is copied (exact at a whole ratio, balanced copies and a reported deviation else).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch.fx as fx
 
 from ..analysis.groups import contractions_over
 from ..analysis.norms import NormSite, is_param, norm_sites
-from ..analysis.ops import CONTRACTIONS, LAYOUT, forward, traits
+from ..analysis.ops import CONTRACTIONS, LAYOUT, PART, forward, indexes_leading, traits
 from ..analysis.plan import Plan
 
 
@@ -37,9 +41,13 @@ class FillPlan:
     copied: dict = field(default_factory=dict)  # whole-ratio group root -> why it is copied instead (exact)
 
 
-def plan_fill(plan: Plan, sizes: dict, every: bool = False) -> FillPlan:
+def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = False) -> FillPlan:
     """Which grown groups repeat and fill: a normalized group whose new size is not a whole multiple, or with
-    ``every`` each grown normalized group (the fresh width method fills whole ratios too)."""
+    ``every`` each grown normalized group (the fresh width method fills whole ratios too). With ``post_norm``
+    a group that a post-norm LayerNorm/RMSNorm writes is filled too, though no fill (and at a ratio that is
+    not whole, no growth) is exact there: its reason stays in ``reasons`` and the deviation is measured
+    (``width_method="fill"``: copies there train as one). Not where the model returns the normalized stream
+    (its hidden states are the caller's features: copies keep them exactly, see ``output_maps``)."""
     ag, out = plan.facts.ag, FillPlan()
     sites = norm_sites(plan.captured.gm, plan.facts)
     for g in plan.groups:
@@ -49,36 +57,68 @@ def plan_fill(plan: Plan, sizes: dict, every: bool = False) -> FillPlan:
             continue
         mine = [s for s in sites if g.root in ag.leaf_roots(s.axis)]
         why = _why_not(plan, g, mine)
-        if why:
+        inexact = (post_norm and why and not _cannot_fill(plan, g, mine)
+                   and not all(s.pre_norm(plan.facts) for s in mine) and not _returned(mine))
+        if why and not inexact:
             (out.copied if new % g.size == 0 else out.reasons)[g.root] = why
             continue
+        if inexact:
+            out.reasons[g.root] = (f"{why}; it is filled anyway (post-norm: copies there train as one), the "
+                                   f"deviation is the post-norm output's mean at the fill, measured")
         out.fills[g.root] = "mean" if mine[0].kind == "layer" else "zero"
         out.sites[g.root] = mine
     return out
 
 
 def _why_not(plan: Plan, g, mine: list[NormSite]) -> str:
-    ag, f = plan.facts.ag, plan.facts
+    """Why repeat-and-fill is not exact for the group ``g`` ("" when it is)."""
+    unfit = _unfit_norms(plan, g, mine)
+    if unfit:
+        return unfit
+    nonlinear = [(s.node, op) for s in mine if (op := s.nonlinear_source())]
+    if nonlinear:
+        return (f"the norm at `{nonlinear[0][0]}` reads the output of {nonlinear[0][1]}, which is not linear in "
+                f"the parameters that write the group: a fill (or a rescale) before it is not what the norm sees")
+    post = [s.node for s in mine if not s.pre_norm(plan.facts)]
+    if post:
+        return f"the norm at `{post[0]}` feeds the residual stream (post-norm): no exact construction exists"
+    fused = _fused(plan, g)
+    if fused:
+        return fused
+    diagonal = _diagonal_producer(plan, g, mine) if mine[0].kind == "layer" else None
+    if diagonal:
+        return (f"`{diagonal[0]}` multiplies the group channel by channel at `{diagonal[1]}` (a depthwise "
+                f"convolution, a per-channel scale): a LayerNorm's mean fill would need the mean of a product")
+    return ""
+
+
+def _returned(mine: list[NormSite]) -> bool:
+    """Whether a norm's output over the group is one of the model's outputs (the hidden states it returns)."""
+    return any(u.op == "output" for s in mine for u in forward(s.output, lambda u: PART(u) or indexes_leading(u)))
+
+
+def _cannot_fill(plan: Plan, g, mine: list[NormSite]) -> str:
+    """Why the group cannot be filled at all, exact or not: its norms or axes are not the plain kind a fill
+    rewrites. (A nonlinear or channel-by-channel writer makes a fill inexact, not impossible: measured.)"""
+    return _unfit_norms(plan, g, mine) or _fused(plan, g)
+
+
+def _unfit_norms(plan: Plan, g, mine: list[NormSite]) -> str:
+    ag = plan.facts.ag
     norm_reads = {r.node for r in g.reads if r.kind == "norm"}
     if norm_reads - {s.node for s in mine} or any(ag.expand(s.axis) != g.root for s in mine):
         return "a norm over it is not a recognized LayerNorm/RMSNorm over this group alone"
     if len({s.kind for s in mine}) != 1:
         return "LayerNorm and RMSNorm both read it (their fills differ: the mean vs zero)"
-    nonlinear = [(s.node, op) for s in mine if (op := s.nonlinear_source())]
-    if nonlinear:
-        return (f"the norm at `{nonlinear[0][0]}` reads the output of {nonlinear[0][1]}, which is not linear in "
-                f"the parameters that write the group: a fill (or a rescale) before it is not what the norm sees")
-    post = [s.node for s in mine if not s.pre_norm(f)]
-    if post:
-        return f"the norm at `{post[0]}` feeds the residual stream (post-norm): no exact construction exists"
+    return ""
+
+
+def _fused(plan: Plan, g) -> str:
+    ag, f = plan.facts.ag, plan.facts
     for pa in g.producers + g.consumers:
         node = next(n for n, s in f.params.items() if s == pa.param)
         if ag.expand(f.axes[node][pa.axis]) != g.root:
             return f"`{pa.param}` holds it inside a fused axis"
-    diagonal = _diagonal_producer(plan, g, mine) if mine[0].kind == "layer" else None
-    if diagonal:
-        return (f"`{diagonal[0]}` multiplies the group channel by channel at `{diagonal[1]}` (a depthwise "
-                f"convolution, a per-channel scale): a LayerNorm's mean fill would need the mean of a product")
     return ""
 
 

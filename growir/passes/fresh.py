@@ -13,7 +13,9 @@ breaks that but is ill-conditioned when large (§8). This method copies nothing:
   (activation × upstream gradient) at the first step.
 
 Nothing cancels, so nothing is amplified (rounding stays rounding). A normalized group whose norm is post-norm
-cannot be filled exactly (``fill.py``); at a whole ratio it is copied (exact), else balanced copies (reported).
+cannot be filled exactly (``fill.py``); ``fresh`` copies it at a whole ratio (exact), else balanced copies
+(reported), and so does ``auto``. ``width_method="fill"`` fills it, inexactly and reported, where the model does
+not return it (copies train as one: docs/savings.md measures the difference), and copies it under ``strict=True``.
 
 A copied group's symmetry is broken by its consumers instead (``split_copies``): each consumer column is split
 over its copies by random factors drawn in ``SPLIT`` = (0.25, 0.75) and normalized to sum to 1 over each
@@ -61,7 +63,7 @@ def copy_where_exact(plan: Plan, sizes: dict, fp: FillPlan, low_precision: bool,
       rescaled instead (it is an output): the fill shrinks the statistics the norm sees, copies do not."""
     from .rescale import can_rescale
     for g in plan.groups:
-        if g.root not in fp.fills:
+        if g.root not in fp.fills or g.root in fp.reasons:  # an inexact (post-norm) fill: exactness is not its aim
             continue
         ratio, rest = divmod(sizes.get(g.id, g.size), g.size)
         if rest:

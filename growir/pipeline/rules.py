@@ -30,14 +30,17 @@ from ..ir.index_maps import fpi_index, random_index
 from ..passes.width import group_maps, width_rules
 
 
-FRESH = ("fresh", "auto")  # the width methods that build fresh units and fills ("auto": per group)
+FRESH = ("fresh", "auto", "fill")  # the width methods that build fresh units and fills ("auto": per group)
+PER_GROUP = ("auto", "fill")  # decided per group; "fill" also fills a post-norm residual (inexact, measured)
 
 
-@declare(reads=("plan", "sizes", "opts"), writes=("fill", "new_units"))
+@declare(reads=("plan", "sizes", "opts", "strict"), writes=("fill", "new_units"))
 def _fill_plan(c) -> None:
     fresh = c.opts.width_method in FRESH
-    c.fill = plan_fill(c.plan, c.sizes, every=fresh) if c.opts.width_method in ("fpi", *FRESH) else FillPlan()
-    if c.opts.width_method == "auto":
+    post_norm = c.opts.width_method == "fill" and not c.strict  # asked for: a post-norm residual filled, inexact
+    c.fill = (plan_fill(c.plan, c.sizes, every=fresh, post_norm=post_norm)
+              if c.opts.width_method in ("fpi", *FRESH) else FillPlan())
+    if c.opts.width_method in PER_GROUP:
         copy_where_exact(c.plan, c.sizes, c.fill, _low_precision(c), c.opts.keep_eps)
     c.new_units = fresh_units(c.plan, c.sizes, c.fill) if fresh else {}
 

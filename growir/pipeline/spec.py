@@ -12,7 +12,7 @@ from ..passes.depth import DEPTH_METHODS
 from .context import Options
 
 
-WIDTH_METHODS = ("auto", "fresh", "fpi", "fpi_balanced", "fpi_random", "aki")
+WIDTH_METHODS = ("auto", "fill", "fresh", "fpi", "fpi_balanced", "fpi_random", "aki")
 
 
 PRESETS = {"bert2bert": {"width_method": "aki", "depth_method": "stack"}}  # the paper's recipe
