@@ -8,6 +8,7 @@ pick the one that computes the grown function.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -68,10 +69,13 @@ def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict,
     relevant = {k: v for k, v in fields.items() if any(shapes_of({k: n}) != base_shapes
                                                        for n in size_pairs[v] if n != v)}
     needed = _shape_changes(relevant, size_pairs, shapes_of, fits, max_tries)
-    if needed is None:
-        diff = _first_mismatch(shapes_of({k: max(size_pairs[v]) for k, v in relevant.items()}), expected, required)
+    if needed is None:  # too many fields for every combination: one field at a time, toward fewer misfits
+        needed = descend(relevant, size_pairs, lambda ch: misfits(shapes_of(ch), expected, required))
+    if not fits(shapes_of(needed)):
+        diff = _first_mismatch(shapes_of(needed), expected, required)  # the nearest candidate's first misfit
+        names = ", ".join(map(_name, relevant)) or "none"  # a list element is a field too: "hidden_sizes[1]"
         raise MaterializeError(
-            f"no change of {type(model.config).__name__}'s size fields ({', '.join(relevant) or 'none'}) rebuilds "
+            f"no change of {type(model.config).__name__}'s size fields ({names}) rebuilds "
             f"{type(model).__name__} with the grown shapes ({diff}): its config cannot express this growth"
             f"{skipped_note(base, size_pairs)}. "
             f"Nothing was loaded; grow(..., materialize='graph') returns the rewritten GraphModule instead")
@@ -90,10 +94,13 @@ def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict,
 
 def int_fields(cfg: dict) -> dict:
     """The config's integer fields, each element of a list of integers (per-stage head counts) a field of its
-    own, keyed (name, index).
+    own, keyed (name, index), and the fields of a nested config (a text or vision sub-config) keyed by their
+    path, (sub-config, name).
 
     >>> int_fields({"hidden_size": 8, "num_heads": [2, 4], "use_cache": True, "act": "gelu"})
     {'hidden_size': 8, ('num_heads', 0): 2, ('num_heads', 1): 4}
+    >>> int_fields({"text_config": {"model_type": "llama", "hidden_size": 8, "heads": [2]}})
+    {('text_config', 'hidden_size'): 8, ('text_config', 'heads', 0): 2}
     """
     out = {}
     for k, v in cfg.items():
@@ -101,6 +108,8 @@ def int_fields(cfg: dict) -> dict:
             out[k] = v
         elif isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
             out.update({(k, i): x for i, x in enumerate(v)})
+        elif isinstance(v, dict) and "model_type" in v:  # a sub-config: its fields are the model's too
+            out.update({(k, *(sub if isinstance(sub, tuple) else (sub,))): x for sub, x in int_fields(v).items()})
     return out
 
 
@@ -138,27 +147,40 @@ def _ints_in(value) -> list:
 
 
 def with_changes(cfg: dict, changes: dict) -> dict:
-    """``cfg`` with ``changes`` (keys as :func:`int_fields` gives them) applied; lists copied, never shared.
+    """``cfg`` with ``changes`` (keys as :func:`int_fields` gives them) applied; lists and sub-configs copied,
+    never shared.
 
     >>> with_changes({"d": 8, "heads": [2, 2]}, {"d": 16, ("heads", 1): 4})
     {'d': 16, 'heads': [2, 4]}
+    >>> with_changes({"text": {"d": 8, "h": [2]}}, {("text", "d"): 16, ("text", "h", 0): 4})
+    {'text': {'d': 16, 'h': [4]}}
     """
     out = dict(cfg)
     for key, value in changes.items():
-        if isinstance(key, tuple):
+        if not isinstance(key, tuple):
+            out[key] = value
+        elif isinstance(key[1], int):  # (name, index): an element of a list
             name, i = key
             out[name] = [*out[name][:i], value, *out[name][i + 1:]]
-        else:
-            out[key] = value
+        else:  # (sub-config, ...): a field of a nested config
+            out[key[0]] = with_changes(out[key[0]], {key[1:] if len(key) > 2 else key[1]: value})
     return out
 
 
 def _field(key) -> str:
-    return key[0] if isinstance(key, tuple) else key
+    """The field's own name (a list's, or a nested config's field's)."""
+    return next(k for k in reversed(key) if isinstance(k, str)) if isinstance(key, tuple) else key
 
 
 def _name(key) -> str:
-    return f"{key[0]}[{key[1]}]" if isinstance(key, tuple) else key
+    """How a field is named to a person: ``hidden_sizes[1]``, ``text_config.hidden_size``.
+
+    >>> _name(("heads", 1)), _name(("text_config", "hidden_size")), _name(("vision", "heads", 0))
+    ('heads[1]', 'text_config.hidden_size', 'vision.heads[0]')
+    """
+    if not isinstance(key, tuple):
+        return key
+    return ".".join(k for k in key if isinstance(k, str)) + "".join(f"[{k}]" for k in key if isinstance(k, int))
 
 
 def _required_only(changes: dict, shapes_of, fits) -> tuple[dict, list]:
@@ -187,6 +209,44 @@ def _shape_changes(relevant: dict, size_pairs: dict, shapes_of, fits, max_tries:
                 if tried >= max_tries:
                     return None
     return None
+
+
+def descend(relevant: dict, size_pairs: dict, score) -> dict:
+    """The changes of ``relevant`` fields that ``score`` (a count of misfits) rates best, found one field at a
+    time: each round, every field takes whichever of its values (the old one included) lowers the score, until
+    no field lowers it. Linear in the fields where the exhaustive search is exponential; a field that must
+    change with another to build (a product of two sizes) is found where either change alone fits more.
+
+    >>> pairs = {2: {4}, 8: {16}}
+    >>> descend({"heads": 2, "hidden": 8, "layers": 2}, pairs,
+    ...         lambda ch: (ch.get("heads") != 4) + (ch.get("hidden") != 16) + 5 * ("layers" in ch))
+    {'heads': 4, 'hidden': 16}
+    """
+    changes, best = {}, score({})
+    improved = best > 0
+    while improved:
+        improved = False
+        for key, old in relevant.items():
+            for value in [old, *sorted(size_pairs[old])]:
+                trial = {**changes, key: value} if value != old else {k: v for k, v in changes.items() if k != key}
+                trial_score = score(trial)
+                if trial_score < best:
+                    changes, best, improved = trial, trial_score, True
+    return changes
+
+
+def misfits(shapes, expected, required=frozenset()) -> float:
+    """How far rebuilt ``shapes`` are from the grown ones: tensors missing on either side or of another shape
+    (infinite where the config does not build).
+
+    >>> misfits({"w": (4, 8), "b": (4,)}, {"w": (4, 16), "b": (None,)})
+    1
+    """
+    if shapes is None:
+        return float("inf")
+    extra, missing = set(shapes) - set(expected), set(required) - set(shapes)
+    return len(extra) + len(missing) + sum(not _fits({k: s}, {k: expected[k]}) for k, s in shapes.items()
+                                           if k in expected)
 
 
 def follow_lists(base: dict, cfg: dict, layer_sources: dict) -> dict:
@@ -225,11 +285,24 @@ def config_shapes(model, cfg_dict: dict):
     if cfg is None:
         return None
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _no_init():
             m = type(model)(cfg)
     except Exception:  # noqa: BLE001 - an inconsistent config is simply not a candidate
         return None
     return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def _no_init():
+    """transformers' switch that skips weight initialisation: shapes only are read, and the search builds a
+    model per candidate (half the time of building each one with its init on the meta device)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def _config(model, cfg_dict: dict):

@@ -111,3 +111,22 @@ def test_exact_growth_warns_about_nothing():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="growir")
         growir.grow(make("llama"), width=2.0)
+
+
+def test_a_config_with_per_stage_lists_is_refused_in_words_not_a_type_error():
+    """ResNet's per-stage widths are list elements (``hidden_sizes[1]``) among the fields the search names; a
+    bottleneck's inner width (out // reduction, a constant of the class) is no config field."""
+    cfg = T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck")
+    with pytest.raises(growir.MaterializeError, match=r"size fields \(.*hidden_sizes\[0\].*cannot express"):
+        growir.grow(T.ResNetModel(cfg).eval(), width=2.0, depth=1, materialize="hf")
+
+
+def test_many_size_fields_are_searched_one_at_a_time():
+    """A config with more candidate fields than the exhaustive search tries (MoE sizes, experts, kv heads, a
+    layer count sharing a size with a head count) still rebuilds its class: one field at a time."""
+    cfg = T.AfmoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                        num_experts_per_tok=2, num_shared_experts=2, head_dim=8, num_dense_layers=1)
+    torch.manual_seed(0)
+    grown = growir.grow(T.AfmoeForCausalLM(cfg).eval(), width=2.0, materialize="hf")
+    assert type(grown).__name__ == "AfmoeForCausalLM" and grown.config.hidden_size == 64
