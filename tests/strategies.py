@@ -7,7 +7,10 @@ or partial) or ALiBi positions, 1-3 blocks stored as one list of blocks or as pa
 GELU/SiLU MLP, SwiGLU (fused gate/up or separate) or a mixture of experts (router, ``topk``, dense combine),
 MHA/GQA/MQA with kv heads repeated as transformers does or one kv head broadcast by ``expand``, fused or separate
 QKV, per-head q/k norms or none, attention by ``F.scaled_dot_product_attention`` or written out with
-``torch.einsum``, tied or untied head. Widths are ``heads * head_dim``. Every parameter, norms included, is
+``torch.einsum``, tied or untied head; and what no hand rule was written for (issue 21): an op whose rule growir
+derives from its meta kernel inside the MLP (``tinylm.BLOCK_OPS``), complex rotary, a sinusoidal table computed at
+construction, and layer types per block (full or sliding-window attention, or a Mamba-like SSM mixer) in a
+repeating pattern. Widths are ``heads * head_dim``. Every parameter, norms included, is
 drawn from a generator seeded by the arch's own seed, so an Arch repr replays the exact model.
 
 ``specs(arch)`` draws a :class:`Spec`: a width multiplier or a role dict whose sizes are whole by
@@ -24,11 +27,13 @@ import torch
 import torch.nn as nn
 from hypothesis import strategies as st
 
-from tinylm import FIXED_LEN, IMAGE, MAX_LEN, RMSNorm, Rotary, TinyLM
+from tinylm import BLOCK_OPS, FIXED_LEN, IMAGE, MAX_LEN, RMSNorm, Rotary, TinyLM
 
 MULTIPLIERS = (1, 1.5, 2, 3)
 DEPTH_METHODS = ("auto", "stack", "interpolate", "identity")
 PARALLEL_NAMES = {"norm1": "ln1", "norm2": "ln2", "attn": "attn", "mlp": "mlp"}
+# layer-type periods (repeated to the depth): local/global attention, SSM/attention hybrids, all SSM
+PATTERNS = (("full", "sliding"), ("sliding", "full"), ("ssm", "full"), ("full", "ssm"), ("ssm",))
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,8 @@ class Arch:
     bias: bool
     mlp: str  # "gelu" | "silu" | "swiglu" | "moe"
     fused_mlp: bool  # swiglu only: one Linear -> chunk(2)
-    positions: str  # "learned" | "rotary" | "fixed" (a table added whole) | "alibi" (per-head slopes)
+    positions: str  # "learned" | "rotary" | "fixed" (a table added whole) | "alibi" (per-head slopes) |
+    # "complex" (rotary by torch.polar / view_as_complex) | "sinusoidal" (a width-dependent table made at init)
     fused_qkv: bool
     tied: bool
     final_norm: bool  # a norm after the last block, before the head
@@ -60,6 +66,25 @@ class Arch:
     topk: int = 0  # mlp == "moe": experts chosen per token
     modality: str = "tokens"  # "tokens" | "image" (3 x IMAGE x IMAGE, cut into patch x patch patches)
     patch: int = 0  # image only
+    block_op: str = ""  # a tinylm.BLOCK_OPS op on every MLP's hidden activations ("" none)
+    layer_types: tuple = ()  # per block: "full" | "sliding" (window attention) | "ssm"; () is all "full"
+
+    def layer_type(self, i: int) -> str:
+        """Block ``i``'s layer type ("full", "sliding" or "ssm")."""
+        return self.layer_types[i] if self.layer_types else "full"
+
+    @property
+    def mixed(self) -> bool:
+        """Blocks differ by design (a layer-type pattern with more than one type)."""
+        return len(set(self.layer_types)) > 1
+
+    @property
+    def extended(self) -> str:
+        """The issue-21 elements this arch has (what no hand rule was written for), as words; "" for none."""
+        parts = [f"op {self.block_op}"] if self.block_op else []
+        parts += [f"layers {'/'.join(self.layer_types)}"] if self.layer_types else []
+        parts += [f"positions {self.positions}"] if self.positions in ("complex", "sinusoidal") else []
+        return ", ".join(parts)
 
     @property
     def hidden(self) -> int:
@@ -102,8 +127,20 @@ class Arch:
 
 
 # --- strategies ------------------------------------------------------------------------------------------------
+def _extensions(draw, mlp: str, fused_mlp: bool, layers: int) -> dict:
+    """The issue-21 elements, each drawn about one time in three."""
+    ops = [op for op in BLOCK_OPS if op != "tensor_split" or (mlp == "swiglu" and fused_mlp)]
+    op = draw(st.sampled_from(ops)) if draw(st.integers(0, 2)) == 0 else ""
+    types = ()
+    if draw(st.integers(0, 2)) == 0:
+        period = draw(st.sampled_from(PATTERNS))
+        types = tuple(period[i % len(period)] for i in range(layers))
+    return dict(block_op=op, layer_types=types)
+
+
 @st.composite
-def archs(draw) -> Arch:
+def archs(draw, extended: bool = True) -> Arch:
+    """An :class:`Arch`; ``extended=False`` draws only what growir has hand rules for."""
     heads = draw(st.sampled_from((1, 2, 4)))
     kv_heads = draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0]))
     head_dim = draw(st.sampled_from((4, 8)))
@@ -111,19 +148,24 @@ def archs(draw) -> Arch:
     mlp = draw(st.sampled_from(("gelu", "silu", "swiglu", "moe")))
     experts = draw(st.sampled_from((2, 4))) if mlp == "moe" else 0
     image = draw(st.sampled_from(("tokens", "tokens", "tokens", "image"))) == "image"
+    fused_mlp = mlp == "swiglu" and draw(st.booleans())
+    layers = draw(st.integers(1, 3))
+    # "sinusoidal" is left out of the draws while growir grows that table wrongly and calls it exact
+    # (test_properties.test_table_made_at_construction pins it)
+    positions = ("learned", "rotary", "fixed", "alibi") + (("complex",) if extended else ())
     return Arch(
         vocab=draw(st.integers(11, 40)),
         heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
         ffn=draw(st.sampled_from((hidden, 2 * hidden, 2 * hidden + 4))),  # even: any multiplier gives whole sizes
-        layers=draw(st.integers(1, 3)),
+        layers=layers,
         pre_norm=draw(st.booleans()),
         norm=draw(st.sampled_from(("layer", "rms"))),
         bias=draw(st.booleans()),
         mlp=mlp,
-        fused_mlp=mlp == "swiglu" and draw(st.booleans()),
-        positions=draw(st.sampled_from(("learned", "rotary", "fixed", "alibi"))),
+        fused_mlp=fused_mlp,
+        positions=draw(st.sampled_from(positions)),
         fused_qkv=draw(st.booleans()),
         tied=not image and draw(st.booleans()),  # an image model has no embedding to tie
         final_norm=draw(st.booleans()),
@@ -138,6 +180,7 @@ def archs(draw) -> Arch:
         topk=draw(st.integers(1, min(2, experts))) if experts else 0,
         modality="image" if image else "tokens",
         patch=draw(st.sampled_from((2, 4))) if image else 0,
+        **(_extensions(draw, mlp, fused_mlp, layers) if extended else {}),
     )
 
 
@@ -155,6 +198,16 @@ class Spec:
     def expect_exact(self, arch: Arch) -> tuple[bool, str]:
         """(True, "") where growth-math.md promises an exact growth, else (False, why)."""
         r = self.ratios
+        if arch.positions == "complex":  # growir has no rule for view_as_complex yet (its probe cannot size it)
+            return False, "complex rotary: exact, or a refusal naming the op"
+        if arch.block_op == "flip" and r.get("ffn", 1) != 1:  # copies are not mapped through the reversal
+            return False, "flip reverses the ffn axis: growir warns that the index is not preserved by copying"
+        if "ssm" in arch.layer_types and isinstance(self.width, dict):
+            # growir labels an SSM's inner width "heads", its dt rank "ffn" and its state "head_dim": a role dict
+            # meant for attention and MLP sizes them too, or is refused (SpecError) where the sizes disagree
+            return False, "a role dict on an SSM mixer: its groups share the attention roles"
+        if arch.mixed and self.depth > 1:  # depth for mixed stacks is being built (issue 21 item 4)
+            return False, "depth growth of a mixed stack: exact, or a refusal naming the blocks"
         if r.get("hidden", 1).denominator != 1:
             return False, "hidden grows by a non-integer ratio (uneven copies change the norms)"
         if r.get("head_dim", 1).denominator != 1:

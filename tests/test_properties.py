@@ -8,6 +8,9 @@ For a long search with hundreds of examples per property:
 A failure prints the drawn ``Arch`` and ``Spec`` (their reprs rebuild them: ``Arch(...).build()``) and, in
 the long profile, a ``@reproduce_failure`` blob.
 
+A long run that should survey rather than stop at the first failure sets ``PROPERTIES_KEEP_GOING=1`` (with
+``PROPERTIES_LOG``): each failing example is logged with its replay line and the run goes on.
+
 The profiles are applied per test (not loaded globally) so that importing this module does not change the
 settings of the other hypothesis tests in the suite.
 """
@@ -15,12 +18,14 @@ settings of the other hypothesis tests in the suite.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
 import warnings
 from fractions import Fraction
 
+import pytest
 import sympy
 import torch
 import torch.utils._pytree as pytree
@@ -47,6 +52,7 @@ settings.register_profile("long", max_examples=3100, deadline=None, print_blob=T
                           suppress_health_check=[HealthCheck.too_slow])
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 PROGRESS = os.environ.get("PROPERTIES_LOG")  # a file: one line per example (time, test, outcome), for long runs
+KEEP_GOING = PROGRESS and os.environ.get("PROPERTIES_KEEP_GOING")  # log a failing example and go on (long runs)
 
 
 def budget(share: float) -> settings:
@@ -112,11 +118,37 @@ def float64_growth_error(arch: Arch, spec) -> float:
     return worst_error(arch.build().double(), grown, arch, rec.output_maps, rec.plan.captured)
 
 
-def tick(test: str, outcome: str = "ok") -> None:
-    """Count an example in ``PROPERTIES_LOG`` (long runs are stopped by time; the log says how far they got)."""
+def tick(test: str, outcome: str = "ok", arch: Arch | None = None, detail: str = "") -> None:
+    """Count an example in ``PROPERTIES_LOG`` (long runs are stopped by time; the log says how far they got), with
+    the arch's issue-21 elements (``Arch.extended``) where it has some, and a ``detail`` (a refusal's reason)."""
     if PROGRESS:
+        extra = f" [{arch.extended}]" if arch is not None and arch.extended else ""
+        extra += f" || {detail.splitlines()[0][:300]}" if detail else ""
         with open(PROGRESS, "a") as f:
-            f.write(f"{time.time():.1f} {test} {outcome}\n")
+            f.write(f"{time.time():.1f} {test} {outcome}{extra}\n")
+
+
+def surveyed(test: str):
+    """With ``KEEP_GOING``, a failing example is logged (outcome, message, the drawn arguments' reprs) and the
+    test returns, so that hypothesis goes on drawing; otherwise the failure is raised as usual."""
+    def wrap(f):
+        @functools.wraps(f)
+        def run(*args, **kwargs):
+            try:
+                return f(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - logged, not swallowed: a survey counts every failure
+                if not KEEP_GOING:
+                    raise
+                first = str(e).splitlines()[0][:400] if str(e) else ""
+                tick(test, f"FAIL {type(e).__name__}: {first} || replay {kwargs!r}")
+        return run
+    return wrap
+
+
+def named_refusal(arch: Arch, message: str) -> bool:
+    """A refusal on an issue-21 element names where it stops: an aten op, a block or layer, or the drawn op."""
+    words = ("aten.", "block", "layer") + ((arch.block_op,) if arch.block_op else ())
+    return bool(arch.extended) and any(w in message for w in words)
 
 
 def unnoted(warned: list, rec) -> list:
@@ -180,12 +212,22 @@ ROUNDING_ONLY = (
 )
 
 
+# complex rotary stops growir at view_as_complex before a spec's own refusal (1.5 x one head): found by the long profile
+COMPLEX_BEFORE_SPEC = (
+    dataclasses.replace(ROTARY_NOOP_HEAD_DIM[0], layers=3, pre_norm=True, positions="complex", block_op="atan",
+                        layer_types=("full", "sliding", "full")),
+    Spec(width=1.5, ratios={"hidden": Fraction(3, 2), "ffn": Fraction(3, 2), "heads": Fraction(3, 2)}),
+)
+
+
 @budget(1.0)
 @given(cases())
+@example(case=COMPLEX_BEFORE_SPEC)
 @example(case=ROUNDING_ONLY)
 @example(case=MOE_IN_PARALLEL_LISTS)
 @example(case=FUSED_QKV_HEAD_DIM)
 @example(case=ROTARY_NOOP_HEAD_DIM)
+@surveyed("grow")
 def test_grow_preserves_or_says_why(case):
     arch, spec = case
     note_case(arch, spec)
@@ -200,11 +242,15 @@ def test_grow_preserves_or_says_why(case):
         note(f"refused: {type(e).__name__}: {message}")
         assert len(message.split()) >= 6, f"a refusal must say why, got {message!r}"
         refusal = spec.refused_by_design(arch)
+        if arch.positions == "complex" and "view_as_complex" in message:  # the op stops growir before the spec
+            refusal = "view_as_complex"
         if refusal is not None:
             assert refusal in message, message
         else:
             assert not promised, f"growir refused a growth the notes call exact: {type(e).__name__}: {message}"
-        return tick("grow", f"refused:{type(e).__name__}")
+            if arch.extended and not isinstance(e, growir.SpecError):  # a spec's refusal names the role instead
+                assert named_refusal(arch, message), f"a refusal must name where: {message}"
+        return tick("grow", f"refused:{type(e).__name__}", arch, message)
     except Exception as e:  # noqa: BLE001 - the contract: every failure inside grow is a GrowthError
         raise AssertionError(f"raw exception from grow: {type(e).__name__}: {e}") from e
     rec = grown.growir_record
@@ -224,17 +270,18 @@ def test_grow_preserves_or_says_why(case):
         assert err <= TOL, f"exact growth moved the outputs by {err:.3g} (relative to max(1, max|y|))"
         if arch.heads == 1 and not isinstance(spec.width, dict) and spec.width != 1:  # never a silent skip
             assert any("single-head attention" in n for n in rec.notes), rec.notes
-        tick("grow", "exact")
+        tick("grow", "exact", arch)
     else:
         assert rec.reasons and all(isinstance(r, str) and r for r in rec.reasons)
         assert rec.deviation is not None and math.isfinite(rec.deviation), rec.deviation
         assert any("not function-preserving" in w for w in warned), f"a non-exact growth must warn: {warned}"
-        tick("grow", "inexact")
+        tick("grow", "inexact", arch)
 
 
 # --- (2) the source is never modified --------------------------------------------------------------------------
 @budget(0.5)
 @given(cases())
+@surveyed("source")
 def test_source_unchanged(case):
     arch, spec = case
     note_case(arch, spec)
@@ -252,7 +299,7 @@ def test_source_unchanged(case):
     assert not changed, f"grow modified the source's {changed}"
     assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
     assert is_tied(model) == tied and not model.training
-    tick("source")
+    tick("source", "ok", arch)
 
 
 # --- (3) the plan's groups agree with the parameter shapes ------------------------------------------------------
@@ -268,13 +315,27 @@ def _leaves(tree) -> set:
     return {tree} if isinstance(tree, str) else set().union(*(_leaves(t) for t in tree[1]))
 
 
+def plan_or_named_refusal(arch: Arch, model):
+    """growir's plan, or None where it refuses an issue-21 element (complex rotary) naming the op."""
+    try:
+        return growir.plan(model, arch.inputs(*EXAMPLE_SHAPE))
+    except growir.GrowthError as e:
+        note(f"refused: {type(e).__name__}: {e}")
+        if arch.positions != "complex" or "view_as_complex" not in str(e):
+            raise
+        return None
+
+
 @budget(1.0)
 @given(archs())
+@surveyed("plan")
 def test_plan_groups_match_shapes(arch):
     """Every parameter axis is exactly the sum/product of its groups' sizes, and the groups are the expected ones."""
     note(f"replay: {arch!r}")
     model = arch.build()
-    plan = growir.plan(model, arch.inputs(*EXAMPLE_SHAPE))
+    plan = plan_or_named_refusal(arch, model)
+    if plan is None:
+        return tick("plan", "refused", arch)
     note(str(plan))
     by_label = {g.label: g for g in plan.groups}
     assert len(by_label) == len(plan.groups)
@@ -293,34 +354,43 @@ def test_plan_groups_match_shapes(arch):
             assert (name, axis, lay) in listed or (plan.facts.aliases.get(name, name), axis, lay) in listed, \
                 (name, axis, lay)
 
-    # the groups expected, by label
+    # the groups expected, by label (an SSM mixer's own groups aside: their roles are growir's guesses)
+    ssm = tuple(f"{arch.prefix(i, 'attn')}." for i in range(arch.layers) if arch.layer_type(i) == "ssm")
+    own = {g.label for g in plan.groups if ssm and all(pa.param.startswith(ssm) for pa in g.producers + g.consumers)}
+    by_role = lambda role: [g for g in plan.by_role(role) if g.label not in own]  # noqa: E731
     hidden = plan.by_role("hidden")
     assert len(hidden) == 1 and hidden[0].size == arch.hidden, [g.label for g in hidden]
     h = hidden[0].label
     ffns = [_block_groups(arch, i, layouts, by_label, h) for i in range(arch.layers)]
-    assert len(plan.by_role("ffn")) == len({f for per in ffns for f in per}) == arch.layers * (arch.experts or 1)
+    assert len(by_role("ffn")) == len({f for per in ffns for f in per}) == arch.layers * (arch.experts or 1)
     embed = ("patch.weight", 0) if arch.modality == "image" else ("embed.weight", 1)
     assert layouts[embed] == layouts["head.weight", 1] == h
     assert arch.positions != "learned" or layouts["pos.weight", 1] == h
     assert arch.positions != "fixed" or layouts["pos_table", 2] == h
     assert not arch.final_norm or layouts["final_norm.weight", 0] == h
-    kv = plan.by_role("kv_heads")
+    kv = by_role("kv_heads")
     if 1 < arch.kv_heads < arch.heads:  # GQA: kv heads, and query heads per kv head
-        assert len(kv) == arch.layers and all(g.size == arch.kv_heads for g in kv)
-        assert all(g.per_kv and g.size == arch.heads // arch.kv_heads for g in plan.by_role("heads"))
+        assert len(kv) == arch.layers - len(ssm) and all(g.size == arch.kv_heads for g in kv)
+        assert all(g.per_kv and g.size == arch.heads // arch.kv_heads for g in by_role("heads"))
     else:  # MHA, or MQA (its one kv head is an axis of size 1, not a group)
         assert not kv
-        assert all(g.size == arch.heads for g in plan.by_role("heads"))
+        assert all(g.size == arch.heads for g in by_role("heads"))
     assert not any(g.pinned for g in hidden)
-    if arch.layers > 1:  # one list of blocks, or parallel lists (ln1[i], attn[i], ...) read as one
+    if arch.layers > 1 and not arch.mixed:  # one list of blocks, or parallel lists (ln1[i], attn[i], ...) read as one
         lists = [b for b in plan.blocks if b.count == arch.layers and ".experts" not in b.prefix]
         assert len(lists) == 1 and lists[0].pre_norm == arch.pre_norm, [b.prefix for b in plan.blocks]
-    tick("plan")
+    tick("plan", "ok", arch)
 
 
 def _block_groups(arch: Arch, i: int, layouts: dict, by_label: dict, h: str) -> list:
     """Check block ``i``'s layouts against the hidden group ``h``; returns its ffn group labels."""
     n1, at, n2, mlp = (arch.prefix(i, part) for part in ("norm1", "attn", "norm2", "mlp"))
+    if arch.layer_type(i) == "ssm":  # reads and writes the residual; its inner width is one group (x and z)
+        assert layouts[f"{n1}.weight", 0] == layouts[f"{n2}.weight", 0] == layouts[f"{at}.out_proj.weight", 0] == h
+        inner = layouts[f"{at}.out_proj.weight", 1]
+        assert layouts[f"{at}.in_proj.weight", 1] == h and layouts[f"{at}.in_proj.weight", 0] == ("cat", [inner] * 2)
+        assert layouts[f"{at}.conv.weight", 0] == layouts[f"{at}.A_log", 0] == layouts[f"{at}.D", 0] == inner
+        return _mlp_groups(arch, mlp, layouts, by_label, h)
     assert layouts[f"{n1}.weight", 0] == layouts[f"{n2}.weight", 0] == layouts[f"{at}.o.weight", 0] == h
     ins = ["qkv"] if arch.fused_qkv else ["q", "k", "v"]
     assert all(layouts[f"{at}.{p}.weight", 1] == h for p in ins)
@@ -328,6 +398,11 @@ def _block_groups(arch: Arch, i: int, layouts: dict, by_label: dict, h: str) -> 
     expected = {"head_dim"} | ({"heads", "kv_heads"} if 1 < arch.kv_heads < arch.heads else
                                {"heads"} if arch.heads > 1 else set())
     assert heads == expected, layouts[f"{at}.o.weight", 1]
+    return _mlp_groups(arch, mlp, layouts, by_label, h)
+
+
+def _mlp_groups(arch: Arch, mlp: str, layouts: dict, by_label: dict, h: str) -> list:
+    """Check the MLP (or experts) at ``mlp`` against the hidden group ``h``; returns its ffn group labels."""
     if arch.mlp == "moe":  # the router reads the residual; its expert axis is no width
         assert layouts[f"{mlp}.router.weight", 1] == h
         assert all(x.startswith("-:") or by_label[x].role is None for x in _leaves(layouts[f"{mlp}.router.weight", 0]))
@@ -352,9 +427,12 @@ def _block_groups(arch: Arch, i: int, layouts: dict, by_label: dict, h: str) -> 
 # --- (4) width=1, depth=1 is the identity ---------------------------------------------------------------------
 @budget(0.5)
 @given(archs())
+@surveyed("identity")
 def test_width_one_is_identity(arch):
     note(f"replay: {arch!r}")
     source = arch.build()
+    if plan_or_named_refusal(arch, source) is None:  # complex rotary, until growir reads view_as_complex
+        return tick("identity", "refused", arch)
     grown, warned = grow_recording(source, arch, width=1, depth=1)
     rec = grown.growir_record
     assert rec.exact and not warned and rec.params_after == rec.params_before
@@ -370,7 +448,7 @@ def test_width_one_is_identity(arch):
         for k in ys:
             assert ys[k].shape == yg[k].shape
             assert torch.equal(ys[k], yg[k]), (batch, seq, (ys[k] - yg[k]).abs().max().item())
-    tick("identity")
+    tick("identity", "ok", arch)
 
 
 # --- (5) growing in two steps preserves like growing once ------------------------------------------------------
@@ -388,10 +466,15 @@ def second_steps(draw, arch: Arch):
 
 @budget(0.25)
 @given(st.data())
+@surveyed("two_steps")
 def test_two_steps_preserve_like_one(data):
     arch = data.draw(archs(), label="arch")
     if arch.tied and not arch.norm_before_head:  # x2 is exact only with a norm to rescale before a tied head
         arch = dataclasses.replace(arch, final_norm=True)
+    if arch.positions == "complex":  # refused (test_grow_preserves_or_says_why counts it)
+        arch = dataclasses.replace(arch, positions="rotary")
+    if arch.block_op == "flip":  # warned, not exact, where ffn grows
+        arch = dataclasses.replace(arch, block_op="")
     second, total = data.draw(second_steps(arch), label="second step, once")
     note(f"replay: {arch!r}; x2 then {second!r}; once {total!r}")
     source = arch.build()
@@ -411,4 +494,20 @@ def test_two_steps_preserve_like_one(data):
         scale = max(1.0, y.abs().max().item())
         assert (y2 - y).abs().max().item() <= TOL * scale
         assert (y1 - y).abs().max().item() <= TOL * scale
-    tick("two_steps")
+    tick("two_steps", "ok", arch)
+
+
+# --- (6) a width-dependent table the model makes at construction (issue 21) ------------------------------------
+SINUSOID = dataclasses.replace(ROTARY_NOOP_HEAD_DIM[0], heads=2, kv_heads=2, ffn=16, pre_norm=True, norm="rms",
+                               final_norm=True, seed=1, positions="sinusoidal")
+
+
+@pytest.mark.xfail(raises=growir.PreservationError, strict=True,
+                   reason="growir does not grow a non-persistent buffer read on the hidden axis (the plan does not "
+                          "list it) and calls the growth exact; its own check moves 0.2-0.3")
+def test_table_made_at_construction():
+    """A sinusoidal table of width hidden, kept as a non-persistent buffer (Marian): exact in memory."""
+    source = SINUSOID.build()
+    grown, _ = grow_recording(source, SINUSOID, width=2)
+    rec = grown.growir_record
+    assert rec.exact and worst_error(source, grown, SINUSOID, rec.output_maps, rec.plan.captured) <= TOL

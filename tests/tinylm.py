@@ -6,6 +6,12 @@ inputs (a strided convolution cuts patches), learned / fixed-table / rotary / AL
 or one kv head broadcast by ``expand``, a dense MLP or a mixture of experts (router, softmax, ``topk``, a
 dense scatter of the chosen weights), and blocks stored as one list of blocks or as parallel lists
 (``ln1[i]``, ``attn[i]``, ``ln2[i]``, ``mlp[i]``).
+
+Beyond the hand-ruled ops (issue 21): an aten op growir derives its rule for (``BLOCK_OPS``) inside the MLP,
+complex rotary (``torch.polar`` / ``view_as_complex``, as Meta's Llama code) and a sinusoidal table computed at
+construction (a non-persistent buffer, as Marian's), and layer types per block (``Arch.layer_types``): full or
+sliding-window attention, or an SSM mixer (a causal depthwise convolution and a selective scan written with
+``cumsum`` / ``exp`` over a segment sum, as Mamba's torch path).
 """
 
 from __future__ import annotations
@@ -40,8 +46,20 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotate_complex(x, freqs_cis):
+    """Meta's rotary: pairs (2i, 2i+1) read as one complex number, times ``e^{i pos f_i}``."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs_cis).flatten(-2).type_as(x)
+
+
 def rotate(x, rope):
-    """Rotary on the first ``cos.shape[-1]`` dimensions; the rest (partial rotary) pass through."""
+    """Rotary on the first ``cos.shape[-1]`` dimensions (twice the complex table's); the rest (partial rotary)
+    pass through."""
+    if isinstance(rope, torch.Tensor):  # complex
+        n = 2 * rope.shape[-1]
+        if n == x.shape[-1]:
+            return rotate_complex(x, rope)
+        return torch.cat((rotate_complex(x[..., :n], rope), x[..., n:]), dim=-1)
     cos, sin = rope
     if cos.shape[-1] == x.shape[-1]:
         return x * cos + rotate_half(x) * sin
@@ -62,15 +80,30 @@ class Rotary(nn.Module):
         return emb.cos(), emb.sin()
 
 
+class ComplexRotary(Rotary):
+    """The rotary table as complex numbers of modulus 1 (``torch.polar``), as Llama-1's ``freqs_cis``."""
+
+    def forward(self, t: int, device):
+        freqs = torch.arange(t, device=device, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def sinusoid_table(n: int, d: int) -> torch.Tensor:
+    """The (n, d) sin/cos position table of "Attention is all you need", a function of the width ``d``."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    angle = pos / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    return torch.cat((angle.sin(), angle.cos()), dim=-1)[:, :d]
+
+
 def alibi_slopes(heads: int) -> torch.Tensor:
     """One slope per head, as Bloom/MPT compute them from the head count (a per-head constant)."""
     return torch.tensor([2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)])
 
 
 class Attention(nn.Module):
-    def __init__(self, arch):
+    def __init__(self, arch, window: int = 0):
         super().__init__()
-        self.arch = arch
+        self.arch, self.window = arch, window  # window > 0: each query sees its last ``window`` keys
         d, hd, h, kv = arch.hidden, arch.head_dim, arch.heads, arch.kv_heads
         if arch.fused_qkv:
             self.qkv = nn.Linear(d, (h + 2 * kv) * hd, bias=arch.bias)
@@ -116,6 +149,8 @@ class Attention(nn.Module):
         """(additive bias or None, causal mask): ALiBi's per-head linear bias, and True above the diagonal."""
         pos = torch.arange(t, device=device)
         causal = pos[None, :] > pos[:, None]
+        if self.window:
+            causal = causal | (pos[:, None] - pos[None, :] >= self.window)
         if self.arch.positions != "alibi":
             return None, causal
         dist = (pos[None, :] - pos[:, None]).to(torch.float32)
@@ -135,12 +170,65 @@ class Attention(nn.Module):
             s = torch.einsum("bhqd,bhkd->bhqk", q, k) * (a.head_dim ** -0.5)
             s = (s if bias is None else s + bias).masked_fill(causal, float("-inf"))
             y = torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v)
-        elif bias is None:
+        elif bias is None and not self.window:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal.logical_not())
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(causal, float("-inf")))
         y = y.transpose(1, 2).reshape(b, t, a.heads * a.head_dim if a.literal_views else -1)
         return self.o(y)
+
+
+class SSM(nn.Module):
+    """A Mamba-like mixer: in_proj to (x, z), a causal depthwise conv over the sequence, a selective scan
+    ``h_t = exp(A dt_t) h_{t-1} + dt_t B_t x_t``, ``y_t = C_t h_t + D x_t`` written with a segment sum of
+    ``cumsum(A dt)`` (Mamba's torch path), gated by ``silu(z)``, and out_proj."""
+
+    def __init__(self, arch, state: int = 2, rank: int = 2):
+        super().__init__()
+        inner, self.state, self.rank = 2 * arch.hidden, state, rank
+        self.in_proj = nn.Linear(arch.hidden, 2 * inner, bias=arch.bias)
+        self.conv = nn.Conv1d(inner, inner, 3, groups=inner, padding=2)
+        self.x_proj = nn.Linear(inner, rank + 2 * state, bias=False)
+        self.dt_proj = nn.Linear(rank, inner)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, inner + 1, dtype=torch.float32) / inner))
+        self.D = nn.Parameter(torch.ones(inner))
+        self.out_proj = nn.Linear(inner, arch.hidden, bias=arch.bias)
+
+    def forward(self, x, rope=None):
+        t = x.shape[1]
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x = F.silu(self.conv(x.transpose(1, 2))[..., :t].transpose(1, 2))  # causal: the first t outputs
+        dt, B, C = self.x_proj(x).split([self.rank, self.state, self.state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt))  # (b, t, inner)
+        L = torch.cumsum(-torch.exp(self.A_log) * dt, dim=1)  # log of the decay from 0 to t, per channel
+        pos = torch.arange(t, device=x.device)
+        future = (pos[None, :] > pos[:, None])[None, :, :, None]  # (1, t, s, 1): s after t
+        decay = (L[:, :, None] - L[:, None]).masked_fill(future, float("-inf")).exp()  # (b, t, s, inner)
+        cb = torch.einsum("btn,bsn->bts", C, B)
+        y = torch.einsum("btsi,bsi->bti", cb[..., None] * decay, dt * x) + self.D * x
+        return self.out_proj(y * F.silu(z))
+
+
+def block_op(name: str, h):
+    """``BLOCK_OPS[name]`` on the MLP's hidden activations ``h`` (batch, seq, ffn); "" is none."""
+    return BLOCK_OPS[name](h) if name else h
+
+
+# ops with a derived rule (growir/analysis/ops.py), and two hand-ruled reorders; each keeps the model defined
+BLOCK_OPS = {
+    "logaddexp": lambda h: torch.logaddexp(h, 0.5 * h),
+    "fmax": lambda h: torch.fmax(h, 0.1 * h),  # a leaky ReLU
+    "atan": torch.atan,
+    "xlogy": lambda h: torch.xlogy(h.sigmoid(), h.sigmoid() + 1),
+    "diff": lambda h: torch.diff(h, dim=1, prepend=torch.zeros_like(h[:, :1])),  # along the sequence
+    "logcumsumexp": lambda h: torch.logcumsumexp(h, dim=1),  # causal, along the sequence
+    "cummax": lambda h: torch.cummax(h, dim=1).values,
+    "roll": lambda h: torch.roll(h, 1, dims=1),  # along the sequence (hand rule)
+    "flip": lambda h: h.flip(-1),  # the ffn axis reversed (hand rule): the down projection reads it reversed
+    "tensor_split": None,  # fused SwiGLU's gate/up cut by tensor_split instead of chunk (MLP.forward)
+}
 
 
 class MLP(nn.Module):
@@ -158,10 +246,18 @@ class MLP(nn.Module):
         self.down = nn.Linear(f, d, bias=arch.bias)
 
     def forward(self, x):
+        op = self.arch.block_op
         if self.kind == "swiglu":
-            gate, up = self.gate_up(x).chunk(2, dim=-1) if self.arch.fused_mlp else (self.gate(x), self.up(x))
-            return self.down(F.silu(gate) * up)
-        return self.down(F.gelu(self.fc(x)) if self.kind == "gelu" else F.silu(self.fc(x)))
+            if not self.arch.fused_mlp:
+                gate, up = self.gate(x), self.up(x)
+            elif op == "tensor_split":
+                gate, up = torch.tensor_split(self.gate_up(x), 2, dim=-1)
+            else:
+                gate, up = self.gate_up(x).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(self.fc(x)) if self.kind == "gelu" else F.silu(self.fc(x))
+        return self.down(block_op("" if op == "tensor_split" else op, h))
 
 
 class MoE(nn.Module):
@@ -189,6 +285,15 @@ def make_mlp(arch) -> nn.Module:
     return MoE(arch) if arch.mlp == "moe" else MLP(arch)
 
 
+WINDOW = 3  # a sliding-window layer's keys per query
+
+
+def make_mixer(arch, i: int) -> nn.Module:
+    """Block ``i``'s token mixer, by its layer type: "full" or "sliding" attention, or "ssm"."""
+    kind = arch.layer_type(i)
+    return SSM(arch) if kind == "ssm" else Attention(arch, window=WINDOW if kind == "sliding" else 0)
+
+
 def block_forward(pre_norm: bool, norm1, attn, norm2, mlp, x, rope):
     if pre_norm:
         x = x + attn(norm1(x), rope)
@@ -198,11 +303,11 @@ def block_forward(pre_norm: bool, norm1, attn, norm2, mlp, x, rope):
 
 
 class Block(nn.Module):
-    def __init__(self, arch):
+    def __init__(self, arch, i: int = 0):
         super().__init__()
         self.pre_norm = arch.pre_norm
         self.norm1, self.norm2 = make_norm(arch, arch.hidden), make_norm(arch, arch.hidden)
-        self.attn, self.mlp = Attention(arch), make_mlp(arch)
+        self.attn, self.mlp = make_mixer(arch, i), make_mlp(arch)
 
     def forward(self, x, rope=None):
         return block_forward(self.pre_norm, self.norm1, self.attn, self.norm2, self.mlp, x, rope)
@@ -220,16 +325,19 @@ class TinyLM(nn.Module):
             self.pos = nn.Embedding(MAX_LEN, arch.hidden)
         elif arch.positions == "fixed":  # a table added whole: the sequence length is fixed
             self.pos_table = nn.Parameter(0.1 * torch.randn(1, arch.tokens, arch.hidden))
-        elif arch.positions == "rotary":
-            self.rotary = Rotary(arch.head_dim // 2 if arch.partial_rotary else arch.head_dim)
+        elif arch.positions in ("rotary", "complex"):
+            rotary = ComplexRotary if arch.positions == "complex" else Rotary
+            self.rotary = rotary(arch.head_dim // 2 if arch.partial_rotary else arch.head_dim)
+        elif arch.positions == "sinusoidal":  # computed at construction, not saved: a class rebuilds it at load
+            self.register_buffer("sinusoid", sinusoid_table(MAX_LEN, arch.hidden), persistent=False)
         if arch.layout == "parallel":
             n = arch.layers
             self.ln1 = nn.ModuleList(make_norm(arch, arch.hidden) for _ in range(n))
-            self.attn = nn.ModuleList(Attention(arch) for _ in range(n))
+            self.attn = nn.ModuleList(make_mixer(arch, i) for i in range(n))
             self.ln2 = nn.ModuleList(make_norm(arch, arch.hidden) for _ in range(n))
             self.mlp = nn.ModuleList(make_mlp(arch) for _ in range(n))
         else:
-            self.blocks = nn.ModuleList(Block(arch) for _ in range(arch.layers))
+            self.blocks = nn.ModuleList(Block(arch, i) for i in range(arch.layers))
         self.final_norm = make_norm(arch, arch.hidden) if arch.final_norm else None
         self.head = nn.Linear(arch.hidden, arch.vocab, bias=False)
         if arch.tied:
@@ -248,8 +356,10 @@ class TinyLM(nn.Module):
             x = x + self.pos(torch.arange(t, device=x.device))
         elif self.arch.positions == "fixed":
             x = x + self.pos_table
-        elif self.arch.positions == "rotary":
+        elif self.arch.positions in ("rotary", "complex"):
             rope = self.rotary(t, x.device)
+        elif self.arch.positions == "sinusoidal":
+            x = x + self.sinusoid[:t]
         if self.arch.layout == "parallel":
             for i in range(self.arch.layers):
                 x = block_forward(self.arch.pre_norm, self.ln1[i], self.attn[i], self.ln2[i], self.mlp[i], x, rope)
