@@ -110,7 +110,7 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     whose residual cannot be rescaled, or, for weights stored below float32 precision, a group grown by a
     power of two (a fill's sqrt(d'/d) rounds there, copies do not); see ``passes/fresh.py`` and
     docs/methods.md. It trained best in benchmarks/savings.py (docs/savings.md). ``"fill"`` is ``"auto"`` that also
-    fills a post-norm residual only a head reads (a masked-LM BERT): not exact, reported with its measured
+    fills a post-norm residual only a head reads (a masked-LM encoder): not exact, reported with its measured
     deviation; copies there train as one (docs/savings.md, the encoder setting). ``"fresh"`` fills every
     normalized group it can; ``"fpi"`` (function-preserving
     copies, and repeat-and-fill for a normalized group whose ratio is not whole, exact for pre-norm models),

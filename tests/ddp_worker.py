@@ -68,8 +68,12 @@ def main(src_dir: str, grown_dir: str, out_dir: str) -> None:
               "changed": sorted(n for n, p in grown.named_parameters() if not torch.equal(p, before[n]))}
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(result, f)
-    dist.barrier()  # no rank tears the group down while another still gathers
-    dist.destroy_process_group()
+    dist.barrier()  # no rank leaves while another still gathers
+    # leave without tearing gloo down: destroy_process_group (or gloo's own teardown at exit) hung one rank for
+    # minutes under load after the other had left, with every result already written
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

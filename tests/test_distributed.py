@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +59,23 @@ def launch(launcher: str) -> list[str]:
             "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
 
 
+def kill_tree(pid: int) -> None:
+    """Kill the launcher and every process below it: torchrun starts each rank in a session of its own, so the
+    launcher's process group does not hold them (a rank left alone would keep the output pipe open forever)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        procs = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def run(command: list[str]) -> subprocess.CompletedProcess:
     """Runs ``command`` in its own process group, killed whole (launcher and ranks) on timeout."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
@@ -68,8 +84,8 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
     try:
         out, _ = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        kill_tree(proc.pid)
+        out, _ = proc.communicate(timeout=30)
         pytest.fail(f"{command[2]} ran past {TIMEOUT} s and was killed:\n{out[-3000:]}")
     return subprocess.CompletedProcess(command, proc.returncode, out)
 

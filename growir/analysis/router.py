@@ -234,23 +234,21 @@ def _floats(node: fx.Node) -> bool:
     return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in vals)
 
 
-def _upstream(starts: list, within: set) -> set:
+def _reach(starts: list, within: set, step) -> set:
+    """The nodes of ``within`` reached from ``starts`` by following ``step`` (a node's inputs or its users)."""
     seen, todo = set(), list(starts)
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         seen.add(n)
-        todo += [a for a in n.all_input_nodes if a in within]
+        todo += [a for a in step(n) if a in within]
     return seen
+
+
+def _upstream(starts: list, within: set) -> set:
+    return _reach(starts, within, lambda n: n.all_input_nodes)
 
 
 def _downstream(starts: list, within: set) -> set:
-    seen, todo = set(), list(starts)
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        todo += [u for u in n.users if u in within]
-    return seen
+    return _reach(starts, within, lambda n: n.users)

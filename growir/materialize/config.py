@@ -99,7 +99,7 @@ def int_fields(cfg: dict) -> dict:
 
     >>> int_fields({"hidden_size": 8, "num_heads": [2, 4], "use_cache": True, "act": "gelu"})
     {'hidden_size': 8, ('num_heads', 0): 2, ('num_heads', 1): 4}
-    >>> int_fields({"text_config": {"model_type": "llama", "hidden_size": 8, "heads": [2]}})
+    >>> int_fields({"text_config": {"model_type": "text", "hidden_size": 8, "heads": [2]}})
     {('text_config', 'hidden_size'): 8, ('text_config', 'heads', 0): 2}
     """
     out = {}
