@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import SpecError
+from .nodes import floats, is_tensor
 from .walker import where
 
 
@@ -162,9 +163,9 @@ def align(src: fx.GraphModule, tgt: fx.GraphModule) -> Alignment:
         s_nodes, s_in = _upstream(s_out, al.pairs)
         t_nodes, t_in = _upstream(t_out, set(al.pairs.values()))
         inputs = [(a, al.pairs[a]) for a in s_in if a.op != "get_attr"]
-        if {b for _, b in inputs if _tensor(b)} != {b for b in t_in if b.op != "get_attr" and _tensor(b)} \
+        if {b for _, b in inputs if is_tensor(b)} != {b for b in t_in if b.op != "get_attr" and is_tensor(b)} \
                 or not any(n.op == "get_attr" for n in s_nodes) \
-                or [_shape(a) for a, _ in inputs if _floats(a)] != [_shape(s_out)]:
+                or [_shape(a) for a, _ in inputs if is_tensor(a) and floats(a)] != [_shape(s_out)]:
             # a layer replaced has weights and reads one value of its output's shape the same way in both graphs
             # (an FFN's input): else the graphs compute differently there
             raise SpecError(_divergence(src, tgt, s_nodes, t_nodes))
@@ -200,14 +201,6 @@ def _divergence(src, tgt, s_nodes: set, t_nodes: set) -> str:
 
 def _shape(node: fx.Node) -> str:
     return str(tuple(node.meta["val"].shape))
-
-
-def _floats(node: fx.Node) -> bool:
-    return _tensor(node) and node.meta["val"].is_floating_point()
-
-
-def _tensor(node: fx.Node) -> bool:
-    return isinstance(node.meta.get("val"), torch.Tensor)
 
 
 def _ordered(gm: fx.GraphModule, nodes: set) -> list:

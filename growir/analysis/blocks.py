@@ -20,11 +20,10 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 
 from .residual import stream_terms, zeroing_params
-from .nodes import op_name
+from .nodes import is_tensor, op_name
 from .walker import Facts
 
 
@@ -173,9 +172,9 @@ def _spans(gm, entries: list) -> list | None:
     if any(ranges[i][1] >= starts[i + 1] for i in range(len(ranges))) or starts != sorted(starts):
         return None
     spans = [order[starts[i]:starts[i + 1]] for i in range(len(ranges) - 1)]
-    want, last = sum(map(_is_tensor, spans[0])), []
+    want, last = sum(map(is_tensor, spans[0])), []
     for n in order[starts[-2]:]:
-        if sum(map(_is_tensor, last)) == want:
+        if sum(map(is_tensor, last)) == want:
             break
         last.append(n)
     return spans + [last]
@@ -189,7 +188,7 @@ def _param_suffixes(gm: fx.GraphModule, b: Blocks, i: int) -> dict:
 def _describe(gm, facts, prefix, nodes, b: Blocks, classes: list | None = None) -> Blocks:
     paths = b.paths
     shapes = [_param_suffixes(gm, b, i) for i in range(len(paths))]
-    sigs = [tuple(op_name(n) for n in ns if _is_tensor(n)) for ns in nodes]
+    sigs = [tuple(op_name(n) for n in ns if is_tensor(n)) for ns in nodes]
     b.nodes, b.suffixes = nodes, sorted(shapes[0])
     keys = [(c, tuple(sorted(sh.items())), sig) for c, sh, sig in zip(classes or [None] * len(paths), shapes, sigs)]
     if any(s != shapes[0] for s in shapes):
@@ -271,20 +270,15 @@ def _shared_inputs(b: Blocks) -> list:
     out = []
     for i, ns in enumerate(b.nodes):
         inside = set(ns)
-        reads = {a for n in ns for a in n.all_input_nodes if a not in inside and a in before and _is_tensor(a)
+        reads = {a for n in ns for a in n.all_input_nodes if a not in inside and a in before and is_tensor(a)
                  and a.op != "get_attr" and a is not b.chain_in[i]}
         out.append(tuple(sorted(a.name for a in reads)))
     return out
 
 
-def _is_tensor(n: fx.Node) -> bool:
-    """Tensor-valued nodes make up a block; size arithmetic (SymInts) may be shared between blocks."""
-    return isinstance(n.meta.get("val"), torch.Tensor)
-
-
 def _outside_users(ns: list) -> list:
     inside = set(ns)
-    return [n for n in ns if _is_tensor(n) and any(u not in inside for u in n.users)]
+    return [n for n in ns if is_tensor(n) and any(u not in inside for u in n.users)]
 
 
 def _chain(b: Blocks, kinds: list) -> None:
@@ -306,7 +300,7 @@ def _first_input(b: Blocks, kinds: list) -> fx.Node:
     later = next((m for m in range(1, len(kinds)) if kinds[m] == kinds[0]), None)
     if later is None:
         inside, val = set(b.nodes[0]), b.chain_out[0].meta.get("val")
-        like = {a for n in b.nodes[0] for a in n.all_input_nodes if a not in inside and _is_tensor(a)
+        like = {a for n in b.nodes[0] for a in n.all_input_nodes if a not in inside and is_tensor(a)
                 and a.op != "get_attr" and a.meta["val"].shape == val.shape}
         if len(like) != 1:
             raise ValueError(f"block `{b.paths[0]}` reads {len(like)} values shaped like its output; depth growth "

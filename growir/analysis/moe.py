@@ -33,10 +33,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 
-from .nodes import back
+from .nodes import back, is_tensor
 from .ops import CONTRACTIONS, LAYOUT, SAME_VALUES, aten, kinds, traits
 from .walker import ParamAxis, where
 
@@ -139,17 +138,13 @@ def _param_of(op: fx.Node, facts):
     return w if isinstance(w, fx.Node) and w.name in facts.params else None
 
 
-def _is_tensor(n: fx.Node) -> bool:
-    return isinstance(n.meta.get("val"), torch.Tensor)
-
-
 def _routing(choice: fx.Node) -> set:
     """The values computed from the chosen indices alone (sorted ids, counts per expert, offsets)."""
     seeds = [u for u in choice.users if u.args[1:] == (1,)]  # getitem(topk, 1): the indices
     region, stack = set(seeds), list(seeds)
     while stack:
         for u in stack.pop().users:
-            if u not in region and all(i in region or not _is_tensor(i) for i in u.all_input_nodes):
+            if u not in region and all(i in region or not is_tensor(i) for i in u.all_input_nodes):
                 region.add(u)
                 stack.append(u)
     return region

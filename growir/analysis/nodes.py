@@ -28,6 +28,18 @@ def op_name(node: fx.Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
+def is_tensor(node: fx.Node) -> bool:
+    """Whether the node makes one tensor (its recorded value); size arithmetic (SymInts) and tuples do not."""
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def floats(node: fx.Node) -> bool:
+    """Whether the node makes a floating-point tensor, or a tuple holding one (an op's several outputs)."""
+    val = node.meta.get("val")
+    return any(isinstance(v, torch.Tensor) and v.is_floating_point()
+               for v in (val if isinstance(val, (list, tuple)) else [val]))
+
+
 def permutation(node: fx.Node, ndim: int) -> list:
     """For a permute-kind op over ``ndim`` axes: output axis k holds input axis ``order[k]``. Read from the
     arguments: one operand (``t``, ``numpy_T``) reverses the axes, a list (``permute``) is the order, two ints

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from .nodes import floats
 from .ops import INDEXES, SAME_VALUES, kinds, traits
 
 TRANSPOSES = kinds("permute")
@@ -216,7 +217,7 @@ def router_ops(region, chain_params: set) -> tuple[set, list]:
             if any(SORTS(d) for d in down):
                 routers.add(n)
     routed = _downstream(list(routers), region_nodes) - from_experts
-    weights = [a for u in from_experts for a in u.all_input_nodes if a in routed and _floats(a)]  # combine weights
+    weights = [a for u in from_experts for a in u.all_input_nodes if a in routed and floats(a)]  # combine weights
     path = _upstream(weights, routed)
     names = [_label(n) for n in region.target if n in path and n.op == "call_function"
              and traits(n).kind not in ("cast", "copy", "view", "item", "assert")]
@@ -226,12 +227,6 @@ def router_ops(region, chain_params: set) -> tuple[set, list]:
 def _label(node: fx.Node) -> str:
     target = node.target
     return getattr(getattr(target, "_overloadpacket", target), "__name__", str(target))
-
-
-def _floats(node: fx.Node) -> bool:
-    val = node.meta.get("val")
-    vals = val if isinstance(val, (list, tuple)) else [val]
-    return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in vals)
 
 
 def _reach(starts: list, within: set, step) -> set:

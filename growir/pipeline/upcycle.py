@@ -24,8 +24,8 @@ from ..analysis.walker import where
 from ..errors import NotExactError, SpecError, warn
 from ..frontend.export import capture
 from ..passes.upcycle import CONSTRUCTIONS, Construction, build, evaluate, factor
-from ..verify.compare import TOLERANCE, deviation
-from ..verify.measure import inputs_at, long_sizes
+from ..verify.compare import TOLERANCE
+from ..verify.measure import inputs_at, long_sizes, measure
 from .record import GrowthRecord
 from .target import bookkeeping
 
@@ -174,14 +174,7 @@ def _restore(state: dict, saved: dict) -> None:
 
 
 def _measure(model, target, captured) -> float:
-    """The largest deviation of the grown model's outputs from the source's on two fresh input shapes."""
-    worst = 0.0
-    for sizes in (long_sizes(captured, 13, 3), long_sizes(captured, 7, 2)):
-        args, kwargs = inputs_at(captured, sizes)
-        with torch.no_grad():
-            a = pytree.tree_leaves(model(*args, **kwargs))
-            b = pytree.tree_leaves(target(*args, **kwargs))
-        for x, y in zip(a, b):
-            if isinstance(x, torch.Tensor) and x.is_floating_point():
-                worst = max(worst, float(deviation(x.float(), y.float())))
-    return worst
+    """The largest deviation of the grown model's outputs from the source's on two fresh input shapes (longer
+    than the example's, so the router sees many tokens): ``verify.measure`` at each."""
+    return max(measure(model, target, captured, [], sizes=long_sizes(captured, length, batch))
+               for length, batch in ((13, 3), (7, 2)))
