@@ -8,6 +8,7 @@ rules live in ``shape_rules.py``, the routing ones in ``routing_rules.py``.
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from .walker import Walker, where
@@ -168,23 +169,32 @@ def addmm(w: Walker, node: fx.Node) -> None:
 
 
 def einsum(w: Walker, node: fx.Node) -> None:
-    """einsum: axes with one letter are equal; letters missing from the output are contracted."""
+    """einsum: axes with one letter are equal; letters missing from the output are contracted. An ellipsis is
+    written out with letters of its own, its axes broadcast (right-aligned) against the output's."""
     equation, operands = node.args[0].replace(" ", ""), node.args[1]
     lhs, rhs = equation.split("->") if "->" in equation else (equation, None)
-    specs = lhs.split(",")
+    specs, ellipsis = lhs.split(","), ""
     if "." in equation:
-        from ..errors import UnsupportedOpError
-        raise UnsupportedOpError(f"einsum with an ellipsis at `{node.name}`: write the axes out explicitly")
+        specs, rhs, ellipsis = _written_out(w, node, specs, operands, rhs)
     first = {}
     for spec, t in zip(specs, operands):
         for letter, a in zip(spec, w.ax(t)):
+            if letter in ellipsis:
+                continue
             if letter in first:
                 w.eq(first[letter], a, node)
             else:
                 first[letter] = a
     rhs = rhs if rhs is not None else "".join(sorted(c for c in set(lhs) - {","} if lhs.count(c) == 1))
-    for letter, o in zip(rhs, w.out(node)):
-        w.eq(first[letter], o, node)
+    out = dict(zip(rhs, w.out(node)))
+    for letter, o in out.items():
+        if letter not in ellipsis:
+            w.eq(first[letter], o, node)
+    for spec, t in zip(specs, operands):  # the ellipsis axes broadcast: equal to the output's unless a 1
+        for letter, a in zip(spec, w.ax(t)):
+            if letter in ellipsis and w.size(a) == w.size(out[letter]):
+                w.eq(a, out[letter], node)
+    first.update({c: out[c] for c in ellipsis})
     contracted = [c for c in first if c not in rhs]
     holders = {c: [(t, a) for spec, t in zip(specs, operands) for l, a in zip(spec, w.ax(t)) if l == c]
                for c in contracted}
@@ -193,6 +203,23 @@ def einsum(w: Walker, node: fx.Node) -> None:
         w.contract(ta, aa, tb, ab, node)
     if len(operands) == 2 and all(w.param_of(t) is None for t in operands):
         _einsum_attention_reads(w, node, specs, operands, rhs, first)
+
+
+def _written_out(w: Walker, node: fx.Node, specs: list, operands, rhs: str | None) -> tuple:
+    """(specs, rhs, the ellipsis' letters): each ``...`` replaced by unused letters, right-aligned across the
+    operands as einsum broadcasts them (numpy's rule: an implicit output starts with the ellipsis)."""
+    used = set("".join(specs) + (rhs or ""))
+    widths = [len(w.ax(t)) - len(s.replace("...", "")) if "..." in s else 0 for s, t in zip(specs, operands)]
+    letters = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used][:max(widths)]
+    ellipsis = "".join(letters)
+    if rhs is not None and "..." not in rhs and ellipsis:
+        from ..errors import UnsupportedOpError
+        raise UnsupportedOpError(f"einsum at `{node.name}` sums its ellipsis axes away: write the axes out explicitly")
+    specs = [s.replace("...", ellipsis[len(ellipsis) - k:]) for s, k in zip(specs, widths)]
+    if rhs is None:
+        lhs = ",".join(specs)
+        rhs = ellipsis + "".join(sorted(c for c in set(lhs) - {","} - set(ellipsis) if lhs.count(c) == 1))
+    return specs, rhs.replace("...", ellipsis), ellipsis
 
 
 def _einsum_attention_reads(w: Walker, node: fx.Node, specs: list, operands, rhs: str, first: dict) -> None:
@@ -315,8 +342,14 @@ def index_tensor(w: Walker, node: fx.Node) -> None:
     """x[i0, i1, ...] (aten.index): indexed axes are read; the index tensors broadcast into the output, in place
     of the indexed axes when they are contiguous, first otherwise (numpy's rule)."""
     x, out = w.ax(node.args[0]), w.out(node)
-    indices = list(node.args[1])
-    used = [i for i, t in enumerate(indices) if t is not None]
+    used, indices, pos = [], [], 0
+    for t in node.args[1]:  # a boolean mask indexes as many axes as it has, into one axis of data-dependent size
+        val = t.meta.get("val") if isinstance(t, fx.Node) else None
+        mask = val is not None and val.dtype in (torch.bool, torch.uint8)
+        if t is not None:
+            used += list(range(pos, pos + (val.dim() if mask else 1)))
+            indices += [] if mask else [t]
+        pos += val.dim() if mask else 1
     for i in used:
         w.read(x[i], "index", node)
     contiguous = used == list(range(used[0], used[-1] + 1))
@@ -328,7 +361,7 @@ def index_tensor(w: Walker, node: fx.Node) -> None:
     for a, o in zip(rest_after, out[len(out) - len(rest_after):]):
         w.eq(a, o, node)
     bpart = out[len(rest_before):len(rest_before) + nb]
-    broadcast(w, node, [indices[i] for i in used], bpart)
+    broadcast(w, node, indices, bpart)
 
 
 def index_select(w: Walker, node: fx.Node) -> None:
