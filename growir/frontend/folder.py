@@ -65,14 +65,25 @@ class Checkpoint:
 
     ``names``: the model's state_dict names. A checkpoint key equals a name, or differs from it by a leading
     module path (a checkpoint saved from the base model, loaded into a model with a head, or the reverse).
+    With ``model`` (the model on meta), a name no key spells may be what transformers' loader converts keys
+    into (per-expert tensors on disk, one fused tensor in the model: ``fused_keys``).
     """
 
-    def __init__(self, folder, names):
+    def __init__(self, folder, names, model=None):
+        from .fused_keys import fused_keys
+
         self.folder = Path(folder)
         self._open = {f: _open_shard(self.folder / f) for f in self._files()}
         self.where = {k: f for f, h in self._open.items() for k in h.keys()}
         self.key_of = _match_keys(set(self.where), set(names))
+        renamed, self.fused = fused_keys(model, set(self.where) - set(self.key_of.values()),
+                                         set(names) - set(self.key_of)) if model is not None else ({}, {})
+        self.key_of.update(renamed)
         self._check_dtypes()
+
+    def dtypes(self) -> set:
+        """The dtypes the tensors are stored in."""
+        return {_DTYPES.get(h.get_slice(k).get_dtype()) for h in self._open.values() for k in h.keys()} - {None}
 
     def _files(self) -> list:
         index = self.folder / INDEX_FILE
@@ -108,11 +119,16 @@ class Checkpoint:
 
     def has(self, name: str) -> bool:
         """Whether the checkpoint stores the tensor that the model calls ``name``."""
-        return name in self.key_of
+        return name in self.key_of or name in self.fused
 
     def meta(self, name: str) -> torch.Tensor:
         """An empty tensor with the stored shape and dtype (nothing read)."""
-        sl = self._open[self.where[self.key_of[name]]].get_slice(self.key_of[name])
+        if name in self.fused:
+            return self.fused[name].apply(self._meta_key, name)
+        return self._meta_key(self.key_of[name])
+
+    def _meta_key(self, key: str) -> torch.Tensor:
+        sl = self._open[self.where[key]].get_slice(key)
         dtype = _DTYPES[sl.get_dtype()]
         return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
 
@@ -122,9 +138,13 @@ class Checkpoint:
         handle is open, and every page read through a mapping counts in the process's RSS until it is
         unmapped, so reading all tensors through the long-lived handles would end with every shard resident
         (measured on a 111M-parameter bf16 decoder: peak RSS 1546 -> 1325 MiB streaming, 1899 -> 1330 verifying)."""
+        if name in self.fused:
+            return self.fused[name].apply(self._read_key, name)
+        return self._read_key(self.key_of[name])
+
+    def _read_key(self, key: str) -> torch.Tensor:
         from safetensors import safe_open, SafetensorError
 
-        key = self.key_of[name]
         path = self.folder / self.where[key]
         try:
             with safe_open(str(path), framework="pt") as handle:

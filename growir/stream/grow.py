@@ -182,12 +182,12 @@ def prepare(src: Path, width, depth, layers, width_method, depth_method, dtype, 
     from ..pipeline.rules import RULES
     from ..pipeline.context import Context, Options
     from ..pipeline.manager import run_passes
-    from .sample import choose_config, plan_sample
+    from .sample import choose_config, plan_sample, with_layouts
     from ..pipeline.stages import SPEC
 
     config, cls = load_config(src)
     full = meta_model(config, cls)
-    ck = Checkpoint(src, state_names(full))
+    ck = Checkpoint(src, state_names(full), full)  # full: the keys transformers' loader converts
     opts = Options(width_method, depth_method, low_precision=_stores_low_precision(ck, dtype))
     # a random draw per group depends on how many groups there are: fpi_random plans the full model
     fp = plan_sample(src, config, cls, full, exact_blocks=width_method != "fpi_random")
@@ -197,6 +197,7 @@ def prepare(src: Path, width, depth, layers, width_method, depth_method, dtype, 
     target = meta_model(choice.config, cls)
     ctx.sizes.update(choice.sizes if fp.planned_sample else _config_sizes(fp.plan, target))
     ctx.opts = dataclasses.replace(opts, keep_eps=choice.keep_eps)
+    ctx.depth_plan = with_layouts(ctx.depth_plan, choice.layouts)  # the layout the proxy's config states
     run_passes(RULES, ctx)
     if strict and ctx.reasons:
         raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(ctx.reasons))
@@ -332,7 +333,7 @@ def _params(model) -> int:
 
 def _stores_low_precision(ck: Checkpoint, dtype) -> bool:
     """Whether the grown weights are written below float32 precision: ``dtype``, else the checkpoint's own."""
-    dtypes = [dtype] if dtype is not None else {ck.meta(k).dtype for k in ck.where}
+    dtypes = [dtype] if dtype is not None else ck.dtypes()
     return any(d.is_floating_point and torch.finfo(d).eps > torch.finfo(torch.float32).eps for d in dtypes)
 
 

@@ -36,6 +36,7 @@ class Choice:
     deviation: float | None  # the proxy's measured deviation
     keep_eps: bool  # the config cannot express a rescaled eps: the rules keep it
     sizes: dict = dataclasses.field(default_factory=dict)  # output-only group id -> the size its config gives
+    layouts: dict = dataclasses.field(default_factory=dict)  # block list prefix -> the depth layout its config states
 
 
 def plan_sample(folder, config, cls, full, exact_blocks: bool = True) -> FolderPlan:
@@ -116,6 +117,8 @@ def choose_config(fp, sizes: dict, depth_plan: list, width, opts, strict: bool =
     record = ctx.built.record
     changes = {k: v for k, v in record.config_changes.items() if k not in small}
     full_layers, sources = {}, {}
+    layouts = _stated_layouts(ctx, record)
+    depth_plan = with_layouts(depth_plan, layouts)
     for b, new in depth_plan:
         n = fp.counts.get(b.prefix, b.count)
         full = dataclasses.replace(b, paths=[f"{b.prefix}.{i}" for i in range(n)])
@@ -128,7 +131,28 @@ def choose_config(fp, sizes: dict, depth_plan: list, width, opts, strict: bool =
     keep_eps = bool(ctx.eps_values) and not floats  # the width rules rescale an eps the config does not hold
     output_only = {g.id for g in _output_only(fp.plan)}
     grown = {k: v for k, v in record.sizes.items() if k in output_only and k not in sizes}
-    return Choice(type(fp.config).from_dict(cfg), changes, record.deviation, keep_eps, grown)
+    return Choice(type(fp.config).from_dict(cfg), changes, record.deviation, keep_eps, grown, layouts)
+
+
+def _stated_layouts(ctx, record) -> dict:
+    """Block list prefix -> the depth layout the proxy's rebuilt config states: the config rebuild tries each
+    layout in turn (``materialize.hf``), and the full lists must grow by the one it took, or the config would
+    state another pattern than the tensors written (the record's ``layers`` describes the schedule used)."""
+    from ..passes.depth import schedule
+
+    out = {}
+    for b, new in ctx.depth_plan or []:
+        n = ctx.counts.get(b.prefix) if ctx.counts else None
+        full = dataclasses.replace(b, paths=[f"{b.prefix}.{i}" for i in range(n)]) if n else b
+        said = record.layers.get(b.prefix, (None, None, None))[2]
+        out[b.prefix] = next((x for x in b.layouts if schedule(dataclasses.replace(full, layout=x), new,
+                                                               ctx.opts.depth_method).describe() == said), b.layout)
+    return out
+
+
+def with_layouts(depth_plan: list, layouts: dict) -> list:
+    """``depth_plan`` (``[(Blocks, new count)]``) with each list's layout taken from ``layouts`` (prefix -> layout)."""
+    return [(dataclasses.replace(b, layout=layouts.get(b.prefix, b.layout)), new) for b, new in depth_plan]
 
 
 def _output_only(p) -> list:

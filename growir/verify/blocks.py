@@ -133,11 +133,22 @@ def _block_lists(p, counts: dict, maps: dict, scales: dict, schedules: list):
             continue
         n = counts.get(b.prefix, b.count)
         sched = by_prefix.get(b.prefix)
-        sources = list(sched.sources) if sched is not None else list(range(n))
+        sources = _followed(sched) if sched is not None else [(i, i) for i in range(n)]
         at = lambda node: (axis_maps(p, p.facts.axes.get(node.name), maps), _scale(p, node, scales))
         items.append((b.prefix, n, len(sources), sources, at(b.chain_in[0]),
                       [at(b.chain_out[0]), at(b.chain_out[-1])]))
     return _Lists(items), notes
+
+
+def _followed(sched) -> list:
+    """Per grown position, (the source block it copies, the source block whose output it hands on): its own
+    for a block in place, the one before it for an added block (an identity block hands its input on; with
+    periods, 0 1 0 1, the added copy of 0 follows 1)."""
+    out, last = [], None
+    for src, fresh in zip(sched.sources, sched.fresh):
+        last = src if not fresh or last is None else last
+        out.append((src, last))
+    return out
 
 
 def _run(lazy: LazyModel, lists: _Lists, args, kwargs, grown: bool) -> dict:
@@ -160,8 +171,8 @@ def _run(lazy: LazyModel, lists: _Lists, args, kwargs, grown: bool) -> dict:
             seen[("in", prefix)] = (name, _hidden(a, k, len(in_maps[0] or [])), in_maps)
         handles.append(container._modules["0"].register_forward_pre_hook(first_in, with_kwargs=True))
         for i in range(count):
-            src = sources[i] if grown else i
-            key = (prefix, src, i) if grown else (prefix, i)
+            src, ref = sources[i] if grown else (i, i)
+            key = (prefix, ref, i) if grown else (prefix, i)
             label = f"{prefix}.{i}" + (f" (from source block {src})" if grown and count != n else "")
             block_maps = out_maps[0 if i < count - 1 else 1]
 

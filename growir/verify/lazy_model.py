@@ -38,7 +38,7 @@ class LazyModel:
 
         with parameters_on_meta():
             self.model = cls(config).eval()
-        self.ck = Checkpoint(folder, state_names(self.model))
+        self.ck = Checkpoint(folder, state_names(self.model), self.model)
         self._ties = tied_names(self.model)
         self.loaded, self.held, self.peak_bytes = [], 0, 0
         self._saved, self._depth, self._handles = {}, {}, []
