@@ -8,7 +8,9 @@ For a pre-norm decoder (LlamaForCausalLM) and a post-norm encoder (BertForMasked
 per seed (cached under ``benchmarks/cache/``), build the target (2× wider; second setting 2× wider and 2×
 deeper) with every method, train each with the same optimizer, schedule and token budget, and report the
 FLOPs to reach the scratch run's final validation loss (bert2BERT's saving: source not counted) and
-``saving_with_source``. See docs/savings.md for the method, the formulas and the results.
+``saving_with_source``. The upcycling setting (``decoder-moe``) grows the decoder source into a mixture of
+experts instead, with its own methods and FLOPs per active parameter (``savings_upcycle.py``). See
+docs/savings.md for the method, the formulas and the results.
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ from growir.train.flops import non_embedding_params  # noqa: E402
 from growir.train.data import load_corpus  # noqa: E402
 from growir.train.loop import train  # noqa: E402
 from growir.train.schedule import TwoStage  # noqa: E402
-from savings_report import plot, write_markdown  # noqa: E402
+from savings_plot import plot  # noqa: E402
+from savings_report import write_markdown  # noqa: E402
 from savings_results import keep_partial, partial_file, previous_runs, summarize_method, summarize_setting  # noqa: E402,F401
 from savings_setup import (ALL_METHODS, DEFAULT_SETTINGS, GROWIR_POLICY, HEADLINE, LR_POLICIES, LR_SWEEP,  # noqa: E402,F401
-                           METHODS, QUICK, SETTINGS, USES_SOURCE, Setting, Sizes, batcher, load_source,
-                           model_class, new_model, pretrain_source, target_config, to_device, train_config)
+                           METHODS, MOE_METHODS, QUICK, SETTINGS, USES_SOURCE, Setting, Sizes, batcher,
+                           load_source, methods_of, model_class, new_model, pretrain_source, target_config,
+                           to_device, train_config)
+from savings_upcycle import DROP, active_params, dense_steps, drop_upcycle, honest_flops  # noqa: E402
 
 
 class Unavailable(Exception):
@@ -59,6 +64,8 @@ def grow_fn():
 
 def grow_candidates(method: str, setting: Setting, sizes: Sizes, seed: int) -> list[dict]:
     """Keyword sets tried in order for ``growir.grow``; the first the core accepts is used (and recorded)."""
+    if setting.experts:  # into the MoE config (built by grow_source: the record keeps what it is)
+        return [{"into": {"experts": setting.experts, "top_k": setting.top_k}, "seed": seed}]
     base = {"width": setting.width, "depth": setting.depth, "seed": seed}
     stack = {"depth_method": "stack"} if setting.depth > 1 else {}
     if method in ("fpi", "aki", "bert2bert"):
@@ -72,11 +79,12 @@ def grow_source(source, method: str, setting: Setting, sizes: Sizes, seed: int, 
     """(grown model, the grow kwargs used); with ``optimizer``, (grown model, grown optimizer) and kwargs."""
     grow, reasons = grow_fn(), []
     for kwargs in grow_candidates(method, setting, sizes, seed):
+        call = {**kwargs, "into": target_config(setting, sizes)} if "into" in kwargs else kwargs
         try:
             if optimizer is not None:
                 from growir.optim import grow_with_optimizer
-                return grow_with_optimizer(source, optimizer, materialize="hf", **kwargs), kwargs
-            return grow(copy.deepcopy(source), materialize="hf", **kwargs), kwargs  # training needs the HF class
+                return grow_with_optimizer(source, optimizer, materialize="hf", **call), kwargs
+            return grow(copy.deepcopy(source), materialize="hf", **call), kwargs  # training needs the HF class
         except (GrowthError, TypeError, NotImplementedError) as e:
             reasons.append(f"grow({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): "
                            f"{type(e).__name__}: {e}")
@@ -112,11 +120,17 @@ def build(method: str, setting: Setting, sizes: Sizes, seed: int, source, optimi
         return model, [cb], {"stages": stages}
     if method == "directcopy":
         return baselines.directcopy(source, cfg, seed), [], {}
+    if method == "dense":  # the source trained on, as many steps as cost the MoE's budget
+        return copy.deepcopy(source), [], {"steps": dense_steps(source, cfg, sizes)}
     model, kwargs = grow_source(source, method, setting, sizes, seed, optimizer)
     callbacks, info = [], {"grow_kwargs": kwargs}
     if optimizer is not None:
         model, info["optimizer"] = model
     info["grown"] = growth_used(model)
+    if method == "drop-upcycling":  # exact copies, then re-initialised neurons: no longer the source's function
+        info["drop"] = {"rate": DROP, "neurons": drop_upcycle(model, DROP, seed)}
+        info["grown"] = {**(info["grown"] or {}), "width_method": f"upcycle + drop {DROP}", "exact": False,
+                         "deviation": None}
     if method == "bert2bert":
         block = max(1, depth // 4)
         callbacks.append(TwoStage(block_size=block, stage1_steps=round(sizes.stage1_fraction * steps), seed=seed,
@@ -143,13 +157,15 @@ def run_job(setting_name: str, method: str, seed: int, sizes: Sizes, source_file
         model, callbacks, info = build(method, setting, sizes, seed, source, opt)
     except Unavailable as e:
         return {"setting": setting_name, "method": method, "seed": seed, "available": False, "reason": str(e)}
-    cfg = train_config(setting.arch, sizes, sizes.target_steps, method)
+    cfg = train_config(setting.arch, sizes, info.get("steps", sizes.target_steps), method)
     if method in LR_POLICIES:
         info["train_config"] = LR_POLICIES[method]
     grown_opt = info.pop("optimizer", None)
     model = to_device(model, device, grown_opt)
     log = train(model, batcher(setting.arch, sizes, seed, device), cfg, callbacks=callbacks, progress=False,
                 optimizer=grown_opt)
+    if setting.experts:  # FLOPs per active parameter (top-k of the experts), the dense method's unchanged
+        log, info["active_params"] = honest_flops(model, log, sizes.batch, sizes.seq), active_params(model)
     return {"setting": setting_name, "method": method, "seed": seed, "available": True, "log": log,
             "params": non_embedding_params(model), "hidden": model.config.hidden_size,
             "layers": model.config.num_hidden_layers, "seconds": time.time() - start, **info}
@@ -176,9 +192,11 @@ def _map(pool, fn, args_list, on_done=None):
 def same_recipe(run: dict, sizes: Sizes) -> bool:
     """Whether an earlier run was built and trained as the method is now (a changed default recipe retrains)."""
     setting, method = SETTINGS[run["setting"]], run["method"]
-    if method in USES_SOURCE and method != "directcopy":
+    if method in USES_SOURCE and method not in ("directcopy", "dense"):
         if run.get("grow_kwargs") != grow_candidates(method, setting, sizes, run["seed"])[0]:
             return False
+    if method == "drop-upcycling" and (run.get("drop") or {}).get("rate") != DROP:
+        return False
     return run.get("train_config") == LR_POLICIES.get(method)
 
 
@@ -202,7 +220,7 @@ def run(sizes: Sizes, seeds: list[int], settings: list[str], out: str, cache: st
     try:
         files = _map(pool, pretrain_source, [(a, sizes, s, cache, device) for a in archs for s in seeds])
         source_file = dict(zip([(a, s) for a in archs for s in seeds], files))
-        todo = [(st.name, m, s) for st in chosen if st.name in settings for m in (methods or METHODS) for s in seeds
+        todo = [(st.name, m, s) for st in chosen if st.name in settings for m in methods_of(st, methods) for s in seeds
                 if (st.name, m, s) not in done]  # method by method: the first finish on every seed first
         fresh = _map(pool, run_job, [(n, m, s, sizes, source_file[SETTINGS[n].arch, s] if m in USES_SOURCE else None,
                                       device) for n, m, s in todo], keep_partial(out, sizes))
@@ -212,8 +230,9 @@ def run(sizes: Sizes, seeds: list[int], settings: list[str], out: str, cache: st
         if pool is not None:
             pool.shutdown()
     sources = {a: dict(v) for a, v in old_sources.items()}  # settings kept from the earlier result
-    for (a, s), path in source_file.items():
-        sources.setdefault(a, {})[s] = load_source(a, path)[1]
+    for (a, s), path in source_file.items():  # the earlier log of the same source wins: the settings kept are
+        sources.setdefault(a, {}).setdefault(s, load_source(a, path)[1])  # summarized as before (a retrained
+    # source can match its log only to float rounding: 1.3e-5 in the final loss for decoder-moe's retraining)
     summaries = [summarize_setting(st, sizes, jobs, sources[st.arch]) for st in chosen]
     headline = next((s for s in summaries if s["name"] == HEADLINE), summaries[0])
     result = {"seeds": seeds_shown, "headline": headline["name"], "methods": headline["methods"], "settings": summaries,
@@ -229,7 +248,7 @@ def run(sizes: Sizes, seeds: list[int], settings: list[str], out: str, cache: st
     if os.path.exists(partial_file(out)):  # every finished run is in savings_logs.json now
         os.remove(partial_file(out))
     write_markdown(result, os.path.join(out, "savings.md"))
-    plot(result, jobs, os.path.join(out, "savings.png"), METHODS)
+    plot(result, jobs, os.path.join(out, "savings.png"), METHODS + [m for m in MOE_METHODS if m not in METHODS])
     return result
 
 

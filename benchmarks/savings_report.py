@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tables and plot of the savings benchmark, generated from its committed JSON (never typed by hand).
+"""Tables of the savings benchmark (and its sweep plot), generated from its committed JSON (never typed by hand).
 
     python benchmarks/savings_report.py            # rewrite the generated parts of docs/savings.md and README.md
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "savings.json")
@@ -126,10 +124,15 @@ def sweep_table(setting: dict, result: dict) -> list[str]:
 
 def setting_header(s: dict) -> list[str]:
     src, tgt = s["source"], s["target"]
-    return [f"### {s['name']}: {s['arch']} {src['hidden']}×{src['layers']} → {tgt['hidden']}×{tgt['layers']}", "",
-            f"Scratch target ends {tgt['scratch_below_source']:.3f} below the source's validation loss "
+    moe = f", {tgt['experts']} experts (top-{tgt['top_k']})" if tgt.get("experts") else ""
+    note = [f"FLOPs per active parameter (top-{tgt['top_k']} of {tgt['experts']} experts; the router counted "
+            "whole). `dense` is the source trained on for the MoE's FLOPs: another architecture, its saving is "
+            "the FLOPs it needs to reach the MoE scratch run's final loss.", ""] if moe else []
+    return [f"### {s['name']}: {s['arch']} {src['hidden']}×{src['layers']} → {tgt['hidden']}×{tgt['layers']}{moe}",
+            "", f"Scratch target ends {tgt['scratch_below_source']:.3f} below the source's validation loss "
             f"({tgt['scratch_final_val_loss']:.3f} ± {tgt['scratch_final_val_loss_std']:.3f} vs "
-            f"{src['final_val_loss']:.3f}); budget {tgt['tokens']:,} tokens, {tgt['scratch_flops']:.3g} FLOPs.", ""]
+            f"{src['final_val_loss']:.3f}); budget {tgt['tokens']:,} tokens, {tgt['scratch_flops']:.3g} FLOPs.",
+            ""] + note
 
 
 GOAL = 0.60  # issue #9: growir's default saves at least this on the headline, and beats every baseline
@@ -154,10 +157,22 @@ def goal_check(setting: dict, mine: dict, others: list[dict], headline: bool) ->
     return f"goal met{unsure}" if not misses else f"goal not met{unsure}: " + ", ".join(misses)
 
 
+def upcycle_finding(s: dict) -> str:
+    """An upcycling setting's line: every method's rank figure and final loss, best first (no issue #9 goal)."""
+    tgt = s["target"]
+    rows = [f"{m['name']} {pct(m['saving_ranked'])} ({m['reached_seeds']}/{m['seeds']} seeds reached, final loss "
+            f"{_num(m['final_val_loss'])})" for m in ranked(s) if m["name"] != "scratch"]
+    return (f"- `{s['name']}` (dense → {tgt['experts']} experts, top-{tgt['top_k']}; FLOPs per active parameter): "
+            f"{', '.join(rows)}; the MoE from scratch ends at {_num(tgt['scratch_final_val_loss'])}.")
+
+
 def findings(result: dict) -> list[str]:
     """One line per setting: growir's default against the best other method, by the rank figure, and the goal."""
     lines = []
     for s in result["settings"]:
+        if s["target"].get("experts"):
+            lines.append(upcycle_finding(s))
+            continue
         order = [m for m in ranked(s) if m["name"] != "scratch"]
         mine = next((m for m in order if m["name"] == "growir"), None)
         others = [m for m in order if not m["name"].startswith("growir") and m["name"] != "fpi+noise"]
@@ -186,8 +201,8 @@ def resisting(result: dict) -> list[str]:
         order = [m for m in ranked(s) if m["name"] != "scratch"]
         mine = next((m for m in order if m["name"] == "growir"), None)
         others = [m for m in order if not m["name"].startswith("growir") and m["name"] != "fpi+noise"]
-        if mine is None or not others or goal_check(s, mine, others, s["name"] == result["headline"]).startswith(
-                "goal met"):
+        if mine is None or not others or s["target"].get("experts") or goal_check(
+                s, mine, others, s["name"] == result["headline"]).startswith("goal met"):
             continue
         src, tgt, best = s["source"], s["target"], others[0]
         kept = [m for m in order if m["name"] in PRESERVING]
@@ -232,8 +247,13 @@ def readme_line(result: dict) -> str:
     most = max(m["seeds"] for m in ranked(head))
     parts = [f"{m['name']} {pct(m['saving_ranked'])}" + (f" ({m['seeds']} seeds)" if m["seeds"] < most else "")
              for m in ranked(head) if m["name"] != "scratch"]
+    upcycling = [f" Upcycling ({s['name']}: dense → {s['target']['experts']} experts, top-{s['target']['top_k']}, "
+                 f"{max(m['seeds'] for m in ranked(s))} seeds, FLOPs per active parameter): " +
+                 ", ".join(f"{m['name']} {pct(m['saving_ranked'])}" for m in ranked(s) if m["name"] != "scratch") + "."
+                 for s in result["settings"] if s["target"].get("experts")]
     return (f"{BEGIN}Committed run ({result['headline']}, {most} seeds, FLOPs saved to reach "
-            f"scratch's final loss, an unreached seed counted as 0%): " + ", ".join(parts) + f".{END}")
+            f"scratch's final loss, an unreached seed counted as 0%): " + ", ".join(parts) + "." +
+            "".join(upcycling) + END)
 
 
 def scaled_table(scaled: dict, result: dict) -> str:
@@ -306,35 +326,6 @@ def replace_block(text: str, block: str, begin: str = BEGIN, end: str = END) -> 
     return pattern.sub(lambda _: block, text, count=1)
 
 
-def plot(result: dict, jobs: list[dict], path: str, methods: list[str]) -> None:
-    """Validation loss against FLOPs, one curve per method (mean over seeds, band = min–max)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    settings = result["settings"]
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
-    for ax, s in zip(axes[0], settings):
-        for i, method in enumerate(methods):
-            runs = [j for j in jobs if j["setting"] == s["name"] and j["method"] == method and j["available"]]
-            if not runs:
-                continue
-            end = min(r["log"][-1]["flops"] for r in runs)
-            grid = torch.linspace(0, end, 60)
-            curves = torch.stack([_interp(grid, r["log"]) for r in runs])
-            color, style = f"C{i % 10}", "-" if i < 10 else "--"
-            ax.plot(grid, curves.mean(0), color=color, ls=style, label=method, lw=2.2 if method == "growir" else 1.2)
-            ax.fill_between(grid, curves.min(0).values, curves.max(0).values, color=color, alpha=0.15)
-        ax.axhline(s["target"]["scratch_final_val_loss"], color="k", ls="--", lw=0.8, label="scratch final")
-        ax.axhline(s["source"]["final_val_loss"], color="gray", ls=":", lw=0.8, label="source final")
-        low = s["target"]["scratch_final_val_loss"]
-        ax.set_ylim(low - 0.3, low + 1.2)
-        ax.set(title=s["name"], xlabel="training FLOPs (source not counted)", ylabel="validation loss")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def plot_sweep(result: dict, path: str) -> bool:
     """The learning-rate sweep: rank figure per policy (bar) and each seed's saving (dots); False if none ran."""
     found = [(s, sweep_rows(s, result)) for s in result["settings"]]
@@ -357,14 +348,6 @@ def plot_sweep(result: dict, path: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def _interp(grid: torch.Tensor, log: list[dict]) -> torch.Tensor:
-    xs = torch.tensor([r["flops"] for r in log], dtype=torch.float64)
-    ys = torch.tensor([r["val_loss"] for r in log], dtype=torch.float64)
-    idx = torch.searchsorted(xs, grid.double()).clamp(1, len(xs) - 1)
-    x0, x1, y0, y1 = xs[idx - 1], xs[idx], ys[idx - 1], ys[idx]
-    return (y0 + (grid - x0) / (x1 - x0).clamp_min(1e-9) * (y1 - y0)).float()
 
 
 def main() -> None:

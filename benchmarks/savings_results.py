@@ -11,7 +11,7 @@ import json
 import os
 
 from growir.train.metrics import flops_to_reach, mean_std, saving
-from savings_setup import LR_SWEEP, METHODS, SETTINGS, USES_SOURCE, Setting, Sizes, target_config
+from savings_setup import LR_SWEEP, SETTINGS, USES_SOURCE, Setting, Sizes, methods_of, target_config
 
 def summarize_method(method: str, runs: list[dict], scratch: dict[int, dict], source_flops: dict[int, float]) -> dict:
     """One method of one setting, seeds paired with the scratch run of the same seed."""
@@ -36,6 +36,8 @@ def summarize_method(method: str, runs: list[dict], scratch: dict[int, dict], so
             "initial_val_loss": mean_std([r["log"][0]["val_loss"] for r in runs])[0],
             "reached": len(reach) == len(runs), "reached_seeds": len(reach), "seeds": len(runs),
             "params": runs[0]["params"], "grow_kwargs": runs[0].get("grow_kwargs"), "grown": grown_summary(runs),
+            **({"active_params": runs[0]["active_params"]} if "active_params" in runs[0] else {}),
+            **({"steps": runs[0]["steps"]} if "steps" in runs[0] else {}),
             "train_config": runs[0].get("train_config"), "seconds": mean_std([r["seconds"] for r in runs])[0]}
 
 
@@ -58,9 +60,11 @@ def summarize_setting(setting: Setting, sizes: Sizes, jobs: list[dict], sources:
     scratch = {j["seed"]: j for j in mine if j["method"] == "scratch"}
     sources = {s: log for s, log in sources.items() if s in scratch}  # the seeds this setting ran
     source_flops = {s: log[-1]["flops"] for s, log in sources.items()}
-    methods = [summarize_method(m, [j for j in mine if j["method"] == m], scratch, source_flops) for m in METHODS]
+    methods = [summarize_method(m, [j for j in mine if j["method"] == m], scratch, source_flops)
+               for m in methods_of(setting)]
     sweep = [{**summarize_method(m, runs, scratch, source_flops), "policy": LR_SWEEP[m]}
              for m in LR_SWEEP if (runs := [j for j in mine if j["method"] == m])]
+    moe = {"experts": setting.experts, "top_k": setting.top_k} if setting.experts else {}
     src_loss = mean_std([log[-1]["val_loss"] for log in sources.values()])
     scratch_loss = mean_std([j["log"][-1]["val_loss"] for j in scratch.values()])
     tgt = target_config(setting, sizes)
@@ -72,7 +76,7 @@ def summarize_setting(setting: Setting, sizes: Sizes, jobs: list[dict], sources:
                        "tokens": sizes.target_steps * sizes.batch * sizes.seq,
                        "scratch_final_val_loss": scratch_loss[0], "scratch_final_val_loss_std": scratch_loss[1],
                        "scratch_flops": mean_std([j["log"][-1]["flops"] for j in scratch.values()])[0],
-                       "scratch_below_source": src_loss[0] - scratch_loss[0]},
+                       "scratch_below_source": src_loss[0] - scratch_loss[0], **moe},
             "methods": methods, "lr_sweep": sweep}
 
 

@@ -30,8 +30,10 @@ LR_SWEEP = {"growir-w0": {"warmup": 0.0}, "growir-w90": {"warmup": 0.15}, "growi
 GROWIR_POLICY: dict = {}  # the policy the growir rows train with (the sweep's winner, if one wins clearly)
 LR_POLICIES = {**LR_SWEEP, **({"growir": GROWIR_POLICY, "growir+optimizer": GROWIR_POLICY} if GROWIR_POLICY else {})}
 GROWIR = {"growir", "growir+optimizer", *LR_SWEEP}  # grown with growir's default recipe
-USES_SOURCE = {"directcopy", "fpi", "aki", "bert2bert", "fpi+noise", *GROWIR}
-ALL_METHODS = METHODS + list(LR_SWEEP)
+# The upcycling settings' methods (dense source -> mixture of experts; benchmarks/savings_upcycle.py).
+MOE_METHODS = ["scratch", "growir", "drop-upcycling", "dense"]
+USES_SOURCE = {"directcopy", "fpi", "aki", "bert2bert", "fpi+noise", "drop-upcycling", "dense", *GROWIR}
+ALL_METHODS = METHODS + list(LR_SWEEP) + [m for m in MOE_METHODS if m not in METHODS]
 HEADLINE = "decoder-wide"
 
 
@@ -75,6 +77,14 @@ class Setting:
     arch: str       # "decoder" (pre-norm Llama, causal LM) or "encoder" (post-norm BERT, masked LM)
     width: float
     depth: float
+    experts: int = 0    # > 0: the target is the source's mixture-of-experts class, each FFN made this many experts
+    top_k: int = 0      # experts each token runs (the FLOPs count these, not all experts)
+
+
+def methods_of(setting: Setting, asked: list[str] | None = None) -> list[str]:
+    """The methods ``setting`` trains (``asked``: of those, the ones named; the LR sweep only when named)."""
+    own = MOE_METHODS if setting.experts else METHODS + list(LR_SWEEP)
+    return [m for m in (asked or (MOE_METHODS if setting.experts else METHODS)) if m in own]
 
 
 SETTINGS = {s.name: s for s in [Setting("decoder-wide", "decoder", 2.0, 1.0),
@@ -82,8 +92,9 @@ SETTINGS = {s.name: s for s in [Setting("decoder-wide", "decoder", 2.0, 1.0),
                                 Setting("decoder-x1.5", "decoder", 1.5, 1.0),  # bert2BERT's 512 -> 768
                                 Setting("encoder-wide", "encoder", 2.0, 1.0),
                                 Setting("encoder-x1.5", "encoder", 1.5, 1.0),
-                                Setting("encoder-wide-deep", "encoder", 2.0, 2.0)]}
-DEFAULT_SETTINGS = ["decoder-wide", "decoder-wide-deep", "decoder-x1.5", "encoder-wide", "encoder-x1.5"]
+                                Setting("encoder-wide-deep", "encoder", 2.0, 2.0),
+                                Setting("decoder-moe", "decoder", 1.0, 1.0, experts=8, top_k=2)]}  # upcycling
+DEFAULT_SETTINGS = ["decoder-wide", "decoder-wide-deep", "decoder-x1.5", "encoder-wide", "encoder-x1.5", "decoder-moe"]
 
 # --- models ---------------------------------------------------------------------------------------------
 
@@ -99,17 +110,24 @@ def model_config(arch: str, hidden: int, layers: int, sizes: Sizes):
                       num_attention_heads=heads, vocab_size=MLM_VOCAB, max_position_embeddings=sizes.seq)
 
 
-def model_class(arch: str):
-    from transformers import BertForMaskedLM, LlamaForCausalLM
+def model_class(arch: str, config=None):
+    """The architecture's class; for a ``config`` of the upcycling settings' MoE class, that class."""
+    from transformers import BertForMaskedLM, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    if isinstance(config, MixtralConfig):
+        return MixtralForCausalLM
     return LlamaForCausalLM if arch == "decoder" else BertForMaskedLM
 
 
 def new_model(arch: str, config, seed: int):
     torch.manual_seed(seed)
-    return model_class(arch)(config)
+    return model_class(arch, config)(config)
 
 
 def target_config(setting: Setting, sizes: Sizes):
+    if setting.experts:  # the source's own sizes, each FFN made ``experts`` experts of the FFN's size
+        from savings_upcycle import moe_config
+        return moe_config(model_config(setting.arch, sizes.hidden, sizes.layers, sizes), setting.experts,
+                          setting.top_k)
     return model_config(setting.arch, round(sizes.hidden * setting.width), round(sizes.layers * setting.depth),
                         sizes)
 

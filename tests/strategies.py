@@ -206,8 +206,8 @@ class Spec:
             # growir labels an SSM's inner width "heads", its dt rank "ffn" and its state "head_dim": a role dict
             # meant for attention and MLP sizes them too, or is refused (SpecError) where the sizes disagree
             return False, "a role dict on an SSM mixer: its groups share the attention roles"
-        if arch.mixed and self.depth > 1:  # depth for mixed stacks is being built (issue 21 item 4)
-            return False, "depth growth of a mixed stack: exact, or a refusal naming the blocks"
+        if arch.mixed and self.depth > 1 and not arch.pre_norm:  # a post-norm block is no identity when zeroed
+            return False, "depth growth of a post-norm mixed stack: a refusal naming the blocks"
         if r.get("hidden", 1).denominator != 1:
             return False, "hidden grows by a non-integer ratio (uneven copies change the norms)"
         if r.get("head_dim", 1).denominator != 1:
@@ -225,6 +225,8 @@ class Spec:
                 return False, "identity depth on post-norm blocks is not exact"
         if arch.tied and r.get("hidden", 1) != 1 and not arch.norm_before_head:
             return False, "tied head with no norm before it"
+        if not arch.pre_norm and r.get("hidden", 1) != 1:  # exact copies under strict=True (test_two_steps)
+            return False, "auto fills a post-norm residual that only the head reads: inexact by choice"
         return True, ""
 
     def refused_by_design(self, arch: Arch) -> str | None:

@@ -25,7 +25,6 @@ import time
 import warnings
 from fractions import Fraction
 
-import pytest
 import sympy
 import torch
 import torch.utils._pytree as pytree
@@ -477,10 +476,10 @@ def test_two_steps_preserve_like_one(data):
         arch = dataclasses.replace(arch, block_op="")
     second, total = data.draw(second_steps(arch), label="second step, once")
     note(f"replay: {arch!r}; x2 then {second!r}; once {total!r}")
-    source = arch.build()
-    step1, _ = grow_recording(source, arch, width=2)
-    step2, warned = grow_recording(step1, arch, width=second)
-    once, _ = grow_recording(source, arch, width=total)
+    source, strict = arch.build(), not arch.pre_norm  # auto fills a post-norm residual, inexactly: the copies
+    step1, _ = grow_recording(source, arch, width=2, strict=strict)
+    step2, warned = grow_recording(step1, arch, width=second, strict=strict)
+    once, _ = grow_recording(source, arch, width=total, strict=strict)
     for model in (step1, step2, once):
         rec = model.growir_record
         assert rec.exact, rec.reasons
@@ -502,9 +501,6 @@ SINUSOID = dataclasses.replace(ROTARY_NOOP_HEAD_DIM[0], heads=2, kv_heads=2, ffn
                                final_norm=True, seed=1, positions="sinusoidal")
 
 
-@pytest.mark.xfail(raises=growir.PreservationError, strict=True,
-                   reason="growir does not grow a non-persistent buffer read on the hidden axis (the plan does not "
-                          "list it) and calls the growth exact; its own check moves 0.2-0.3")
 def test_table_made_at_construction():
     """A sinusoidal table of width hidden, kept as a non-persistent buffer (Marian): exact in memory."""
     source = SINUSOID.build()

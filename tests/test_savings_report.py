@@ -100,3 +100,25 @@ def test_scaled_run_is_shown_beside_the_default_run_on_its_seeds():
     assert lines[0] == report.SCALED_BEGIN and lines[-1] == report.SCALED_END
     rows = [line for line in lines if line.startswith("| directcopy") or line.startswith("| growir")]
     assert rows == ["| directcopy | 60.0% | 1.000 | 40.0% | 1.000 |", "| growir | 50.0% | 1.000 | 70.0% | 1.000 |"]
+
+
+def test_upcycling_setting_says_what_its_flops_count_and_ranks_every_method():
+    report = load_report()
+    target = {"hidden": 32, "layers": 4, "experts": 8, "top_k": 2, "tokens": 1024, "scratch_flops": 1e9,
+              "scratch_below_source": 0.1, "scratch_final_val_loss": 1.6, "scratch_final_val_loss_std": 0.01}
+    rows = [_row("scratch", [0.0]), _row("dense", [0.4], final_val_loss=1.55),
+            _row("growir", [0.7], final_val_loss=1.5), _row("drop-upcycling", [None], final_val_loss=1.7)]
+    setting = {"name": "decoder-moe", "arch": "decoder", "methods": rows, "target": target,
+               "source": {"hidden": 32, "layers": 4, "final_val_loss": 1.7}}
+    header = report.setting_header(setting)
+    assert header[0] == "### decoder-moe: decoder 32×4 → 32×4, 8 experts (top-2)"
+    assert any("FLOPs per active parameter (top-2 of 8 experts" in line for line in header)
+    line = report.findings({"settings": [setting], "headline": "decoder-wide"})[0]
+    assert line.startswith("- `decoder-moe` (dense → 8 experts, top-2; FLOPs per active parameter): growir 70.0% "
+                           "(1/1 seeds reached, final loss 1.500), dense 40.0%") and "goal" not in line
+    assert "drop-upcycling 0.0% (0/1 seeds reached, final loss 1.700)" in line
+    assert report.resisting({"settings": [setting], "headline": "decoder-wide"}) == []
+    head = {"name": "decoder-wide", "methods": [_row("growir", [0.6])], "target": {}}
+    readme = report.readme_line({"headline": "decoder-wide", "settings": [head, setting]})
+    assert readme.endswith(" Upcycling (decoder-moe: dense → 8 experts, top-2, 1 seeds, FLOPs per active parameter): "
+                           "growir 70.0%, dense 40.0%, drop-upcycling 0.0%." + report.END)

@@ -10,11 +10,15 @@ exactly [LN(x) n times, 0]. Producers of the group write the same map (fill rows
 rows, or 0); consumers split by n and read zeros at the fill positions. This requires every norm over the
 group to be pre-norm (its output only feeds contractions or the model output): when a norm's output is the
 residual itself (post-norm), no elementwise-weighted norm can be exact (docs/methods.md). There
-``width_method="fill"`` (asked for; never the default) fills anyway where the model does not return the stream
-(``plan_fill(post_norm=True)``):
+``width_method="fill"`` fills anyway where the model does not return the stream (``plan_fill(post_norm=True)``):
 the fill then differs from the stream's mean by the norm output's mean, ``mean((γ - mean γ) ⊙ x̂) + mean(β)``
-(small where γ is near uniform), which the record reports with the measured deviation. Otherwise, and with
-``strict=True``, the group is copied (exact at a whole ratio, balanced copies and a reported deviation else).
+(small where γ is near uniform), which the record reports with the measured deviation. ``auto`` (the default) fills it
+too where each such norm normalizes a residual sum (not a sandwich norm), but keeps the norms' weights
+(``keep_norms``: no sqrt(n·d/d'), no eps change): the norms then see the fill's lower variance and the stream's
+old units grow by sqrt(d'/n·d), so the stream has the norm a d'-wide norm gives it (as in a model trained at
+that width, or DirectCopy's), not a d-wide one spread thinner; measured, it trains far better than copies on
+the post-norm encoder, level with DirectCopy (docs/savings.md). Otherwise, and with ``strict=True``, or where the model
+returns the stream, the group is copied (exact at a whole ratio, balanced copies and a reported deviation else).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import torch
 import torch.fx as fx
 
 from ..analysis.groups import contractions_over
+from ..analysis.nodes import back
 from ..analysis.norms import NormSite, is_param, norm_sites
-from ..analysis.ops import CONTRACTIONS, LAYOUT, PART, forward, indexes_leading, traits
+from ..analysis.ops import ADDS, CONTRACTIONS, LAYOUT, PART, forward, indexes_leading, traits
 from ..analysis.plan import Plan
 
 
@@ -39,15 +44,19 @@ class FillPlan:
     sites: dict = field(default_factory=dict)  # group root -> [NormSite]
     reasons: dict = field(default_factory=dict)  # group root -> why repeat-and-fill does not apply
     copied: dict = field(default_factory=dict)  # whole-ratio group root -> why it is copied instead (exact)
+    kept_norms: set = field(default_factory=set)  # post-norm roots filled with their norms' weights kept
 
 
-def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = False) -> FillPlan:
+def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = False,
+              keep_norms: bool = False) -> FillPlan:
     """Which grown groups repeat and fill: a normalized group whose new size is not a whole multiple, or with
     ``every`` each grown normalized group (the fresh width method fills whole ratios too). With ``post_norm``
     a group that a post-norm LayerNorm/RMSNorm writes is filled too, though no fill (and at a ratio that is
     not whole, no growth) is exact there: its reason stays in ``reasons`` and the deviation is measured
-    (``width_method="fill"``: copies there train as one). Not where the model returns the normalized stream
-    (its hidden states are the caller's features: copies keep them exactly, see ``output_maps``)."""
+    (``width_method="fill"``: copies there train as one); with ``keep_norms`` its norms keep their weights
+    (``width_method="auto"``: ``kept_norms``, see the module docstring). Not where the model returns the
+    normalized stream (its hidden states are the caller's features: copies keep them exactly, see
+    ``output_maps``)."""
     ag, out = plan.facts.ag, FillPlan()
     sites = norm_sites(plan.captured.gm, plan.facts)
     for g in plan.groups:
@@ -58,11 +67,17 @@ def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = Fa
         mine = [s for s in sites if g.root in ag.leaf_roots(s.axis)]
         why = _why_not(plan, g, mine)
         inexact = (post_norm and why and not _cannot_fill(plan, g, mine)
-                   and not all(s.pre_norm(plan.facts) for s in mine) and not _returned(mine))
+                   and not all(s.pre_norm(plan.facts) for s in mine) and not _returned(mine)
+                   and (not keep_norms or _normalizes_stream(plan, mine)))
         if why and not inexact:
             (out.copied if new % g.size == 0 else out.reasons)[g.root] = why
             continue
-        if inexact:
+        if inexact and keep_norms:
+            out.kept_norms.add(g.root)
+            out.reasons[g.root] = (f"{why}; it is filled anyway (post-norm: copies there train as one) and its "
+                                   f"norms keep their weights, so the stream grows by sqrt(d'/d) (it trains "
+                                   f"better than copies: docs/savings.md); measured")
+        elif inexact:
             out.reasons[g.root] = (f"{why}; it is filled anyway (post-norm: copies there train as one), the "
                                    f"deviation is the post-norm output's mean at the fill, measured")
         out.fills[g.root] = "mean" if mine[0].kind == "layer" else "zero"
@@ -95,6 +110,17 @@ def _why_not(plan: Plan, g, mine: list[NormSite]) -> str:
 def _returned(mine: list[NormSite]) -> bool:
     """Whether a norm's output over the group is one of the model's outputs (the hidden states it returns)."""
     return any(u.op == "output" for s in mine for u in forward(s.output, lambda u: PART(u) or indexes_leading(u)))
+
+
+def _normalizes_stream(plan: Plan, mine: list[NormSite]) -> bool:
+    """Whether the model is post-norm: its blocks are (as in the original transformer encoder), and each norm
+    over the group that is not pre-norm reads a residual sum and feeds the next one, its output the stream itself.
+    Not a pre-norm model with one such norm (an embedding norm before pre-norm blocks), a sandwich norm (a term
+    added to the stream) or a pre-norm
+    whose readers the analysis does not follow: ``auto`` keeps the exact copies of those."""
+    return bool(plan.blocks) and not any(b.pre_norm for b in plan.blocks) and all(
+        s.pre_norm(plan.facts) or (ADDS(back(s.input, PART)) and any(ADDS(u) for u in forward(s.output, PART)))
+        for s in mine)
 
 
 def _cannot_fill(plan: Plan, g, mine: list[NormSite]) -> str:
@@ -148,18 +174,19 @@ def _diagonal_producer(plan: Plan, g, mine: list[NormSite]) -> tuple | None:
 def adjust_norms(fp: FillPlan, maps: dict, rules: dict, rescaled: set = frozenset()) -> tuple[dict, dict]:
     """Norm weights x sqrt(n·d/d') on the copies and 0 on the fill. Groups whose residual stream is rescaled
     (``rescale.py``) keep their eps; the others need eps x n·d/d'. Returns those eps rewrites in the graph
-    ({node: (arg position, eps')}) and the same as values ({eps: eps'}) for a rebuilt config."""
+    ({node: (arg position, eps')}) and the same as values ({eps: eps'}) for a rebuilt config. The groups in
+    ``fp.kept_norms`` keep weights (x1) and eps: their fill is not compensated (inexact by choice)."""
     eps, values = {}, {}
     for root, sites in fp.sites.items():
         m = maps[root]
-        ratio = kept_fraction(m)
+        ratio = 1.0 if root in fp.kept_norms else kept_fraction(m)
         for s in sites:
             for p, scale in ((s.weight, math.sqrt(ratio)), (s.bias, 1.0)):
                 if p is not None:
                     rules[p].scale *= scale
                     _fill_from_copies(rules[p].axes[-1], m.new, m.old, p == s.weight)
                     rules[p].notes.append(f"repeat-and-fill: x{scale:.4g}" + (", fill 0" if p == s.bias else ""))
-            if s.eps_at is not None and s.eps is not None and root not in rescaled:
+            if s.eps_at is not None and s.eps is not None and root not in rescaled and ratio != 1.0:
                 eps[s.eps_at[0]] = (s.eps_at[1], s.eps * ratio)
                 values[s.eps] = s.eps * ratio
     return eps, values
