@@ -95,7 +95,7 @@ def materialize(model: torch.nn.Module, growth_rules: GrowthRules, *, mode="auto
 
 def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_method="auto", depth_method="auto",
          method=None, noise=0.0, example_inputs=None, strict=False, seed=0, verify=False, materialize="auto",
-         into=None, experts=None, keep_top_k=False, drop=0.0):
+         into=None, experts=None, keep_top_k=False, drop=0.0, top_k=None):
     """Grow ``model`` wider and deeper, starting from the same function where mathematics allows.
 
     Returns an instance of the same class for Hugging Face models (config updated), else a rewritten
@@ -109,10 +109,11 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     channel by channel (a depthwise convolution), a filled group whose eps the config cannot change and
     whose residual cannot be rescaled, or, for weights stored below float32 precision, a group grown by a
     power of two (a fill's sqrt(d'/d) rounds there, copies do not); see ``passes/fresh.py`` and
-    docs/methods.md. It trained best in benchmarks/savings.py (docs/savings.md). ``"fill"`` is ``"auto"`` that also
-    fills a post-norm residual only a head reads (a masked-LM encoder): not exact, reported with its measured
-    deviation; copies there train as one (docs/savings.md, the encoder setting). ``"fresh"`` fills every
-    normalized group it can; ``"fpi"`` (function-preserving
+    docs/methods.md. A post-norm residual only a head reads (a masked-LM encoder) is filled instead, its norms'
+    weights kept (not exact: warned, with the measured deviation; copies there train as one; ``strict=True``
+    keeps the exact copies). It trained best in benchmarks/savings.py (docs/savings.md). ``"fill"`` is
+    ``"auto"`` with that fill compensated in the norms (a smaller deviation, but it trained worse).
+    ``"fresh"`` fills every normalized group it can; ``"fpi"`` (function-preserving
     copies, and repeat-and-fill for a normalized group whose ratio is not whole, exact for pre-norm models),
     ``"fpi_balanced"`` (copies only, counts differing by at most one), ``"fpi_random"`` (bert2BERT's uniformly
     random copies) or ``"aki"`` (bert2BERT: new units of block l from block l+1; not exact). With ``noise``,
@@ -135,7 +136,9 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     router's convention from the graph); ``keep_top_k=True`` keeps k (the inference cost) and warns with the
     measured deviation; ``drop=r`` draws a fraction r of each new copy's FFN neurons again (Drop-Upcycling: not
     exact, reported); ``noise`` there is noise that cancels over each expert's copies (exact). Width, depth or
-    ``into`` then grow the result.
+    ``into`` then grow the result. ``experts=E, top_k=k`` on a dense model upcycles it into the transformers
+    mixture-of-experts class whose graph is the model's with FFNs made experts, found by search
+    (``pipeline/moe_search.py``), else a SpecError that asks for ``into=``.
 
     >>> import growir
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -148,11 +151,11 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     """
     asked, opts = options(method, width_method, depth_method, noise, seed)
     check_mode(materialize)
-    if experts is not None or keep_top_k or drop:
+    if experts is not None or keep_top_k or drop or top_k is not None:
         then = dict(width=width, depth=depth, layers=layers, width_method=width_method, depth_method=depth_method,
                     method=method, noise=noise, example_inputs=example_inputs, strict=strict, seed=seed,
                     verify=verify, materialize=materialize, into=into)
-        return grow_with_experts(grow, model, experts, keep_top_k=keep_top_k, drop=drop, then=then)
+        return grow_with_experts(grow, model, experts, keep_top_k=keep_top_k, drop=drop, top_k=top_k, then=then)
     started = time.perf_counter()
     target = derive(model, into, width, depth, layers) if into is not None else None
     if target is not None and target.upcycle:

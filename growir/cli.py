@@ -3,7 +3,8 @@
     growir plan SRC
     growir doctor SRC
     growir grow SRC OUT --width 2 --depth 2 [--width-method auto] [--depth-method auto] [--layers N] [--into CONFIG]
-                        [--experts 2.0 [--keep-top-k] [--drop 0.5]] [--dtype bfloat16] [--max-shard-size 5GB]
+                        [--experts 2.0 [--keep-top-k] [--drop 0.5] | --experts 8 --top-k 2] [--dtype bfloat16]
+                        [--max-shard-size 5GB]
                         [--in-memory] [--verify] [--strict] [--force] [--debug]
     growir check SRC GROWN [--width ... --depth ... as given to grow] [--onnx [--samples N]]
     growir export SRC OUT.onnx [--opset N] [--force]
@@ -173,6 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     grow.add_argument("--experts", type=_experts, help="a mixture of experts: the target expert count (8) or a "
                       "multiplier (2.0); top-k grows with it (exact); in memory, not streamed")
     grow.add_argument("--keep-top-k", action="store_true", help="with --experts: keep top-k (not exact: warns)")
+    grow.add_argument("--top-k", type=_positive_int, help="with --experts 8 on a dense model: the experts chosen per "
+                      "token; the mixture-of-experts class is found by search (else use --into)")
     grow.add_argument("--drop", type=_fraction, default=0.0, help="with --experts: redraw this fraction of each new "
                       "expert copy's FFN neurons (Drop-Upcycling, not exact)")
     grow.add_argument("--width-method", default="auto", help="how new width is filled (default auto: per group, "
@@ -324,7 +327,7 @@ def _run_grow(args) -> int:
     out = Path(args.out)
     _refuse_existing(out, args.force)  # the cheap refusal first, before torch is imported
     depth = args.depth if args.layers is None else 1.0
-    experts = {k: getattr(args, k) for k in ("experts", "keep_top_k", "drop") if getattr(args, k)}
+    experts = {k: getattr(args, k) for k in ("experts", "keep_top_k", "drop", "top_k") if getattr(args, k)}
     streamed = any(Path(args.src).glob("*.safetensors"))
     moe = bool(experts) or (args.into is not None and _upcycles(args.src, args.into))
     if streamed and not args.in_memory and not moe:
@@ -453,7 +456,8 @@ def _save(grown, src: Path, staging: Path, args) -> None:
         grown.save_pretrained(staging, max_shard_size=shard)
     copy_side_files(src, staging)
     spec = {k: getattr(args, k) for k in ("width", "depth", "layers", "width_method", "depth_method", "strict",
-                                          "verify", "max_shard_size", "into", "experts", "keep_top_k", "drop")}
+                                          "verify", "max_shard_size", "into", "experts", "keep_top_k", "drop",
+                                          "top_k")}
     write_record(staging, memory_record(src, spec, getattr(grown, "growir_record", None)))
 
 

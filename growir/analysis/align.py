@@ -145,8 +145,10 @@ class _Aligner:
                 ends.append((x, y))  # both unpaired: the outputs of a region that differs
             else:
                 return None
-        if ends and not last and len(ends) == len([x for x in xs if isinstance(x, fx.Node)]):
-            return None  # a node that reads only unpaired values is inside a region, not its end (but the output)
+        if ends and not last and len(ends) == len([x for x in xs if isinstance(x, fx.Node) and x.op != "get_attr"]):
+            # a node that reads only unpaired values (and weights) is inside a region, not its end (but the
+            # output): a dense FFN's down_proj must not pair with a later dense layer's while its own is an MoE
+            return None
         return attrs, dict(ends)
 
 

@@ -7,13 +7,17 @@ projections are divided by ``c`` (``c = 1`` under softmax → top-k → renormal
 where the normalised weights are scaled). Where ``s`` varies (top-k without renormalisation), a shared expert can
 carry the FFN instead: routed output projections zero, every gate's weights zero, so a gate ``σ(0) = ½`` is a
 constant ``c`` too, and the shared expert's output projection is divided by it. A zero router makes the
-probabilities uniform, ``s = k/E``, the last exact construction (exact at initialisation only). Which holds is
+probabilities uniform, ``s = k/E``, the last exact construction (exact at initialisation only). Experts smaller
+than the FFN (fine-grained) are its neurons in G shards (``shards``): expert ``e`` holds shard ``e mod G`` of copy
+``e // G``, the G router rows of a copy tied (equal logits, so the copy's shards are chosen together wherever
+top-k is a multiple of G) and the factor G on the output projection alone (a gated activation is not
+homogeneous: G on the input projections is not G on the output). Which holds is
 *measured* on the region itself (the target graph's nodes evaluated on many tokens with the construction's
 weights), so any router the graph expresses (sigmoid or softmax, group-limited choice, bias-corrected scores,
 scaling factors) is judged by what it computes; ``CONSTRUCTIONS`` is the order they are tried in.
 
 >>> [c[0] for c in CONSTRUCTIONS]
-['copies', 'shared', 'uniform router']
+['copies', 'shards', 'shared', 'uniform router']
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ import torch.fx as fx
 CONSTRUCTIONS = (
     ("copies", "every routed expert a copy of the FFN, shared experts' output zero: the chosen experts' combine "
                "weights sum to {c} for every token, so the copies' output projections are divided by it"),
+    ("shards", "fine-grained experts: the FFN's neurons in G shards per copy, the G router rows of a copy tied so "
+               "its shards are chosen together, the output projections x G: the chosen shards' weights sum to {c} "
+               "for every token (top-k a multiple of G), so the output projections are divided by it; exact at "
+               "initialisation (while the tied rows stay tied)"),
     ("shared", "a shared expert carries the FFN, every gate's weights and the routed experts' output zero: the "
                "shared expert's factor is {c} for every token (a gate at zero), its output projection divided by it; "
                "the router gets no gradient until the routed experts move"),
@@ -100,6 +108,8 @@ def build(kind: str, state: dict, source: dict, chains: list, routers: set, gate
     zeroed = routers if kind == "uniform router" else gates if kind == "shared" else set()
     shared = [c for c in chains if not c.expert]
     routed = [c for c in chains if c.expert]
+    if kind == "shards":
+        return build_shards(state, source, routed, shared, routers, experts, scale)
     if kind == "shared":
         carriers = [c for c in shared if fits(state, c, source)]
         if not carriers:
@@ -127,3 +137,45 @@ def factor(out: torch.Tensor, ffn: torch.Tensor) -> tuple[float, float]:
     s = (out * ffn).sum(-1) / norms ** 2
     mean = float(s.mean())
     return mean, float(((out - mean * ffn).norm(dim=-1) / norms).max())
+
+
+def shard_count(state: dict, chain, source: dict, experts: int) -> int | None:
+    """G where each expert of ``chain`` holds 1/G of the FFN's neurons (its input projections' rows, its output
+    projection's columns, G > 1 dividing the expert count), else None."""
+    counts = set()
+    for i, (sv, tv) in enumerate(chain.pairs):
+        w, dst = sv.weight(source[sv.param]), tv.weight(state[tv.param], 0)
+        inner, outer = (1, 0) if i == len(chain.pairs) - 1 else (0, 1)  # the neurons' axis, the other one
+        if dst.shape[outer] < w.shape[outer] or dst.shape[inner] == 0 or w.shape[inner] % dst.shape[inner]:
+            return None
+        counts.add(w.shape[inner] // dst.shape[inner])
+    g = counts.pop() if len(counts) == 1 else None
+    return g if g and g > 1 and experts % g == 0 else None
+
+
+def build_shards(state: dict, source: dict, routed: list, shared: list, routers: set, experts: int,
+                 scale: float) -> bool:
+    """The ``shards`` construction (module docstring): False where the experts are not 1/G of the FFN."""
+    counts = {shard_count(state, c, source, experts) for c in routed}
+    if not routed or len(counts) != 1 or None in counts:
+        return False
+    g = counts.pop()
+    for c in routed:
+        for i, (sv, tv) in enumerate(c.pairs):
+            w, last = sv.weight(source[sv.param]), i == len(c.pairs) - 1
+            for e in range(experts):
+                dst = tv.weight(state[tv.param], e)
+                if last:
+                    n = dst.shape[1]
+                    dst.zero_()
+                    dst[:w.shape[0]].copy_(w[:, (e % g) * n:(e % g + 1) * n] * (g * scale))
+                else:
+                    n = dst.shape[0]
+                    dst[:, :w.shape[1]].copy_(w[(e % g) * n:(e % g + 1) * n])
+    for c in shared:
+        silence(state, c, experts)
+    for name in routers:  # one logit per copy: rows e of a copy take the row of its first shard
+        t = state[name]
+        if t.dim() and t.shape[0] == experts:
+            t.copy_(t[::g].repeat_interleave(g, dim=0))
+    return True

@@ -40,6 +40,7 @@ from ..passes.experts import drop_neurons, expert_rules, multiplier, neuron_posi
 from ..verify.compare import TOLERANCE
 from ..verify.measure import measurable, measure
 from .manager import declare, run_passes
+from .moe_search import upcycle_by_search
 from .record import GrowthRecord
 
 _READ = "reading the mixture-of-experts layers"
@@ -86,7 +87,9 @@ def _read(c) -> None:
     c.layers = moe_layers(c.plan.facts, c.plan.captured.gm)
     if not c.layers:
         raise SpecError("experts= asks for more experts, but growir found no mixture-of-experts layer in the graph "
-                        "(a top-k choice over the output rows of a router, whose indices select expert weights)")
+                        "(a top-k choice over the output rows of a router, whose indices select expert weights); "
+                        "on a dense model give top_k= too (experts=8, top_k=2: the MoE class found by search) "
+                        "or into= an MoE config")
     if not c.plan.captured.is_hf:
         raise SpecError("experts= rebuilds the model's class from a config with more experts; "
                         f"{type(c.model).__name__} is not a Hugging Face model")
@@ -285,12 +288,15 @@ def fewest_changes(model, cfg: dict, expected: dict, built: dict):
                 yield trial
 
 
-def grow_with_experts(grow, model, experts, *, keep_top_k=False, drop=0.0, then: dict):
+def grow_with_experts(grow, model, experts, *, keep_top_k=False, drop=0.0, top_k=None, then: dict):
     """``growir.grow`` with ``experts=``: the experts grown first (``grow_experts``), then, where ``then`` asks for
     width, depth or ``into``, the result grown by ``grow`` (the public function, passed in) with ``then``; one
-    record for both, its deviation measured from the source to the end."""
+    record for both, its deviation measured from the source to the end. With ``top_k`` the model is dense and
+    is upcycled into the MoE class found by search (``pipeline/moe_search.py``)."""
     if experts is None:
-        raise SpecError("keep_top_k and drop apply to a growth of the experts: pass experts= (2.0, or a count)")
+        raise SpecError("keep_top_k and drop apply to a growth of the experts, as top_k does: pass experts= (2.0, or a count)")
+    if top_k is not None:
+        return _upcycle_dense(model, experts, top_k, keep_top_k, drop, then)
     if then.get("materialize") == "graph":
         raise SpecError("experts= rebuilds the model's class from a config (no rewritten graph holds more experts): "
                         "use materialize='auto' or 'hf'")
@@ -313,3 +319,15 @@ def grow_with_experts(grow, model, experts, *, keep_top_k=False, drop=0.0, then:
     record.deviation = None if deviation is None else max(deviation, record.deviation or 0.0)
     record.seconds = time.perf_counter() - started
     return grown
+
+
+def _upcycle_dense(model, experts, top_k, keep_top_k, drop, then: dict):
+    """``experts=E, top_k=k`` on a dense model: the upcycling alone (grow the result further in a second call)."""
+    asked = {"keep_top_k": keep_top_k, "drop": drop, "noise": then["noise"], "width": then["width"] not in (1, 1.0),
+             "depth": then["depth"] not in (1, 1.0), **{k: then[k] is not None for k in ("layers", "into",
+                                                                                       "example_inputs")}}
+    others = [k for k, v in asked.items() if v]
+    if others:
+        raise SpecError(f"experts= with top_k= makes experts of a dense model's FFNs alone: leave "
+                        f"{', '.join(others)} out (grow the upcycled model in a second call)")
+    return upcycle_by_search(model, experts, top_k, seed=then["seed"], strict=then["strict"])

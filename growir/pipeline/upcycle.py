@@ -46,7 +46,7 @@ def upcycle(model, config, cls, seed: int = 0, strict: bool = False):
     record.notes = [f"{where(r.output[1])}: {c.name} (factor {c.factor:.6g}); router: {' -> '.join(ops)}; {c.why}"
                     for r, c, ops in done]
     record.reasons = [f"{where(r.output[1])}: no construction is exact for this router ({c.name}: per-token miss "
-                      f"{c.spread:.2e})" for r, c, _ in done if not c.exact]
+                      f"{c.spread:.2e}{_SHARDS if c.name == 'shards' else ''})" for r, c, _ in done if not c.exact]
     record.params_before = sum(p.numel() for p in model.parameters())
     record.params_after = sum(p.numel() for p in target.parameters())
     record.deviation = _measure(work, target, src_cap)
@@ -64,6 +64,11 @@ def upcycle(model, config, cls, seed: int = 0, strict: bool = False):
     record.seconds = time.perf_counter() - started
     target.growir_record = record
     return target
+
+
+# why fine-grained experts miss: a router chooses experts, not copies
+_SHARDS = ("; the shards of one copy are chosen together only where top-k is a multiple of the shards per copy, "
+           "and a router cannot keep them together in general")
 
 
 def _build(model, target, dtype):

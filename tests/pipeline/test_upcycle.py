@@ -152,3 +152,30 @@ def test_streaming_an_upcycling_says_it_is_in_memory_only(tmp_path):
     with pytest.raises(growir.SpecError, match=r"MixtralForCausalLM makes experts .* in memory only"):
         growir.grow_checkpoint(tmp_path / "src", tmp_path / "out", into=tmp_path / "moe")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("top_k", [4, 2])
+def test_fine_grained_experts_from_neuron_shards(top_k):
+    """Experts of a quarter of the FFN's width: expert e holds shard e mod 4 of copy e // 4, the router rows of a
+    copy tied, the factor 4 on down_proj alone. Exact where top-k chooses whole copies (4 of 8); with top-2 a
+    copy's shards are split: warned with the measured deviation, NotExactError under strict."""
+    small = dense("llama-mixtral")
+    config = T.MixtralConfig(**{**PAIRS["llama-mixtral"][1].to_dict(), "intermediate_size": 16,
+                                "num_local_experts": 8, "num_experts_per_tok": top_k})
+    if top_k == 2:
+        with pytest.warns(UserWarning, match=r"not exact: .*shards: per-token miss .*multiple of the shards"):
+            big = growir.grow(small, into=config)
+        assert not big.growir_record.exact and deviation(small, big) > 1e-3
+        with pytest.raises(growir.NotExactError, match="shards"):
+            growir.grow(small, into=config, strict=True)
+        return
+    big = growir.grow(small, into=config, strict=True)
+    assert type(big) is T.MixtralForCausalLM and deviation(small, big) <= 1e-5
+    assert all(": shards (factor 1)" in n for n in big.growir_record.notes), big.growir_record.notes
+    ffn, mlp = small.model.layers[1].mlp, big.model.layers[1].mlp
+    for e in range(8):
+        rows = slice((e % 4) * 16, (e % 4 + 1) * 16)
+        assert torch.equal(mlp.experts.gate_up_proj[e, :16], ffn.gate_proj.weight[rows])
+        assert torch.equal(mlp.experts.gate_up_proj[e, 16:], ffn.up_proj.weight[rows])
+        assert torch.equal(mlp.experts.down_proj[e], 4 * ffn.down_proj.weight[:, rows])
+        assert torch.equal(mlp.gate.weight[e], mlp.gate.weight[e - e % 4])
