@@ -46,6 +46,8 @@ class Blocks:
     period_writers: list = field(default_factory=list)  # per position in the period: its writers ([] if period 1)
     period_suffixes: list = field(default_factory=list)  # per position in the period: its parameter suffixes
     alike: bool = True  # every block has the same parameters (kinds may still differ by ops or shared inputs)
+    kinds: list = field(default_factory=list)  # per block: the first block of its kind ([] where all are alike)
+    layout: str = "period"  # how depth grows the list: one of ``layouts`` (a config rebuild may try the others)
 
     @property
     def mixed(self) -> bool:
@@ -60,6 +62,32 @@ class Blocks:
     def suffixes_of(self, i: int) -> list:
         """The parameter suffixes of block ``i`` (its kind's; ``i`` old or new, as whole periods move)."""
         return self.period_suffixes[i % self.period] if self.mixed else self.suffixes
+
+    @property
+    def runs(self) -> list:
+        """(first block, length) of each maximal run of same-kind blocks (one run where all are alike).
+
+        >>> Blocks("h", ["h.0", "h.1", "h.2"], [], [], kinds=[0, 1, 1]).runs
+        [(0, 1), (1, 2)]
+        """
+        kinds = self.kinds if len(self.kinds) == self.count else [0] * self.count
+        starts = [i for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]]
+        return [(s, e - s) for s, e in zip(starts, starts[1:] + [self.count])]
+
+    @property
+    def layouts(self) -> tuple:
+        """How depth may grow the list, the default first. Kinds that repeat (``[s, f, s, f]``): by whole periods.
+        Kinds that never repeat (first-k-dense ``[d, m, m]``) are no period: each run of one kind grows
+        (``"runs"``: ``[d, d', m, m', m, m']``), or all but the first run (``"first"``: ``[d, m, m', m, m', m]``),
+        or, last, the whole list as one period. Where every run is one block (``[a, b]``: a period or two runs
+        alike) whole periods come first. Which one a config can state, the config rebuild decides.
+
+        >>> Blocks("h", ["h.0", "h.1", "h.2"], [], [], period=3, kinds=[0, 1, 1]).layouts
+        ('runs', 'first', 'period')
+        """
+        if self.period < self.count or len(self.kinds) != self.count or self.count < 2:
+            return ("period",)
+        return ("period", "runs", "first") if len(self.runs) == self.count else ("runs", "first", "period")
 
     @property
     def count(self) -> int:
@@ -111,16 +139,19 @@ def find_blocks(gm: fx.GraphModule, facts: Facts) -> list[Blocks]:
     for n in gm.graph.nodes:
         for path in set(_stack_paths(n)):
             members[path].append(n)
-    found = []
+    found, stuck = [], {}
     for prefix, kids in children.items():
         idx = sorted(kids)
-        if len(idx) < 2 or idx != list(range(len(idx))):
+        if idx != list(range(len(idx))) or len(idx) < 2 and not _in_stages(prefix, children):
             continue
         if any(prefix.startswith(b.prefix + ".") and b.homogeneous for b in found):
             continue
         paths = [kids[i] for i in idx]
         b = _describe(gm, facts, prefix, [members[p] for p in paths], Blocks(prefix, paths, [], []),
                       [classes[p] for p in paths])
+        if len(idx) == 1 and not b.homogeneous:  # a stage's one block that cannot be copied is no list, but
+            stuck.setdefault(prefix, b.why_not)  # says why the stages' depth cannot grow
+            continue
         if b.homogeneous or len({classes[p] for p in paths}) == 1 or 1 < b.period < b.count:
             found.append(b)  # children of other classes: blocks if copyable, or a pattern of kinds that repeats
     # layers of different kinds inside one entry of an outer list (a block's sub-layers: attention, then FFN) are
@@ -129,7 +160,22 @@ def find_blocks(gm: fx.GraphModule, facts: Facts) -> list[Blocks]:
     # stages that differ (a downsampling layer here and there) are no blocks, but the block lists inside them are
     found = [b for b in found if b.homogeneous or not any(
         c.prefix.startswith(b.prefix + ".") and c.homogeneous for c in found)]
+    for b in found:
+        inner = next((f"`{p}`: {why}" for p, why in stuck.items() if p.startswith(b.prefix + ".")), None)
+        b.why_not += f"; nor can its stages' own lists grow ({inner})" if inner and not b.homogeneous else ""
     return _merge_parallel(gm, facts, found, members)
+
+
+def _in_stages(prefix: str, children: dict) -> bool:
+    """Whether ``prefix`` is a list inside one entry of an outer list (a stage) whose other entries hold the same
+    list: a nested stack, whose stages' lists grow each, even a stage of one block.
+
+    >>> _in_stages("stages.0.layers", {"stages": {0: "stages.0", 1: "stages.1"}, "stages.1.layers": {0: "x"}})
+    True
+    """
+    m = re.fullmatch(r"(.+)\.(\d+)\.(.+)", prefix)
+    return bool(m) and any(f"{m.group(1)}.{k}.{m.group(3)}" in children
+                           for k in children.get(m.group(1), {}) if k != int(m.group(2)))
 
 
 def _merge_parallel(gm, facts, found: list, members: dict) -> list:
@@ -254,6 +300,8 @@ def _mixed(gm, facts, b: Blocks, keys: list, why: str) -> Blocks:
     b.period_suffixes = [sorted(_param_suffixes(gm, b, i)) for i in range(period)] if period > 1 else []
     b.alike = len({k[1] for k in keys}) == 1
     b.writers = structures[0][1]
+    b.kinds = kinds
+    b.layout = b.layouts[0]
     return b
 
 

@@ -37,7 +37,7 @@ def signature(node: fx.Node):
         if isinstance(val, int):
             return val
         if isinstance(val, torch.SymInt):
-            return Size(val.node.expr)
+            return Size(val.node.expr, val.node.hint)
         if not isinstance(val, torch.Tensor):
             raise ValueError(f"its argument `{leaf.name}` is computed in the graph and is neither a tensor nor a "
                              "size, so no probe at other sizes can keep it consistent")

@@ -32,9 +32,9 @@ import torch.fx as fx
 from .nodes import op_name
 from .derived_rules import derived
 from .routing_rules import flip, grouped_mm, histc, index_add, index_put, one_hot, roll, scatter, sort, topk
-from .rules import (addmm, along_dim, baddbmm, conv, einsum, elementwise, embedding, fresh_sized, gather, getitem,
-                    index_select, index_tensor, layer_norm, like, linear, min_max, mm, native_dropout, new_sized,
-                    reduction, sdpa, unary)
+from .rules import (addmm, along_dim, baddbmm, batch_norm, conv, einsum, elementwise, embedding, fresh_sized, gather,
+                    getitem, index_select, index_tensor, layer_norm, like, linear, min_max, mm, native_dropout,
+                    new_sized, reduction, sdpa, unary)
 from .shape_rules import (cat, chunk, expand, narrow, pad, permute, pool, repeat, repeat_interleave, reshape, select,
                           slice_, split, stack, unbind)
 
@@ -144,6 +144,10 @@ _add("contraction", "conv1d conv2d conv3d", conv, zero="one", bias_at=2)
 _add("lookup", "embedding", embedding, zero="first", weight_at=0)
 _add("norm", "layer_norm native_layer_norm", layer_norm, zero="affine", label="LayerNorm")
 _add("norm", "rms_norm", layer_norm, zero="first", label="RMSNorm")
+# per channel in eval (x - mean) / std * weight + bias: no trait claimed (not zero with x; a norm over the
+# batch, not the channels, in training)
+_add("pointwise", "batch_norm native_batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training",
+     batch_norm)
 _add("attention", "scaled_dot_product_attention", sdpa)  # zero when its values are (residual.py asks)
 _add("reduce", "sum", reduction("sum"), zero="first")
 _add("reduce", "mean", reduction("norm"), zero="first")

@@ -111,15 +111,18 @@ def _classes(shapes: list, mode: str) -> dict:
     return {tuple(m): max(_hint(shapes[k][a]) for k, a in m) for m in classes.values()}
 
 
-def _primes(floors: dict, taken: set) -> dict:
-    """A distinct prime above each class's real size (so literals valid for the real sizes stay valid)."""
+def _primes(floors: dict, taken: set, scaled: bool = False) -> dict:
+    """A distinct prime above each class's real size (so literals valid for the real sizes stay valid); ``scaled``:
+    the real size times such a prime, for a kernel that needs an axis divisible by a literal (group_norm's
+    channels by its groups). Both are distinct across classes: a prime above the larger real size divides
+    neither's."""
     out = {}
     for c, floor in floors.items():
         p = sympy.nextprime(max(floor, 10))
-        while p in taken:
+        while p in taken or (scaled and p * floor in taken):
             p = sympy.nextprime(p)
-        taken.add(p)
-        out[c] = int(p)
+        out[c] = int(p * floor if scaled else p)
+        taken.update({int(p), out[c]})
     return out
 
 
@@ -156,8 +159,11 @@ class Operand:
 @dataclass(frozen=True)
 class Size:
     """A size argument computed in the graph (``seq_len - 1``): its expression in the operands' size symbols,
-    evaluated at the probe's sizes so that it stays consistent with them."""
+    evaluated at the probe's sizes so that it stays consistent with them. One in none of the operands' symbols
+    (``eye(seq_len)`` has no operand) is held at its value in the graph (``hint``): what it sizes is new axes,
+    set by that argument like a literal."""
     expr: object
+    hint: int | None = None
 
 
 def _binding(shapes: list, sizes: list) -> dict:
@@ -171,7 +177,10 @@ def _filled(args: tuple, kwargs: dict, operands: list, binding: dict):
     def fill(leaf):
         if isinstance(leaf, Operand):
             return operands[leaf.k]
-        return int(sympy.sympify(leaf.expr).subs(binding)) if isinstance(leaf, Size) else leaf
+        if not isinstance(leaf, Size):
+            return leaf
+        expr = sympy.sympify(leaf.expr)
+        return int(expr.subs(binding)) if expr.free_symbols & set(binding) or leaf.hint is None else leaf.hint
     return pytree.tree_map(fill, args), pytree.tree_map(fill, kwargs)
 
 
@@ -187,25 +196,17 @@ def _probe(op, shapes: list, args: tuple, kwargs: dict, dtypes: list) -> Relatio
     """Run the meta kernel at distinct primes, then once per class at another prime, and read the relations."""
     bound = set(_binding(shapes, shapes))
     for leaf in pytree.tree_leaves((args, kwargs)):
-        if isinstance(leaf, Size) and not sympy.sympify(leaf.expr).free_symbols <= bound:
+        free = sympy.sympify(leaf.expr).free_symbols if isinstance(leaf, Size) else set()
+        if not free <= bound and (free & bound or leaf.hint is None):
             raise ValueError(f"its size argument {leaf.expr} is computed from sizes that are not its operands', so "
                              "no probe at other sizes can keep it consistent")
     at = lambda primes: _run(op, shapes, primes, (args, kwargs), dtypes)  # noqa: E731
-    errors = []
-    for mode in MODES:
-        primes = _primes(_classes(shapes, mode), set())
-        try:
-            base = at(primes)
-            break
-        except Exception as exc:  # noqa: BLE001 - any kernel error means this assignment of sizes is refused
-            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-    else:
-        raise ValueError(f"its meta kernel rejects operands of distinct prime sizes ({errors[-1]})")
+    mode, scaled, primes, base = _accepted(at, shapes)
     if mode != "own":
-        primes = _refined(at, primes)
+        primes = _refined(at, primes, shapes if scaled else None)
         base = at(primes)
     floors = {c: max(_hint(shapes[k][a]) for k, a in c) for c in primes}
-    others, moved = _primes(floors, set(primes.values())), {}
+    others, moved = _primes(floors, set(primes.values()), scaled), {}
     for c in primes:
         try:
             moved[c] = at({**primes, c: others[c]})
@@ -219,16 +220,32 @@ def _probe(op, shapes: list, args: tuple, kwargs: dict, dtypes: list) -> Relatio
     return rel
 
 
-def _refined(at, primes: dict) -> dict:
+def _accepted(at, shapes: list) -> tuple:
+    """(mode, scaled, sizes per class, output shapes) of the first assignment of sizes the kernel accepts: each
+    ``MODES`` with primes, then with real sizes times primes."""
+    errors = []
+    for scaled in (False, True):
+        for mode in MODES:
+            primes = _primes(_classes(shapes, mode), set(), scaled)
+            try:
+                return mode, scaled, primes, at(primes)
+            except Exception as exc:  # noqa: BLE001 - any kernel error means this assignment of sizes is refused
+                errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    raise ValueError(f"its meta kernel rejects operands of distinct prime sizes, and of their real sizes times "
+                     f"distinct primes ({errors[-1]})")
+
+
+def _refined(at, primes: dict, shapes: list | None = None) -> dict:
     """Shared classes split where the kernel allows: a member that it accepts at a prime of its own gets one (two
-    axes of one size are not the same axis unless the op needs them equal)."""
+    axes of one size are not the same axis unless the op needs them equal). ``shapes``: sizes are scaled (real
+    size times a prime)."""
     out, taken = dict(primes), set(primes.values())
     for c in primes:
         rest = c
         for m in c:
             if len(rest) == 1:
                 break
-            q = int(sympy.nextprime(max(taken)))
+            q = int(sympy.nextprime(max(taken))) * (_hint(shapes[m[0]][m[1]]) if shapes else 1)
             trial = {**{d: p for d, p in out.items() if d != rest}, tuple(x for x in rest if x != m): out[rest],
                      (m,): q}
             try:

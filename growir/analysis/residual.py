@@ -135,6 +135,8 @@ def terms_and_readers(gm: fx.GraphModule, facts: Facts, group: Group, sites: lis
     state_of = {**facts.params, **facts.buffers}
     norm_params = {p for s in sites for p in (s.weight, s.bias) if p is not None}
     writers = {pa.param for pa in group.producers + group.consumers} - norm_params  # consumers: a tied embedding
+    writers |= {state for node, state in facts.buffers.items()  # a table added to the stream (sinusoidal positions)
+                if any(group.root in facts.ag.leaf_roots(a) for a in facts.axes.get(node, []))}
     norm_ends = {}  # a norm's input -> the norm's own ops that read it
     for s in sites:
         norm_ends.setdefault(s.input, set()).update(s.internals)

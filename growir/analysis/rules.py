@@ -61,20 +61,38 @@ def new_sized(w: Walker, node: fx.Node) -> None:
 
 
 def _dims(dims, ndim: int) -> list:
-    if dims is None:
+    if dims is None or dims == []:  # an empty dim list reduces every axis, as None does (sum(x, []))
         return list(range(ndim))
     dims = [dims] if isinstance(dims, int) else list(dims)
     return [d % ndim for d in dims] if ndim else []
 
 
+def _argument(node: fx.Node, name: str, position: int, default=None):
+    """An op's argument by its schema name, given by position or keyword: ``dim`` is argument 2 of
+    ``linalg_vector_norm(x, ord, dim, keepdim)``, 1 of ``sum(x, dim, keepdim)``, absent from ``sum(x, dtype)``.
+    ``position`` is where it sits for a target with no schema.
+
+    >>> g = fx.Graph(); x = g.placeholder("x")
+    >>> n = g.call_function(torch.ops.aten.linalg_vector_norm.default, (x, 2.0, [-1], True))
+    >>> _argument(n, "dim", 1), _argument(n, "keepdim", 2, False), _argument(n, "dtype", 4)
+    ([-1], True, None)
+    """
+    if name in node.kwargs:
+        return node.kwargs[name]
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        position = next((i for i, a in enumerate(schema.arguments) if a.name == name and not a.kwarg_only), None)
+    return node.args[position] if position is not None and position < len(node.args) else default
+
+
 def reduction(kind: str):
     """The rule of a reduction over ``dim`` (all axes when none is given): a ``kind`` read of each reduced axis,
-    the kept axes equal to the output's."""
+    the kept axes equal to the output's. Arguments are read by their schema names: the reductions put ``dim``
+    and ``keepdim`` at different places (after ``ord`` in a norm, before ``unbiased`` in ``var.dim``)."""
     def rule(w: Walker, node: fx.Node) -> None:
         x = w.ax(node.args[0])
-        dims = _dims(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"), len(x))
-        keep = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else node.kwargs.get(
-            "keepdim", False)
+        dims = _dims(_argument(node, "dim", 1), len(x))
+        keep = bool(_argument(node, "keepdim", 2, False))
         out = w.out(node) if not isinstance(node.meta.get("val"), (list, tuple)) else w.tuple_out(node)[0]
         kept = [a for i, a in enumerate(x) if i not in dims or keep]
         for i, a in enumerate(x):
@@ -116,6 +134,30 @@ def layer_norm(w: Walker, node: fx.Node) -> None:
         w.produce(p)
         for a, b in zip(w.ax(p), normed):
             w.eq(a, b, node)
+
+
+def batch_norm(w: Walker, node: fx.Node) -> None:
+    """batch_norm(x, weight, bias, running_mean, running_var, training, ...) and its native forms: a map per
+    channel (axis 1), which every per-channel operand (weight, bias, running statistics) shares; the other axes
+    pass through (the saved statistics of its native forms are per channel too). In training it normalises
+    over the batch and spatial axes: a norm read of each.
+    """
+    x = w.ax(node.args[0])
+    parts = w.tuple_out(node) if isinstance(node.meta.get("val"), (list, tuple)) else [w.out(node)]
+    for a, o in zip(x, parts[0]):
+        w.eq(a, o, node)
+    if len(x) < 2:
+        return
+    operands = [a for a in node.args[1:] if isinstance(a, fx.Node)]
+    for p in operands:
+        w.produce(p)
+    for a in [a for p in operands for a in w.ax(p)] + [p[0] for p in parts[1:] if len(p) == 1]:
+        if w.size(a) == w.size(x[1]):  # saved statistics are empty (size 0) in eval
+            w.eq(a, x[1], node)
+    if _argument(node, "training", 5, False) is True:
+        for i, a in enumerate(x):
+            if i != 1:
+                w.read(a, "norm", node)
 
 
 def linear(w: Walker, node: fx.Node) -> None:

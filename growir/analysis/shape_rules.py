@@ -80,6 +80,8 @@ def repeat(w: Walker, node: fx.Node) -> None:
         src = x[i - lead] if i >= lead else None
         if src is None or (w.size(src) == 1 and w.size(o) != 1):  # a new axis, or one broadcast from 1
             w.f.expanded.add(o)
+            if isinstance(r, int):  # the literal is the axis's size: it follows the axis if a group joins it
+                w.const(node, ("args", 1, i), o)
         elif isinstance(r, int) and r == 1:
             w.eq(src, o, node)
         else:  # r copies of src, r a literal or a symbolic size (position_ids.repeat(batch, 1))
@@ -179,7 +181,8 @@ def narrow(w: Walker, node: fx.Node) -> None:
 
 def _join(w: Walker, node: fx.Node, whole: list, pieces: list, dim: int) -> None:
     """``whole[dim]`` == cat(piece[dim] for pieces); the other axes are equal."""
-    pieces = [p for p in pieces if p and not (w.size(p[dim]) == 0)]
+    # torch.cat skips a 1-d empty operand in a cat of any rank (a legacy empty cache: cat([empty(0), x], -2))
+    pieces = [p for p in pieces if len(p) == len(whole) and not (w.size(p[dim]) == 0)]
     for p in pieces:
         for i, (a, o) in enumerate(zip(p, whole)):
             if i != dim:
@@ -256,7 +259,21 @@ def pool(w: Walker, node: fx.Node) -> None:
     k = int(re.search(r"(\d)d", name).group(1))
     for a, o in zip(x[:len(x) - k], out):
         w.eq(a, o, node)
-    for a in x[len(x) - k:]:
+    kept = _unpooled(node, k) if not name.startswith(("adaptive", "_adaptive")) else [False] * k
+    for a, o, same in zip(x[len(x) - k:], out[len(out) - k:], kept):
+        if same:  # a window of 1 at stride 1: a sequence pooled over (seq, hidden) by (2, 1) keeps hidden
+            w.eq(a, o, node)
+            continue
         w.read(a, "max" if "max" in name else "sum", node)
-    for o in out[len(out) - k:]:
         w.pin(o, f"a pooled axis of {where(node)}")
+        w.f.ag.data.append(o)  # pooled axes are the data's (a sequence, an image), never a width
+
+
+def _unpooled(node: fx.Node, k: int) -> list:
+    """Per pooled axis, whether the pool leaves it as it is: window 1, stride 1, no padding (or dilation)."""
+    def per_axis(pos, default):
+        v = node.args[pos] if len(node.args) > pos and node.args[pos] not in (None, []) else default
+        return list(v) * (k if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else [v] * k
+    kernel = per_axis(1, [0])
+    stride, padding = per_axis(2, kernel), per_axis(3, [0])
+    return [kk == 1 and st == 1 and pd == 0 for kk, st, pd in zip(kernel, stride, padding)]

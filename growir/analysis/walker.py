@@ -215,8 +215,8 @@ class Walker:
         return idx is not None and idx.dim() == 1 and not idx.dtype == torch.bool
 
     def after_softmax(self, x) -> bool:
-        """Whether ``x`` is a softmax's output (attention probabilities), through casts, copies and dropout."""
-        while self._row(x).kind in ("cast", "copy", "dropout"):
+        """Whether ``x`` is a softmax's output (attention probabilities), through casts, copies, views and dropout."""
+        while self._row(x).kind in ("cast", "copy", "view", "dropout"):
             x = x.args[0]
         return self._row(x).kind == "softmax"
 
@@ -227,6 +227,7 @@ class Walker:
             if node.op == "placeholder":
                 self.f.inputs.append(node.name)
                 self._name_sizes(node)
+                self.f.ag.data.extend(self.ax(node))
                 for a in self.ax(node):
                     self.pin(a, f"an axis of the model input `{node.name}`")
             elif node.op == "get_attr":
@@ -239,15 +240,33 @@ class Walker:
             elif node.op in ("call_module", "call_method") and _has_tensor(node.meta.get("val")):
                 raise UnsupportedOpError(f"{node.op} `{node.target}` at `{node.name}`: growir reads aten-level "
                                          f"graphs from torch.export; this graph was not fully lowered")
+        self._pin_opaque()
         return self.f
 
+    def _pin_opaque(self) -> None:
+        """Pin the axes a regrouping of the data's axes left opaque (``AxisGraph.opaque``), or refuse where one of
+        them is a feature: an axis some parameter contracts (a weight never contracts the data's axes), or one the
+        model returns regrouped with the data."""
+        ag, node_of = self.f.ag, {state: node for node, state in self.f.params.items()}
+        contracted = {leaf for state, i, _ in self.f.consumed if state in node_of
+                      for leaf in ag.leaf_roots(self.f.axes[node_of[state]][i])}
+        data = {r for a in ag.data for r in (ag.find(a), *ag.leaf_roots(a))}  # a sequence and its parts
+        contracted |= {leaf for out in self.f.outputs for a in out or [] for leaf in ag.leaf_roots(a)
+                       if leaf not in data and not ag.size_of(leaf).free_symbols}
+        for axis, (why, refusal) in ag.opaque.items():
+            if contracted & set(ag.leaf_roots(axis)):
+                raise AnalysisError(refusal)
+            self.pin(axis, why)
+
     def _name_sizes(self, node: fx.Node) -> None:
-        """Remember, for error messages, which input axis each dynamic size symbol is."""
+        """Remember which input axis each dynamic size symbol is (for error messages) and its traced value."""
         val = node.meta.get("val")
         for i, d in enumerate(val.shape if isinstance(val, torch.Tensor) else ()):
             expr = getattr(getattr(d, "node", None), "expr", None)
             if isinstance(expr, sympy.Symbol):
                 self.f.ag.names.setdefault(expr, f"axis {i} of the input `{node.name}`")
+                if isinstance(hint := getattr(d.node, "hint", None), int):
+                    self.f.ag.traced.setdefault(expr, hint)
 
     def _apply(self, node: fx.Node) -> None:
         name = op_name(node)

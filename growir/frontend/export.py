@@ -106,6 +106,7 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Captured:
             ep, static = _export(model, args, kwargs)
             gm = ep.module()
             inline_context_regions(gm)  # no_grad / disabled-autocast regions: the same ops, unwrapped
+            constants_as_buffers(gm)
     finally:
         model.train(was_training)
     if static is not None:
@@ -114,6 +115,50 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Captured:
              f"GraphModule accepts only those shapes and growir measures the growth at them only")
     dims, ranges = _input_dims(gm, args, kwargs, ep.range_constraints)
     return Captured(gm, args, kwargs, is_hf(model), dims, ranges, static)
+
+
+def constants_as_buffers(gm: torch.fx.GraphModule) -> list:
+    """Register the tensors torch.export lifted as graph constants (``lifted_tensor_N``: a ``torch.tensor(...)``
+    or a Python scalar made into a tensor inside ``forward``) as non-persistent buffers of their module, and
+    return their new names. ``ep.module()`` sets them as plain attributes, which no ``named_buffers`` lists; as
+    buffers, the analysis, the rules and the rewritten graph treat them like any other tensor the graph holds,
+    and a state dict (hence a rebuilt class, which computes them again in ``forward``) never sees them. They are
+    numbered per module in graph order, so that repeated blocks hold them under the same names (torch numbers
+    them across the whole model), as depth growth needs.
+
+    >>> import torch
+    >>> class M(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.lin = torch.nn.Linear(3, 3)
+    ...     def forward(self, x):
+    ...         return self.lin(x) / torch.tensor(2.0)
+    >>> gm = torch.export.export(torch.nn.Sequential(M(), M()), (torch.randn(2, 3),), strict=False).module()
+    >>> constants_as_buffers(gm), [n for n, _ in gm.named_buffers()], "0.lifted_tensor_0" in gm.state_dict()
+    (['0.lifted_tensor_0', '1.lifted_tensor_0'], ['0.lifted_tensor_0', '1.lifted_tensor_0'], False)
+    """
+    held = {id(t) for t in gm.parameters()} | {id(t) for t in gm.buffers()}
+    renamed, counts = {}, {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        *path, leaf = node.target.split(".")
+        owner = gm.get_submodule(".".join(path))
+        value = owner.__dict__.get(leaf)
+        if node.target not in renamed and isinstance(value, torch.Tensor) and id(value) not in held:
+            delattr(owner, leaf)
+            k = counts[id(owner)] = counts.get(id(owner), -1) + 1
+            renamed[node.target] = ".".join([*path, f"lifted_tensor_{k}"])
+            owner.register_buffer(f"_growir_constant_{k}", value, persistent=False)  # no clash while renaming
+        if node.target in renamed:
+            node.target = renamed[node.target]
+    for target in renamed.values():
+        *path, leaf = target.split(".")
+        owner = gm.get_submodule(".".join(path))
+        owner.__dict__.pop(leaf, None)  # a lifted constant no node reads, under the name now taken
+        owner.register_buffer(leaf, owner._buffers.pop(f"_growir_constant_{leaf.rsplit('_', 1)[1]}"),
+                              persistent=False)
+    if renamed:
+        gm.recompile()
+    return list(renamed.values())
 
 
 def fake_cache_off():

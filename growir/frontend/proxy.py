@@ -12,9 +12,9 @@ rebuilt class is measured on the real source.
 The proxy is checked before it is used: every child of a cut list is identical in structure (classes,
 tensor names, shapes, dtypes) to the first one, the proxy's tensors expanded by index are exactly the full
 model's tensors, and the graph runs the kept blocks as a chain of blocks. Where any of that fails, or the
-result needs the full graph (a GraphModule to return, a growth that is not exact and whose rebuilt class
-is checked against the rewritten graph), the whole model is captured, and the record says why
-(``record.capture``).
+result needs the full graph (a GraphModule to return), the whole model is captured, and the record says why
+(``record.capture``). A growth that is not exact is checked against the proxy's graph with its blocks copied
+out to the full grown lists (``materialize.graph.proxy_schedules``), not a second export.
 
 >>> import torch, growir
 >>> from transformers import LlamaConfig, LlamaForCausalLM

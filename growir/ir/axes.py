@@ -27,6 +27,7 @@ from ..errors import AnalysisError
 
 Axis = Hashable  # ("node_name", axis_index) for tensor axes, ("seg", k) for refinement atoms
 PROD, CAT = "prod", "cat"
+ONE = sympy.Integer(1)
 
 
 def as_expr(size) -> sympy.Expr:
@@ -39,22 +40,22 @@ def as_expr(size) -> sympy.Expr:
     return sympy.sympify(size)
 
 
-def divides(a: sympy.Expr, b: sympy.Expr) -> bool:
+def divides(a: sympy.Expr, b: sympy.Expr, assumed: Sequence = ()) -> bool:
     """Whether ``a`` divides ``b`` as a product of sizes (b / a is a polynomial in the shape symbols, or, for
-    sizes with floor/Mod, a whole number at every point of ``_grid``)."""
+    sizes with floor/Mod, a whole number at every point of ``_grid`` where the ``assumed`` sizes are 0)."""
     ratio = sympy.cancel(b / a)
     _, den = sympy.fraction(ratio)
     if den == 1:
         return not ratio.is_number or (ratio.is_integer and ratio >= 1)
     if not _rounded(ratio):
         return False
-    return all((v := ratio.xreplace(point)).is_integer and v >= 1 for point in _grid(ratio.free_symbols))
+    return all((v := ratio.xreplace(point)).is_integer and v >= 1 for point in _grid(ratio, assumed))
 
 
-def same_size(a: sympy.Expr, b: sympy.Expr) -> bool:
+def same_size(a: sympy.Expr, b: sympy.Expr, assumed: Sequence = ()) -> bool:
     """Whether two sizes are equal: symbolically, or, where floor/Mod hide it from sympy (a sequence padded to a
     multiple of a chunk and cut into chunks: ``s + (4 - s % 4) % 4 == 4 * ((s + (4 - s % 4) % 4) // 4)``), at
-    every point of ``_grid``.
+    every point of ``_grid`` where the ``assumed`` sizes are 0 (``AxisGraph.assumed``).
 
     >>> s = sympy.Symbol("s", integer=True, positive=True)
     >>> padded = s + sympy.Mod(4 - sympy.Mod(s, 4), 4)
@@ -62,9 +63,13 @@ def same_size(a: sympy.Expr, b: sympy.Expr) -> bool:
     (True, False)
     """
     diff = sympy.expand(a - b)
+    if diff.is_Number:
+        return diff == 0
     if _rounded(diff):  # simplify is slow on floor/Mod terms and rarely decides them
-        return all(diff.xreplace(point) == 0 for point in _grid(diff.free_symbols))
-    return diff == 0 or sympy.simplify(diff) == 0
+        return all(diff.xreplace(point) == 0 for point in _grid(diff, assumed))
+    if diff.is_polynomial(*diff.free_symbols):  # expanded, a polynomial is 0 only as the literal 0
+        return False
+    return sympy.simplify(diff) == 0
 
 
 def _rounded(e: sympy.Expr) -> bool:
@@ -73,11 +78,32 @@ def _rounded(e: sympy.Expr) -> bool:
     return bool(e.free_symbols) and bool(e.atoms(sympy.Function))
 
 
-def _grid(symbols) -> list:
-    """Points for deciding a rounded size identity: each symbol takes 64 consecutive values from 2 (the smallest
-    dynamic size torch.export allows), so every residue modulo a chunk up to 64, the symbols on co-prime strides."""
-    symbols = sorted(symbols, key=str)
-    return [{s: sympy.Integer(2 + (i * (2 * k + 1)) % 64) for k, s in enumerate(symbols)} for i in range(64)]
+def _grid(e: sympy.Expr, assumed: Sequence = ()) -> list:
+    """Points for deciding a rounded size identity ``e``: each symbol takes 64 consecutive values from 2 (the
+    smallest dynamic size torch.export allows), so every residue modulo a chunk up to 64, the symbols on co-prime
+    strides; and, for each literal over 32 in ``e`` (a chunk of 256: at 2..65 a sequence padded to it is always
+    one chunk, and a chunk count equals 1), values across its first multiples. Only the points where every
+    ``assumed`` size over these symbols is 0 are kept (all of them if none is).
+
+    >>> s = sympy.Symbol("s", integer=True, positive=True)
+    >>> sorted({p[s] for p in _grid(sympy.Mod(s, 256))})[63:]
+    [65, 127, 128, 129, 255, 256, 257, 511, 512, 513, 767, 768, 769, 1279, 1280, 1281]
+    """
+    symbols = sorted(e.free_symbols, key=str)
+    held = [d for d in assumed if d.free_symbols <= e.free_symbols]
+    literals = {int(abs(n)) for x in (e, *held) for n in x.atoms(sympy.Integer)}
+    large = sorted(n for n in literals if 32 < n < 2 ** 20)[-4:]
+    extra = {j * m + r for m in large for j in (1, 2, 3, 5) for r in (-1, 0, 1)} | {m // 2 + r for m in large
+                                                                                     for r in (-1, 0, 1)}
+    values = [2 + i for i in range(64)] + sorted(v for v in extra if v > 65)
+    points = [{s: sympy.Integer(values[(i * (2 * k + 1)) % len(values)]) for k, s in enumerate(symbols)}
+              for i in range(len(values))]
+    return [p for p in points if all(d.xreplace(p) == 0 for d in held)] or points
+
+
+def _both(why: str) -> str:
+    return (f"{why}: one axis is both split by a slice/split/cat and reshaped into a product; growir cannot "
+            f"reconcile the two layouts")
 
 
 def is_structured(tree) -> bool:
@@ -106,6 +132,10 @@ class AxisGraph:
     structure: dict = field(default_factory=dict)  # root -> Structure
     names: dict = field(default_factory=dict)  # size symbol -> what it is, in words (for error messages)
     origin: dict = field(default_factory=dict)  # fresh atom -> what made it, in words (for debugging)
+    traced: dict = field(default_factory=dict)  # size symbol -> its value in the traced example
+    assumed: list = field(default_factory=list)  # size differences the trace fixed at 0 (``equal_as_traced``)
+    data: list = field(default_factory=list)  # axes sized by the data: model inputs', pooled (a batch, a sequence)
+    opaque: dict = field(default_factory=dict)  # axis -> (why it is kept from growing, the refusal if a width)
     _fresh: int = 0
 
     # --- nodes -----------------------------------------------------------------------------------
@@ -144,9 +174,13 @@ class AxisGraph:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
-        if not same_size(self.size[ra], self.size[rb]):
-            raise AnalysisError(f"{why}: axes of sizes {self.size[ra]} and {self.size[rb]} were found equal; "
-                                f"growir's rule for this op is wrong or the graph is inconsistent")
+        if not self.same(self.size[ra], self.size[rb]):
+            if not self.equal_as_traced(self.size[ra], self.size[rb]):
+                raise AnalysisError(f"{why}: axes of sizes {self.size[ra]} and {self.size[rb]} were found equal; "
+                                    f"growir's rule for this op is wrong or the graph is inconsistent")
+            self.assumed.append(sympy.expand(self.size[ra] - self.size[rb]))
+        if self.size[ra].free_symbols and not self.size[rb].free_symbols:
+            ra, rb = rb, ra  # the class keeps a literal size (a chunk count the trace holds as 1, a chunk of 256)
         sa, sb = self.structure.pop(ra, None), self.structure.pop(rb, None)
         self.parent[rb] = ra
         if sa is None:
@@ -157,6 +191,28 @@ class AxisGraph:
         else:
             self.structure[ra] = sa
             self._merge_structures(sa, sb, why)
+
+    def same(self, a: sympy.Expr, b: sympy.Expr) -> bool:
+        """``same_size`` where this graph's trace holds (``assumed``)."""
+        return same_size(a, b, self.assumed)
+
+    def equal_as_traced(self, a: sympy.Expr, b: sympy.Expr) -> bool:
+        """Whether two sizes, one with floor/Mod of a sequence length, are equal at the traced example: a graph
+        holds the branches its example took, so where torch.export fixed a size the example gave (a chunked scan
+        traced as one chunk, its chunk count a literal 1 beside the symbolic one), the graph is only valid where
+        they agree, and ``unify`` keeps that as an assumption for later size identities. A sequence axis is never
+        a width group, so no group is decided by this.
+
+        >>> ag, s = AxisGraph(), sympy.Symbol("s", integer=True, positive=True)
+        >>> ag.traced[s] = 8
+        >>> chunks = sympy.floor((s + sympy.Mod(256 - sympy.Mod(s, 256), 256)) / 256)
+        >>> ag.equal_as_traced(chunks, sympy.Integer(1)), ag.equal_as_traced(s, sympy.Integer(8))
+        (True, False)
+        """
+        diff = sympy.expand(a - b)
+        if not _rounded(diff) or not diff.free_symbols <= set(self.traced):
+            return False
+        return diff.xreplace({k: sympy.Integer(v) for k, v in self.traced.items()}) == 0
 
     def set_structure(self, axis: Axis, kind: str, parts: Sequence[Axis], why: str) -> None:
         """Declare ``axis`` to be the product or concatenation of ``parts`` (merging with what it was)."""
@@ -173,10 +229,12 @@ class AxisGraph:
             self._merge_structures(old, new, why)
 
     def _merge_structures(self, a: Structure, b: Structure, why: str) -> None:
-        if a.kind != b.kind:
+        if a.kind != b.kind and self.is_data(a.parts + b.parts):
+            # a relative-position shift: (s, 2s) viewed as (2s, s), a row sliced off, viewed back
+            self._make_opaque(a.parts + b.parts, why, _both(why))
+        elif a.kind != b.kind:
             # A concatenation that is also a product: only the trivial case is understood.
-            raise AnalysisError(f"{why}: one axis is both split by a slice/split/cat and reshaped into a product; "
-                                f"growir cannot reconcile the two layouts")
+            raise AnalysisError(_both(why))
         self.align(a.kind, a.parts, b.parts, why)
 
     # --- alignment (the reshape rule and its cat twin) ----------------------------------------------
@@ -198,19 +256,23 @@ class AxisGraph:
         chain; each part becomes the ``kind`` of the segments it spans. For a reshape (s, 32) -> (4s, 8)
         the chain is s | 4s | 32s, so 32 = 4 x 8 and 4s = s x 4.
         """
-        a = [p for p in self.leaves(kind, a_parts) if not (kind == PROD and self.size_of(p) == 1)]
-        b = [p for p in self.leaves(kind, b_parts) if not (kind == PROD and self.size_of(p) == 1)]
-        if len(a) == len(b) and all(same_size(self.size_of(x), self.size_of(y)) for x, y in zip(a, b)):
+        a = [p for p in self.leaves(kind, a_parts) if not (kind == PROD and self.same(self.size_of(p), ONE))]
+        b = [p for p in self.leaves(kind, b_parts) if not (kind == PROD and self.same(self.size_of(p), ONE))]
+        if len(a) == len(b) and all(self.same(self.size_of(x), self.size_of(y)) for x, y in zip(a, b)):
             for x, y in zip(a, b):
                 self.unify(x, y, why)
             return
         cuts_a, cuts_b = self._cuts(kind, a), self._cuts(kind, b)
-        chain = self._merge_chains(kind, cuts_a, cuts_b, why)
+        chain = self._merge_chains(kind, cuts_a, cuts_b)
+        if chain is None and not (kind == PROD and self._opaque_middle(a, b, why, cuts_a, cuts_b)):
+            raise AnalysisError(self._unaligned(why, cuts_a, cuts_b))
+        if chain is None:
+            return
         segments = self._segments(kind, chain, why)
         for parts, cuts in ((a, cuts_a), (b, cuts_b)):
             start = 0
             for part, end_cut in zip(parts, cuts):
-                end = next(k for k in range(start, len(chain)) if same_size(chain[k], end_cut))
+                end = next(k for k in range(start, len(chain)) if self.same(chain[k], end_cut))
                 self.set_structure(part, kind, segments[start:end + 1], why)
                 start = end + 1
 
@@ -221,19 +283,59 @@ class AxisGraph:
             cuts.append(sympy.expand(acc))
         return cuts
 
-    def _merge_chains(self, kind: str, x: list, y: list, why: str) -> list:
+    def _merge_chains(self, kind: str, x: list, y: list) -> list | None:
         chain, i, j = [], 0, 0
-        before = divides if kind == PROD else (lambda p, q: bool(sympy.simplify(q - p) >= 0))
+        before = ((lambda p, q: divides(p, q, self.assumed)) if kind == PROD
+                  else (lambda p, q: bool(sympy.simplify(q - p) >= 0)))
         while i < len(x) or j < len(y):
-            if i < len(x) and j < len(y) and same_size(x[i], y[j]):
+            if i < len(x) and j < len(y) and self.same(x[i], y[j]):
                 chain.append(x[i]); i += 1; j += 1
             elif j >= len(y) or (i < len(x) and before(x[i], y[j])):
                 chain.append(x[i]); i += 1
             elif i >= len(x) or before(y[j], x[i]):
                 chain.append(y[j]); j += 1
             else:
-                raise AnalysisError(self._unaligned(why, x, y))
+                return None
         return chain
+
+    def _opaque_middle(self, a: list, b: list, why: str, cuts_a: list, cuts_b: list) -> bool:
+        """Where a reshape regroups data-sized axes among themselves (a relative-position shift views (s, 2s) as
+        (2s, s)), align the parts before and after that region and make the region's axes opaque: related to
+        nothing and kept from growing. Width groups never depend on how the data's axes are regrouped; one
+        caught in such a region (features regrouped with the sequence) is refused by the walker when it finds a
+        parameter contracting it. False, changing nothing, where the region holds no data-sized axis."""
+        i, j = self._common(a, b)
+        k, m = self._common(a[i:][::-1], b[j:][::-1])
+        middle = a[i:len(a) - k] + b[j:len(b) - m]
+        if not self.is_data(middle):
+            return False
+        self.align(PROD, a[:i], b[:j], why)
+        self.align(PROD, a[len(a) - k:], b[len(b) - m:], why)
+        self._make_opaque(middle, why, self._unaligned(why, cuts_a, cuts_b))
+        return True
+
+    def _common(self, a: list, b: list) -> tuple:
+        """(i, j): the longest prefixes ``a[:i]``, ``b[:j]`` of one size whose reshape ``align`` can follow."""
+        best, ca, cb = (0, 0), self._cuts(PROD, a), self._cuts(PROD, b)
+        for i, x in enumerate(ca):
+            j = next((j for j, y in enumerate(cb) if self.same(x, y)), None)
+            if j is not None:
+                if self._merge_chains(PROD, ca[:i + 1], cb[:j + 1]) is None:
+                    break
+                best = (i + 1, j + 1)
+        return best
+
+    def is_data(self, parts: Sequence[Axis]) -> bool:
+        """Whether any of ``parts`` is sized by the data: a size with a shape symbol, or one of ``data`` (a
+        sequence that a static export holds as a literal, a pooled sequence) or ``opaque``, or a part of one of
+        them, among its classes."""
+        data = {r for x in [*self.data, *self.opaque] for r in (self.find(x), *self.leaf_roots(x))}
+        return any(self.size_of(p).free_symbols or self.find(p) in data or data & set(self.leaf_roots(p))
+                   for p in parts)
+
+    def _make_opaque(self, parts: Sequence[Axis], why: str, refusal: str) -> None:
+        for p in parts:
+            self.opaque.setdefault(p, (f"regrouped with the data's axes (a batch, a sequence) at {why}", refusal))
 
     def _unaligned(self, why: str, x: list, y: list) -> str:
         """A reshape growir cannot follow, in plain words: the running sizes of both sides, what each

@@ -171,7 +171,10 @@ class TensorRule:
     def _draw(self, shape: list, axis: int, std: float, store: torch.dtype) -> torch.Tensor:
         """The normal draws of ``axis``'s fill at ``shape`` (see ``_random_fill``)."""
         gen = torch.Generator().manual_seed(self.fill_seed * 31 + axis)
-        draw = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(std)
+        if math.prod(shape) >= 16:  # torch's vectorized normal_ computes round(z * std): randn's z, times std
+            draw = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+        else:  # the scalar path draws in double: z * std rounded once would differ from randn's z times std
+            draw = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(std)
         if store.is_floating_point and torch.finfo(store).eps > torch.finfo(torch.float32).eps:
             draw = draw.to(store)
         return draw

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import MaterializeError
 from ..frontend.folder import parameters_on_meta
+from .unread import any_size, init_own
 
 
 
@@ -251,10 +252,15 @@ def misfits(shapes, expected, required=frozenset()) -> float:
 
 def follow_lists(base: dict, cfg: dict, layer_sources: dict) -> dict:
     """``cfg`` with every per-layer list of ``base`` (a value per block) reordered to the grown blocks' sources,
-    where a block count changed; ``layer_sources`` maps an old count to the source block of each new one.
+    where a block count changed; ``layer_sources`` maps an old count to the source block of each new one. Token
+    fields are no per-layer lists, whatever their length (two eos ids for two layers).
 
-    >>> follow_lists({"n": 2, "kinds": ["a", "b"]}, {"n": 4, "kinds": ["a", "b"]}, {2: [0, 0, 1, 1]})
+    >>> follow_lists({"n": 2, "kinds": ["a", "b"], "eos_token_id": [1, 2]}, {"n": 4, "kinds": ["a", "b"]},
+    ...              {2: [0, 0, 1, 1]})
     {'n': 4, 'kinds': ['a', 'a', 'b', 'b']}
+    >>> follow_lists({"text": {"model_type": "t", "n": 2, "kinds": ["a", "b"]}},
+    ...              {"text": {"model_type": "t", "n": 4, "kinds": ["a", "b"]}}, {2: [0, 1, 0, 1]})
+    {'text': {'model_type': 't', 'n': 4, 'kinds': ['a', 'b', 'a', 'b']}}
     """
     out = dict(cfg)
     for key, old in base.items():
@@ -263,8 +269,11 @@ def follow_lists(base: dict, cfg: dict, layer_sources: dict) -> dict:
             if len(sources) != cfg[key]:
                 continue
             for name, value in base.items():
-                if isinstance(value, list) and len(value) == old:
+                if isinstance(value, list) and len(value) == old and not is_token_field(name):
                     out[name] = [value[i] for i in sources]
+    for name, sub in cfg.items():  # a sub-config's lists follow its own block count (text_config.layer_types)
+        if isinstance(sub, dict) and "model_type" in sub and isinstance(base.get(name), dict):
+            out[name] = follow_lists(base[name], sub, layer_sources)
     return out
 
 
@@ -323,16 +332,18 @@ def _first_mismatch(shapes, expected, required=frozenset()) -> str:
     return "all shapes match"
 
 
-def load_hf(model, cfg_dict: dict, state: dict):
+def load_hf(model, cfg_dict: dict, state: dict, unread: set = frozenset()):
     """Instantiate the rebuilt class and load ``state`` into it, after checking every shape exactly.
 
     The parameters are built on the meta device and the grown tensors assigned (no random initialisation
     to overwrite); buffers are built by the class itself, so non-persistent ones that no checkpoint holds
-    (rotary frequencies) are computed as usual, then follow the dtype of the source's same buffer.
+    (rotary frequencies) are computed as usual, then follow the dtype of the source's same buffer. Tensors
+    the forward never reads (``unread``) may have any shape: where the rebuilt one differs, the class's own
+    initialisation stays (``materialize/unread.py``).
     """
     cfg = _config(model, cfg_dict)
     rebuilt = config_shapes(model, cfg_dict)
-    grown = {k: tuple(v.shape) for k, v in state.items() if k in (rebuilt or {})}
+    grown = any_size({k: tuple(v.shape) for k, v in state.items() if k in (rebuilt or {})}, unread)
     if rebuilt is None or not _fits(rebuilt, grown) or set(rebuilt) - set(state):
         raise MaterializeError(f"the rebuilt {type(model).__name__} does not fit the grown tensors "
                                f"({_first_mismatch(rebuilt, grown)}); nothing was loaded")
@@ -344,9 +355,11 @@ def load_hf(model, cfg_dict: dict, state: dict):
         raise MaterializeError(f"the rebuilt {type(model).__name__} has tensors growir did not produce: "
                                f"{missing[:4]}; nothing was loaded")
     ties = _tie_groups(new)
-    new.load_state_dict({k: state[k] for k in own}, strict=True, assign=True)
+    fresh = set(init_own(new, set(unread), state))
+    own = new.state_dict()
+    new.load_state_dict({k: own[k] if k in fresh else state[k] for k in own}, strict=True, assign=True)
     _retie(new, ties)
-    _place_other_buffers(new, model, set(own), next(iter(state.values())).device)
+    _place_other_buffers(new, model, set(own) - fresh, state)
     new.eval() if not model.training else new.train()
     return new
 
@@ -367,12 +380,17 @@ def _retie(model, groups: list) -> None:
             setattr(model.get_submodule(".".join(path)) if path else model, leaf, param)
 
 
-def _place_other_buffers(new, model, loaded: set, device) -> None:
-    """Buffers the state did not hold: on the grown tensors' device, in the dtype of the source's buffer."""
-    source = dict(model.named_buffers())
+def _place_other_buffers(new, model, loaded: set, state: dict) -> None:
+    """Buffers the state dict did not load (non-persistent ones): the grown tensor where the traced forward read
+    one of that shape (a table the class makes at construction from a width: the class's own would compute
+    something else; ``reload.py`` says what ``from_pretrained`` makes of it), else the class's own; on the grown
+    tensors' device, in the dtype of the source's buffer."""
+    source, device = dict(model.named_buffers()), next(iter(state.values())).device
     for name, buf in list(new.named_buffers()):
         if name in loaded:
             continue
+        if name in state and state[name].shape == buf.shape:
+            buf = state[name]
         dtype = source[name].dtype if name in source and buf.is_floating_point() else buf.dtype
         *path, leaf = name.split(".")
         owner = new.get_submodule(".".join(path)) if path else new

@@ -66,9 +66,11 @@ def build_graph_module(gm: fx.GraphModule, state: dict, params: set, schedules: 
         owner._buffers.pop(leaf, None)
         setattr(owner, leaf, target) if canonical in params else owner.register_buffer(leaf, target)
     _unshare(new, shared)
+    stale = set()
     for sched in schedules:
-        _copy_blocks(new, sched)
+        stale |= _copy_blocks(new, sched)
     new.graph.eliminate_dead_code()
+    _drop_tensors(new, stale)
     new.graph.lint()
     new.recompile()
     return new
@@ -82,8 +84,9 @@ def _unshare(new: fx.GraphModule, shared: list) -> None:
             set_tensor(new, name, t.detach().clone(), isinstance(t, torch.nn.Parameter))
 
 
-def _copy_blocks(gm: fx.GraphModule, sched: Schedule) -> None:
-    """Re-emit the block region of ``gm``'s graph as the schedule's sequence of block copies."""
+def _copy_blocks(gm: fx.GraphModule, sched: Schedule) -> set:
+    """Re-emit the block region of ``gm``'s graph as the schedule's sequence of block copies; the names of the old
+    blocks' tensors that no copy has now."""
     b = sched.blocks
     names = [[n.name for n in ns] for ns in b.nodes]
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -121,5 +124,53 @@ def _copy_blocks(gm: fx.GraphModule, sched: Schedule) -> None:
     for ns in reversed(blocks):
         for n in reversed(ns):
             gm.graph.erase_node(n)
+    kept = {b.name(pos, sfx) for pos, src in enumerate(sched.sources) for sfx in b.suffixes_of(src)}
+    return {b.name(i, sfx) for i in range(b.count) for sfx in b.suffixes_of(i)} - kept
 
+
+def _drop_tensors(gm: fx.GraphModule, names: set) -> None:
+    """Tensors no block reads any more (by runs, a block of another kind stands where theirs was)."""
+    for name in names:
+        *path, leaf = name.split(".")
+        owner = gm.get_submodule(".".join(path))
+        owner._parameters.pop(leaf, None)
+        owner._buffers.pop(leaf, None)
+
+
+def proxy_schedules(blocks: list, schedules: list[Schedule], counts: dict) -> list[Schedule] | str:
+    """The block copies that make a two-block proxy's graph the full grown one (``frontend/proxy.py``: proxy block 0
+    stands for blocks 0..n-2 of the full list, block 1 for block n-1): per cut list, its depth schedule's sources
+    mapped to the proxy's blocks, or the full list itself where its depth does not grow. A string says why the
+    proxy's graph cannot stand for the full one (blocks of several kinds, whose order the proxy does not hold).
+
+    >>> from types import SimpleNamespace
+    >>> b = SimpleNamespace(prefix="h", mixed=False, homogeneous=True)
+    >>> [s.sources for s in proxy_schedules([b], [], {"h": 4})]
+    [[0, 0, 0, 1]]
+    """
+    by_prefix = {s.blocks.prefix: s for s in schedules}
+    out = []
+    for b in blocks:
+        n = counts.get(b.prefix)
+        if n is None:
+            out += [by_prefix[b.prefix]] if b.prefix in by_prefix else []
+            continue
+        if b.mixed or not b.homogeneous:
+            return f"the blocks of `{b.prefix}` are of several kinds, and the proxy holds two of them"
+        sched = by_prefix.get(b.prefix)
+        sources = sched.sources if sched is not None else list(range(n))
+        out.append(Schedule(b, [0 if s < n - 1 else 1 for s in sources], sched.fresh if sched else [False] * n,
+                            sched.method if sched else "identity"))
+    return out
+
+
+def off_meta(gm: fx.GraphModule, device: torch.device) -> None:
+    """The devices a graph traced on the meta device names (a proxy's: ``arange(..., device=meta)``, ``to(meta)``)
+    made ``device``, so it runs on the real tensors."""
+    meta = torch.device("meta")
+
+    def swap(a):
+        return device if isinstance(a, torch.device) and a == meta else a
+    for node in gm.graph.nodes:
+        node.args, node.kwargs = fx.node.map_aggregate(node.args, swap), fx.node.map_aggregate(node.kwargs, swap)
 

@@ -21,10 +21,11 @@ import torch.utils._pytree as pytree
 
 from ..errors import GrowthError, MaterializeError, first_line, warn
 from ..frontend.folder import tied_names
-from ..passes.depth import schedule
+from ..passes.depth import count_pairs, depth_layouts, schedule
 from ..ir.index_maps import tree_map
 from ..verify.compare import TOLERANCE
 from ..verify.measure import long_sizes, measurable, measure
+from .unread import any_size, own_initialised, unread_names, unread_note
 
 MAX_CHECK_LEN = 512  # the longest sequence the config check runs (it runs on the full grown model)
 MATERIALIZE = ("auto", "hf", "graph")
@@ -41,7 +42,7 @@ def materialize_hf(model, p, sizes: dict, depth_plan: list, opts, built, rebuild
     if mode == "graph":
         return built
     try:
-        return _fit_config(model, p, sizes, depth_plan, opts, built, rebuild)
+        return _fit_layouts(model, p, sizes, depth_plan, opts, built, rebuild)
     except MaterializeError as err:
         if mode == "hf":
             raise
@@ -53,22 +54,52 @@ def materialize_hf(model, p, sizes: dict, depth_plan: list, opts, built, rebuild
 
 
 def output_only_groups(p) -> list:
-    """Groups that parameters write and nothing reads but the model's outputs (a pooler): the rebuilt config
-    decides their size."""
+    """Groups that parameters write and nothing reads but the model's outputs (a pooler), or nothing at all (a
+    pooler whose output the head drops): the rebuilt config decides their size."""
     return [g for g in p.groups if g.role is None and g.size and not g.pinned and g.producers
-            and not g.consumers and g.in_output]
+            and not g.consumers and (g.in_output or not g.reads)]
 
 
-def sizes_given(groups: list, shapes: dict) -> dict:
-    """group id -> the size the rebuilt model's parameter ``shapes`` give it, where that differs and every
-    producer agrees."""
+def sizes_given(groups: list, shapes: dict, sizes: dict | None = None) -> dict:
+    """group id -> the size the rebuilt model's parameter ``shapes`` give it, where that differs from its size in
+    ``sizes`` (else its source size) and every producer agrees."""
     out = {}
     for g in groups:
         first = g.producers[0]
         size = shapes.get(first.param, (None,) * (first.axis + 1))[first.axis]
-        if size is not None and size != g.size and all(shapes[q.param][q.axis] == size for q in g.producers):
+        if size is not None and size != (sizes or {}).get(g.id, g.size) and all(
+                shapes[q.param][q.axis] == size for q in g.producers):
             out[g.id] = size
     return out
+
+
+def output_only_sizes(p, sizes: dict) -> dict:
+    """``sizes`` with each output-only group (a pooler) at the size a rebuilt config most likely gives it: the
+    one new size of every other group of its source size (hidden -> 2 x hidden), where they agree. It saves
+    making the rules twice; the config search still decides (``sizes_given``), and a different size there makes
+    the rules again, with the reason in ``record.reruns``."""
+    out = dict(sizes)
+    for g in output_only_groups(p):
+        new = {sizes.get(h.id, h.size) for h in p.groups if h.size == g.size and h.id != g.id}
+        if g.id not in sizes and len(new) == 1 and new != {g.size}:
+            out[g.id] = new.pop()
+    return out
+
+
+def _fit_layouts(model, p, sizes: dict, depth_plan, opts, built, rebuild):
+    """``_fit_config``, then each other layout of block lists whose kinds never repeat (``depth_layouts``) until a
+    config states one; where none does, one error that says what each layout needed."""
+    plans, errors = depth_layouts(depth_plan), []
+    for k, plan in enumerate(plans):
+        try:
+            grown = built if k == 0 else rebuild(p, sizes, plan, opts, "the config states another depth layout")
+            return _fit_config(model, p, sizes, plan, opts, grown, rebuild)
+        except MaterializeError as err:
+            if len(plans) == 1:
+                raise
+            errors.append(f"grown by {', '.join(f'`{b.prefix}` {b.layout}' for b, _ in plan)}: {first_line(err)}")
+    raise MaterializeError("no config states any layout of the grown blocks, whose kinds never repeat: "
+                           + "; ".join(errors))
 
 
 def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
@@ -78,24 +109,29 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
     free_axes = {(pa.param, pa.axis) for g in free for pa in g.producers}
     expected = {k: tuple(None if (p.facts.aliases.get(k, k), i) in free_axes else n for i, n in enumerate(v.shape))
                 for k, v in with_source_ties(model, built.state).items()}
-    pairs = _size_pairs(p, built.maps, {b.prefix: (b.count, n, "") for b, n in depth_plan})
+    expected = any_size(expected, unread_names(built.record.rules))  # the class initialises them at its shapes
+    counts = count_pairs(depth_plan, opts.depth_method)  # block lists' and runs' (old, new) counts
+    pairs = _size_pairs(p, built.maps, {k: (n, m, "") for k, (n, m) in enumerate(counts)})
     heads = _head_pairs(p, built.maps)
     params = dict(model.named_parameters(remove_duplicate=False))
-    required = set(params) | {b.name(i, sfx) for b, n in depth_plan for i in range(n) for sfx in b.suffixes_of(i)
-                              if b.name(i % b.period, sfx) in params}
-    sources = {b.count: schedule(b, n, opts.depth_method).sources for b, n in depth_plan}
+    scheds = [(b, schedule(b, n, opts.depth_method)) for b, n in depth_plan]
+    sources = {b.count: s.sources for b, s in scheds}
+    old = {b.name(i, sfx) for b, _ in scheds for i in range(b.count) for sfx in b.suffixes_of(i)}  # replaced
+    required = set(params) - old | {b.name(i, sfx) for b, s in scheds for i, src in enumerate(s.sources)
+                                    for sfx in b.suffixes_of(src) if b.name(src, sfx) in params}
     if built.eps_values and not opts.keep_eps and eps_shared(p, built.eps_nodes or {}):
         why = "every norm's eps kept: a config field holds the eps of a norm the growth changes and of one it keeps"
         return _fit_config(model, p, sizes, depth_plan, *_kept_eps(p, sizes, depth_plan, opts, rebuild, why), rebuild)
     tried = []
     for cfg, changes, shapes in candidate_configs(model, expected, pairs, heads, required, sources,
                                                   built.eps_values):
-        extra = sizes_given(free, shapes)
+        extra = sizes_given(free, shapes, sizes)
         candidate, grown, why = _try_candidate(model, p, cfg, shapes, {**sizes, **extra}, depth_plan, opts,
                                                None if extra else built, rebuild)
         if why is None:
             _keep_generation_config(model, grown)
             candidate.grown, candidate.record.config_changes = grown, config_diff(model.config, grown.config)
+            candidate.record.notes += unread_note(own_initialised(grown, candidate), [])
             return candidate
         tried.append(f"{changes} ({why})")
     if built.eps_values and not opts.keep_eps:  # e.g. an eps the config does not hold: keep it
@@ -165,13 +201,13 @@ def _load_candidate(model, p, cfg: dict, sizes: dict, depth_plan, opts, built, r
     from ..passes.per_unit import rebuilt_values
     why = "the config sizes a group that only the outputs read (a pooler): the rules at that size"
     candidate = rebuild(p, sizes, depth_plan, opts, why) if built is None else built
-    grown = load_hf(model, cfg, with_source_ties(model, candidate.state))
+    grown = load_hf(model, cfg, with_source_ties(model, candidate.state), unread_names(candidate.record.rules))
     if candidate.units and not opts.unit_values:  # the rebuilt model's own per-unit constants
         values = rebuilt_values(candidate.units, candidate.maps, grown)
         if values:
             candidate = rebuild(p, sizes, depth_plan, dataclasses.replace(opts, unit_values=values),
                                 "per-unit constants (ALiBi slopes) placed where the rebuilt model puts them")
-            grown = load_hf(model, cfg, with_source_ties(model, candidate.state))
+            grown = load_hf(model, cfg, with_source_ties(model, candidate.state), unread_names(candidate.record.rules))
     return candidate, grown
 
 
@@ -320,8 +356,8 @@ def _keep_generation_config(model, grown) -> None:
 def _head_pairs(p, maps: dict) -> dict:
     """old -> {new} query-head counts: sizes that shape attention but no parameter."""
     ag, out = p.facts.ag, {}
-    for site in p.facts.attention:
-        _, _, old, new = tree_map(ag.expand(site["q"][1]), ag, maps)
+    for axis in _query_head_axes(p):
+        _, _, old, new = tree_map(ag.expand(axis), ag, maps)
         old, new = sympy.sympify(old), sympy.sympify(new)
         if old.is_Integer and old != new:
             out.setdefault(int(old), set()).add(int(new))
@@ -329,6 +365,16 @@ def _head_pairs(p, maps: dict) -> dict:
         if g.root in maps and not g.per_kv:
             out.setdefault(maps[g.root].old, set()).add(maps[g.root].new)
     return out
+
+
+def _query_head_axes(p) -> list:
+    """The query-head axes of every attention: a fused attention's, and the batch axes an attention written out
+    as matmuls reads (there the query heads of grouped-query attention are kv heads x heads per kv head, a product
+    no single group holds; a config's head count holds the product)."""
+    ag = p.facts.ag
+    return [site["q"][1] for site in p.facts.attention] + [
+        r.axis for r in p.facts.reads if r.kind == "batch"
+        and all(ag.size_of(leaf).is_Integer for leaf in ag.leaf_roots(r.axis))]  # not a batch x heads merge
 
 
 def with_source_ties(model, state: dict) -> dict:
@@ -357,8 +403,10 @@ def _size_pairs(p, maps: dict, layer_info: dict) -> dict:
         for axis in p.facts.axes.get(node, []):
             add(axis)
     for site in p.facts.attention:
-        for axis in (site["q"][1], site["k"][1], site["q"][-1]):
+        for axis in (site["k"][1], site["q"][-1]):
             add(axis)
+    for axis in _query_head_axes(p):
+        add(axis)
     for old, new, _ in layer_info.values():
         if new != old:
             pairs.setdefault(old, set()).add(new)

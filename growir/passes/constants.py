@@ -6,6 +6,8 @@ axis it describes. Size-derived *values* (a 1/sqrt(head_dim) scale) are not shap
 
 from __future__ import annotations
 
+import operator
+
 import sympy
 import torch.fx as fx
 
@@ -41,6 +43,9 @@ def rewrite_constants(plan: Plan, maps: dict, gm: fx.GraphModule) -> int:
     for c in plan.facts.consts:
         if c.kind == "factor":
             value = factor(c.axis)
+            if c.path[0] == "sym":  # one factor of a product (batch * 4 * 4 as (batch * 4) * 4): the others keep theirs
+                rest = _literal_product([a for j, a in enumerate(nodes[c.path[1]].args) if j != c.path[2]])
+                value = value // rest if value % rest == 0 else value
         elif c.kind == "end":
             axes = c.axis if isinstance(c.axis, tuple) and isinstance(c.axis[0], tuple) else (c.axis,)
             value = sum(int(size(a)) for a in axes)
@@ -60,6 +65,23 @@ def rewrite_constants(plan: Plan, maps: dict, gm: fx.GraphModule) -> int:
             node, pos = nodes[c.node], c.path[1:]
         changed += _set_arg(node, pos, value)
     return changed
+
+
+def _literal_product(args) -> int:
+    """The product of the integer literals in ``args`` and in the products they are made of (a size computed
+    as ``(sym_size * 4) * 4`` holds 4 in its inner product), as the graph holds them now (rewritten or not).
+
+    >>> g = fx.Graph(); b = g.placeholder("b"); inner = g.call_function(operator.mul, (b, 4))
+    >>> _literal_product([inner, 2]), _literal_product([b])
+    (8, 1)
+    """
+    total = 1
+    for a in args:
+        if isinstance(a, int) and not isinstance(a, bool):
+            total *= a
+        elif isinstance(a, fx.Node) and a.target is operator.mul:
+            total *= _literal_product(a.args)
+    return total
 
 
 def _set_arg(node: fx.Node, pos, value: int) -> int:

@@ -22,6 +22,8 @@ from ..frontend.folder import named_tensors
 from ..ir.tensor_rule import AxisMap, TensorRule
 from ..ir.index_maps import GroupMap, fpi_index, fill_index, interleave_index, tree_map
 
+UNREAD = "unused by the forward"  # the note of a tensor's rule where no node of the graph reads it
+
 
 def group_maps(plan: Plan, sizes: dict, seed: int = 0, index_fn=fpi_index, fills: dict | None = None,
                one_copy: bool = False) -> dict:
@@ -84,7 +86,7 @@ def width_rules(plan: Plan, maps: dict) -> WidthResult:
     gm = plan.captured.gm
     for name, t in named_tensors(gm):
         if name not in res.rules:  # a tensor the traced forward never reads: carried over unchanged
-            res.rules[name] = TensorRule(name, [AxisMap() for _ in t.shape], notes=["unused by the forward"])
+            res.rules[name] = TensorRule(name, [AxisMap() for _ in t.shape], notes=[UNREAD])
     return res
 
 

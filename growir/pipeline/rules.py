@@ -18,7 +18,7 @@ from .manager import declare
 from ..passes.aki import aki_rules
 from ..passes.attention import compensate_head_dim, rewrite_scales, rotary_fills
 from ..passes.constants import rewrite_constants
-from ..passes.depth import depth_rules, schedule
+from ..passes.depth import replace_blocks, schedule
 from ..passes.exactness import compensate_tied, deviations
 from ..passes.fill import FillPlan, adjust_norms, open_fill_columns, plan_fill, rewrite_eps
 from ..passes.fresh import copy_where_exact, fresh_units, seed_random_fills, split_copies
@@ -31,14 +31,14 @@ from ..passes.width import group_maps, width_rules
 
 
 FRESH = ("fresh", "auto", "fill")  # the width methods that build fresh units and fills ("auto": per group)
-PER_GROUP = ("auto", "fill")  # decided per group; "fill" also fills a post-norm residual (inexact, measured)
+PER_GROUP = ("auto", "fill")  # decided per group; both fill a post-norm residual (inexact, measured; fill.py)
 
 
 @declare(reads=("plan", "sizes", "opts", "strict"), writes=("fill", "new_units"))
 def _fill_plan(c) -> None:
     fresh = c.opts.width_method in FRESH
-    post_norm = c.opts.width_method == "fill" and not c.strict  # asked for: a post-norm residual filled, inexact
-    c.fill = (plan_fill(c.plan, c.sizes, every=fresh, post_norm=post_norm)
+    post_norm = c.opts.width_method in PER_GROUP and not c.strict  # a post-norm residual filled, inexact, measured
+    c.fill = (plan_fill(c.plan, c.sizes, every=fresh, post_norm=post_norm, keep_norms=c.opts.width_method == "auto")
               if c.opts.width_method in ("fpi", *FRESH) else FillPlan())
     if c.opts.width_method in PER_GROUP:
         copy_where_exact(c.plan, c.sizes, c.fill, _low_precision(c), c.opts.keep_eps)
@@ -172,9 +172,9 @@ def _depth(c) -> None:
         if b.prefix in c.counts:
             b = dataclasses.replace(b, paths=[f"{b.prefix}.{i}" for i in range(c.counts[b.prefix])])
         sched = schedule(b, new, c.opts.depth_method)
-        c.rules.update(depth_rules(sched, c.rules))
+        replace_blocks(sched, c.rules)
         c.schedules.append(sched)
-        c.layer_info[b.prefix] = (b.count, new, sched.method)
+        c.layer_info[b.prefix] = (b.count, new, sched.describe())
         if not sched.exact:
             c.reasons.append(f"depth growth of `{b.prefix}` by `{sched.method}` is not function-preserving"
                              + (" (its blocks are post-norm)" if sched.method == "identity" else ""))

@@ -1,10 +1,12 @@
 """The passes of every stage but the rules (``pipeline/rules.py``): plan (capture, analyse), spec (sizes,
 depth), materialize (grown tensors, rewritten graph, record, the class rebuilt) and check (measure, judge).
 
-``grow`` plans on a two-block meta proxy where one stands in for the model (``frontend/proxy.py``): no GraphModule
-is built then, and the rebuilt class is measured on the real source once. Where the proxy cannot do (the
-growth is not exact, no config rebuilds it, the proxy's graph is not a chain of blocks), the growth starts
-again on the full capture (a pass raises ``manager.Restart``, the driver runs the stages again) and
+``grow`` plans on a two-block meta proxy where one stands in for the model (``frontend/proxy.py``): the model is
+exported once, and the rebuilt class is measured on the real source once. An exact growth builds no GraphModule;
+one that is not exact (a post-norm stack, AKI) checks the rebuilt class against the proxy's graph with its blocks
+copied out to the full grown lists (``materialize.graph.proxy_schedules``). Where the proxy cannot do (no config
+rebuilds the class, the proxy's graph is not a chain of blocks or holds blocks of several kinds), the growth
+starts again on the full capture (a pass raises ``manager.Restart``, the driver runs the stages again) and
 ``record.capture`` and ``record.reruns`` say why.
 
 Each pass is a small function of the one ``Context``, declared (``manager.declare``) with what it reads, writes
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..frontend.proxy import NoProxy, check_plan, full_capture, make_model_proxy, source_tensors, state_of
+from ..frontend.proxy import (NoProxy, check_plan, expand_names, full_capture, make_model_proxy, source_tensors,
+                             state_of)
 from ..passes.depth import schedule
 from .context import Built, Context
 from ..errors import (AnalysisError, MaterializeError, NotExactError, PreservationError, RewriteError, SpecError,
@@ -24,8 +27,10 @@ from ..errors import (AnalysisError, MaterializeError, NotExactError, Preservati
 from ..frontend.export import capture
 from ..frontend.inputs import example_inputs_for
 from .manager import Restart, declare, run_passes
-from ..materialize.graph import build_graph_module, release_weights
+from ..materialize.graph import build_graph_module, off_meta, proxy_schedules, release_weights
+from ..materialize.hf import output_only_sizes
 from ..materialize.reload import reload_check
+from ..materialize.unread import kept_note
 from ..passes.depth import target_layers
 from .rules import RULES
 from ..ir.tensor_rule import rounding_reason
@@ -84,9 +89,13 @@ def _analyse_in_memory(c) -> None:
 
 
 # --- spec -----------------------------------------------------------------------------------------------------
-@declare(reads=("plan", "width"), writes=("sizes",), what=_SPEC, error=SpecError)
+@declare(reads=("plan", "width", "model?", "materialize"), writes=("sizes",), what=_SPEC, error=SpecError)
 def _sizes(c) -> None:
+    """The new size of each group; where a model's class is rebuilt, an output-only group's (a pooler's) as the
+    config will most likely size it, so the rules are made once (streaming sizes it from the chosen config)."""
     c.sizes = resolve_width(c.plan, c.width)
+    if c.model is not None and c.plan.captured.is_hf and c.materialize != "graph":
+        c.sizes = output_only_sizes(c.plan, c.sizes)
 
 
 @declare(reads=("plan", "depth", "layers?", "counts"), writes=("depth_plan",), what=_SPEC, error=SpecError)
@@ -98,19 +107,22 @@ def _depth_plan(c) -> None:
                     for b in (c.plan.blocks if wants_depth else [])]
 
 
-@declare(reads=("proxy?", "depth_plan", "counts", "opts"), what=_SPEC, error=SpecError)
+@declare(reads=("proxy?", "plan", "depth_plan", "counts", "opts"), what=_SPEC, error=SpecError)
 def _proxy_depth(c) -> None:
-    """Decided before any rule is made: a depth growth that cannot be exact needs the full graph (the class
-    rebuilt for it is checked against the rewritten graph), so the full model is captured now, once."""
-    if c.proxy is None:
+    """Decided before any rule is made: a depth growth that cannot be exact is checked against the rewritten
+    full graph; where the proxy's graph cannot be copied out to it, the full model is captured now, once."""
+    if c.proxy is None or not _no_proxy_graph(c):
         return
     for b, new in c.depth_plan:
-        full = dataclasses.replace(b, paths=[f"{b.prefix}.{i}" for i in range(c.counts.get(b.prefix, b.count))])
-        sched = schedule(full, new, c.opts.depth_method)
+        sched = schedule(_full_blocks(b, c.counts), new, c.opts.depth_method)
         if not sched.exact:
-            raise Restart(full_capture(f"the growth is not exact (depth growth of `{b.prefix}` by `{sched.method}`), "
-                                       f"and the class rebuilt for it is checked against the rewritten full graph"),
-                          PROXY_PLAN + SPEC)
+            raise Restart(full_capture(f"the growth is not exact (depth growth of `{b.prefix}` by `{sched.method}`) "
+                                       f"and {_no_proxy_graph(c)}"), PROXY_PLAN + SPEC)
+
+
+def _full_blocks(b, counts: dict):
+    """A proxy's block list as the full model's (its count), for what counts blocks."""
+    return dataclasses.replace(b, paths=[f"{b.prefix}.{i}" for i in range(counts.get(b.prefix, b.count))])
 
 
 # --- materialize ----------------------------------------------------------------------------------------------
@@ -125,17 +137,25 @@ def _apply_rules(c) -> None:
         c.rounded += [name] if lossy else []
 
 
-@declare(reads=("plan", "rules", "state", "schedules", "graph_edits", "proxy?"), writes=("graph?",))
+@declare(reads=("plan", "rules", "state", "schedules", "graph_edits", "proxy?", "reasons", "counts"),
+         writes=("graph?",))
 def _rewrite_graph(c) -> None:
-    """The rewritten GraphModule (none on a proxy's plan: it holds two blocks, and nothing returns it)."""
+    """The rewritten GraphModule. On a proxy's plan only where the growth is not exact (the rebuilt class is then
+    checked against it): the proxy's graph, its blocks copied out to the full grown lists."""
     c.graph = None
-    if c.proxy is not None:
+    if c.proxy is not None and not c.reasons:
         return
-    gm = c.plan.captured.gm
-    params = set(dict(gm.named_parameters(remove_duplicate=False))) | (
-        set(c.rules) - set(dict(gm.named_buffers(remove_duplicate=False))))
-    edits = c.graph_edits
-    c.graph = build_graph_module(gm, c.state, params, c.schedules, lambda g: [edit(g) for edit in edits],
+    gm, schedules = c.plan.captured.gm, c.schedules
+    buffers = set(dict(gm.named_buffers(remove_duplicate=False)))
+    if c.proxy is not None:
+        schedules, buffers = proxy_schedules(c.plan.blocks, c.schedules, c.counts), expand_names(buffers, c.counts)
+        if isinstance(schedules, str):
+            raise MaterializeError(f"the growth is not exact and {schedules}: the full graph is the reference")
+    params = set(dict(gm.named_parameters(remove_duplicate=False))) | (set(c.rules) - buffers)
+    edits = list(c.graph_edits)
+    if c.proxy is not None:  # traced on the meta device: its ops run where the tensors are
+        edits.append(lambda g: off_meta(g, next(iter(c.proxy.source.values())).device))
+    c.graph = build_graph_module(gm, c.state, params, schedules, lambda g: [edit(g) for edit in edits],
                                  c.plan.facts.aliases)
 
 
@@ -156,23 +176,28 @@ def build(c, sizes: dict, depth_plan: list, opts) -> Built:
     return run_passes(RULES + GRAPH, c.nested(sizes=sizes, depth_plan=depth_plan, opts=opts)).built
 
 
-@declare(reads=("proxy?", "rules", "reasons"))
+@declare(reads=("proxy?", "plan", "rules", "reasons", "counts"))
 def _proxy_fits(c) -> None:
-    """A proxy's growth goes on only where it is exact (else the rebuilt class is checked against the rewritten
-    full graph) and its rules read tensors the model holds; otherwise the growth starts again, full."""
+    """A proxy's growth goes on where its rules read tensors the model holds and, if it is not exact, its graph
+    copied out block by block is the full grown graph (the rebuilt class is checked against it); otherwise the
+    growth starts again, full."""
     if c.proxy is None:
         return
-    why = None
-    if c.reasons:
-        why = ("the growth is not exact (" + "; ".join(c.reasons)[:200] + "), and the class rebuilt for it is "
-               "checked against the rewritten full graph")
-    else:
-        try:
-            source_tensors(c.proxy, c.rules)
-        except NoProxy as err:
-            why = str(err)
+    why = _no_proxy_graph(c) if c.reasons else None
+    if why:
+        why = f"the growth is not exact ({'; '.join(c.reasons)[:200]}) and {why}"
+    try:
+        source_tensors(c.proxy, c.rules)
+    except NoProxy as err:
+        why = str(err)
     if why:
         raise Restart(full_capture(why), PROXY_PLAN + SPEC + RULES)
+
+
+def _no_proxy_graph(c) -> str | None:
+    """Why the proxy's graph cannot be copied out to the full grown graph (None: it can)."""
+    why = proxy_schedules(c.plan.blocks, [], c.counts)
+    return why if isinstance(why, str) else None
 
 
 @declare(reads=("model", "plan", "built", "sizes", "depth_plan", "opts", "proxy?", "materialize", "counts"),
@@ -185,8 +210,9 @@ def _rebuild_class(c) -> None:
     if c.proxy is None:
         c.built = materialize_hf(c.model, c.plan, c.sizes, c.depth_plan, c.opts, c.built, rebuild, c.materialize)
         return
+    depth_plan = [(_full_blocks(b, c.counts), n) for b, n in c.depth_plan]  # the full lists' counts
     try:  # no GraphModule to fall back to: the full capture makes it
-        c.built = materialize_hf(c.model, c.plan, c.sizes, c.depth_plan, c.opts, c.built, rebuild, "hf")
+        c.built = materialize_hf(c.model, c.plan, c.sizes, depth_plan, c.opts, c.built, rebuild, "hf")
     except MaterializeError as err:
         why = f"no config rebuilds {type(c.model).__name__} from the proxy's growth ({first_line(err)[:300]})"
         raise Restart(full_capture(why), PROXY_PLAN + SPEC + RULES + GRAPH + (_rebuild_class,))
@@ -214,7 +240,7 @@ def _notes(c) -> None:
     for note in notes:
         warn("growir: " + note)
     record.notes += notes + ([f"the graph was exported at fixed shapes ({p.captured.static})"]
-                             if p.captured.static else [])
+                             if p.captured.static else []) + kept_note(c.built)
 
 
 def _aki_notes(p, record, width_method: str) -> list[str]:

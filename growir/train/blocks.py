@@ -1,7 +1,8 @@
 """Find a model's stack of transformer blocks from its module structure, and cut or stack it in place.
 
-The block list is the ``nn.ModuleList`` whose children are identical modules (same class, same parameter
-shapes) and that holds the most parameters; no table of architecture names is needed.
+The block list is the ``nn.ModuleList`` of blocks (children of one class whose parameters of one name have one
+shape: identical blocks, or kinds of one stack such as dense and MoE layers) that holds the most parameters; no
+table of architecture names is needed.
 
 >>> from transformers import LlamaConfig, LlamaForCausalLM
 >>> m = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
@@ -47,23 +48,25 @@ class BlockStack:
     blocks: nn.ModuleList
 
 
-def _signature(module: nn.Module) -> tuple:
-    return (type(module),) + tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+def _one_stack(module: nn.ModuleList) -> bool:
+    """Whether the children are blocks of one stack: one class, and a parameter name means one shape in all of
+    them (a first-k-dense stack's dense and MoE layers are; stages of other widths are not)."""
+    shapes = {}
+    return len({type(child) for child in module}) == 1 and all(
+        shapes.setdefault(n, tuple(p.shape)) == tuple(p.shape) for child in module for n, p in child.named_parameters())
 
 
 def find_blocks(model: nn.Module) -> BlockStack:
-    """The ``nn.ModuleList`` of identical children holding the most parameters (ValueError if there is none)."""
+    """The ``nn.ModuleList`` of blocks of one stack holding the most parameters (ValueError if there is none)."""
     best, best_size = None, -1
     for path, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({_signature(child) for child in module}) != 1:
+        if not isinstance(module, nn.ModuleList) or len(module) == 0 or not _one_stack(module):
             continue
         size = sum(p.numel() for p in module.parameters())
         if size > best_size:
             best, best_size = path, size
     if best is None:
-        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of identical blocks; "
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks of one class; "
                          "pass a model built from repeated transformer layers")
     parent_path, _, attr = best.rpartition(".")
     parent = model.get_submodule(parent_path)

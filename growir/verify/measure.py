@@ -130,7 +130,15 @@ def eval_outputs(model, inputs: list) -> list:
     """
     from .onnx_export import eval_mode  # ONNX tooling loads on first use (see growir.verify)
     with eval_mode(model), torch.no_grad():
-        return [pytree.tree_leaves(model(*args, **kwargs)) for args, kwargs in upcast_inputs(inputs)]
+        return [_seeded(model, args, kwargs) for args, kwargs in upcast_inputs(inputs)]
+
+
+def _seeded(model, args: tuple, kwargs: dict) -> list:
+    """One forward from a fixed random state (the caller's is restored): a forward that draws (a random
+    masking of patches) draws the same values for the source and the grown model."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []):
+        torch.manual_seed(0)
+        return pytree.tree_leaves(model(*args, **kwargs))
 
 
 def measurable(model) -> bool:

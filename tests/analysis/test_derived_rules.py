@@ -140,3 +140,37 @@ def test_mamba_grows_exactly_through_its_derived_tensor_split():
     big = growir.grow(model, width=2.0)
     assert big.growir_record.exact and big.config.hidden_size == 64 and big.config.intermediate_size == 128
     torch.testing.assert_close(big(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_that_needs_divisible_sizes_is_probed_at_multiples():
+    """group_norm rejects a channel count its groups do not divide (every prime): probed at the real sizes times
+    distinct primes, its channels are the input's, tied to the weight and bias, and read (copies of channels move
+    their group's statistics), never refused (bit)."""
+    f32 = [torch.float32] * 3
+    rel = relations(A.group_norm.default, [(2, 32, 6, 6), (32,), (32,)],
+                    (Operand(0), 8, Operand(1), Operand(2), 1e-5, False), {}, f32)
+    assert rel.outputs[0][1] == ("eq", [((0, 1), (1, 0), (2, 0))])
+    assert ((0, 1), (1, 0), (2, 0)) in rel.uncopied
+
+
+class Diagonal(nn.Module):
+    """Attention-like scores with the diagonal masked by ``torch.eye(seq_len)``: an op with no operand, sized by a
+    dynamic length (xlnet)."""
+
+    def __init__(self, d=8, ffn=16):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x):
+        h = self.down(torch.relu(self.up(x)))
+        scores = h @ h.transpose(1, 2) - 1e4 * torch.eye(x.shape[1], dtype=x.dtype)
+        return x + scores.softmax(-1) @ h
+
+
+def test_a_size_argument_of_no_operand_makes_new_axes():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(Diagonal(), Diagonal()).eval(), torch.randn(2, 5, 8)
+    big = growir.grow(model, width=2.0, example_inputs=(x,))
+    assert big.growir_record.exact and big.get_parameter("0.up.weight").shape == (32, 8)
+    torch.testing.assert_close(big(x), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(big(x[:, :3]), model(x[:, :3]), rtol=1e-5, atol=1e-5)  # the eye follows the length

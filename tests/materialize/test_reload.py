@@ -118,3 +118,17 @@ def test_the_shortcut_agrees_with_a_real_save_and_load(dtype):
     changed, deviation = reload_mod.reloaded_difference(grown, grown.growir_record.plan.captured, 1)
     assert sorted(rounded) == changed and deviation <= TOL
     assert ("model.rotary_emb.inv_freq" in rounded) == (dtype == torch.bfloat16)
+
+
+def test_a_non_persistent_table_made_from_a_width_is_grown_and_its_reload_reported():
+    """XGLM makes its sinusoidal table (a non-persistent buffer of width d_model) at construction: the rebuilt
+    class holds the grown table, so it computes the source's function; from_pretrained would make the class's
+    own table again, which the warning says with the deviation."""
+    torch.manual_seed(0)
+    source = T.XGLMForCausalLM(T.XGLMConfig(vocab_size=128, d_model=32, ffn_dim=64, num_layers=2, attention_heads=4,
+                                            max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match=r"after save_pretrained / from_pretrained .*embed_positions\.weights"):
+        grown = growir.grow(source, width=2.0)
+    assert type(grown) is T.XGLMForCausalLM and grown.growir_record.exact
+    assert relative(first_output(source, {"input_ids": ids}), first_output(grown, {"input_ids": ids})) <= TOL

@@ -18,6 +18,7 @@ from growir.errors import SpecError
 from growir.frontend.export import capture
 from growir.analysis.plan import make_plan
 from growir.passes.depth import schedule
+from growir.train.blocks import find_blocks, identity_blocks
 
 D, V = 16, 50
 
@@ -114,11 +115,32 @@ def test_schedule_moves_whole_periods():
         schedule(b, 5, "identity")
 
 
-def test_kinds_that_never_repeat_are_one_period():
-    plan = make_plan(capture(_model([Mlp, Mix, Mix]), IDS))
-    assert plan.blocks[0].period == 3
-    grown = growir.grow(_model([Mlp, Mix, Mix]), depth=2, example_inputs=IDS)
-    assert grown.growir_record.exact and grown.growir_record.layers["layers"][:2] == (3, 6)
+def test_kinds_that_never_repeat_grow_by_runs():
+    """First-k-dense ``[d, m, m]`` has no period: each run of one kind grows, ``[d, d', m, m', m, m']``."""
+    model = _model([Mlp, Mix, Mix])
+    (b,) = make_plan(capture(model, IDS)).blocks
+    assert b.period == 3 and b.kinds == [0, 1, 1] and b.runs == [(0, 1), (1, 2)]
+    assert b.layouts == ("runs", "first", "period") and b.layout == "runs"
+    grown = growir.grow(model, depth=2, example_inputs=IDS)
+    record = grown.growir_record
+    assert record.exact and record.layers["layers"] == (3, 6, "identity; each run of one kind grown: "
+                                                              "blocks 0 (1 -> 2), 1-2 (2 -> 4)")
+    state = grown.state_dict()
+    assert "layers.1.up.weight" in state and "layers.1.v.weight" not in state and "layers.2.v.weight" in state
+    assert not state["layers.1.down.weight"].any() and not state["layers.3.o.weight"].any()
+    ids = torch.randint(0, V, (3, 11))
+    torch.testing.assert_close(grown(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_run_layouts_schedule():
+    import dataclasses
+    b = make_plan(capture(_model([Mlp, Mix, Mix]), IDS)).blocks[0]
+    first = schedule(dataclasses.replace(b, layout="first"), 6, "identity")
+    assert first.sources == [0, 1, 1, 1, 2, 2] and first.fresh == [False, False, True, True, False, True]
+    assert schedule(b, 5, "identity").sources == [0, 0, 1, 1, 2]  # added blocks spread over the growing ones
+    assert schedule(b, 6, "stack").sources == [0, 0, 1, 2, 1, 2]  # each run stacked on its own
+    periods = schedule(dataclasses.replace(b, layout="period"), 6, "identity")
+    assert periods.sources == [0, 1, 2, 0, 1, 2]
 
 
 def test_a_post_norm_kind_is_not_copyable_and_says_which():
@@ -163,3 +185,47 @@ def test_gemma2_sliding_and_full_layers_keep_their_pattern():
     assert grown.config.layer_types == ["sliding_attention", "full_attention"] * 2
     ids = torch.randint(0, 100, (2, 9))
     torch.testing.assert_close(grown(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def _deepseek(first_dense: int, layers: int):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=first_dense, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, vocab_size=100, n_group=1, topk_group=1)
+    return transformers.DeepseekV3ForCausalLM(config).eval()
+
+
+def test_first_k_dense_moe_grows_each_run_in_its_own_class():
+    """DeepSeek-V3 ``[dense, moe, moe]`` x2: the config states runs by ``first_k_dense_replace``, found by the
+    config search (the run's count 1 -> 2), never by name."""
+    model = _deepseek(1, 3)
+    grown = growir.grow(model, depth=2, materialize="hf")
+    record = grown.growir_record
+    assert type(grown).__name__ == "DeepseekV3ForCausalLM" and record.exact, record.reasons
+    assert record.config_changes == {"num_hidden_layers": 6, "first_k_dense_replace": 2}
+    assert "each run of one kind grown" in record.layers["model.layers"][2]
+    ids = torch.randint(0, 100, (2, 9))
+    torch.testing.assert_close(grown(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    # training after growth finds the mixed stack, and the added blocks as identities
+    assert find_blocks(grown).path == "model.layers" and identity_blocks(grown) == [1, 3, 5]
+
+
+def test_nested_stages_of_one_block_each_grow_their_lists():
+    """ConvNextV2: stages of other widths (a downsampling layer in each), each holding a block list, even of
+    one block; depth x2 grows every stage's list and the config's per-stage ``depths`` follow."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ConvNextV2Config(num_stages=2, hidden_sizes=[16, 32], depths=[1, 2], image_size=32)
+    model = transformers.ConvNextV2Model(config).eval()
+    grown = growir.grow(model, depth=2, materialize="hf")
+    record = grown.growir_record
+    assert type(grown).__name__ == "ConvNextV2Model" and record.exact, record.reasons
+    assert record.layers == {"encoder.stages.0.layers": (1, 2, "identity"),
+                             "encoder.stages.1.layers": (2, 4, "identity")}
+    assert grown.config.depths == [2, 4]
+    pixels = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(grown(pixels).last_hidden_state, model(pixels).last_hidden_state,
+                               rtol=1e-5, atol=1e-5)

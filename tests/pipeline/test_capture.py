@@ -73,14 +73,22 @@ def test_a_model_with_two_blocks_says_why_it_was_captured_whole():
     assert "no list of more than 2" in growir.grow(model, width=2.0).growir_record.capture
 
 
-def test_a_growth_that_is_not_exact_is_redone_on_the_full_graph():
+def test_a_growth_that_is_not_exact_is_checked_against_the_proxy_graph_copied_out():
+    """No second export: the proxy's graph, its blocks copied out to the full grown list, is the reference the
+    rebuilt class is checked against, and it grows the tensors the full graph grows."""
     torch.manual_seed(0)
     model = MODELS["llama"]()
     with pytest.warns(UserWarning, match="not function-preserving"):
-        grown = growir.grow(model, width=2.0, width_method="aki")
+        grown = growir.grow(model, width=2.0, depth=2, width_method="aki", depth_method="stack")
     record = grown.growir_record
-    assert record.capture.startswith("the full model (no proxy: the growth is not exact"), record.capture
+    assert record.capture.startswith("a 2-block proxy") and record.reruns == [], record.capture
     assert not record.exact and "a second shape" in record.measured
+    with pytest.warns(UserWarning, match="not function-preserving"):
+        full = growir.grow(model, width=2.0, depth=2, width_method="aki", depth_method="stack", materialize="graph")
+    assert full.growir_record.capture.startswith("the full model")
+    state, graph_state = dict(grown.named_parameters()), dict(full.named_parameters())
+    assert set(graph_state) == set(state) and all(torch.equal(state[k], v) for k, v in graph_state.items())
+    assert record.deviation == pytest.approx(full.growir_record.deviation, rel=1e-5)
 
 
 def test_the_record_does_not_keep_the_source_alive():
