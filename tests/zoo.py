@@ -148,3 +148,38 @@ ALL = list(hf_models()) + ["nanogpt", "torchenc"]
 SIZE_FIELDS = {"hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
                "n_embd", "n_head", "n_layer", "n_inner", "ffn_dim", "word_embed_proj_dim", "d_model", "d_ff",
                "num_heads", "num_layers", "num_decoder_layers", "d_kv", "head_dim", "layer_types"}
+
+
+def logits_deviation(small, big, vocab: int = VOCAB) -> float:
+    """The worst relative logits deviation of ``big`` from ``small`` over two fresh batches (3x11, 1x17)."""
+    worst = 0.0
+    for batch, seq, seed in ((3, 11, 1), (1, 17, 2)):
+        ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            a, b = small(ids).logits, big(ids).logits
+        worst = max(worst, float((a - b).abs().max() / max(1.0, a.abs().max())))
+    return worst
+
+
+class ChunkedSum(nn.Module):
+    """A causal running sum within chunks of the sequence, padded to a whole number of chunks first (an SSM's
+    chunked scan reduced to its reshapes); with ``carry``, each chunk also adds the sums of the chunks before it
+    where there are several (traced at fewer tokens than a chunk, the export keeps the one-chunk branch)."""
+
+    def __init__(self, chunk: int, carry: bool = False):
+        super().__init__()
+        self.chunk, self.carry = chunk, carry
+        self.emb, self.norm = nn.Embedding(50, 16), nn.LayerNorm(16)
+        self.up, self.down, self.head = nn.Linear(16, 24), nn.Linear(24, 16), nn.Linear(16, 50)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        h = self.up(self.norm(x))
+        s, c = h.shape[1], self.chunk
+        h = F.pad(h, (0, 0, 0, (c - s % c) % c))
+        chunks = h.reshape(h.shape[0], -1, c, h.shape[2])
+        y = torch.cumsum(chunks, dim=2)
+        if self.carry and chunks.shape[1] > 1:
+            total = chunks.sum(2, keepdim=True)
+            y = y + torch.cumsum(total, 1) - total
+        return self.head(x + self.down(y.reshape(h.shape[0], -1, h.shape[2])[:, :s]))

@@ -14,33 +14,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import growir
+from zoo import ChunkedSum
 
 CHUNK, HEADS, SEQ = 64, 4, 8
-
-
-class OneChunk(nn.Module):
-    """A running sum within chunks of 64, carried across chunks only where there are several."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb, self.norm = nn.Embedding(50, 16), nn.LayerNorm(16)
-        self.up, self.down, self.head = nn.Linear(16, 24), nn.Linear(24, 16), nn.Linear(16, 50)
-
-    def forward(self, ids):
-        x = self.emb(ids)
-        h = self.up(self.norm(x))
-        s = h.shape[1]
-        h = F.pad(h, (0, 0, 0, (CHUNK - s % CHUNK) % CHUNK))
-        chunks = h.reshape(h.shape[0], -1, CHUNK, h.shape[2])
-        y = torch.cumsum(chunks, dim=2)
-        if chunks.shape[1] > 1:  # traced at 7 tokens: one chunk, and the export keeps that branch
-            total = chunks.sum(2, keepdim=True)
-            y = y + torch.cumsum(total, 1) - total
-        return self.head(x + self.down(y.reshape(h.shape[0], -1, h.shape[2])[:, :s]))
 
 
 class RelShift(nn.Module):
@@ -69,7 +48,7 @@ class RelShift(nn.Module):
 
 def test_a_chunk_longer_than_the_traced_sequence_grows_exactly():
     torch.manual_seed(0)
-    model = OneChunk().eval()
+    model = ChunkedSum(CHUNK, carry=True).eval()
     big = growir.grow(model, width=2.0, example_inputs=(torch.randint(0, 50, (2, 7)),))
     assert big.growir_record.exact, big.growir_record.reasons
     assert big.state_dict()["up.weight"].shape == (48, 32)

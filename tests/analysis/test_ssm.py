@@ -10,30 +10,12 @@ from __future__ import annotations
 import pytest
 import sympy
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import growir
+from zoo import ChunkedSum
 from growir.ir.axes import divides, same_size
 
 CHUNK = 3
-
-
-class Chunked(nn.Module):
-    """A causal running sum within chunks of the sequence, padded to a whole number of chunks first."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb, self.norm = nn.Embedding(50, 16), nn.LayerNorm(16)
-        self.up, self.down, self.head = nn.Linear(16, 24), nn.Linear(24, 16), nn.Linear(16, 50)
-
-    def forward(self, ids):
-        x = self.emb(ids)
-        h = self.up(self.norm(x))
-        s = h.shape[1]
-        h = F.pad(h, (0, 0, 0, (CHUNK - s % CHUNK) % CHUNK))
-        h = torch.cumsum(h.reshape(h.shape[0], -1, CHUNK, h.shape[2]), dim=2)
-        return self.head(x + self.down(h.reshape(h.shape[0], -1, h.shape[3])[:, :s]))
 
 
 def test_padded_lengths_are_equal_at_every_size():
@@ -46,7 +28,7 @@ def test_padded_lengths_are_equal_at_every_size():
 
 def test_a_padded_chunked_scan_grows_exactly():
     torch.manual_seed(0)
-    model = Chunked().eval()
+    model = ChunkedSum(CHUNK).eval()
     big = growir.grow(model, width=2.0, example_inputs=(torch.randint(0, 50, (2, 7)),))
     assert big.growir_record.exact, big.growir_record.reasons
     assert big.state_dict()["up.weight"].shape == (48, 32)

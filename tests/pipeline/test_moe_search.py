@@ -13,7 +13,7 @@ import transformers as T
 import growir
 import growir.pipeline.moe_search as search
 from growir.cli import main
-from zoo import VOCAB, randomize_norms
+from zoo import VOCAB, randomize_norms, logits_deviation as deviation
 
 SAME = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, rms_norm_eps=1e-6,
             max_position_embeddings=256)
@@ -29,16 +29,6 @@ DENSE = {  # name: (dense model, the class the search must find, the fields it m
 def dense(name: str):
     torch.manual_seed(0)
     return randomize_norms(DENSE[name][0]().eval())
-
-
-def deviation(small, big) -> float:
-    worst = 0.0
-    for batch, seq, seed in ((3, 11, 1), (1, 17, 2)):
-        ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            a, b = small(ids).logits, big(ids).logits
-        worst = max(worst, float((a - b).abs().max() / max(1.0, a.abs().max())))
-    return worst
 
 
 @pytest.mark.parametrize("name", list(DENSE))

@@ -9,7 +9,7 @@ import transformers as T
 import growir
 from growir.analysis.align import align
 from growir.frontend.export import capture
-from zoo import VOCAB, randomize_norms
+from zoo import VOCAB, randomize_norms, logits_deviation as deviation
 
 # the fields the two classes must share for the graphs to correspond outside the FFN (their defaults differ)
 SAME = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, rms_norm_eps=1e-6,
@@ -39,16 +39,6 @@ PAIRS = {  # name: (dense model, MoE target config, the construction expected, i
 def dense(name: str):
     torch.manual_seed(0)
     return randomize_norms(PAIRS[name][0]().eval())
-
-
-def deviation(small, big) -> float:
-    worst = 0.0
-    for batch, seq, seed in ((3, 11, 1), (1, 17, 2)):
-        ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            a, b = small(ids).logits, big(ids).logits
-        worst = max(worst, float((a - b).abs().max() / max(1.0, a.abs().max())))
-    return worst
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
