@@ -76,7 +76,8 @@ def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = Fa
             out.kept_norms.add(g.root)
             out.reasons[g.root] = (f"{why}; it is filled anyway (post-norm: copies there train as one) and its "
                                    f"norms keep their weights, so the stream grows by sqrt(d'/d) (it trains "
-                                   f"better than copies: docs/savings.md); measured")
+                                   f"better than copies: docs/savings.md); measured. For the exact copies pass "
+                                   f"strict=True or width_method='fpi'")
         elif inexact:
             out.reasons[g.root] = (f"{why}; it is filled anyway (post-norm: copies there train as one), the "
                                    f"deviation is the post-norm output's mean at the fill, measured")
