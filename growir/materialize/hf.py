@@ -355,12 +355,9 @@ def _keep_generation_config(model, grown) -> None:
 
 def _head_pairs(p, maps: dict) -> dict:
     """old -> {new} query-head counts: sizes that shape attention but no parameter."""
-    ag, out = p.facts.ag, {}
-    for axis in _query_head_axes(p):
-        _, _, old, new = tree_map(ag.expand(axis), ag, maps)
-        old, new = sympy.sympify(old), sympy.sympify(new)
-        if old.is_Integer and old != new:
-            out.setdefault(int(old), set()).add(int(new))
+    out = {}
+    for old, new in filter(None, (_changed(p.facts.ag, maps, axis) for axis in _query_head_axes(p))):
+        out.setdefault(old, set()).add(new)
     for g in p.by_role("heads"):  # attention written out as matmuls records no site: its head groups
         if g.root in maps and not g.per_kv:
             out.setdefault(maps[g.root].old, set()).add(maps[g.root].new)
@@ -377,6 +374,13 @@ def _query_head_axes(p) -> list:
         and all(ag.size_of(leaf).is_Integer for leaf in ag.leaf_roots(r.axis))]  # not a batch x heads merge
 
 
+def _changed(ag, maps: dict, axis) -> tuple | None:
+    """(old, new) sizes of ``axis`` under the growth ``maps``, where both are whole numbers and differ."""
+    _, _, old, new = tree_map(ag.expand(axis), ag, maps)
+    old, new = sympy.sympify(old), sympy.sympify(new)
+    return (int(old), int(new)) if old.is_Integer and new.is_Integer and old != new else None
+
+
 def with_source_ties(model, state: dict) -> dict:
     """The grown tensors under every name the source model gives them: a tensor the source shares between
     two names (a tied bias, say) that the traced graph saw under one name gets both."""
@@ -390,13 +394,12 @@ def with_source_ties(model, state: dict) -> dict:
 
 def _size_pairs(p, maps: dict, layer_info: dict) -> dict:
     """old size -> {new sizes} over every parameter axis and attention head count that changed."""
-    ag, pairs = p.facts.ag, {}
+    pairs = {}
 
     def add(axis):
-        _, _, old, new = tree_map(ag.expand(axis), ag, maps)
-        old, new = sympy.sympify(old), sympy.sympify(new)
-        if old.is_Integer and new.is_Integer and old != new:
-            pairs.setdefault(int(old), set()).add(int(new))
+        changed = _changed(p.facts.ag, maps, axis)
+        if changed:
+            pairs.setdefault(changed[0], set()).add(changed[1])
     for m in maps.values():
         pairs.setdefault(m.old, set()).add(m.new)
     for node in list(p.facts.params) + list(p.facts.buffers):
