@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -110,14 +111,39 @@ def checking():
 
 def run_passes(passes, ctx):
     """Run ``passes`` in order on ``ctx`` and return it (see the module docstring)."""
-    for p in passes:
-        try:
-            _run_one(p, ctx)
-        except Restart as restart:
-            ctx.restart(restart.why)
-            ctx.reruns.append(f"{p.name}: {restart.why}")
-            run_passes(restart.passes, ctx)
+    with collector_paused():
+        for p in passes:
+            try:
+                _run_one(p, ctx)
+            except Restart as restart:
+                ctx.restart(restart.why)
+                ctx.reruns.append(f"{p.name}: {restart.why}")
+                run_passes(restart.passes, ctx)
     return ctx
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Python's cyclic garbage collector paused while the passes run, as ``timeit`` pauses it, and restored
+    as it was. A grow makes many small objects (the export's graph, shape symbols), and a full collection
+    then walks every object of the process (torch's and transformers' modules too): measured 0.2 s of a 3.5 s
+    134M grow in a fresh process. Tensors are freed by reference counting as before; only cycles wait for the
+    next collection after the grow.
+
+    >>> import gc
+    >>> with collector_paused():
+    ...     gc.isenabled()
+    False
+    >>> gc.isenabled()
+    True
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _run_one(p: Pass, ctx) -> None:
