@@ -2,10 +2,10 @@
 
 Each row registers ops under a *kind* (their value family) with their axis rule and value traits:
 
-- the **rule** (``rules.py``, ``shape_rules.py``, ``routing_rules.py``) says how the op relates the axes of its
-  inputs and outputs; the walker applies it. An op without a rule (``None``) is refused where it makes a tensor.
-  The rule ``derived`` (``derived_rules.py``) is read from the op's own meta kernel by the distinct-prime probe
-  (``probe.py``); the walker uses it for any aten op with no row too, as kind ``other``.
+- the **rule** (``rules.py``, ``shape_rules.py``, ``norm_rules.py``, ``routing_rules.py``) says how the op relates
+  the axes of its inputs and outputs; the walker applies it. An op without a rule (``None``) is refused where it
+  makes a tensor. The rule ``derived`` (``derived_rules.py``) is read from the op's own meta kernel by the
+  distinct-prime probe (``probe.py``); the walker uses it for any aten op with no row too, as kind ``other``.
 - the **traits** say what the growth passes ask about values: is the output the input's values rearranged (a
   view, a transpose, a cast)? Is it zero when an operand is zero? Is it a contraction, a norm, a sum of terms?
 
@@ -32,11 +32,12 @@ import torch.fx as fx
 from .nodes import op_name
 from .derived_rules import derived
 from .routing_rules import flip, grouped_mm, histc, index_add, index_put, one_hot, roll, scatter, sort, topk
-from .rules import (addmm, along_dim, baddbmm, batch_norm, conv, einsum, elementwise, embedding, fresh_sized, gather,
-                    getitem, index_select, index_tensor, layer_norm, like, linear, min_max, mm, native_dropout,
-                    new_sized, reduction, sdpa, unary)
-from .shape_rules import (cat, chunk, expand, narrow, pad, permute, pool, repeat, repeat_interleave, reshape, select,
-                          slice_, split, stack, unbind)
+from .norm_rules import batch_norm, group_norm, layer_norm
+from .rules import (addmm, along_dim, baddbmm, conv, einsum, elementwise, embedding, fresh_sized, gather, getitem,
+                    index_select, index_tensor, like, linear, min_max, mm, native_dropout, new_sized, reduction, sdpa,
+                    unary)
+from .shape_rules import (cat, chunk, col2im, expand, im2col, narrow, pad, permute, pool, repeat, repeat_interleave,
+                          reshape, select, slice_, split, stack, unbind)
 
 # Kinds whose output holds (some of) the first operand's values, moved but not combined: zero when it is zero.
 # (A pad adds values of its own, so it is not one of them.)
@@ -63,6 +64,8 @@ class Op:
     weight_out: the weight's output axis (linear's weight is (out, in), addmm's (in, out))
     value_at: the operand position of a constant it fills with (a pad's value): zero-with-first only where it is 0
     random: its value is not a function of its operands (random draws, uninitialised memory, dropout)
+    variance_at: the operand position of a variance it divides by the root of (batch norm's running variance):
+        a new unit there must hold a variance (a copy, a mean of old ones), never a draw around zero (NaN)
     label: how reports name it
     """
     kind: str
@@ -74,6 +77,7 @@ class Op:
     weight_out: int | None = None
     value_at: int | None = None
     random: bool = False
+    variance_at: int | None = None
     label: str = ""
 
     @property
@@ -144,10 +148,13 @@ _add("contraction", "conv1d conv2d conv3d", conv, zero="one", bias_at=2)
 _add("lookup", "embedding", embedding, zero="first", weight_at=0)
 _add("norm", "layer_norm native_layer_norm", layer_norm, zero="affine", label="LayerNorm")
 _add("norm", "rms_norm", layer_norm, zero="first", label="RMSNorm")
+# per group of channels (x - mean) / std * weight + bias: not a "norm" row (the fills rewrite LayerNorm and RMSNorm
+# over one axis; this one also normalises over the spatial axes), so no trait claimed
+_add("other", "group_norm", group_norm)
 # per channel in eval (x - mean) / std * weight + bias: no trait claimed (not zero with x; a norm over the
-# batch, not the channels, in training)
+# batch, not the channels, in training); every form takes (x, weight, bias, running_mean, running_var, ...)
 _add("pointwise", "batch_norm native_batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training",
-     batch_norm)
+     batch_norm, variance_at=4)
 _add("attention", "scaled_dot_product_attention", sdpa)  # zero when its values are (residual.py asks)
 _add("reduce", "sum", reduction("sum"), zero="first")
 _add("reduce", "mean", reduction("norm"), zero="first")
@@ -167,6 +174,9 @@ _add("reduce", "var std var_mean", reduction("norm"))
 _add("reduce", "prod logsumexp norm linalg_vector_norm", reduction("sum"))
 _add("reduce", "amax amin argmax argmin any all", reduction("max"))
 _add("reduce", "min max", min_max)  # elementwise with a tensor second operand
+# unfold / fold: each channel's blocks, moved (and summed where they overlap); values not followed
+_add("other", "im2col", im2col)
+_add("other", "col2im", col2im)
 _add("pool", "adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d _adaptive_avg_pool2d avg_pool1d avg_pool2d "
              "avg_pool3d max_pool1d max_pool2d max_pool3d adaptive_max_pool1d adaptive_max_pool2d "
              "max_pool2d_with_indices", pool)

@@ -3,7 +3,7 @@
 A rule may (1) make axes equal, (2) give an axis a product or concatenation structure, (3) record a read
 that matters for exactness (a mean, a sum, a contraction), (4) record graph literals that carry a size,
 (5) pin axes that must never grow. The op table (``ops.py``) says which op uses which rule; the shape-changing
-rules live in ``shape_rules.py``, the routing ones in ``routing_rules.py``.
+rules live in ``shape_rules.py``, the norms' in ``norm_rules.py``, the routing ones in ``routing_rules.py``.
 """
 
 from __future__ import annotations
@@ -67,14 +67,14 @@ def _dims(dims, ndim: int) -> list:
     return [d % ndim for d in dims] if ndim else []
 
 
-def _argument(node: fx.Node, name: str, position: int, default=None):
+def argument(node: fx.Node, name: str, position: int, default=None):
     """An op's argument by its schema name, given by position or keyword: ``dim`` is argument 2 of
     ``linalg_vector_norm(x, ord, dim, keepdim)``, 1 of ``sum(x, dim, keepdim)``, absent from ``sum(x, dtype)``.
     ``position`` is where it sits for a target with no schema.
 
     >>> g = fx.Graph(); x = g.placeholder("x")
     >>> n = g.call_function(torch.ops.aten.linalg_vector_norm.default, (x, 2.0, [-1], True))
-    >>> _argument(n, "dim", 1), _argument(n, "keepdim", 2, False), _argument(n, "dtype", 4)
+    >>> argument(n, "dim", 1), argument(n, "keepdim", 2, False), argument(n, "dtype", 4)
     ([-1], True, None)
     """
     if name in node.kwargs:
@@ -91,19 +91,17 @@ def reduction(kind: str):
     and ``keepdim`` at different places (after ``ord`` in a norm, before ``unbiased`` in ``var.dim``)."""
     def rule(w: Walker, node: fx.Node) -> None:
         x = w.ax(node.args[0])
-        dims = _dims(_argument(node, "dim", 1), len(x))
-        keep = bool(_argument(node, "keepdim", 2, False))
-        out = w.out(node) if not isinstance(node.meta.get("val"), (list, tuple)) else w.tuple_out(node)[0]
+        dims = _dims(argument(node, "dim", 1), len(x))
+        keep = bool(argument(node, "keepdim", 2, False))
+        outs = w.tuple_out(node) if isinstance(node.meta.get("val"), (list, tuple)) else [w.out(node)]
         kept = [a for i, a in enumerate(x) if i not in dims or keep]
         for i, a in enumerate(x):
             if i in dims:
                 w.read(a, kind, node)
-        for a, o in zip(kept, out):
-            if w.size(a) == w.size(o):
-                w.eq(a, o, node)
-        if isinstance(node.meta.get("val"), (list, tuple)):
-            for a, o in zip(kept, w.tuple_out(node)[1]):
-                w.eq(a, o, node)
+        for out in outs:  # the values and, for max/min/var_mean, the indices or means: each with the kept axes
+            for a, o in zip(kept, out):
+                if w.size(a) == w.size(o):  # a reduced axis kept (keepdim) has size 1 in every output
+                    w.eq(a, o, node)
     return rule
 
 
@@ -116,48 +114,6 @@ def along_dim(kind: str):
         if x:
             w.read(x[node.args[1] % len(x)], kind, node)
     return rule
-
-
-def layer_norm(w: Walker, node: fx.Node) -> None:
-    """layer_norm / rms_norm over the last ``len(normalized_shape)`` axes, which its weight and bias share."""
-    x, out = w.ax(node.args[0]), (w.tuple_out(node)[0] if isinstance(node.meta.get("val"), tuple) else w.out(node))
-    for a, o in zip(x, out):
-        w.eq(a, o, node)
-    k = len(node.args[1])
-    normed = x[len(x) - k:]
-    for i, a in enumerate(normed):
-        w.const(node, ("args", 1, i), a)
-    w.f.norms.append((node.name, normed))
-    for a in normed:
-        w.read(a, "norm", node)
-    for p in node.args[2:4]:  # weight, bias (rms_norm has eps, a float, at 3)
-        w.produce(p)
-        for a, b in zip(w.ax(p), normed):
-            w.eq(a, b, node)
-
-
-def batch_norm(w: Walker, node: fx.Node) -> None:
-    """batch_norm(x, weight, bias, running_mean, running_var, training, ...) and its native forms: a map per
-    channel (axis 1), which every per-channel operand (weight, bias, running statistics) shares; the other axes
-    pass through (the saved statistics of its native forms are per channel too). In training it normalises
-    over the batch and spatial axes: a norm read of each.
-    """
-    x = w.ax(node.args[0])
-    parts = w.tuple_out(node) if isinstance(node.meta.get("val"), (list, tuple)) else [w.out(node)]
-    for a, o in zip(x, parts[0]):
-        w.eq(a, o, node)
-    if len(x) < 2:
-        return
-    operands = [a for a in node.args[1:] if isinstance(a, fx.Node)]
-    for p in operands:
-        w.produce(p)
-    for a in [a for p in operands for a in w.ax(p)] + [p[0] for p in parts[1:] if len(p) == 1]:
-        if w.size(a) == w.size(x[1]):  # saved statistics are empty (size 0) in eval
-            w.eq(a, x[1], node)
-    if _argument(node, "training", 5, False) is True:
-        for i, a in enumerate(x):
-            if i != 1:
-                w.read(a, "norm", node)
 
 
 def linear(w: Walker, node: fx.Node) -> None:

@@ -151,7 +151,8 @@ def slice_(w: Walker, node: fx.Node) -> None:
     step = node.args[4] if len(node.args) > 4 else 1
     w.eq_except(x, out, dim, node)
     if step != 1:
-        w.read(x[dim], "index", node)
+        if not _strided(w, node, x[dim], out[dim], start, end, step):
+            w.read(x[dim], "index", node)
         return
     n = w.size(x[dim])
     if isinstance(start, int) and start < 0 and _is_int(n):
@@ -165,6 +166,23 @@ def slice_(w: Walker, node: fx.Node) -> None:
             w.const(node, ("args", 3), (pre, out[dim]) if pre is not None else out[dim], "end")
     elif start == 0 and (not isinstance(end, int) or end >= INT_MAX) and w.size(x[dim]) == w.size(out[dim]):
         w.eq(x[dim], out[dim], node)
+
+
+def _strided(w: Walker, node: fx.Node, axis, out_axis, start, end, step) -> bool:
+    """``x[..., j::k]`` over a whole axis of k·m entries: entry i·k + j, so the axis is the product (m, k) and the
+    slice keeps the outer m (interleaved pairs: ``q[..., 0::2]``, ``q[..., 1::2]``); m grows, k is pinned. False
+    where that does not hold (a partial range, a size not a multiple of k, an axis already a concatenation)."""
+    n, ag = w.size(axis), w.f.ag
+    if not (_is_int(n) and isinstance(start, int) and isinstance(step, int) and 0 <= start < step
+            and isinstance(end, int) and end >= INT_MAX and int(n) % step == 0):  # no literal holds the size
+        return False
+    structure = ag.structure.get(ag.find(axis))
+    if structure is not None and structure.kind != "prod":
+        return False
+    k = ag.fresh(step, f"the step of the strided slice at `{node.name}`")
+    w.pin(k, f"the step of the strided slice at {where(node)}")
+    ag.set_structure(axis, "prod", [out_axis, k], where(node))
+    return True
 
 
 def narrow(w: Walker, node: fx.Node) -> None:
@@ -277,3 +295,39 @@ def _unpooled(node: fx.Node, k: int) -> list:
     kernel = per_axis(1, [0])
     stride, padding = per_axis(2, kernel), per_axis(3, [0])
     return [kk == 1 and st == 1 and pd == 0 for kk, st, pd in zip(kernel, stride, padding)]
+
+
+def im2col(w: Walker, node: fx.Node) -> None:
+    """im2col(x (N, C, H, W), kernel_size, ...) -> (N, C·K, L) (``F.unfold``): each block's K = prod(kernel_size)
+    entries of channel c sit at c·K + k, so the output's axis is the product (C, K) and C grows through it; K, the
+    spatial axes and the block count L are the image's, pinned."""
+    x, out = w.ax(node.args[0]), w.out(node)
+    _patches(w, node, x[-3], out[-2], node.args[1])
+    for a, o in zip(x[:-3], out[:-2]):
+        w.eq(a, o, node)
+    for a in x[-2:] + out[-1:]:
+        w.pin(a, f"a spatial axis of the patches at {where(node)}")
+
+
+def col2im(w: Walker, node: fx.Node) -> None:
+    """col2im(x (N, C·K, L), output_size, kernel_size, ...) -> (N, C, H, W) (``F.fold``), im2col's inverse: the
+    overlapping entries summed are channel c's own, so C grows as in ``im2col``."""
+    x, out = w.ax(node.args[0]), w.out(node)
+    _patches(w, node, out[-3], x[-2], node.args[2])
+    for a, o in zip(x[:-2], out[:-3]):
+        w.eq(a, o, node)
+    for a in x[-1:] + out[-2:]:
+        w.pin(a, f"a spatial axis of the patches at {where(node)}")
+
+
+def _patches(w: Walker, node: fx.Node, channels, patches, kernel) -> None:
+    """``patches`` == (``channels``, K) for K = prod(``kernel``), channel-major; K pinned."""
+    k = 1
+    for s in kernel:
+        k *= s
+    if k == 1:
+        w.eq(channels, patches, node)
+        return
+    entries = w.f.ag.fresh(k, f"the kernel entries of the patches at `{node.name}`")
+    w.pin(entries, f"the kernel entries of the patches at {where(node)}")
+    w.f.ag.set_structure(patches, "prod", [channels, entries], where(node))

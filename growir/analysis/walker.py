@@ -84,6 +84,7 @@ class Facts:
     expanded: set = field(default_factory=set)  # axis ids created by expand/repeat (kv-group replicas)
     attention: list = field(default_factory=list)  # dicts: node, q, k, v, out axes, scale given?
     norms: list = field(default_factory=list)  # (node name, [normalized axis ids])
+    variances: set = field(default_factory=set)  # state names an op divides by the root of (must stay positive)
 
 
 class Walker:
@@ -289,11 +290,22 @@ class Walker:
                 f"{type(exc).__name__}: {first_line(exc)}. It stops rather than guess how the op treats tensor "
                 f"axes; write that step with ops growir reads (see docs/design.md, 'Adding an op'), or report "
                 f"it") from exc
+        self._variance(node, row)
+
+    def _variance(self, node: fx.Node, row) -> None:
+        """Record the parameter or buffer (behind layout ops) that ``node`` takes as a variance (``variance_at``)."""
+        at = row.variance_at
+        if at is None or len(node.args) <= at or not isinstance(node.args[at], fx.Node):
+            return
+        src = back(node.args[at], lambda n: self._row(n).layout)
+        state = self.f.params.get(src.name) or self.f.buffers.get(src.name) if src.op == "get_attr" else None
+        if state is not None:
+            self.f.variances.add(state)
 
 
 class _NoRow:
-    """The row of a node outside the table: no kind, no rule, not a layout op."""
-    kind, rule, layout = "", None, False
+    """The row of a node outside the table: no kind, no rule, not a layout op, no variance operand."""
+    kind, rule, layout, variance_at = "", None, False, None
 
 
 _NO_ROW = _NoRow()

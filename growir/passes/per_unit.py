@@ -52,6 +52,8 @@ def evaluate_constants(gm: fx.GraphModule) -> dict:
             continue
         args = fx.node.map_arg(n.args, lambda a: env[a])
         kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+        if str(kwargs.get("device")) == "meta":  # made on the proxy's meta device, which holds no values
+            kwargs = {**kwargs, "device": torch.device("cpu")}
         try:
             env[n] = n.target(*args, **kwargs)
         except Exception:  # noqa: BLE001 - an op that cannot run eagerly here is simply not folded

@@ -77,6 +77,8 @@ def width_rules(plan: Plan, maps: dict) -> WidthResult:
                     # its rows); keys, norms and tables copy a neighbour so that the new dimensions train
                     source = tree_map(tree, ag, {r: m.as_copies() for r, m in maps.items()})[0]
                     fill = "geometric" if state in f.buffers.values() else "copy"
+                if fill == "random" and state in f.variances:  # a variance drawn around zero: NaN at its root
+                    fill = "mean" if not is_structured(tree) else "zero"
             axes.append(AxisMap(index, counts if contracted and index is not None else None, fill, source=source))
             trees.append(tree)
         res.rules[state] = TensorRule(state, axes)

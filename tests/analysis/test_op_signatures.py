@@ -99,8 +99,21 @@ def test_batch_norm_is_a_map_per_channel_its_statistics_grow_with():
     for bn in (model.bn1, model.bn2):  # statistics and affine parameters that are not the identity
         bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
         nn.init.uniform_(bn.weight, 0.5, 1.5), nn.init.uniform_(bn.bias, -0.5, 0.5)
-    # copies (fpi): fresh units would draw the new channels' running_var around zero, and a negative variance
-    # makes NaN that no zero column downstream removes (NaN * 0): a fill question, not the rule's
     grown = _grows_exactly(model.eval(), torch.randn(2, 3, 6, 6), width=2.0, width_method="fpi")
     assert grown.get_buffer("bn1.running_mean").shape == (16,)
     assert grown.get_parameter("conv2.weight").shape == (32, 16, 3, 3)
+
+
+def test_a_new_channel_of_a_batch_norm_holds_a_variance_never_a_draw_around_zero():
+    """Fresh units draw their producers' rows around zero; the running variance is an operand the op divides by
+    the root of (its row's ``variance_at``), so a negative draw made NaN that no zero column downstream removes
+    (NaN * 0): mobilevit under the default width method. Its new channels take the old channels' mean instead."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    for bn in (model.bn1, model.bn2):
+        bn.running_var.uniform_(0.5, 2)
+    for method in ("auto", "fresh"):
+        grown = _grows_exactly(model.eval(), torch.randn(2, 3, 6, 6), width=2.0, width_method=method)
+        for name in ("bn1", "bn2"):
+            old, new = model.get_buffer(f"{name}.running_var"), grown.get_buffer(f"{name}.running_var")
+            assert torch.equal(new[:len(old)], old) and torch.allclose(new[len(old):], old.mean())

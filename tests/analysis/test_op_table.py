@@ -15,12 +15,12 @@ import torch
 from torch import fx
 
 import growir
-from growir.analysis import derived_rules, routing_rules, rules, shape_rules
+from growir.analysis import derived_rules, norm_rules, routing_rules, rules, shape_rules
 from growir.analysis.ops import CONTRACTIONS, KINDS, LAYOUT, PART, TRAITS, ZERO_WITH_FIRST, kinds
 
 ROOT = pathlib.Path(growir.__file__).parent
 TABLE = "analysis/ops.py"
-RULE_MODULES = (rules, shape_rules, routing_rules, derived_rules)
+RULE_MODULES = (rules, shape_rules, norm_rules, routing_rules, derived_rules)
 OP_NAME = re.compile(r"^(aten|prims|transformers)\.\w+$")
 
 
@@ -89,7 +89,7 @@ def _rule_functions() -> dict:
 def test_every_rule_function_is_registered_and_every_registered_rule_is_a_rule_function():
     """Both ways: a rule written but in no row is dead, and a row's rule comes from a rule module."""
     registered = {f"{r.__module__}.{r.__qualname__.split('.')[0]}" for r in (t.rule for t in TRAITS.values()) if r}
-    helpers = {f"growir.analysis.rules.{n}" for n in ("broadcast", "matmul", "grouped_channels")}
+    helpers = {f"growir.analysis.rules.{n}" for n in ("broadcast", "matmul", "grouped_channels", "argument")}
     helpers |= {"growir.analysis.derived_rules.signature"}  # the probe's view of a node, which the derived rule reads
     assert registered <= set(_rule_functions()), registered - set(_rule_functions())
     assert set(_rule_functions()) - registered == helpers  # called by other rules, not registered themselves
