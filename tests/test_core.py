@@ -95,11 +95,6 @@ def test_width_and_depth_exact_for_pre_norm(name):
         assert set(rec.config_changes) <= SIZE_FIELDS, rec.config_changes
 
 
-def test_t5_depth_refused_with_reason():
-    with pytest.raises(growir.AnalysisError, match="relative_attention_bias"):
-        growir.grow(make("t5"), depth=2)
-
-
 @pytest.mark.parametrize("name", ["bert", "roberta"])
 def test_post_norm_depth_warns_with_deviation(name):
     with pytest.warns(UserWarning, match=r"not function-preserving \(measured deviation"):

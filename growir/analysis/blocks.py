@@ -12,6 +12,10 @@ feed-forwards): blocks with the same class, parameter shapes, ops and shared inp
 the list that a block reads, such as one of several masks) are one *kind*, and a list whose kinds repeat with a
 period (``[ssm, attn, ssm, attn]``: period 2; a list whose kinds never repeat is one period) is copyable when
 each block keeps the stream's shape and every kind is identity-ready. Depth growth then copies whole periods.
+Two shapes of difference are allowed besides: a first block that changes the stream's shape (a stage's
+downsample: ``shaping``, kept first and alone, never copied), and a first block that hands later blocks a value of
+their own besides the stream (a relative position bias made by block 0 only): the stream is the value shaped like the
+one that leaves the list.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from .chain import chain_blocks, changes_shape
 from .residual import stream_terms, zeroing_params
+from .stages import in_stages, stage_parts, stages_grow_together
 from .nodes import is_tensor, op_name
 from .walker import Facts
 
@@ -48,6 +54,7 @@ class Blocks:
     alike: bool = True  # every block has the same parameters (kinds may still differ by ops or shared inputs)
     kinds: list = field(default_factory=list)  # per block: the first block of its kind ([] where all are alike)
     layout: str = "period"  # how depth grows the list: one of ``layouts`` (a config rebuild may try the others)
+    shaping: bool = False  # block 0 changes the stream's shape (a stage's downsample): it is never copied
 
     @property
     def mixed(self) -> bool:
@@ -87,6 +94,8 @@ class Blocks:
         """
         if self.period < self.count or len(self.kinds) != self.count or self.count < 2:
             return ("period",)
+        if self.shaping:  # no copy of block 0 could follow it: its run is kept
+            return ("first",)
         return ("period", "runs", "first") if len(self.runs) == self.count else ("runs", "first", "period")
 
     @property
@@ -142,40 +151,52 @@ def find_blocks(gm: fx.GraphModule, facts: Facts) -> list[Blocks]:
     found, stuck = [], {}
     for prefix, kids in children.items():
         idx = sorted(kids)
-        if idx != list(range(len(idx))) or len(idx) < 2 and not _in_stages(prefix, children):
+        if idx != list(range(len(idx))) or len(idx) < 2 and not in_stages(prefix, children):
             continue
         if any(prefix.startswith(b.prefix + ".") and b.homogeneous for b in found):
             continue
         paths = [kids[i] for i in idx]
         b = _describe(gm, facts, prefix, [members[p] for p in paths], Blocks(prefix, paths, [], []),
                       [classes[p] for p in paths])
-        if len(idx) == 1 and not b.homogeneous:  # a stage's one block that cannot be copied is no list, but
-            stuck.setdefault(prefix, b.why_not)  # says why the stages' depth cannot grow
-            continue
+        if not b.homogeneous:  # a stage's list that cannot be copied says why the stages' depth cannot grow
+            stuck.setdefault(prefix, b.why_not)
+        if not b.homogeneous and (len(idx) == 1 or _independent(b.nodes) or _all_shaping(b)):
+            continue  # a stage's one block that cannot be copied, side-by-side entries or a pyramid: no stack
         if b.homogeneous or len({classes[p] for p in paths}) == 1 or 1 < b.period < b.count:
             found.append(b)  # children of other classes: blocks if copyable, or a pattern of kinds that repeats
     # layers of different kinds inside one entry of an outer list (a block's sub-layers: attention, then FFN) are
-    # no stack of their own: the outer list is, and its reason stands
-    found = [b for b in found if not b.mixed or not any(b.prefix.startswith(c.prefix + ".") for c in found)]
+    # no stack of their own: the outer list is, and its reason stands; a stage's list that starts with the block
+    # that changes the stream's shape (its downsample) is the stage's stack
+    found = [b for b in found if not b.mixed or b.shaping or not any(b.prefix.startswith(c.prefix + ".")
+                                                                     for c in found)]
     # stages that differ (a downsampling layer here and there) are no blocks, but the block lists inside them are
     found = [b for b in found if b.homogeneous or not any(
-        c.prefix.startswith(b.prefix + ".") and c.homogeneous for c in found)]
+        c.prefix.startswith(b.prefix + ".") and c.homogeneous for c in found) and not stage_parts(b, found, children)]
     for b in found:
         inner = next((f"`{p}`: {why}" for p, why in stuck.items() if p.startswith(b.prefix + ".")), None)
         b.why_not += f"; nor can its stages' own lists grow ({inner})" if inner and not b.homogeneous else ""
+    stages_grow_together(found, children, stuck)
     return _merge_parallel(gm, facts, found, members)
 
 
-def _in_stages(prefix: str, children: dict) -> bool:
-    """Whether ``prefix`` is a list inside one entry of an outer list (a stage) whose other entries hold the same
-    list: a nested stack, whose stages' lists grow each, even a stage of one block.
+def _independent(nodes: list) -> bool:
+    """Whether the second entry computes nothing from the first (side-by-side embeddings or heads, summed after):
+    no stream runs through them, so they are no stack, not even one that cannot grow."""
+    seen, todo, second = set(), list(nodes[0]), set(nodes[1])
+    while todo:
+        n = todo.pop()
+        if n in second:
+            return False
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.users)
+    return True
 
-    >>> _in_stages("stages.0.layers", {"stages": {0: "stages.0", 1: "stages.1"}, "stages.1.layers": {0: "x"}})
-    True
-    """
-    m = re.fullmatch(r"(.+)\.(\d+)\.(.+)", prefix)
-    return bool(m) and any(f"{m.group(1)}.{k}.{m.group(3)}" in children
-                           for k in children.get(m.group(1), {}) if k != int(m.group(2)))
+
+def _all_shaping(b: Blocks) -> bool:
+    """Whether every block changes the stream's shape (a pyramid of downsampling layers): no stack."""
+    chained = len(b.chain_in) == len(b.chain_out) == b.count
+    return chained and all(changes_shape(b, i) for i in range(b.count))
 
 
 def _merge_parallel(gm, facts, found: list, members: dict) -> list:
@@ -247,9 +268,15 @@ def _describe(gm, facts, prefix, nodes, b: Blocks, classes: list | None = None) 
         odd = next(i for i, s in enumerate(sigs) if s != sigs[0])
         return _mixed(gm, facts, b, keys, f"block `{paths[odd]}` runs other ops than `{paths[0]}`")
     try:
-        _chain(b, _kinds(keys))
+        chain_blocks(b, _kinds(keys))
     except ValueError as exc:
         b.homogeneous, b.why_not = False, str(exc)
+        return b
+    if changes_shape(b, 0):
+        b.homogeneous = False
+        b.why_not = (f"block `{paths[0]}` changes the shape of the stream (a stage's downsample), and `{prefix}` "
+                     f"holds no block of a kind that keeps it, to copy" if len(paths) == 1 else
+                     "its blocks change the shape of the stream: no copy of one can follow it")
         return b
     keys = [k + (shared,) for k, shared in zip(keys, _shared_inputs(b))]
     if len(set(keys)) > 1:  # alike blocks that read different shared values (a sliding and a full mask)
@@ -278,22 +305,27 @@ def _mixed(gm, facts, b: Blocks, keys: list, why: str) -> Blocks:
     and every kind is identity-ready; otherwise not copyable, for ``why`` (or the first thing that fails)."""
     b.homogeneous, b.why_not = False, why
     try:
-        _chain(b, _kinds(keys))
+        chain_blocks(b, _kinds(keys))
     except ValueError as exc:
         b.why_not = why or str(exc)
         return b
     if len(keys[0]) == 3:
         keys = [k + (shared,) for k, shared in zip(keys, _shared_inputs(b))]
     kinds = _kinds(keys)
-    shape = lambda n: tuple(n.meta["val"].shape)  # noqa: E731
-    if any(shape(i) != shape(o) for i, o in zip(b.chain_in, b.chain_out)):
-        b.why_not = why or f"a block of `{b.prefix}` changes the shape of the stream"
+    shaping = changes_shape(b, 0) and kinds.count(kinds[0]) == 1  # a stage's downsample, then its blocks
+    odd = next((i for i in range(int(shaping), b.count) if changes_shape(b, i)), None)
+    if odd is not None:  # only a first block may change it: kept in place, its run never grows
+        b.why_not = (f"{why}; " if why else "") + f"block `{b.paths[odd]}` changes the shape of the stream " + (
+            "and is not the list's first block" if odd else "as every block of its kind does")
         return b
+    b.shaping = shaping
     b.period = period = _period(kinds)
-    structures = [_residual_structure(gm, facts, b, i) for i in range(period)]
+    structures = [(True, []) if i == 0 and shaping else _residual_structure(gm, facts, b, i)
+                  for i in range(period)]
     if not all(ready for ready, _ in structures):
         odd = next(i for i, (ready, _) in enumerate(structures) if not ready)
-        b.why_not = (f"{why}; " if why else "") + f"block `{b.paths[odd]}` is not identity-ready (post-norm)"
+        b.why_not = (f"{why}; " if why else "") + (f"block `{b.paths[odd]}` is not identity-ready (post-norm: its "
+                                                   "stream is not only added to; a norm, gate or scale acts on it)")
         return b
     b.homogeneous, b.why_not, b.pre_norm = True, "", True
     b.period_writers = [writers for _, writers in structures] if period > 1 else []
@@ -322,60 +354,6 @@ def _shared_inputs(b: Blocks) -> list:
                  and a.op != "get_attr" and a is not b.chain_in[i]}
         out.append(tuple(sorted(a.name for a in reads)))
     return out
-
-
-def _outside_users(ns: list) -> list:
-    inside = set(ns)
-    return [n for n in ns if is_tensor(n) and any(u not in inside for u in n.users)]
-
-
-def _chain(b: Blocks, kinds: list) -> None:
-    """Find each block's residual input and output (the value one block hands to the next)."""
-    b.chain_in, b.chain_out = [], []
-    for i, ns in enumerate(b.nodes):
-        outs = _outside_users(ns)
-        if len(outs) != 1:
-            raise ValueError(f"block `{b.paths[i]}` hands {len(outs)} values to the rest of the graph; "
-                             f"depth growth needs exactly one (the residual stream)")
-        b.chain_out.append(outs[0])
-    b.chain_in.append(_first_input(b, kinds))
-    b.chain_in += b.chain_out[:-1]
-
-
-def _first_input(b: Blocks, kinds: list) -> fx.Node:
-    """Block 0's stream input: where a later block of its kind reads its predecessor's output, block 0 reads
-    its input; with no such block, its one outside input shaped like its output."""
-    later = next((m for m in range(1, len(kinds)) if kinds[m] == kinds[0]), None)
-    if later is None:
-        inside, val = set(b.nodes[0]), b.chain_out[0].meta.get("val")
-        like = {a for n in b.nodes[0] for a in n.all_input_nodes if a not in inside and is_tensor(a)
-                and a.op != "get_attr" and a.meta["val"].shape == val.shape}
-        if len(like) != 1:
-            raise ValueError(f"block `{b.paths[0]}` reads {len(like)} values shaped like its output; depth growth "
-                             f"needs one (the residual stream)")
-        return like.pop()
-    prev = b.chain_out[later - 1]
-    for k, n in enumerate(b.nodes[later]):
-        pos = _arg_positions(fx.node.map_arg((n.args, n.kwargs), lambda a: a), prev)
-        if pos:
-            return _at(fx.node.map_arg((b.nodes[0][k].args, b.nodes[0][k].kwargs), lambda a: a), pos[0])
-    raise ValueError(f"block `{b.paths[later]}` does not read the output of `{b.paths[later - 1]}`")
-
-
-def _arg_positions(tree, target, path=()) -> list:
-    if tree is target:
-        return [path]
-    if isinstance(tree, (list, tuple)):
-        return [p for i, t in enumerate(tree) for p in _arg_positions(t, target, path + (i,))]
-    if isinstance(tree, dict):
-        return [p for k, t in tree.items() for p in _arg_positions(t, target, path + (k,))]
-    return []
-
-
-def _at(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
 
 
 def _residual_structure(gm, facts, b: Blocks, i: int = 0):

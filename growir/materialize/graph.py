@@ -66,9 +66,9 @@ def build_graph_module(gm: fx.GraphModule, state: dict, params: set, schedules: 
         owner._buffers.pop(leaf, None)
         setattr(owner, leaf, target) if canonical in params else owner.register_buffer(leaf, target)
     _unshare(new, shared)
-    stale = set()
+    stale, renamed = set(), {}
     for sched in schedules:
-        stale |= _copy_blocks(new, sched)
+        stale |= _copy_blocks(new, sched, renamed)
     new.graph.eliminate_dead_code()
     _drop_tensors(new, stale)
     new.graph.lint()
@@ -84,15 +84,16 @@ def _unshare(new: fx.GraphModule, shared: list) -> None:
             set_tensor(new, name, t.detach().clone(), isinstance(t, torch.nn.Parameter))
 
 
-def _copy_blocks(gm: fx.GraphModule, sched: Schedule) -> set:
+def _copy_blocks(gm: fx.GraphModule, sched: Schedule, renamed: dict) -> set:
     """Re-emit the block region of ``gm``'s graph as the schedule's sequence of block copies; the names of the old
-    blocks' tensors that no copy has now."""
+    blocks' tensors that no copy has now. ``renamed``: a list's old output -> its copy's (the input of a list
+    that follows it directly, as the stages' lists of a hierarchical model), kept up to date."""
     b = sched.blocks
     names = [[n.name for n in ns] for ns in b.nodes]
     by_name = {n.name: n for n in gm.graph.nodes}
     blocks = [[by_name[x] for x in ns] for ns in names]
     inside = {n for ns in blocks for n in ns}
-    chain_in = by_name[b.chain_in[0].name]
+    chain_in = by_name[renamed.get(b.chain_in[0].name, b.chain_in[0].name)]
     last_out = by_name[b.chain_out[-1].name]
     order = list(gm.graph.nodes)
     first = min(order.index(ns[0]) for ns in blocks)
@@ -121,6 +122,7 @@ def _copy_blocks(gm: fx.GraphModule, sched: Schedule) -> set:
             latest[n] = copied
         current = env[by_name[b.chain_out[src].name]]
     last_out.replace_all_uses_with(current, delete_user_cb=lambda u: u not in inside)
+    renamed[last_out.name] = current.name
     for ns in reversed(blocks):
         for n in reversed(ns):
             gm.graph.erase_node(n)

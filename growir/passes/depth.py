@@ -13,7 +13,10 @@ a config that states the pattern by a period (or a per-layer list, reordered by 
 Kinds that never repeat (first-k-dense ``[d, m, m]``) have no period to keep: each maximal run of one kind grows
 (``Blocks.layout`` ``"runs"``: ``[d, d', m, m', m, m']``), or every run but the first (``"first"``:
 ``[d, m, m', m, m', m]``), each added block after its source as in ``identity``; the config rebuild picks the layout
-its fields can state (``Blocks.layouts``, ``depth_layouts``).
+its fields can state (``Blocks.layouts``, ``depth_layouts``). A stage's list whose first block changes the
+stream's shape (its downsample, ``Blocks.shaping``) grows only by ``"first"``: no copy of that block could follow
+it, so it stays first and alone, and the stage's other blocks grow (``[down, b, c]`` x2 is
+``[down, b, b', b'', c, c']``).
 """
 
 from __future__ import annotations

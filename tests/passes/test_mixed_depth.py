@@ -229,3 +229,77 @@ def test_nested_stages_of_one_block_each_grow_their_lists():
     pixels = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(grown(pixels).last_hidden_state, model(pixels).last_hidden_state,
                                rtol=1e-5, atol=1e-5)
+
+
+class Biased(nn.Module):
+    """A pre-norm feed-forward block that reads a position bias; the first block makes it from its own table and
+    hands it to every later block (T5's relative attention bias), so block 0 is a kind of its own."""
+
+    def __init__(self, makes: bool):
+        super().__init__()
+        self.ln, self.up, self.down = nn.LayerNorm(D), nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+        self.table = nn.Parameter(torch.randn(32)) if makes else None
+
+    def forward(self, x, bias):
+        if self.table is not None:
+            bias = self.table[: x.shape[1]].unsqueeze(-1)
+        return x + self.down(F.gelu(self.up(self.ln(x)) + bias)), bias
+
+
+class BiasedStack(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(V, D), nn.Linear(D, V)
+        self.layers = nn.ModuleList(Biased(i == 0) for i in range(n))
+
+    def forward(self, ids):
+        x, bias = self.emb(ids), None
+        for layer in self.layers:
+            x, bias = layer(x, bias)
+        return self.head(x)
+
+
+def test_a_value_the_first_block_hands_to_all_is_no_second_stream():
+    """Block 0 hands two values on: the stream, and a bias every later block reads. The stream is the one shaped
+    like the last block's output; block 0 is its own kind, and each run grows by identities."""
+    torch.manual_seed(0)
+    model = BiasedStack(3).eval()
+    (b,) = make_plan(capture(model, IDS)).blocks
+    assert b.homogeneous and b.kinds == [0, 1, 1] and b.pre_norm, b.why_not
+    assert [n.meta["val"].shape for n in b.chain_out] == [torch.Size([2, 7, D])] * 3
+    assert b.writers_of(0) == b.writers_of(1) == ["down.bias", "down.weight"]
+    grown = growir.grow(model, depth=2, example_inputs=IDS)
+    assert grown.growir_record.exact, grown.growir_record.reasons
+    ids = torch.randint(0, V, (3, 11))
+    torch.testing.assert_close(grown(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_value_handed_out_of_the_list_stops_the_chain():
+    """A second value read after the list (not only by later blocks) is a second stream: no copyable list."""
+    class Leaky(BiasedStack):
+        def forward(self, ids):
+            x, bias = self.emb(ids), None
+            for layer in self.layers:
+                x, bias = layer(x, bias)
+            return self.head(x) + bias.sum()
+
+    (b,) = make_plan(capture(Leaky(2).eval(), IDS)).blocks
+    assert not b.homogeneous and "layers.1" in b.why_not
+
+
+def test_t5_block_0_holds_the_relative_bias_and_depth_keeps_it_first():
+    """T5: only block 0 holds the relative attention bias and hands the bias to every block. Its run is kept
+    (the config cannot state two blocks with the bias), the other run grows: the config search finds the layout
+    and the layer counts, and the grown T5 computes the same function."""
+    from zoo import example_inputs, make
+    model = make("t5")
+    grown = growir.grow(model, depth=2)
+    record = grown.growir_record
+    assert record.exact, record.reasons
+    assert record.config_changes == {"num_layers": 4, "num_decoder_layers": 4}
+    for prefix in ("encoder.block", "decoder.block"):
+        assert record.layers[prefix] == (2, 4, "identity; the first run kept, the others grown: "
+                                               "blocks 0 (1 -> 1), 1 (1 -> 3)")
+    inputs = example_inputs("t5", seq=9, seed=1)
+    torch.testing.assert_close(grown(**inputs).last_hidden_state, model(**inputs).last_hidden_state,
+                               rtol=1e-4, atol=1e-5)
