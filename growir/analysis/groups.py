@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import sympy
 import torch.fx as fx
 
+from ..ir.axes import PROD
 from .nodes import back
 from .ops import PART, SCALES, indexes_leading
 from .walker import Facts, ParamAxis, Read, SizeConst
@@ -139,6 +140,12 @@ def _assign_roles(facts: Facts, groups: list[Group]) -> None:
     for r in facts.reads:  # a norm over heads x channels (an SSM's gated norm over its inner width): per-head ones
         if r.kind == "norm" and heads & set(ag.leaf_roots(r.axis)):
             set_role(r.axis, "head_dim")
+    for s in list(ag.structure.values()):  # heads x channels with no norm over them: the channels are per-head too
+        if s.kind == PROD:
+            major = next((k for k, part in enumerate(s.parts) if set(ag.leaf_roots(part)) <= heads), len(s.parts))
+            for part in s.parts[major + 1:]:
+                if not data & set(ag.leaf_roots(part)):
+                    set_role(part, "head_dim")
     for g in groups:
         if g.role is None and g.size is not None and any(r.kind == "norm" for r in g.reads):
             g.role = "hidden"

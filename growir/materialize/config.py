@@ -81,7 +81,8 @@ def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict,
             f"{skipped_note(base, size_pairs)}. "
             f"Nothing was loaded; grow(..., materialize='graph') returns the rewritten GraphModule instead")
     needed, optional = _required_only(needed, shapes_of, fits)
-    optional += [(k, n) for k, v in fields.items() if k not in relevant and v in head_pairs for n in sorted(head_pairs[v])]
+    optional += [(k, n) for k, v in fields.items() if k not in needed and v in head_pairs
+                 for n in sorted(head_pairs[v]) if (k, n) not in optional]
     for count in range(len(optional) + 1):
         for extra in itertools.combinations(optional, count):
             if len({k for k, _ in extra}) < count:
@@ -89,8 +90,13 @@ def candidate_configs(model, expected: dict, size_pairs: dict, head_pairs: dict,
             changes = {**needed, **dict(extra)}
             shapes = shapes_of(changes)
             if fits(shapes):
-                yield (follow_lists(base, with_changes(base, changes), layer_sources),
-                       {_name(k): v for k, v in {**changes, **floats}.items()}, shapes)
+                cfg, named = follow_lists(base, with_changes(base, changes), layer_sources), {
+                    _name(k): v for k, v in {**changes, **floats}.items()}
+                yield cfg, named, shapes
+                for kept in lists_kept(base, cfg):  # the caller's numeric check tells which list is per block
+                    kept_shapes = config_shapes(model, kept)
+                    if fits(kept_shapes):
+                        yield kept, named, kept_shapes
 
 
 def int_fields(cfg: dict) -> dict:
@@ -229,11 +235,34 @@ def descend(relevant: dict, size_pairs: dict, score) -> dict:
         improved = False
         for key, old in relevant.items():
             for value in [old, *sorted(size_pairs[old])]:
-                trial = {**changes, key: value} if value != old else {k: v for k, v in changes.items() if k != key}
+                trial = _moved(changes, relevant, key, value)
                 trial_score = score(trial)
                 if trial_score < best:
                     changes, best, improved = trial, trial_score, True
+        if not improved and best > 0:  # no single field helps: two that only build together may
+            trial = min(_joint_moves(relevant, size_pairs, changes, score), key=score, default=changes)
+            if score(trial) < best:
+                changes, best, improved = trial, score(trial), True
     return changes
+
+
+def _moved(changes: dict, relevant: dict, key, value) -> dict:
+    """``changes`` with ``key`` set to ``value`` (dropped where that is its old value)."""
+    return {**changes, key: value} if value != relevant[key] else {k: v for k, v in changes.items() if k != key}
+
+
+def _joint_moves(relevant: dict, size_pairs: dict, changes: dict, score) -> list:
+    """Changes of two fields at once, each of which alone gives a config that does not build: fields a config
+    validates together (SSM heads x head size = expand x hidden) change only as a pair.
+
+    >>> builds = lambda ch: float("inf") if ch.get("heads", 2) * 4 != ch.get("hidden", 8) else 0
+    >>> _joint_moves({"heads": 2, "hidden": 8}, {2: {4}, 8: {16}}, {}, builds)
+    [{'heads': 4, 'hidden': 16}]
+    """
+    alone = [(key, value) for key, old in relevant.items() for value in [old, *sorted(size_pairs[old])]
+             if value != changes.get(key, old) and score(_moved(changes, relevant, key, value)) == float("inf")]
+    return [_moved(_moved(changes, relevant, k1, v1), relevant, k2, v2)
+            for (k1, v1), (k2, v2) in itertools.combinations(alone, 2) if k1 != k2]
 
 
 def misfits(shapes, expected, required=frozenset()) -> float:
@@ -275,6 +304,18 @@ def follow_lists(base: dict, cfg: dict, layer_sources: dict) -> dict:
         if isinstance(sub, dict) and "model_type" in sub and isinstance(base.get(name), dict):
             out[name] = follow_lists(base[name], sub, layer_sources)
     return out
+
+
+def lists_kept(base: dict, followed: dict) -> list:
+    """``followed`` with one list that ``follow_lists`` reordered put back as it was, for each such list: a list
+    as long as the block count by chance (a (min, max) limit pair for two layers) holds no value per block, and
+    only the rebuilt model's outputs can tell.
+
+    >>> lists_kept({"n": 2, "limit": [0.0, 9.0]}, {"n": 4, "limit": [0.0, 0.0, 9.0, 9.0]})
+    [{'n': 4, 'limit': [0.0, 9.0]}]
+    """
+    return [{**followed, k: base[k]} for k, v in followed.items()
+            if isinstance(v, list) and isinstance(base.get(k), list) and len(base[k]) != len(v)]
 
 
 def _fits(shapes, expected, required=frozenset()) -> bool:
@@ -359,7 +400,7 @@ def load_hf(model, cfg_dict: dict, state: dict, unread: set = frozenset()):
     own = new.state_dict()
     new.load_state_dict({k: own[k] if k in fresh else state[k] for k in own}, strict=True, assign=True)
     _retie(new, ties)
-    _place_other_buffers(new, model, set(own) - fresh, state)
+    _place_other_buffers(new, model, set(own) - fresh, state, lambda: type(model)(cfg))
     new.eval() if not model.training else new.train()
     return new
 
@@ -380,17 +421,23 @@ def _retie(model, groups: list) -> None:
             setattr(model.get_submodule(".".join(path)) if path else model, leaf, param)
 
 
-def _place_other_buffers(new, model, loaded: set, state: dict) -> None:
+def _place_other_buffers(new, model, loaded: set, state: dict, build=None) -> None:
     """Buffers the state dict did not load (non-persistent ones): the grown tensor where the traced forward read
     one of that shape (a table the class makes at construction from a width: the class's own would compute
     something else; ``reload.py`` says what ``from_pretrained`` makes of it), else the class's own; on the grown
-    tensors' device, in the dtype of the source's buffer."""
+    tensors' device, in the dtype of the source's buffer. A buffer the class made from a parameter (``zeros_like``
+    of a weight) is on the meta device like the parameters: its own value comes from the class built for real
+    (``build``, called once, only then)."""
     source, device = dict(model.named_buffers()), next(iter(state.values())).device
+    real = None
     for name, buf in list(new.named_buffers()):
         if name in loaded:
             continue
         if name in state and state[name].shape == buf.shape:
             buf = state[name]
+        elif buf.is_meta and build is not None:
+            real = dict(build().named_buffers()) if real is None else real
+            buf = real[name]
         dtype = source[name].dtype if name in source and buf.is_floating_point() else buf.dtype
         *path, leaf = name.split(".")
         owner = new.get_submodule(".".join(path)) if path else new

@@ -354,11 +354,12 @@ def _keep_generation_config(model, grown) -> None:
 
 
 def _head_pairs(p, maps: dict) -> dict:
-    """old -> {new} query-head counts: sizes that shape attention but no parameter."""
+    """old -> {new} query- and kv-head counts: sizes that shape attention but need not shape a parameter (a
+    class deriving head_dim as hidden / heads rebuilds the same shapes with the old counts)."""
     out = {}
     for old, new in filter(None, (_changed(p.facts.ag, maps, axis) for axis in _query_head_axes(p))):
         out.setdefault(old, set()).add(new)
-    for g in p.by_role("heads"):  # attention written out as matmuls records no site: its head groups
+    for g in p.by_role("heads") + p.by_role("kv_heads"):  # attention written out as matmuls records no site
         if g.root in maps and not g.per_kv:
             out.setdefault(maps[g.root].old, set()).add(maps[g.root].new)
     return out

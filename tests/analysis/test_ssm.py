@@ -61,6 +61,18 @@ def test_mamba2_grows_x2_exactly_in_its_class():
     torch.testing.assert_close(big(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_mamba2_depth_x2_keeps_a_pair_as_long_as_the_stack():
+    """Two layers and a (min, max) time-step limit: a list as long as the block count that holds no value per block.
+    Reordered by the depth schedule it would clamp every time step to 0; the rebuilt model's outputs tell."""
+    model = _mamba2()
+    model = type(model)(type(model.config)(**{**model.config.to_dict(), "num_hidden_layers": 2})).eval()
+    big = growir.grow(model, width=2.0, depth=2)
+    assert big.growir_record.exact and type(big).__name__ == "Mamba2ForCausalLM"
+    assert big.config.num_hidden_layers == 4 and list(big.config.time_step_limit) == [0.0, float("inf")]
+    ids = torch.randint(0, 100, (2, 7))
+    torch.testing.assert_close(big(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_jamba_grows_x2_and_depth_x2_exactly_in_its_class():
     """Jamba's layers are a Mamba layer with a dense MLP and an attention layer with MoE: two kinds, period 2.
     Sizes are chosen apart so that no config field holds another field's size by chance."""
@@ -76,5 +88,35 @@ def test_jamba_grows_x2_and_depth_x2_exactly_in_its_class():
     c = big.config
     assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.mamba_dt_rank) == (80, 144, 4, 14)
     assert c.layers_block_type == ["mamba", "attention"] * 2
+    ids = torch.randint(0, 100, (2, 7))
+    torch.testing.assert_close(big(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def _hybrid(name: str):
+    """A tiny Bamba (Mamba2 and attention layers) or Falcon-H1 (Mamba2 and attention side by side in every layer,
+    no norm over the SSM's inner width). Both derive the attention's head_dim as hidden / heads and validate
+    SSM heads x head size against the inner width, so the grown config changes fields in pairs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=100, mamba_n_heads=8, mamba_d_head=4, mamba_n_groups=2,
+                  mamba_d_state=6, mamba_expand=2, mamba_chunk_size=CHUNK)
+    if name == "bamba":
+        return transformers.BambaForCausalLM(transformers.BambaConfig(**common, attn_layer_indices=[1])).eval()
+    config = transformers.FalconH1Config(**common, mamba_d_ssm=32, head_dim=4)
+    return transformers.FalconH1ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("name", ["bamba", "falcon_h1"])
+def test_mamba2_hybrids_grow_x2_exactly_in_their_class(name):
+    model = _hybrid(name)
+    big = growir.grow(model, width=2.0)
+    record, c = big.growir_record, big.config
+    assert record.exact and type(big).__name__ == type(model).__name__, record.reasons
+    # the SSM's per-head channels are a head_dim with or without a norm over them: heads double, channels stay
+    mixer = {g.role for g in record.plan.groups if any(".mamba.in_proj" in pa.param for pa in g.producers)}
+    assert "head_dim" in mixer and "ffn" not in mixer, mixer
+    assert (c.hidden_size, c.mamba_n_heads, c.mamba_d_head, c.mamba_n_groups) == (32, 16, 4, 2)
+    assert (c.num_attention_heads, c.num_key_value_heads) == (8, 4)
     ids = torch.randint(0, 100, (2, 7))
     torch.testing.assert_close(big(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)

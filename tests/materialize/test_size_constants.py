@@ -108,16 +108,18 @@ def test_width_one_and_a_half(name):
 
 
 def test_embedding_scale_is_the_rebuilt_one_and_absorbed():
-    """The sqrt(hidden) constant becomes sqrt(64); the embedding carries 1/sqrt(2), and the final (1 + w) norm
-    before the tied head gives the logits back. With copies (fpi): 1 + w' = (1 + w)/sqrt(2) (two copies, times
-    sqrt(2)). With the default (the old dimensions once, a zero fill, eps x 1/2): the norm's 1/sqrt(2) for the
-    halved mean of squares and the head's sqrt(2) cancel, 1 + w' = 1 + w, and the fill columns are zero."""
-    for method, factor in (("fpi", 2 ** -0.5), ("auto", 1.0)):
+    """The sqrt(hidden) constant becomes sqrt(64). With copies (fpi): the embedding carries 1/sqrt(2), and
+    1 + w' = (1 + w)/sqrt(2) in the final norm before the tied head (two copies, times sqrt(2)). With the default
+    (the old dimensions once and a zero fill): the residual stream is rescaled by sqrt(2) instead of changing eps,
+    and the new sqrt(64) constant is that rescale, so the embedding's old columns are kept as they were; the
+    norm sees the same mean of squares (eps kept) and 1 + w' = (1 + w)/sqrt(2) undoes the stream's sqrt(2)."""
+    for method, embedding in (("fpi", 2 ** -0.5), ("auto", 1.0)):
         source, grown = grow_exact("gemma", width=2.0, width_method=method)
         assert float(grown.model.embed_tokens.embed_scale) == pytest.approx(64 ** 0.5)
+        assert grown.config.rms_norm_eps == source.config.rms_norm_eps
         old, new = source.model.embed_tokens.weight, grown.model.embed_tokens.weight
-        torch.testing.assert_close(new[:, :32], old / 2 ** 0.5)
-        torch.testing.assert_close(1 + grown.model.norm.weight[:32], (1 + source.model.norm.weight) * factor)
+        torch.testing.assert_close(new[:, :32], old * embedding)
+        torch.testing.assert_close(1 + grown.model.norm.weight[:32], (1 + source.model.norm.weight) * 2 ** -0.5)
         assert method == "fpi" or new[:, 32:].abs().max() == 0
 
 
@@ -158,3 +160,16 @@ def test_alibi_one_and_a_half_is_honest():
     with pytest.warns(UserWarning, match="measured deviation"):
         grown = growir.grow(make("bloom"), width=1.5)
     assert not grown.growir_record.exact and grown.config.n_head == 6
+
+
+def test_buffers_made_from_parameters_are_the_classes_own():
+    """I-BERT registers `weight_integer = zeros_like(weight)` at construction: built with its parameters on the
+    meta device, that buffer is on meta too, and its value comes from the class built for real."""
+    from transformers import IBertConfig, IBertForMaskedLM
+    torch.manual_seed(0)
+    source = IBertForMaskedLM(IBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=64, vocab_size=100, max_position_embeddings=40)).eval()
+    grown = growir.grow(source, width=2.0, width_method="fpi")
+    assert type(grown) is IBertForMaskedLM and grown.growir_record.exact
+    assert not any(b.is_meta for b in grown.buffers())
+    assert grown.ibert.encoder.layer[0].attention.self.query.weight_integer.shape == (64, 64)
