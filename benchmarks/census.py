@@ -184,6 +184,7 @@ def grow_one(model, spec: dict) -> dict:
     exact = record.exact and record.deviation is not None and record.deviation <= TOLERANCE
     verdict = "exact" if exact else "warned" if said else "silent"
     return {"verdict": verdict, "deviation": record.deviation, "reasons": [r[:300] for r in record.reasons],
+            "by_choice": any(BY_CHOICE in r for r in record.reasons),  # before the reasons are cut to 300
             "warnings": said[:3], "s": time.perf_counter() - start, "returned": type(grown).__name__,
             "notes": [n[:300] for n in record.notes], "reload": reload_seen[0] if reload_seen else None}
 
@@ -204,11 +205,12 @@ def child(model_type: str, class_name: str) -> None:
     print(json.dumps({"build": "ok", "params": params, "shrink": how}), flush=True)
     for name, spec in GROWTHS.items():
         result = grow_one(model, spec)
-        if result["verdict"] == "warned" and any(BY_CHOICE in r for r in result.get("reasons", [])):
+        if result["verdict"] == "warned" and result.get("by_choice"):
             # auto trades exactness for training on a post-norm stream (docs/savings.md); the census counts
             # what growir can grow exactly: strict=True keeps the exact copies there
             strict = grow_one(model, {**spec, "strict": True})
             result = {**strict, "default": {k: result[k] for k in ("verdict", "deviation", "reasons")}}
+        result.pop("by_choice", None)
         print(json.dumps({"growth": name, **result}, default=str), flush=True)
         if result["verdict"] == "no export":
             break  # the same export for every growth

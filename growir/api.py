@@ -110,8 +110,9 @@ def grow(model: torch.nn.Module, width=1.0, depth=1.0, *, layers=None, width_met
     whose residual cannot be rescaled, or, for weights stored below float32 precision, a group grown by a
     power of two (a fill's sqrt(d'/d) rounds there, copies do not); see ``passes/fresh.py`` and
     docs/methods.md. A post-norm residual only a head reads (a masked-LM encoder) is filled instead, its norms'
-    weights kept (not exact: warned, with the measured deviation; copies there train as one; ``strict=True``
-    keeps the exact copies). It trained best in benchmarks/savings.py (docs/savings.md). ``"fill"`` is
+    eps kept and weights raised by sqrt(d'/d) (the stream's old units grow by d'/d; not exact: warned, with the
+    measured deviation; copies there train as one; ``strict=True`` keeps the exact copies). It trained best in
+    benchmarks/savings.py (docs/savings.md). ``"fill"`` is
     ``"auto"`` with that fill compensated in the norms (a smaller deviation, but it trained worse).
     ``"fresh"`` fills every normalized group it can; ``"fpi"`` (function-preserving
     copies, and repeat-and-fill for a normalized group whose ratio is not whole, exact for pre-norm models),

@@ -1,9 +1,16 @@
 """The norms of a graph: where each one is, what it normalizes, the parameters that scale its output, what
 reads its output (pre-norm: only contractions) and what writes its input (a linear sum of terms, or not).
 
-A norm is a LayerNorm/RMSNorm op (``aten.layer_norm``, ``aten.rms_norm``) or an RMSNorm written out:
-``x * rsqrt(mean(x^2) + eps)`` [cast] [``* w`` or ``* (c + w)``]. The passes (repeat-and-fill, the residual
-rescale, tied heads, head_dim growth) read these facts instead of walking the graph themselves.
+A norm is a LayerNorm/RMSNorm op (``aten.layer_norm``, ``aten.rms_norm``) or one written out, recognised by its
+arithmetic (never by its module's class), in any dtype casts between the steps:
+
+- RMS: ``x * rsqrt(mean(x^2) + eps)``, or ``x / sqrt(mean(x^2) + eps)`` (``x^2``: ``pow``, ``square`` or ``x * x``;
+  the root: also ``pow(., ∓0.5)``);
+- LayerNorm: the same over ``x - mean(x)``: ``(x - m) * rsqrt(mean((x - m)^2) + eps)``, m = mean(x) over the axis;
+
+each optionally followed by a weight (``* w`` or ``* (c + w)``) and then a bias (``+ b``), or by neither (a norm with
+no affine parameters). The passes (repeat-and-fill, the residual rescale, tied heads, head_dim growth) read these
+facts instead of walking the graph themselves.
 """
 
 from __future__ import annotations
@@ -13,9 +20,17 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from .nodes import back, chain, op_name
-from .ops import ADD, ASSERTS, CASTS, CONTRACTIONS, LAYOUT, LINEAR, MEAN, MUL, NORMS, PART, POW, RSQRT, SCALES
-from .ops import forward, indexes_leading, traits
+from .ops import ADD, ASSERTS, CASTS, CONTRACTIONS, DIV, LAYOUT, LINEAR, MEAN, MUL, NORMS, PART, POW, RSQRT, SCALES
+from .ops import SPLITS, aten, forward, indexes_leading, kinds, traits, where_trait
 from .walker import Facts
+
+# single ops a written-out norm is made of (beyond ops.py's ADD, MUL, DIV, POW, RSQRT, MEAN): what they compute
+# decides, so they are matched here as moe.py matches its own
+SUB, SQRT, SQUARE = aten("sub"), aten("sqrt"), aten("square")
+# ops whose output is linear in their data operand (``args[0]``), the other operands fixed: parts, copies and
+# rearrangements of it (a split of a fused projection, a gather, a roll) and sums or means over an axis. A norm
+# reading one of them reads a value linear in the parameters behind it, so a fill behind it is what the norm sees.
+LINEAR_IN_FIRST = SPLITS | kinds("gather", "reorder") | where_trait(lambda t: t.kind == "reduce" and t.zero == "first")
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one per norm in the graph
@@ -29,15 +44,19 @@ class NormSite:
     bias: str | None = None
     eps_at: tuple | None = None  # (node name, arg position) of the eps literal
     eps: float | None = None
-    internals: tuple = ()  # the norm's own ops that read its input (layer_norm; or the square and the multiply)
+    internals: tuple = ()  # the norm's own ops that read its input (layer_norm; or the mean, square, multiply...)
+    source: fx.Node | None = None  # the normalized tensor of a written-out norm (a norm op's is its first operand)
+    means: tuple = ()  # names of every mean over the axis a written-out norm takes (LayerNorm: of x and of (x-m)^2)
 
     @property
     def input(self) -> fx.Node:
         """The normalized tensor."""
-        if self.kind == "layer":
-            return self.output.args[0]
-        mean = next(m for m in self.output.graph.nodes if m.name == self.node)
-        return mean.args[0].args[0]  # mean(pow(x, 2))
+        return self.source if self.source is not None else self.output.args[0]
+
+    @property
+    def reads(self) -> tuple:
+        """Names of the nodes by which the norm reads its axis (the walker's ``norm`` reads)."""
+        return self.means or (self.node,)
 
     def pre_norm(self, facts: Facts) -> bool:
         """Whether the output only reaches parameter contractions (or the model output), through layout ops,
@@ -49,26 +68,31 @@ class NormSite:
     def nonlinear_source(self) -> str | None:
         """The op that makes the input, through layout ops, when the input is not linear in the parameters
         writing its terms (an activation such as a GELU between a transform and its norm); None otherwise."""
-        x = back(self.input, PART)
-        if x.op in ("get_attr", "placeholder") or LINEAR(x) or SCALES(x) or traits(x).kind in ("contraction", "lookup"):
+        x = back(self.input, LINEAR_IN_FIRST)
+        if x.op in ("get_attr", "placeholder") or LINEAR(x) or SCALES(x) or traits(x).kind in (
+                "contraction", "lookup", "sum"):  # sums of their tensor operands (add, cat, stack, where, scatter-add)
             return None
         return f"`{op_name(x) if x.op == 'call_function' else x.op}` (at {x.name})"
 
 
 def norm_sites(gm: fx.GraphModule, facts: Facts) -> list[NormSite]:
-    """Every norm over one axis: norm ops (from the facts) and written-out RMSNorms (a mean of squares)."""
+    """Every norm over one axis: norm ops (from the facts) and written-out norms (a mean of squares)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     sites = []
     for name, axes in facts.norms:
         n = nodes[name]
         if len(axes) == 1:
-            eps = (name, 4) if len(n.args) > 4 else None
-            sites.append(NormSite(name, "layer", axes[0], n, _param(n.args[2], facts), _param(n.args[3], facts),
-                                  eps, n.args[4] if eps else None, (n,)))
+            rms = traits(n).zero != "affine"  # rms_norm(x, shape, weight, eps): no mean, no bias operand
+            at = 3 if rms else 4
+            eps = (name, at) if len(n.args) > at and isinstance(n.args[at], float) else None
+            bias = None if rms or len(n.args) < 4 else _param(n.args[3], facts)
+            sites.append(NormSite(name, "rms" if rms else "layer", axes[0], n,
+                                  _param(n.args[2], facts) if len(n.args) > 2 else None, bias,
+                                  eps, n.args[at] if eps else None, (n,)))
     for r in facts.reads:
         n = nodes[r.node]
-        if r.kind == "norm" and MEAN(n) and is_square(n.args[0]):
-            site = _rms_site(n, r.axis, facts)
+        if r.kind == "norm" and MEAN(n) and squared(n.args[0]) is not None:
+            site = written_site(n, r.axis, facts)
             if site is not None:
                 sites.append(site)
     return sites
@@ -83,6 +107,15 @@ def is_square(x) -> bool:
     return POW(x) and x.args[1] == 2
 
 
+def squared(x) -> fx.Node | None:
+    """The ``v`` of ``x = v ** 2`` (``pow(v, 2)``, ``square(v)`` or ``v * v``); None when ``x`` is no square."""
+    if not isinstance(x, fx.Node):
+        return None
+    if is_square(x) or SQUARE(x):
+        return x.args[0]
+    return x.args[0] if MUL(x) and len(x.args) == 2 and x.args[0] is x.args[1] else None
+
+
 def _users(n: fx.Node) -> list:
     return [u for u in n.users if not ASSERTS(u)]
 
@@ -92,22 +125,78 @@ def _only_user(n: fx.Node, family):
     return users[0] if len(users) == 1 and family(users[0]) else None
 
 
-def _rms_site(mean: fx.Node, axis, facts: Facts) -> NormSite | None:
-    """mean(x^2) -> add eps -> rsqrt -> mul(x, .) [-> to] [-> mul(weight, .)]."""
-    add = _only_user(mean, ADD)
-    rsqrt = _only_user(add, RSQRT) if add is not None else None
-    mul = _only_user(rsqrt, MUL) if rsqrt is not None else None
-    if mul is None or not isinstance(add.args[1], float):
+def _centred(v: fx.Node, mean: fx.Node) -> tuple | None:
+    """(x, mean(x)) when ``v`` is ``x - mean(x)`` with that mean over the same dims as ``mean``; else None."""
+    if not (isinstance(v, fx.Node) and SUB(v) and len(v.args) == 2 and isinstance(v.args[1], fx.Node)
+            and v.kwargs.get("alpha", 1) == 1):
         return None
-    out, weight = mul, None
-    while len(_users(out)) == 1 and CASTS(_users(out)[0]):
-        out = _users(out)[0]
+    x, m = v.args
+    same = MEAN(m) and m.args[0] is x and list(m.args[1:]) == list(mean.args[1:])
+    return (x, m) if same else None
+
+
+def _normalized(mean: fx.Node) -> tuple | None:
+    """(the add of eps, the product or quotient that divides by the root, the tensor it divides) for
+    ``mean + eps`` followed by ``v * rsqrt(.)`` or ``v / sqrt(.)`` (or ``pow(., -0.5)``, ``pow(., 0.5)``); None for
+    anything else."""
+    add = _only_user(mean, ADD)
+    if add is None or sum(isinstance(a, float) for a in add.args[:2]) != 1:
+        return None
+    root = _only_user(add, lambda u: RSQRT(u) or SQRT(u) or (POW(u) and u.args[1] in (0.5, -0.5)))
+    inverse = root is not None and (RSQRT(root) or POW(root) and root.args[1] == -0.5)
+    scaled = _only_user(root, MUL if inverse else DIV) if root is not None else None
+    if scaled is None or len(scaled.args) != 2 or scaled.args[0] is scaled.args[1]:
+        return None
+    if DIV(scaled):
+        return (add, scaled, scaled.args[0]) if scaled.args[1] is root else None
+    return add, scaled, next(a for a in scaled.args if a is not root)
+
+
+def written_site(mean: fx.Node, axis, facts: Facts) -> NormSite | None:
+    """The norm written out around ``mean`` (the mean of a square, over ``axis``): RMS when the square is of the
+    normalized tensor, LayerNorm when it is of that tensor less its mean over the same dims; None when the ops
+    around it compute anything else (module docstring)."""
+    if len(mean.args) < 2 or not isinstance(mean.args[1], (list, tuple)) or len(mean.args[1]) != 1:
+        return None  # a mean over several axes normalizes no single axis
+    v = squared(mean.args[0])
+    centred = _centred(v, mean)
+    found = _normalized(mean)
+    if found is None:
+        return None
+    add, scaled, numerator = found
+    if not (numerator is v or (centred is not None and _centred(numerator, mean) == centred)):
+        return None
+    x = centred[0] if centred else v
+    out, weight, bias = _affine(scaled, facts)
+    ops = {mean.args[0], scaled, numerator} | ({centred[1], v} if centred else set())
+    eps_pos = next(i for i, a in enumerate(add.args[:2]) if isinstance(a, float))
+    return NormSite(mean.name, "layer" if centred else "rms", axis, out, weight, bias, (add.name, eps_pos),
+                    add.args[eps_pos], tuple(u for u in _users(x) if u in ops), x,
+                    (centred[1].name, mean.name) if centred else ())
+
+
+def _past_casts(n: fx.Node) -> fx.Node:
+    while len(_users(n)) == 1 and CASTS(_users(n)[0]):
+        n = _users(n)[0]
+    return n
+
+
+def _affine(normalized: fx.Node, facts: Facts) -> tuple:
+    """(the norm's output, its weight, its bias) after the normalized tensor: ``* w`` (or ``* (c + w)``) and then
+    ``+ b``, each optional, in casts."""
+    out, weight, bias = _past_casts(normalized), None, None
     nxt = _users(out)[0] if len(_users(out)) == 1 else None
     if nxt is not None and MUL(nxt):  # the weight: w, or c + w (a (1 + w) norm)
         params = [p for a in nxt.args[:2] if a is not out and (p := weight_param(a, facts)) is not None]
         if len(params) == 1:
             out, weight = nxt, params[0]
-    return NormSite(mean.name, "rms", axis, out, weight, None, (add.name, 1), add.args[1], (mean.args[0], mul))
+    after = _past_casts(out)
+    nxt = _users(after)[0] if len(_users(after)) == 1 else None
+    if nxt is not None and ADD(nxt) and len(nxt.args) == 2 and nxt.kwargs.get("alpha", 1) == 1:
+        params = [p for a in nxt.args if a is not after and (p := _param(back(a, LAYOUT), facts)) is not None]
+        if len(params) == 1:
+            out, bias = nxt, params[0]
+    return out, weight, bias
 
 
 def is_param(a, facts: Facts) -> bool:

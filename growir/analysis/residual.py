@@ -15,12 +15,16 @@ Example: in ``y = x + W2 relu(W1 ln(x))`` the stream is ``x -> add`` with one te
 
 from __future__ import annotations
 
+from collections import Counter
+
+import torch
 import torch.fx as fx
 
+from ..ir.index_maps import GroupMap, tree_map
 from .groups import Group, contractions_over
-from .nodes import back
-from .ops import ADDS, ASSERTS, CONTRACTIONS, LINEAR, PART, SAME_VALUES, SCALES, ZERO_WITH_ALL, ZERO_WITH_FIRST
-from .ops import ZERO_WITH_ONE, ZEROS, Blocked, reach, traits
+from .nodes import back, chain, is_tensor
+from .ops import ADDS, ASSERTS, CONTRACTIONS, LAYOUT, LINEAR, PART, SAME_VALUES, SCALES, SPLITS, ZERO_WITH_ALL
+from .ops import ZERO_WITH_FIRST, ZERO_WITH_ONE, ZEROS, Blocked, forward, kinds, reach, traits, where_trait
 from .walker import Facts
 
 
@@ -140,16 +144,22 @@ def terms_and_readers(gm: fx.GraphModule, facts: Facts, group: Group, sites: lis
     norm_ends = {}  # a norm's input -> the norm's own ops that read it
     for s in sites:
         norm_ends.setdefault(s.input, set()).update(s.internals)
+    stream = {back(s.input, PART) for s in sites}  # the values the norms read: the stream itself
     on_group = {(pa.param, pa.axis) for pa in group.consumers}
     contracting = {(p, node) for p, i, node in facts.consumed if (p, i) in on_group}
     residual, terms = set(), set()
+    producing = {pa.param for pa in group.producers}  # a reader that also writes a term: its output carries c
+    read = {node for p, node in contracting if p not in producing}
+    fixed = _Fixed(facts, writers, {s.output for s in sites} | {n for n in gm.graph.nodes if n.name in read})
     for n in gm.graph.nodes:
         if n.op != "get_attr" or state_of.get(n.name) not in writers:
             continue
-        for use in n.users:
+        for use in forward(n, LAYOUT):  # past a transpose: a stacked experts' weight is read transposed
             if (state_of[n.name], use.name) in contracting:
                 continue  # a tied tensor's other use (the head): a reader, compensated with the tie
-            reached = _term_path(use, facts, norm_ends)
+            if gain_on_stream(use, facts, stream):
+                continue  # it multiplies the stream, which carries c already: a gain, not a term
+            reached = _term_path(use, facts, norm_ends, fixed, stream, lambda u: other_part(u, facts, group.root))
             if reached is None:
                 return None
             if reached:
@@ -159,35 +169,88 @@ def terms_and_readers(gm: fx.GraphModule, facts: Facts, group: Group, sites: lis
     for p, _, source in contractions_over(gm, facts, group):
         if source in residual:
             readers.add(p)
-        elif not any(source is s.output for s in sites):
+        elif not norm_output(source, {m for s in sites for m in chain(s.output, PART)}, fixed):  # or before a cast
             return None
     if readers & terms:
         return None  # a tied tensor that also reads the residual directly: one scale cannot do both
+    on_axes = Counter(pa.param for pa in group.producers + group.consumers if pa.param in terms | readers)
+    if any(n > 1 and group_rows(facts, group, p) is not None for p, n in on_axes.items()):
+        return None  # a fused tensor holding the group on two axes: its rows on one are not enough
     return terms, readers
 
 
-def _term_path(use: fx.Node, facts: Facts, norm_ends: dict) -> set | bool | None:
-    """Follow ``use`` through linear ops to the norms' inputs. A set: it is a term of the residual, and these
-    are the nodes on the way; False: a parameter multiplies it later (another term's factor); None: it reaches
-    an output or an op that is neither a norm nor a contraction."""
+def norm_output(n: fx.Node, outputs: set, fixed) -> bool:
+    """Whether ``n`` is one of the norms' ``outputs``, through views and products with values the rescale leaves
+    unchanged (``fixed``: a padding mask): a contraction reading it reads what the norm gives, unscaled."""
+    if n in outputs or (PART(n) and norm_output(n.args[0], outputs, fixed)):
+        return True
+    if not SCALES(n):
+        return False
+    tensors = [a for a in n.args[:2] if isinstance(a, fx.Node)]
+    divided = traits(n).zero == "first"  # a quotient: only its dividend is the value
+    walk = ([n.args[0]] if isinstance(n.args[0], fx.Node) else []) if divided else tensors
+    return any(norm_output(a, outputs, fixed) and all(fixed.fixed(b) for b in tensors if b is not a) for a in walk)
+
+
+def group_rows(facts: Facts, group: Group, state: str) -> tuple | None:
+    """(axis, old positions, axis size) of the tensor ``state`` that hold ``group`` where that axis holds other
+    groups beside it (a projection whose output is split into parts): a rescale of the group scales those rows
+    only. None where every position of the axis holds the group (the axis is the group, or a product with it)."""
+    node_of = {s: n for n, s in {**facts.params, **facts.buffers}.items()}
+    for pa in group.producers + group.consumers:
+        if pa.param != state or state not in node_of:
+            continue
+        tree = facts.ag.expand(facts.axes[node_of[state]][pa.axis])
+        if tree == group.root:
+            return None
+        marker = GroupMap(group.size, group.size, torch.arange(group.size), torch.full((group.size,), 2))
+        _, counts, size, _ = tree_map(tree, facts.ag, {group.root: marker})  # 2 where a position holds the group
+        rows = (counts == 2).nonzero().flatten()
+        return None if len(rows) == int(size) else (pa.axis, rows, int(size))
+    return None
+
+
+def other_part(u: fx.Node, facts: Facts, root) -> bool:
+    """Whether ``u`` takes a part of its input that holds none of the group ``root`` (the other parts of a fused
+    projection's output, split or sliced off at the same rank): its rows are not the group's, and a rescale of the
+    group's rows (``group_rows``) leaves it unchanged."""
+    if not (SPLITS(u) and is_tensor(u)) or not isinstance(u.args[0], fx.Node):
+        return False
+    src = u.args[0] if is_tensor(u.args[0]) else u.args[0].args[0]  # a part of a split's tuple: the split's input
+    carries = lambda n: any(root in facts.ag.leaf_roots(a) for a in facts.axes.get(n.name, []))  # noqa: E731
+    return isinstance(src, fx.Node) and is_tensor(src) and u.meta["val"].dim() == src.meta["val"].dim() \
+        and carries(src) and not carries(u)
+
+
+# Ops whose output is linear in their data operands, the other operands (indices) fixed: a gather, a
+# broadcast, a sum or mean over an axis, a scatter-add of the experts' outputs back to their tokens.
+LINEAR_IN_DATA = (kinds("gather", "expand", "reorder", "split", "item") | where_trait(
+    lambda t: t.kind == "reduce" and t.zero == "first") | where_trait(lambda t: t.kind == "sum" and t.zero == "all"))
+
+
+def _term_path(use: fx.Node, facts: Facts, norm_ends: dict, fixed, stream: set, other=None) -> set | bool | None:
+    """Follow ``use`` through linear ops to the norms' inputs, past gains on the ``stream`` (the values the norms
+    read) and not into ``other`` parts (of a fused output: ``other_part``). A set: it is a term of the residual,
+    and these are the nodes on the way; False: a parameter multiplies it later (another term's factor); None: it
+    reaches an output or an op that is neither a norm nor a contraction."""
     visited = set()
 
     def step(n: fx.Node) -> list:
         visited.add(n)
-        if n is not use and SCALES(n):
+        if n is not use and SCALES(n) and not gain_on_stream(n, facts, stream):
             if any(isinstance(a, fx.Node) and a.name in facts.params for a in n.args):
                 raise Blocked(False)  # a parameter multiplies this term (a layer scale): that parameter is the term
-            if not _by_constant(n, visited):
+            if not (_by_constant(n, visited) or fixed.scales(n, visited)):
                 raise Blocked(None)  # a product of two activations is not linear in the residual
-        if not (n is use or PART(n) or LINEAR(n) or SCALES(n)):
+        if not (n is use or PART(n) or LINEAR(n) or SCALES(n) or LINEAR_IN_DATA(n)):
             raise Blocked(None)  # a nonlinear op, even one that feeds a norm: its output is not linear in the term
         nxt = []
         for u in [u for u in n.users if not ASSERTS(u)]:
             if u.op == "output":
                 raise Blocked(None)
-            if u in norm_ends.get(n, ()):
-                continue
-            if CONTRACTIONS(u) and any(isinstance(a, fx.Node) and a.name in facts.params
+            if u in norm_ends.get(n, ()) or (PART(u) and u.args[0] is not n) or (other and other(u)):
+                continue  # the norm itself; a view or cast that reads only its dtype (``type_as(y, x)``); no part
+            if CONTRACTIONS(u) and any(isinstance(a, fx.Node) and back(a, LAYOUT).name in facts.params
                                        for a in u.args if a is not n):
                 continue  # a direct reader: checked on the consumer side
             nxt.append(u)
@@ -199,7 +262,51 @@ def _term_path(use: fx.Node, facts: Facts, norm_ends: dict) -> set | bool | None
         return found.args[0]
 
 
+def gain_on_stream(n: fx.Node, facts: Facts, stream: set) -> bool:
+    """Whether ``n`` multiplies a value of the ``stream`` (one a norm over it reads) by a parameter, channel by
+    channel (``x = r ⊙ x + f(x)``: a learned residual gain). Scaling the stream by c scales ``r ⊙ x`` by c with
+    ``r`` unchanged, so ``r`` is no term and the stream goes on through it."""
+    if not (SCALES(n) and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args)):
+        return False
+    params = [a for a in n.args if back(a, PART).name in facts.params]
+    return len(params) == 1 and back(next(a for a in n.args if a is not params[0]), PART) in stream
+
+
 def _by_constant(n: fx.Node, came_through: set) -> bool:
     """A multiply or divide whose other operands are numbers or tensors the walk did not come through."""
     nodes = [a for a in n.args if isinstance(a, fx.Node)]
     return sum(a in came_through for a in nodes) == 1 and all(a in came_through or a.op == "get_attr" for a in nodes)
+
+
+class _Fixed:
+    """Which activations the rescale leaves unchanged: those computed from the inputs, from parameters that write
+    no term, from the norms' outputs and from the readers' contractions (their outputs are kept: the norms'
+    weights and the readers take the factor back out), never from the stream or a term itself.
+
+    A term multiplied by such a value (the routing weight of an expert's output) is still linear in its
+    parameter: ``w(x)·(c·W)h = c·(w(x)·W h)``."""
+
+    def __init__(self, facts: Facts, writers: set, bounds: set):
+        self.state_of, self.writers, self.bounds, self.memo = {**facts.params, **facts.buffers}, writers, bounds, {}
+
+    def scales(self, n: fx.Node, came_through: set) -> bool:
+        """Whether ``n`` multiplies (or, as its dividend, divides) the term it came through by fixed values."""
+        nodes = [a for a in n.args if isinstance(a, fx.Node)]
+        if sum(a in came_through for a in nodes) != 1 or (traits(n).zero == "first" and n.args[0] not in came_through):
+            return False  # a divisor: not linear in the term
+        return all(a in came_through or self.fixed(a) for a in nodes)
+
+    def fixed(self, start: fx.Node) -> bool:
+        def step(m: fx.Node) -> list:
+            if m in self.bounds or self.memo.get(m):
+                return []
+            if m.op == "get_attr" and self.state_of.get(m.name) in self.writers:
+                raise Blocked(False)  # the stream or a term: it carries the factor
+            return m.all_input_nodes
+        if start not in self.memo:
+            try:
+                reach([start], step)
+                self.memo[start] = True
+            except Blocked:
+                self.memo[start] = False
+        return self.memo[start]

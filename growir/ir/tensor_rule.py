@@ -32,7 +32,9 @@ class AxisMap:
     fill: str | None = None  # at index -1: "zero", "mean" (of the old entries along the axis), "copy" (the
     # old entry at ``source``; zero where source is -1), "geometric" (a 1-D table extended along the
     # geometric sequence it holds, as rotary frequencies are; copies if it holds none), or "random" (normal
-    # draws at the source tensor's std, seeded by the rule's ``fill_seed``: fresh units)
+    # draws at the source tensor's std, seeded by the rule's ``fill_seed``: fresh units), or "weighted" (the
+    # mean of the old entries weighted by the rule's ``donor``, one weight per old position: a writer whose output
+    # a per-channel scale multiplies, ``sum_i l_i W_i / sum_i l_i``; the plain mean where the weights sum to 0)
     source: torch.Tensor | None = None  # "copy"/"geometric": per new position, the old position to copy
     scale: torch.Tensor | None = None  # per old position: a factor on some entries only (a fused QKV's query)
     split: tuple | None = None  # consumer axis: (lo, hi) bounds of random weights that replace 1/count, per
@@ -60,7 +62,8 @@ class TensorRule:
     scale: float = 1.0
     zero: bool = False  # a new block's residual writer (identity depth growth)
     notes: list = field(default_factory=list)  # human-readable reasons (compensations applied)
-    donor: str | None = None  # AKI: a second source whose (identically mapped) values fill the new units
+    donor: str | None = None  # AKI: a second source whose (identically mapped) values fill the new units; with
+    # a "weighted" fill, the tensor of its weights (without ``donor_axis``)
     donor_axis: tuple | None = None  # (axis, bool mask over new positions) taken from the donor
     noise: tuple | None = None  # (std relative to the tensor's std, seed): cancels over copies, see apply
     offset: float = 0.0  # the graph reads ``offset + w`` (a (1+w) norm weight): ``scale`` applies to that sum
@@ -95,7 +98,8 @@ class TensorRule:
         if axis is not None:  # no random fill there: ``store`` changes nothing
             return self._sliced(old, axis)
         compute = _compute_dtype(old) if self.arithmetic else old.dtype
-        wide = self._mapped(old.detach().to(compute), store or old.dtype)
+        weights = donor if self.donor_axis is None else None  # a "weighted" fill's weights
+        wide = self._mapped(old.detach().to(compute), store or old.dtype, weights)
         if self.donor_axis is not None and donor is not None:
             axis, mask = self.donor_axis
             shape = [1] * wide.dim()
@@ -118,7 +122,8 @@ class TensorRule:
         the same bits as the whole: no noise, donor, mean, random or geometric fill (they read the whole)."""
         if (old.is_meta or not old.is_floating_point() or _compute_dtype(old) == old.dtype or not self.arithmetic
                 or old.numel() * 4 <= SLICE_BYTES or self.noise is not None or self.donor_axis is not None
-                or any(m.fill in ("mean", "random", "geometric") or m.split is not None for m in self.axes)):
+                or any(m.fill in ("mean", "weighted", "random", "geometric") or m.split is not None
+                       for m in self.axes)):
             return None
         plain = [a for a, m in enumerate(self.axes) if m.index is None and m.divide is None and m.scale is None
                  and old.shape[a] > 1]
@@ -139,8 +144,8 @@ class TensorRule:
     def arithmetic(self) -> bool:
         """Whether values are computed, not only gathered or zeroed (then they are computed in float32)."""
         return (self.scale != 1.0 or self.noise is not None
-                or any(m.divide is not None or m.split is not None or m.scale is not None or m.fill in ("mean", "geometric")
-                       for m in self.axes))
+                or any(m.divide is not None or m.split is not None or m.scale is not None
+                       or m.fill in ("mean", "weighted", "geometric") for m in self.axes))
 
     def _cancelling_noise(self, new: torch.Tensor) -> torch.Tensor:
         """Noise on a consumer axis whose copies sum to zero: sum_k (W/c + e_k) x = W x when sum_k e_k = 0.
@@ -184,12 +189,12 @@ class TensorRule:
         return any(m.divide is not None and m.index is not None and len(m.index) > len(m.divide)
                    and m.split is None for m in self.axes)
 
-    def _mapped(self, old: torch.Tensor, store: torch.dtype | None = None) -> torch.Tensor:
+    def _mapped(self, old: torch.Tensor, store: torch.dtype | None = None, weights=None) -> torch.Tensor:
         stepwise = any(m.fill or m.split is not None for m in self.axes)  # they read the values around them
         if not stepwise:
             return self._copies(old)
         new = self._filled_blocks(old, store)
-        return self._stepwise(old, store) if new is None else new
+        return self._stepwise(old, store, weights) if new is None else new
 
     def _filled_blocks(self, old: torch.Tensor, store: torch.dtype | None = None) -> torch.Tensor | None:
         """``_stepwise`` where it only copies and fills with zeros or draws (fresh units), as one pass of
@@ -214,12 +219,13 @@ class TensorRule:
                 fills.append(None)
         return gather_fill(old, [m.index for m in self.axes], fills, self.scale)
 
-    def _stepwise(self, old: torch.Tensor, store: torch.dtype | None = None) -> torch.Tensor:
+    def _stepwise(self, old: torch.Tensor, store: torch.dtype | None = None, weights=None) -> torch.Tensor:
         """Axis by axis: gather, divide (or split), scale, fill."""
         new, on = old, (lambda t: t.to(old.device))  # index tables live on the CPU: move them to the tensor
         std = None
         for axis, m in enumerate(self.axes):
-            mean = new.mean(axis, keepdim=True) if m.fill == "mean" else None
+            weighted = weights if m.fill == "weighted" else None
+            mean = _mean(new, axis, weighted) if m.fill in ("mean", "weighted") else None
             index = m.index
             if m.fill in ("copy", "geometric"):
                 index = torch.where(m.index >= 0, m.index, m.source)  # filled from an old entry, no history
@@ -275,6 +281,20 @@ class TensorRule:
         if self.scale != 1.0:
             return new.mul_(self.scale) if new is not old else new * self.scale
         return new
+
+
+def _mean(t: torch.Tensor, axis: int, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``t`` along ``axis``, weighted by ``weights`` where they fit and do not sum to 0.
+
+    >>> _mean(torch.tensor([[1.0, 3.0]]), 1, torch.tensor([3.0, 1.0])).tolist()
+    [[1.5]]
+    """
+    if weights is None or weights.numel() != t.shape[axis] or not float(weights.detach().sum()):
+        return t.mean(axis, keepdim=True)
+    shape = [1] * t.dim()
+    shape[axis] = -1
+    w = weights.detach().to(device=t.device, dtype=t.dtype).reshape(shape)
+    return (t * w).sum(axis, keepdim=True) / w.sum()
 
 
 def exact_in_own_dtype(rule: TensorRule, old: torch.Tensor) -> bool:

@@ -13,12 +13,13 @@ residual itself (post-norm), no elementwise-weighted norm can be exact (docs/met
 ``width_method="fill"`` fills anyway where the model does not return the stream (``plan_fill(post_norm=True)``):
 the fill then differs from the stream's mean by the norm output's mean, ``mean((γ - mean γ) ⊙ x̂) + mean(β)``
 (small where γ is near uniform), which the record reports with the measured deviation. ``auto`` (the default) fills it
-too where each such norm normalizes a residual sum (not a sandwich norm), but keeps the norms' weights
-(``keep_norms``: no sqrt(n·d/d'), no eps change): the norms then see the fill's lower variance and the stream's
-old units grow by sqrt(d'/n·d), so the stream has the norm a d'-wide norm gives it (as in a model trained at
-that width, or DirectCopy's), not a d-wide one spread thinner; measured, it trains far better than copies on
-the post-norm encoder, level with DirectCopy (docs/savings.md). Otherwise, and with ``strict=True``, or where the model
-returns the stream, the group is copied (exact at a whole ratio, balanced copies and a reported deviation else).
+too where each such norm normalizes a residual sum (not a sandwich norm), but does not compensate the norms
+(``keep_norms``: eps kept, weights x sqrt(d'/d) instead of x sqrt(d/d')): the norms see the fill's lower variance,
+which alone grows the stream's old units by sqrt(d'/d) (DirectCopy's stream), and the raised weights grow them by
+sqrt(d'/d) again, to d'/d; measured on the post-norm encoder, the norms kept trained far better than copies, level
+with DirectCopy, and raised better still at x1.5 and x2 (docs/savings.md). Otherwise, and with ``strict=True``,
+or where the model returns the stream, the group is copied (exact at a whole ratio, balanced copies and a reported
+deviation else).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from ..analysis.nodes import back
 from ..analysis.norms import NormSite, is_param, norm_sites
 from ..analysis.ops import ADDS, CONTRACTIONS, LAYOUT, PART, forward, indexes_leading, traits
 from ..analysis.plan import Plan
+from .bare_norms import bare_norm_readers, fold_scale
+from .layer_scale import scaled_writers, weigh_fill_rows
 
 
 @dataclass
@@ -44,7 +47,9 @@ class FillPlan:
     sites: dict = field(default_factory=dict)  # group root -> [NormSite]
     reasons: dict = field(default_factory=dict)  # group root -> why repeat-and-fill does not apply
     copied: dict = field(default_factory=dict)  # whole-ratio group root -> why it is copied instead (exact)
-    kept_norms: set = field(default_factory=set)  # post-norm roots filled with their norms' weights kept
+    kept_norms: set = field(default_factory=set)  # post-norm roots filled with eps kept, the weights x sqrt(d'/d)
+    folds: dict = field(default_factory=dict)  # root -> parameters reading its weightless norms (bare_norms.py)
+    weighted: dict = field(default_factory=dict)  # root -> {(writer, axis): layer scale} (layer_scale.py)
 
 
 def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = False,
@@ -53,10 +58,10 @@ def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = Fa
     ``every`` each grown normalized group (the fresh width method fills whole ratios too). With ``post_norm``
     a group that a post-norm LayerNorm/RMSNorm writes is filled too, though no fill (and at a ratio that is
     not whole, no growth) is exact there: its reason stays in ``reasons`` and the deviation is measured
-    (``width_method="fill"``: copies there train as one); with ``keep_norms`` its norms keep their weights
-    (``width_method="auto"``: ``kept_norms``, see the module docstring). Not where the model returns the
-    normalized stream (its hidden states are the caller's features: copies keep them exactly, see
-    ``output_maps``)."""
+    (``width_method="fill"``: copies there train as one); with ``keep_norms`` its norms keep eps and their
+    weights grow by sqrt(d'/d) (``width_method="auto"``: ``kept_norms``, see the module docstring). Not where the
+    model returns the normalized stream (its hidden states are the caller's features: copies keep them exactly,
+    see ``output_maps``)."""
     ag, out = plan.facts.ag, FillPlan()
     sites = norm_sites(plan.captured.gm, plan.facts)
     for g in plan.groups:
@@ -75,37 +80,62 @@ def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = Fa
         if inexact and keep_norms:
             out.kept_norms.add(g.root)
             out.reasons[g.root] = (f"{why}; it is filled anyway (post-norm: copies there train as one) and its "
-                                   f"norms keep their weights, so the stream grows by sqrt(d'/d) (it trains "
-                                   f"better than copies: docs/savings.md); measured. For the exact copies pass "
+                                   f"norms' weights grow by sqrt(d'/d), so the stream's old units grow by d'/d (it "
+                                   f"trains better than copies: docs/savings.md); measured. For the exact copies pass "
                                    f"strict=True or width_method='fpi'")
         elif inexact:
             out.reasons[g.root] = (f"{why}; it is filled anyway (post-norm: copies there train as one), the "
                                    f"deviation is the post-norm output's mean at the fill, measured")
         out.fills[g.root] = "mean" if mine[0].kind == "layer" else "zero"
         out.sites[g.root] = mine
+        out.folds[g.root] = bare_norm_readers(plan, g, mine)[0] if not why else set()
+        out.weighted[g.root] = {} if why or mine[0].kind != "layer" else {
+            k: v for p, at in _diagonal_producers(plan, g, mine)
+            for k, v in (scaled_writers(plan, g, p, at) or {}).items()}
     return out
 
 
 def _why_not(plan: Plan, g, mine: list[NormSite]) -> str:
-    """Why repeat-and-fill is not exact for the group ``g`` ("" when it is)."""
+    """Why repeat-and-fill is not exact for the group ``g`` ("" when it is): every reason that holds, joined, the
+    theorem first where it applies (a LayerNorm over a block's residual sum whose output is the stream: no exact
+    construction exists, docs/methods.md), so the record never gives a lesser reason in its place."""
     unfit = _unfit_norms(plan, g, mine)
     if unfit:
         return unfit
-    nonlinear = [(s.node, op) for s in mine if (op := s.nonlinear_source())]
-    if nonlinear:
-        return (f"the norm at `{nonlinear[0][0]}` reads the output of {nonlinear[0][1]}, which is not linear in "
-                f"the parameters that write the group: a fill (or a rescale) before it is not what the norm sees")
-    post = [s.node for s in mine if not s.pre_norm(plan.facts)]
-    if post:
-        return f"the norm at `{post[0]}` feeds the residual stream (post-norm): no exact construction exists"
-    fused = _fused(plan, g)
-    if fused:
-        return fused
-    diagonal = _diagonal_producer(plan, g, mine) if mine[0].kind == "layer" else None
-    if diagonal:
-        return (f"`{diagonal[0]}` multiplies the group channel by channel at `{diagonal[1]}` (a depthwise "
-                f"convolution, a per-channel scale): a LayerNorm's mean fill would need the mean of a product")
-    return ""
+    post = [s for s in mine if not s.pre_norm(plan.facts)]
+    theorem = [s.node for s in post if s.kind == "layer" and _sums_stream(s, mine)]
+    reasons = [f"the norm at `{theorem[0]}` feeds the residual stream (post-norm): no exact construction exists"
+               ] if theorem else []
+    reasons += [f"the norm at `{s.node}` reads the output of {op}, which is not linear in the parameters that write "
+                f"the group: a fill (or a rescale) before it is not what the norm sees"
+                for s in mine if (op := s.nonlinear_source())]
+    if post and not reasons:  # an embedding norm, or an RMSNorm: the theorem is not proven there
+        reasons.append(f"the norm at `{post[0].node}` writes the residual stream itself (post-norm, not over a "
+                       f"block's residual sum, or an RMSNorm): growir fills only pre-norm groups there")
+    if mine[0].kind == "layer":  # zero fill rows are zero in any fused axis, and times any channel scale
+        reasons.append(_fused(plan, g))
+        diagonal = next(((p, at) for p, at in _diagonal_producers(plan, g, mine)
+                         if scaled_writers(plan, g, p, at) is None), None)  # a layer scale weighs the fill instead
+        if diagonal:
+            reasons.append(f"`{diagonal[0]}` multiplies the group channel by channel at `{diagonal[1]}` (a "
+                           f"depthwise convolution, a per-channel scale): a LayerNorm's mean fill would need the mean "
+                           f"of a product")
+    reasons = [r for r in reasons if r]
+    return "; ".join(reasons) if reasons else bare_norm_readers(plan, g, mine)[1]
+
+
+def _sums_stream(site: NormSite, mine: list[NormSite]) -> bool:
+    """Whether ``site`` normalizes a residual sum ``x + f(x)`` whose ``x`` is another norm's output over the group
+    (a post-norm block), not a sum of embeddings: there the norm's input and output are the same stream."""
+    outs, stack, seen = {s.output for s in mine if s is not site}, [site.input], set()
+    while stack:
+        n = back(stack.pop(), PART)
+        if n in outs:
+            return True
+        if ADDS(n) and n not in seen:
+            seen.add(n)
+            stack.extend(a for a in n.args if isinstance(a, fx.Node))
+    return False
 
 
 def _returned(mine: list[NormSite]) -> bool:
@@ -133,8 +163,14 @@ def _cannot_fill(plan: Plan, g, mine: list[NormSite]) -> str:
 def _unfit_norms(plan: Plan, g, mine: list[NormSite]) -> str:
     ag = plan.facts.ag
     norm_reads = {r.node for r in g.reads if r.kind == "norm"}
-    if norm_reads - {s.node for s in mine} or any(ag.expand(s.axis) != g.root for s in mine):
-        return "a norm over it is not a recognized LayerNorm/RMSNorm over this group alone"
+    unknown = sorted(norm_reads - {n for s in mine for n in s.reads})
+    if unknown:
+        return (f"`{unknown[0]}` averages over it and is no LayerNorm/RMSNorm growir recognises (a mean of x or of "
+                f"x², eps, a root: analysis/norms.py)")
+    wider = [s.node for s in mine if ag.expand(s.axis) != g.root]
+    if wider:
+        return (f"the norm at `{wider[0]}` normalizes it together with other axes (a norm over a whole projection, "
+                f"or over parts concatenated): repeat-and-fill of one part of a norm's axis is not implemented")
     if len({s.kind for s in mine}) != 1:
         return "LayerNorm and RMSNorm both read it (their fills differ: the mean vs zero)"
     return ""
@@ -149,40 +185,53 @@ def _fused(plan: Plan, g) -> str:
     return ""
 
 
-def _diagonal_producer(plan: Plan, g, mine: list[NormSite]) -> tuple | None:
-    """(parameter, node) of a producer that multiplies an activation over this group without summing over it.
+def _diagonal_producers(plan: Plan, g, mine: list[NormSite]) -> list[tuple]:
+    """(parameter, node) of each producer that multiplies an activation over this group without summing over it.
 
     A mean fill is exact when each term of the normalized input is linear in one parameter whose rows write the
     group (its fill rows, the mean of its rows, then write the mean of its outputs). A channel-by-channel
-    product (depthwise conv, layer scale) writes fill = mean(w)·mean(x), not mean(w·x). A zero fill (RMSNorm)
-    is not affected: zero times anything is zero."""
+    product (depthwise conv, layer scale) writes fill = mean(w)·mean(x), not mean(w·x), unless x is linear in
+    parameters too (``layer_scale.py``). A zero fill (RMSNorm) is not affected: zero times anything is zero."""
     f, ag, root = plan.facts, plan.facts.ag, g.root
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     node_of = {s: n for n, s in f.params.items()}
     norm_params = {p for s in mine for p in (s.weight, s.bias) if p is not None}
     summed = {(p, at) for p, i, at in f.consumed if root in ag.leaf_roots(f.axes[node_of[p]][i])}
+    found = []
     for pa in g.producers:
         if pa.param in norm_params or pa.param not in node_of:
             continue
         for u in forward(nodes[node_of[pa.param]], LAYOUT):
+            if _bias_of(u, node_of[pa.param]):
+                continue  # added to the contraction's output, not multiplied
             if (CONTRACTIONS(u) or traits(u).kind == "scale") and (pa.param, u.name) not in summed and any(
                     root in ag.leaf_roots(ax) for a in u.all_input_nodes if not is_param(a, f)
                     for ax in f.axes.get(a.name, [])):
-                return pa.param, u.name
-    return None
+                found.append((pa.param, u.name))
+    return found
+
+
+def _bias_of(u: fx.Node, param_node: str) -> bool:
+    """Whether the parameter at graph node ``param_node`` is the bias ``u`` adds (``linear(x, W, b)``)."""
+    at = traits(u).bias_at
+    bias = u.args[at] if at is not None and len(u.args) > at else u.kwargs.get("bias")
+    return isinstance(bias, fx.Node) and back(bias, LAYOUT).name == param_node
 
 
 def adjust_norms(fp: FillPlan, maps: dict, rules: dict, rescaled: set = frozenset()) -> tuple[dict, dict]:
     """Norm weights x sqrt(n·d/d') on the copies and 0 on the fill. Groups whose residual stream is rescaled
     (``rescale.py``) keep their eps; the others need eps x n·d/d'. Returns those eps rewrites in the graph
     ({node: (arg position, eps')}) and the same as values ({eps: eps'}) for a rebuilt config. The groups in
-    ``fp.kept_norms`` keep weights (x1) and eps: their fill is not compensated (inexact by choice)."""
+    ``fp.kept_norms`` keep eps and their weights grow by 1/sqrt(ρ) = sqrt(d'/d) instead: their fill is not
+    compensated (inexact by choice)."""
     eps, values = {}, {}
     for root, sites in fp.sites.items():
         m = maps[root]
         ratio = 1.0 if root in fp.kept_norms else kept_fraction(m)
-        for s in sites:
-            for p, scale in ((s.weight, math.sqrt(ratio)), (s.bias, 1.0)):
+        # auto's post-norm fill: raised, not compensated (the stream d'/d larger trains best: docs/savings.md)
+        weight = 1 / math.sqrt(kept_fraction(m)) if root in fp.kept_norms else math.sqrt(ratio)
+        for s in sites:  # a bias with no weight before it carries the factor too (bare_norms.py)
+            for p, scale in ((s.weight, weight), (s.bias, 1.0 if s.weight else 1 / math.sqrt(ratio))):
                 if p is not None:
                     rules[p].scale *= scale
                     _fill_from_copies(rules[p].axes[-1], m.new, m.old, p == s.weight)
@@ -190,6 +239,9 @@ def adjust_norms(fp: FillPlan, maps: dict, rules: dict, rescaled: set = frozense
             if s.eps_at is not None and s.eps is not None and root not in rescaled and ratio != 1.0:
                 eps[s.eps_at[0]] = (s.eps_at[1], s.eps * ratio)
                 values[s.eps] = s.eps * ratio
+        if ratio != 1.0:
+            fold_scale(rules, fp.folds.get(root, set()), math.sqrt(ratio))
+        weigh_fill_rows(fp.weighted.get(root, {}), rules)
     return eps, values
 
 

@@ -14,8 +14,8 @@ breaks that but is ill-conditioned when large (§8). This method copies nothing:
 
 Nothing cancels, so nothing is amplified (rounding stays rounding). A normalized group whose norm is post-norm
 cannot be filled exactly (``fill.py``); ``fresh`` copies it at a whole ratio (exact), else balanced copies
-(reported); ``auto`` fills it with the norms' weights kept (``fill.py``), and ``width_method="fill"`` fills it
-compensated, both inexactly and reported, where the model does
+(reported); ``auto`` fills it with the norms' eps kept and weights raised (``fill.py``), and
+``width_method="fill"`` fills it compensated, both inexactly and reported, where the model does
 not return it (copies train as one: docs/savings.md measures the difference), and copies it under ``strict=True``.
 
 A copied group's symmetry is broken by its consumers instead (``split_copies``): each consumer column is split

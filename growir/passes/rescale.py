@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from ..analysis.residual import terms_and_readers
+from ..analysis.residual import group_rows, terms_and_readers
 from ..analysis.plan import Plan
 from .fill import FillPlan, kept_fraction
 
@@ -35,7 +35,11 @@ def rescale_residuals(plan: Plan, fp: FillPlan, maps: dict, rules: dict) -> set:
         terms, readers = found
         c = stream_scale(maps[root])
         for p, factor in [(t, c) for t in terms] + [(r, 1 / c) for r in readers]:
-            rules[p].scale *= factor
+            rows = group_rows(plan.facts, plan.group_of(root), p)  # a fused projection: the group's rows only
+            if rows is None:
+                rules[p].scale *= factor
+            else:
+                rules[p].axes[rows[0]].scale_rows(rows[1], factor, rows[2])
             rules[p].notes.append(f"x{factor:.4g}: the residual stream is rescaled so that its norms keep eps")
         done.add(root)
     return done

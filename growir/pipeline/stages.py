@@ -37,7 +37,7 @@ from ..ir.tensor_rule import rounding_reason
 from ..analysis.plan import make_plan, resolve_width, unused_width_notes
 from .record import GrowthRecord
 from ..verify.compare import TOLERANCE, output_maps
-from ..verify.measure import failing_node, measure
+from ..verify.measure import export_gap, failing_node, measure
 
 MEASURED = "the real source and grown models in float32 at the example inputs and a second shape"
 _EXPORT, _ANALYSE, _SPEC = "exporting the model", "analysing the exported graph", "resolving the growth spec"
@@ -279,6 +279,12 @@ def _measure(c) -> None:
         record.reasons.append(record.rounding)
         if c.strict:
             raise NotExactError("strict=True and this growth is not exact: " + record.rounding)
+    gap = export_gap(c.model, grown, c.plan.captured, record.output_maps) if (
+        record.exact and (record.deviation or 0.0) > TOLERANCE) else None
+    if gap and gap[0] > TOLERANCE and gap[1] <= TOLERANCE:  # not the growth: the export took one branch
+        record.reasons.append(f"the model's forward branches on its inputs' values: its export at the example "
+                              f"inputs differs from it by {gap[0]:.3g} at other inputs, and the grown graph, exact "
+                              f"to that export ({gap[1]:.2g}), computes the export's branch at every input")
 
 
 @declare(reads=("plan", "built", "strict"), mutates=("built",), what=_CHECK)

@@ -16,7 +16,8 @@ from ..frontend.export import Captured
 from .compare import deviation
 from .precision import float32_modules, float32_twin, needs_upcast, upcast_inputs
 
-__all__ = ["measure", "other_sizes", "long_sizes", "inputs_at", "eval_outputs", "measurable", "failing_node"]
+__all__ = ["measure", "other_sizes", "long_sizes", "inputs_at", "eval_outputs", "measurable", "failing_node",
+           "export_gap"]
 
 
 def _hints(captured: Captured) -> dict:
@@ -139,6 +140,31 @@ def _seeded(model, args: tuple, kwargs: dict) -> list:
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []):
         torch.manual_seed(0)
         return pytree.tree_leaves(model(*args, **kwargs))
+
+
+def export_gap(source, grown, captured: Captured, maps: list) -> tuple[float, float] | None:
+    """(how far the source's own export is from the source, how far ``grown`` is from that export), each at the
+    inputs :func:`measure` uses; None where the export is not the whole source with its weights (a proxy's).
+
+    A forward that branches on its inputs' values (a mask of all ones dropped, another attention taken) is
+    exported along the example's branch: a graph grown from that export computes that branch at every input,
+    so the source can differ from it at the second shape while the growth itself is exact. The first number
+    says so; the second is then the growth's own deviation.
+
+    >>> net = torch.nn.Linear(2, 1)
+    >>> from growir.frontend.export import capture
+    >>> captured = capture(net, (torch.ones(3, 2),))
+    >>> export_gap(net, captured.gm, captured, [None])
+    (0.0, 0.0)
+    """
+    gm = captured.gm
+    count = lambda m: sum(t.numel() for t in m.parameters())  # noqa: E731
+    if not measurable(gm) or count(gm) != count(source):
+        return None
+    try:
+        return measure(source, gm, captured, [None] * len(maps)), measure(gm, grown, captured, maps)
+    except Exception:  # noqa: BLE001 - the export does not run there: no gap to report, the caller's verdict stands
+        return None
 
 
 def measurable(model) -> bool:
