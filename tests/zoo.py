@@ -183,3 +183,29 @@ class ChunkedSum(nn.Module):
             total = chunks.sum(2, keepdim=True)
             y = y + torch.cumsum(total, 1) - total
         return self.head(x + self.down(y.reshape(h.shape[0], -1, h.shape[2])[:, :s]))
+
+
+class BlockLM(nn.Module):
+    """A small language model around ``layers`` blocks made by ``block(d)`` (each maps (batch, seq, d) to the same):
+    an embedding, the blocks, a LayerNorm and a head -- the frame of a test that shows one op or block pattern."""
+
+    def __init__(self, block, d: int = 32, layers: int = 2):
+        super().__init__()
+        self.emb, self.lnf, self.head = nn.Embedding(VOCAB, d), nn.LayerNorm(d), nn.Linear(d, VOCAB)
+        self.blocks = nn.ModuleList(block(d) for _ in range(layers))
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.lnf(x))
+
+
+def grow_block_lm(block, **spec):
+    """(source, grown, example): ``BlockLM(block)`` with random norms, seeded, grown by
+    ``growir.grow(..., **spec)`` at a (2, 7) token example."""
+    import growir
+    torch.manual_seed(0)
+    model = randomize_norms(BlockLM(block).eval())
+    x = torch.randint(0, VOCAB, (2, 7))
+    return model, growir.grow(model, example_inputs=(x,), **spec), x

@@ -301,22 +301,22 @@ def im2col(w: Walker, node: fx.Node) -> None:
     """im2col(x (N, C, H, W), kernel_size, ...) -> (N, C·K, L) (``F.unfold``): each block's K = prod(kernel_size)
     entries of channel c sit at c·K + k, so the output's axis is the product (C, K) and C grows through it; K, the
     spatial axes and the block count L are the image's, pinned."""
-    x, out = w.ax(node.args[0]), w.out(node)
-    _patches(w, node, x[-3], out[-2], node.args[1])
-    for a, o in zip(x[:-3], out[:-2]):
-        w.eq(a, o, node)
-    for a in x[-2:] + out[-1:]:
-        w.pin(a, f"a spatial axis of the patches at {where(node)}")
+    _image_and_columns(w, node, w.ax(node.args[0]), w.out(node), node.args[1])
 
 
 def col2im(w: Walker, node: fx.Node) -> None:
     """col2im(x (N, C·K, L), output_size, kernel_size, ...) -> (N, C, H, W) (``F.fold``), im2col's inverse: the
     overlapping entries summed are channel c's own, so C grows as in ``im2col``."""
-    x, out = w.ax(node.args[0]), w.out(node)
-    _patches(w, node, out[-3], x[-2], node.args[2])
-    for a, o in zip(x[:-2], out[:-3]):
+    _image_and_columns(w, node, w.out(node), w.ax(node.args[0]), node.args[2])
+
+
+def _image_and_columns(w: Walker, node: fx.Node, image, columns, kernel) -> None:
+    """An image's axes (N, C, H, W) and its columns' (N, C·K, L): batch axes equal, (C, K) the columns' product,
+    the spatial axes and the block count pinned."""
+    _patches(w, node, image[-3], columns[-2], kernel)
+    for a, o in zip(image[:-3], columns[:-2]):
         w.eq(a, o, node)
-    for a in x[-1:] + out[-2:]:
+    for a in image[-2:] + columns[-1:]:
         w.pin(a, f"a spatial axis of the patches at {where(node)}")
 
 

@@ -5,8 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import growir
-from zoo import VOCAB, randomize_norms
+from zoo import VOCAB, grow_block_lm
 
 
 class EllipsisBlock(nn.Module):
@@ -28,24 +27,8 @@ class EllipsisBlock(nn.Module):
         return x + torch.einsum("...f,fd", h, self.w2)
 
 
-class EllipsisModel(nn.Module):
-    def __init__(self, d=32, layers=2):
-        super().__init__()
-        self.emb, self.lnf, self.head = nn.Embedding(VOCAB, d), nn.LayerNorm(d), nn.Linear(d, VOCAB)
-        self.blocks = nn.ModuleList(EllipsisBlock(d) for _ in range(layers))
-
-    def forward(self, ids):
-        x = self.emb(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.lnf(x))
-
-
 def test_einsum_with_an_ellipsis_grows_exactly():
-    torch.manual_seed(0)
-    model = randomize_norms(EllipsisModel().eval())
-    x = torch.randint(0, VOCAB, (2, 7))
-    grown = growir.grow(model, example_inputs=(x,), width=2.0, depth=2)
+    model, grown, x = grow_block_lm(EllipsisBlock, width=2.0, depth=2)
     assert grown.growir_record.exact
     assert grown.growir_record.deviation <= 1e-5
     assert grown.get_parameter("blocks.0.w1").shape == (64, 128)

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import growir
-from zoo import VOCAB, randomize_norms
+from zoo import grow_block_lm
 
 
 class SinkBlock(nn.Module):
@@ -38,24 +37,8 @@ class SinkBlock(nn.Module):
         return x + self.down(F.gelu(h))
 
 
-class SinkModel(nn.Module):
-    def __init__(self, d=32, layers=2):
-        super().__init__()
-        self.emb, self.lnf, self.head = nn.Embedding(VOCAB, d), nn.LayerNorm(d), nn.Linear(d, VOCAB)
-        self.blocks = nn.ModuleList(SinkBlock(d) for _ in range(layers))
-
-    def forward(self, ids):
-        x = self.emb(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.lnf(x))
-
-
 def test_a_max_with_keepdim_keeps_a_size_one_axis_in_values_and_indices():
-    torch.manual_seed(0)
-    model = randomize_norms(SinkModel().eval())
-    x = torch.randint(0, VOCAB, (2, 7))
-    grown = growir.grow(model, example_inputs=(x,), width=2.0)
+    model, grown, x = grow_block_lm(SinkBlock, width=2.0)
     assert grown.growir_record.exact, grown.growir_record.reasons
     assert grown.get_parameter("blocks.0.sinks").shape == (8,)  # one sink per head, the heads doubled
     with torch.no_grad():

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import growir
-from zoo import VOCAB, randomize_norms
+from zoo import grow_block_lm
 
 
 class PairGLU(nn.Module):
@@ -26,24 +25,8 @@ class PairGLU(nn.Module):
         return x + self.down(value * F.silu(gate) * self.table)
 
 
-class PairModel(nn.Module):
-    def __init__(self, d=32, layers=2):
-        super().__init__()
-        self.emb, self.lnf, self.head = nn.Embedding(VOCAB, d), nn.LayerNorm(d), nn.Linear(d, VOCAB)
-        self.blocks = nn.ModuleList(PairGLU(d) for _ in range(layers))
-
-    def forward(self, ids):
-        x = self.emb(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.lnf(x))
-
-
 def test_a_strided_slice_grows_its_pairs_whole():
-    torch.manual_seed(0)
-    model = randomize_norms(PairModel().eval())
-    x = torch.randint(0, VOCAB, (2, 7))
-    grown = growir.grow(model, example_inputs=(x,), width=2.0)
+    model, grown, x = grow_block_lm(PairGLU, width=2.0)
     assert grown.growir_record.exact, grown.growir_record.reasons
     assert grown.get_parameter("blocks.0.up.weight").shape == (192, 64)  # 96 pairs, each written whole
     assert grown.get_buffer("blocks.0.table").shape == (96,)
