@@ -70,7 +70,7 @@ def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = Fa
                 r.kind == "norm" for r in g.reads):
             continue
         mine = [s for s in sites if g.root in ag.leaf_roots(s.axis)]
-        why = _why_not(plan, g, mine)
+        why, weighted, folds = _why_not(plan, g, mine)
         inexact = (post_norm and why and not _cannot_fill(plan, g, mine)
                    and not all(s.pre_norm(plan.facts) for s in mine) and not _returned(mine)
                    and (not keep_norms or _normalizes_stream(plan, mine)))
@@ -88,20 +88,19 @@ def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = Fa
                                    f"deviation is the post-norm output's mean at the fill, measured")
         out.fills[g.root] = "mean" if mine[0].kind == "layer" else "zero"
         out.sites[g.root] = mine
-        out.folds[g.root] = bare_norm_readers(plan, g, mine)[0] if not why else set()
-        out.weighted[g.root] = {} if why or mine[0].kind != "layer" else {
-            k: v for p, at in _diagonal_producers(plan, g, mine)
-            for k, v in (scaled_writers(plan, g, p, at) or {}).items()}
+        out.folds[g.root], out.weighted[g.root] = folds, weighted
     return out
 
 
-def _why_not(plan: Plan, g, mine: list[NormSite]) -> str:
-    """Why repeat-and-fill is not exact for the group ``g`` ("" when it is): every reason that holds, joined, the
+def _why_not(plan: Plan, g, mine: list[NormSite]) -> tuple[str, dict, set]:
+    """(why repeat-and-fill is not exact for the group ``g``, the writers' weighted fill rows, the parameters that
+    take a weightless norm's factor); the reason is "" when it is exact, and only then are the other two filled
+    (``layer_scale.scaled_writers``, ``bare_norms.bare_norm_readers``). The reason lists every one that holds, the
     theorem first where it applies (a LayerNorm over a block's residual sum whose output is the stream: no exact
     construction exists, docs/methods.md), so the record never gives a lesser reason in its place."""
     unfit = _unfit_norms(plan, g, mine)
     if unfit:
-        return unfit
+        return unfit, {}, set()
     post = [s for s in mine if not s.pre_norm(plan.facts)]
     theorem = [s.node for s in post if s.kind == "layer" and _sums_stream(s, mine)]
     reasons = [f"the norm at `{theorem[0]}` feeds the residual stream (post-norm): no exact construction exists"
@@ -112,16 +111,22 @@ def _why_not(plan: Plan, g, mine: list[NormSite]) -> str:
     if post and not reasons:  # an embedding norm, or an RMSNorm: the theorem is not proven there
         reasons.append(f"the norm at `{post[0].node}` writes the residual stream itself (post-norm, not over a "
                        f"block's residual sum, or an RMSNorm): growir fills only pre-norm groups there")
+    scales = {}  # (per-channel parameter, node) -> its writers' weighted fill rows, None where none can be weighted
     if mine[0].kind == "layer":  # zero fill rows are zero in any fused axis, and times any channel scale
         reasons.append(_fused(plan, g))
-        diagonal = next(((p, at) for p, at in _diagonal_producers(plan, g, mine)
-                         if scaled_writers(plan, g, p, at) is None), None)  # a layer scale weighs the fill instead
+        scales = {(p, at): scaled_writers(plan, g, p, at) for p, at in _diagonal_producers(plan, g, mine)}
+        diagonal = next((pa for pa, writers in scales.items() if writers is None), None)  # a layer scale weighs it
         if diagonal:
             reasons.append(f"`{diagonal[0]}` multiplies the group channel by channel at `{diagonal[1]}` (a "
                            f"depthwise convolution, a per-channel scale): a LayerNorm's mean fill would need the mean "
                            f"of a product")
     reasons = [r for r in reasons if r]
-    return "; ".join(reasons) if reasons else bare_norm_readers(plan, g, mine)[1]
+    if reasons:
+        return "; ".join(reasons), {}, set()
+    folds, why = bare_norm_readers(plan, g, mine)
+    if why:
+        return why, {}, set()
+    return "", {k: v for writers in scales.values() for k, v in writers.items()}, folds
 
 
 def _sums_stream(site: NormSite, mine: list[NormSite]) -> bool:
