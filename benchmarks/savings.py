@@ -127,10 +127,11 @@ def build(method: str, setting: Setting, sizes: Sizes, seed: int, source, optimi
     if optimizer is not None:
         model, info["optimizer"] = model
     info["grown"] = growth_used(model)
-    if method == "drop-upcycling":  # exact copies, then re-initialised neurons: no longer the source's function
-        info["drop"] = {"rate": DROP, "neurons": drop_upcycle(model, DROP, seed)}
-        info["grown"] = {**(info["grown"] or {}), "width_method": f"upcycle + drop {DROP}", "exact": False,
-                         "deviation": None}
+    if method.startswith("drop-upcycling"):  # exact copies, then re-initialised neurons: not the source's function
+        router = method == "drop-upcycling"  # the paper's router (the class's init); +router keeps growir's
+        info["drop"] = {"rate": DROP, "neurons": drop_upcycle(model, DROP, seed, router), "router": router}
+        info["grown"] = {**(info["grown"] or {}), "exact": False, "deviation": None,
+                         "width_method": f"upcycle + drop {DROP}" + ("" if router else ", growir's router")}
     if method == "bert2bert":
         block = max(1, depth // 4)
         callbacks.append(TwoStage(block_size=block, stage1_steps=round(sizes.stage1_fraction * steps), seed=seed,
@@ -195,7 +196,7 @@ def same_recipe(run: dict, sizes: Sizes) -> bool:
     if method in USES_SOURCE and method not in ("directcopy", "dense"):
         if run.get("grow_kwargs") != grow_candidates(method, setting, sizes, run["seed"])[0]:
             return False
-    if method == "drop-upcycling" and (run.get("drop") or {}).get("rate") != DROP:
+    if method.startswith("drop-upcycling") and (run.get("drop") or {}).get("rate") != DROP:
         return False
     return run.get("train_config") == LR_POLICIES.get(method)
 

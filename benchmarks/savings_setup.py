@@ -31,8 +31,9 @@ GROWIR_POLICY: dict = {}  # the policy the growir rows train with (the sweep's w
 LR_POLICIES = {**LR_SWEEP, **({"growir": GROWIR_POLICY, "growir+optimizer": GROWIR_POLICY} if GROWIR_POLICY else {})}
 GROWIR = {"growir", "growir+optimizer", *LR_SWEEP}  # grown with growir's default recipe
 # The upcycling settings' methods (dense source -> mixture of experts; benchmarks/savings_upcycle.py).
-MOE_METHODS = ["scratch", "growir", "drop-upcycling", "dense"]
-USES_SOURCE = {"directcopy", "fpi", "aki", "bert2bert", "fpi+noise", "drop-upcycling", "dense", *GROWIR}
+MOE_METHODS = ["scratch", "growir", "drop-upcycling", "drop-upcycling+router", "dense"]
+USES_SOURCE = {"directcopy", "fpi", "aki", "bert2bert", "fpi+noise", "drop-upcycling", "drop-upcycling+router", "dense",
+               *GROWIR}
 ALL_METHODS = METHODS + list(LR_SWEEP) + [m for m in MOE_METHODS if m not in METHODS]
 HEADLINE = "decoder-wide"
 

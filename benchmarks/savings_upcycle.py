@@ -8,8 +8,11 @@ upcycling setting"):
 * ``growir``: ``growir.grow(source, into=moe_config)``, exact (every expert a copy of the FFN, router random);
 * ``drop-upcycling``: the same upcycled model, then in every expert a fraction ``DROP`` of the FFN neurons (the
   same indices in gate, up and down) drawn again from a normal with the dense matrix's mean and std
-  (Drop-Upcycling, Nakamura et al., ICLR 2025); ``growir.grow``'s own ``drop=`` applies only to new copies of
-  an MoE's experts (``experts=``), so the benchmark re-initialises here;
+  (Drop-Upcycling, Nakamura et al., ICLR 2025), and the router drawn as the class initialises it (normal, std
+  ``initializer_range``), as the paper's model does; ``growir.grow``'s own ``drop=`` applies only to new copies
+  of an MoE's experts (``experts=``), so the benchmark re-initialises here;
+* ``drop-upcycling+router``: the same, with the router ``growir`` drew kept (N(0, 1/fan_in)): what the re-drawn
+  neurons add to growir's router, and what the router adds to Drop-Upcycling;
 * ``dense``: the source itself trained on (fresh AdamW, the shared schedule) for the FLOPs of the MoE's budget.
 
 FLOPs are counted per *active* parameter: of each expert tensor only ``top_k / experts`` runs for a token, so
@@ -92,11 +95,13 @@ def dense_steps(source: nn.Module, moe_config_, sizes) -> int:
 
 
 @torch.no_grad()
-def drop_upcycle(model: nn.Module, rate: float, seed: int) -> int:
+def drop_upcycle(model: nn.Module, rate: float, seed: int, router: bool = True) -> int:
     """Drop-Upcycling, in place: in every expert of every fused expert module (``gate_up_proj`` [E, 2F, H],
     ``down_proj`` [E, H, F]) a fraction ``rate`` of the F neurons, the same indices in gate, up and down, drawn
     again from a normal with the mean and std of that matrix in the upcycled model (each expert a copy of the
-    dense FFN, so these are the dense matrix's). Returns how many neurons were drawn again.
+    dense FFN, so these are the dense matrix's); with ``router``, every router's weight (a module holding
+    ``num_experts`` and a 2-D weight) drawn from N(0, initializer_range²) as the class initialises it. Returns how
+    many neurons were drawn again.
 
     >>> from savings_setup import SETTINGS, Sizes, new_model, target_config
     >>> moe = new_model("decoder", target_config(SETTINGS["decoder-moe"], Sizes()), 0)
@@ -105,6 +110,11 @@ def drop_upcycle(model: nn.Module, rate: float, seed: int) -> int:
     """
     gen = torch.Generator().manual_seed(seed * 7919 + 31)
     drawn = 0
+    for module in model.modules() if router else []:
+        if getattr(module, "num_experts", None) and getattr(module, "weight", None) is not None \
+                and module.weight.dim() == 2:
+            with torch.no_grad():
+                module.weight.normal_(0.0, model.config.initializer_range, generator=gen)
     for module in model.modules():
         if not (isinstance(getattr(module, "gate_up_proj", None), nn.Parameter) and hasattr(module, "down_proj")):
             continue

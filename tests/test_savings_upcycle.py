@@ -66,7 +66,11 @@ def test_drop_upcycling_redraws_the_same_neurons_of_gate_up_and_down_in_every_ex
         layer.down_proj.copy_(layer.down_proj[:1].clone().expand_as(layer.down_proj))
     before_gu, before_down = layer.gate_up_proj.detach().clone(), layer.down_proj.detach().clone()
     neurons = layer.down_proj.shape[-1]
+    router = next(m for m in moe.modules() if getattr(m, "num_experts", None) and hasattr(m, "weight"))
+    with torch.no_grad():
+        router.weight.fill_(1.0)
     drawn = up.drop_upcycle(moe, 0.5, seed=0)
+    assert abs(float(router.weight.detach().std()) - moe.config.initializer_range) < 0.01  # the class's own router init
     assert drawn == moe.config.num_hidden_layers * 4 * neurons // 2
     chosen = []
     for e in range(4):
@@ -78,13 +82,14 @@ def test_drop_upcycling_redraws_the_same_neurons_of_gate_up_and_down_in_every_ex
     assert any(not torch.equal(chosen[0], c) for c in chosen[1:])  # each expert draws its own neurons
 
 
-def test_the_upcycling_setting_runs_its_four_methods(bench, tmp_path):
+def test_the_upcycling_setting_runs_its_five_methods(bench, tmp_path):
     sizes = dataclasses.replace(bench.QUICK, **TINY)
     bench.run(sizes, [0], ["decoder-moe"], str(tmp_path / "out"), str(tmp_path / "cache"))
     result = json.loads((tmp_path / "out" / "savings.json").read_text())
     setting = result["settings"][0]
     rows = {m["name"]: m for m in setting["methods"]}
-    assert list(rows) == ["scratch", "growir", "drop-upcycling", "dense"] and all(m["available"] for m in rows.values())
+    assert list(rows) == ["scratch", "growir", "drop-upcycling", "drop-upcycling+router", "dense"]
+    assert all(m["available"] for m in rows.values())
     assert setting["target"]["experts"] == 8 and setting["target"]["top_k"] == 2
     assert rows["growir"]["grown"]["exact"] and not rows["drop-upcycling"]["grown"]["exact"]
     assert rows["growir"]["initial_val_loss"] == pytest.approx(setting["source"]["final_val_loss"], abs=1e-5)

@@ -4,8 +4,8 @@ Both models are exported with the same inputs and their graphs aligned op for op
 parameter outside the FFNs pairs with the target parameter consumed at the same position and is copied; each
 place where the graphs differ must be one dense FFN against one MoE layer, whose chains that compute the FFN
 (``analysis/router.py``) receive it by the construction that the router makes exact (``passes/upcycle.py``,
-measured on the region itself). The router, gates and everything else keep the target's seeded initialisation
-(random: the symmetry breaker). The grown model is the target's own class, measured against the source on fresh
+measured on the region itself). The router's matrices are drawn at N(0, 1/fan_in), seeded (``draw_routers``: the
+symmetry breaker, decisive from the first step); gates and everything else keep the target's seeded initialisation. The grown model is the target's own class, measured against the source on fresh
 inputs; the record says, per MoE layer, the construction, the router's ops and why it is exact.
 """
 
@@ -23,7 +23,7 @@ from ..analysis.router import chains, router_ops
 from ..analysis.walker import where
 from ..errors import NotExactError, SpecError, warn
 from ..frontend.export import capture
-from ..passes.upcycle import CONSTRUCTIONS, Construction, build, evaluate, factor
+from ..passes.upcycle import CONSTRUCTIONS, Construction, build, draw_routers, evaluate, factor
 from ..verify.compare import TOLERANCE
 from ..verify.measure import inputs_at, long_sizes, measure
 from .record import GrowthRecord
@@ -41,12 +41,13 @@ def upcycle(model, config, cls, seed: int = 0, strict: bool = False):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         target = cls(config).float().eval()
-    src_cap, done = _build(work, target, dtype)
+    src_cap, done = _build(work, target, dtype, torch.Generator().manual_seed(seed))
     record = GrowthRecord(plan=None, sizes={}, width_method="upcycle")
     record.notes = [f"{where(r.output[1])}: {c.name} (factor {c.factor:.6g}); router: {' -> '.join(ops)}; {c.why}"
-                    for r, c, ops in done]
+                    + (f"; router drawn from N(0, 1/fan_in), seed {seed} ({', '.join(drawn)})" if drawn else "")
+                    for r, c, ops, drawn in done]
     record.reasons = [f"{where(r.output[1])}: no construction is exact for this router ({c.name}: per-token miss "
-                      f"{c.spread:.2e}{_SHARDS if c.name == 'shards' else ''})" for r, c, _ in done if not c.exact]
+                      f"{c.spread:.2e}{_SHARDS if c.name == 'shards' else ''})" for r, c, _, _ in done if not c.exact]
     record.params_before = sum(p.numel() for p in model.parameters())
     record.params_after = sum(p.numel() for p in target.parameters())
     record.deviation = _measure(work, target, src_cap)
@@ -71,9 +72,9 @@ _SHARDS = ("; the shards of one copy are chosen together only where top-k is a m
            "and a router cannot keep them together in general")
 
 
-def _build(model, target, dtype):
+def _build(model, target, dtype, generator: torch.Generator):
     """Align the two graphs, copy the paired parameters into ``target`` and write each region's construction.
-    Returns (the model's capture, [(region, Construction, the router's ops)])."""
+    Returns (the model's capture, [(region, Construction, the router's ops, the router matrices drawn)])."""
     cls = type(target)
     src_cap, tgt_cap = capture(model), capture(target)
     try:
@@ -92,7 +93,7 @@ def _build(model, target, dtype):
                 state[t_name].copy_(source[s_name])
         _check_computed(src_cap.gm, target, tgt_cap.gm, al, state, model.config, dtype)
         env = _region_inputs(tgt_cap, al, state)
-        return src_cap, [_upcycle_region(r, al, state, source, env) for r in al.regions]
+        return src_cap, [_upcycle_region(r, al, state, source, env, generator) for r in al.regions]
 
 
 def _check_computed(src_gm, target, tgt_gm, al, state: dict, src_config, dtype) -> None:
@@ -139,9 +140,9 @@ def _reads(nodes: list) -> set:
     return {a for n in nodes for a in n.all_input_nodes if a not in inside}
 
 
-def _upcycle_region(region, al, state: dict, source: dict, env: dict):
+def _upcycle_region(region, al, state: dict, source: dict, env: dict, generator: torch.Generator):
     """Write the first exact construction for one region (else the closest, scaled by its mean factor).
-    Returns (region, Construction, the router's ops)."""
+    Returns (region, Construction, the router's ops, the router matrices drawn)."""
     found = chains(region, al.pairs)
     if not found:
         raise SpecError(f"into: no chain of the target's layer ending at {where(region.output[1])} computes the "
@@ -151,6 +152,7 @@ def _upcycle_region(region, al, state: dict, source: dict, env: dict):
     routers, ops = router_ops(region, chain_params)
     gates = {n.target for n in region.target if n.op == "get_attr"} - chain_params - routers
     experts = max((state[t.param].shape[0] for c in found for _, t in c.pairs if t.expert), default=1)
+    drawn = draw_routers(state, routers, experts, generator)
     parts = (found, routers, gates, experts)
     saved = {k: state[k].clone() for k in chain_params | routers | gates}
     t_env = {n: env[n] for n in _reads(region.target)}
@@ -170,7 +172,7 @@ def _upcycle_region(region, al, state: dict, source: dict, env: dict):
     best = next((c for c in tried if c.exact), min(tried, key=lambda c: c.spread))
     _restore(state, saved)
     build(best.name, state, source, *parts, scale=1.0 / best.factor)
-    return region, best, ops
+    return region, best, ops, drawn
 
 
 def _restore(state: dict, saved: dict) -> None:

@@ -75,11 +75,12 @@ def test_gate_and_up_are_read_from_the_fused_tensor_and_the_router_is_seeded():
         assert torch.equal(experts.gate_up_proj[e, :intermediate], ffn.gate_proj.weight)
         assert torch.equal(experts.gate_up_proj[e, intermediate:], ffn.up_proj.weight)
         assert torch.equal(experts.down_proj[e], ffn.down_proj.weight)
-    router = lambda m: m.model.layers[0].mlp.gate.weight
+    router = lambda m: m.model.layers[0].mlp.gate.weight.detach()
     assert not torch.equal(router(a), router(b))
-    torch.manual_seed(1)  # the router is the target's own initialisation under the seed
-    assert torch.equal(router(a), router(T.MixtralForCausalLM(config)))
-    assert "softmax -> topk" in a.growir_record.notes[0]
+    assert torch.equal(router(a), router(growir.grow(small, into=config, seed=1)))  # seeded
+    fan_in = router(a).shape[1]  # drawn at N(0, 1/fan_in), not the class's std 0.02: a decisive choice
+    assert abs(float(torch.cat([router(a), a.model.layers[1].mlp.gate.weight.detach()]).std()) * fan_in ** 0.5 - 1) < 0.25
+    assert "softmax -> topk" in a.growir_record.notes[0] and "N(0, 1/fan_in)" in a.growir_record.notes[0]
 
 
 def test_parameters_outside_the_ffn_pair_by_position():
