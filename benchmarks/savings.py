@@ -40,8 +40,8 @@ from growir.train.schedule import TwoStage  # noqa: E402
 from savings_plot import plot  # noqa: E402
 from savings_report import write_markdown  # noqa: E402
 from savings_results import keep_partial, partial_file, previous_runs, summarize_method, summarize_setting  # noqa: E402,F401
-from savings_setup import (ALL_METHODS, DEFAULT_SETTINGS, GROWIR_POLICY, HEADLINE, LR_POLICIES, LR_SWEEP,  # noqa: E402,F401
-                           METHODS, MOE_METHODS, QUICK, SETTINGS, USES_SOURCE, Setting, Sizes, batcher,
+from savings_setup import (ALL_METHODS, DEFAULT_SETTINGS, GPU_PRESET, GROWIR_POLICY, HEADLINE,  # noqa: E402,F401
+                           LR_POLICIES, LR_SWEEP, METHODS, MOE_METHODS, QUICK, SETTINGS, USES_SOURCE, Setting, Sizes, batcher,
                            load_source, methods_of, model_class, new_model, pretrain_source, target_config,
                            to_device, train_config)
 from savings_upcycle import DROP, active_params, dense_steps, drop_upcycle, honest_flops  # noqa: E402
@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny models and budgets: checks the pipeline in ~1 min")
+    p.add_argument("--preset", choices=["gpu"], help="gpu: decoder-wide at 4x the width, the target's budget 4x the "
+                   "source's (scratch ends below the source), on cuda with 15 workers: ~10 min on one H100 (its "
+                   "sizes, settings, device and workers; flags given after it change them)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every step budget (longer, better runs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=sorted(SETTINGS))
@@ -270,9 +273,14 @@ def main(argv: list[str] | None = None) -> dict:
                    "others' earlier runs are kept; without, they are left out)")
     p.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda (cuda:N)")
     args = p.parse_args(argv)
+    if args.preset == "gpu":
+        given = set(argv if argv is not None else sys.argv[1:])
+        args.settings = args.settings if "--settings" in given else GPU_PRESET["settings"]
+        args.device = args.device if "--device" in given else GPU_PRESET["device"]
+        args.workers = args.workers if "--workers" in given else GPU_PRESET["workers"]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: torch sees no CUDA device")
-    sizes = (QUICK if args.quick else Sizes()).scaled(args.scale)
+    sizes = (QUICK if args.quick else Sizes(**GPU_PRESET["sizes"]) if args.preset else Sizes()).scaled(args.scale)
     if args.hidden:
         sizes = dataclasses.replace(sizes, hidden=args.hidden)
     return run(sizes, args.seeds, args.settings, args.out, args.cache, args.workers, args.reuse, args.methods,

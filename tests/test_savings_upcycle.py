@@ -97,3 +97,14 @@ def test_the_upcycling_setting_runs_its_five_methods(bench, tmp_path):
     logs = {r["method"]: r["log"] for r in json.loads((tmp_path / "out" / "savings_logs.json").read_text())["runs"]}
     assert logs["dense"][-1]["flops"] == pytest.approx(logs["scratch"][-1]["flops"], rel=0.1)  # the same budget
     assert "8 experts (top-2)" in (tmp_path / "out" / "savings.md").read_text()
+
+
+def test_the_gpu_preset_sizes_a_run_whose_scratch_target_has_more_budget_than_the_source(bench, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda sizes, seeds, settings, out, cache, workers, reuse, methods, device:
+                        seen.update(sizes=sizes, settings=settings, workers=workers, device=device))
+    bench.main(["--preset", "gpu", "--device", "cpu", "--workers", "2"])  # flags after it win
+    assert seen["settings"] == ["decoder-wide"] and seen["device"] == "cpu" and seen["workers"] == 2
+    assert seen["sizes"].hidden == 128 and seen["sizes"].target_steps == 4 * seen["sizes"].source_steps
+    with pytest.raises(SystemExit):  # no CUDA here: the preset asks for it and is refused by name
+        bench.main(["--preset", "gpu"])
