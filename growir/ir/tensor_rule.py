@@ -284,17 +284,29 @@ class TensorRule:
 
 
 def _mean(t: torch.Tensor, axis: int, weights: torch.Tensor | None) -> torch.Tensor:
-    """The mean of ``t`` along ``axis``, weighted by ``weights`` where they fit and do not sum to 0.
+    """The mean of ``t`` along ``axis``, weighted by ``weights`` where they fit and do not cancel (``cancels``:
+    then no weighted mean exists, the plain one is taken, and the planner names that, ``layer_scale.py``).
 
     >>> _mean(torch.tensor([[1.0, 3.0]]), 1, torch.tensor([3.0, 1.0])).tolist()
     [[1.5]]
     """
-    if weights is None or weights.numel() != t.shape[axis] or not float(weights.detach().sum()):
+    if weights is None or weights.numel() != t.shape[axis] or cancels(weights):
         return t.mean(axis, keepdim=True)
     shape = [1] * t.dim()
     shape[axis] = -1
     w = weights.detach().to(device=t.device, dtype=t.dtype).reshape(shape)
     return (t * w).sum(axis, keepdim=True) / w.sum()
+
+
+def cancels(weights: torch.Tensor) -> bool:
+    """Whether ``weights`` sum to zero, up to float32 rounding of their magnitudes: a mean weighted by them, Σ w_i x_i
+    / Σ w_i, has no value (or one dominated by rounding), so a "weighted" fill cannot be computed.
+
+    >>> cancels(torch.tensor([1.0, -1.0])), cancels(torch.tensor([0.5, 0.25]))
+    (True, False)
+    """
+    w = weights.detach().double()
+    return not w.numel() or float(w.sum().abs()) <= 1e-6 * float(w.abs().sum())
 
 
 def exact_in_own_dtype(rule: TensorRule, old: torch.Tensor) -> bool:

@@ -42,7 +42,7 @@ def deviations(plan: Plan, maps: dict, compensated: set = frozenset()) -> list[s
 
 def compensate_tied(plan: Plan, maps: dict, width: WidthResult) -> list[str]:
     """Rescale the norm before a tied head by 1/n (uniform n copies); return reasons where impossible."""
-    f, reasons = plan.facts, []
+    f, reasons, divided = plan.facts, [], {}  # divided: norm parameter -> its factor (one tensor, divided once)
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     for state, axis in width.tied:
         counts = _counts_on(width, state, axis)
@@ -62,6 +62,12 @@ def compensate_tied(plan: Plan, maps: dict, width: WidthResult) -> list[str]:
                                    f"is therefore rescaled too")
                 factor = float(counts[0]) * width.rules[state].scale  # the copies, and a rescaled residual
                 for p in scaled:
+                    if p in divided:  # one norm before the head at two places (two streams): divided once
+                        if divided[p] != factor:
+                            reasons.append(f"`{p}` feeds tied heads that need different factors "
+                                           f"({divided[p]:.4g} and {factor:.4g}): one tensor cannot take both")
+                        continue
+                    divided[p] = factor
                     width.rules[p].scale /= factor
                     width.rules[p].notes.append(f"divided by {factor:.4g}: it feeds the tied head "
                                                 f"`{state}`")

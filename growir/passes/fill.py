@@ -36,7 +36,7 @@ from ..analysis.norms import NormSite, is_param, norm_sites
 from ..analysis.ops import ADDS, CONTRACTIONS, LAYOUT, PART, forward, indexes_leading, traits
 from ..analysis.plan import Plan
 from .bare_norms import bare_norm_readers, fold_scale
-from .layer_scale import scaled_writers, weigh_fill_rows
+from .layer_scale import cancelled_scale, scaled_writers, weigh_fill_rows
 
 
 @dataclass
@@ -71,6 +71,8 @@ def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = Fa
             continue
         mine = [s for s in sites if g.root in ag.leaf_roots(s.axis)]
         why, weighted, folds = _why_not(plan, g, mine)
+        cancelled = "" if why else cancelled_scale(plan, weighted)  # a layer scale whose weighted fill has no value
+        why = cancelled if cancelled and new % g.size == 0 else why  # copies are exact at a whole ratio, no fill is
         inexact = (post_norm and why and not _cannot_fill(plan, g, mine)
                    and not all(s.pre_norm(plan.facts) for s in mine) and not _returned(mine)
                    and (not keep_norms or _normalizes_stream(plan, mine)))
@@ -86,6 +88,9 @@ def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = Fa
         elif inexact:
             out.reasons[g.root] = (f"{why}; it is filled anyway (post-norm: copies there train as one), the "
                                    f"deviation is the post-norm output's mean at the fill, measured")
+        elif cancelled:  # those writers keep the plain mean fill (no weights, no note claiming exactness)
+            out.reasons[g.root] = f"{cancelled}; it is filled with the plain mean instead, measured"
+            weighted = {k: lam for k, lam in weighted.items() if not cancelled_scale(plan, {k: lam})}
         out.fills[g.root] = "mean" if mine[0].kind == "layer" else "zero"
         out.sites[g.root] = mine
         out.folds[g.root], out.weighted[g.root] = folds, weighted
@@ -229,7 +234,7 @@ def adjust_norms(fp: FillPlan, maps: dict, rules: dict, rescaled: set = frozense
     ({node: (arg position, eps')}) and the same as values ({eps: eps'}) for a rebuilt config. The groups in
     ``fp.kept_norms`` keep eps and their weights grow by 1/sqrt(ρ) = sqrt(d'/d) instead: their fill is not
     compensated (inexact by choice)."""
-    eps, values = {}, {}
+    eps, values, scaled = {}, {}, set()
     for root, sites in fp.sites.items():
         m = maps[root]
         ratio = 1.0 if root in fp.kept_norms else kept_fraction(m)
@@ -237,7 +242,8 @@ def adjust_norms(fp: FillPlan, maps: dict, rules: dict, rescaled: set = frozense
         weight = 1 / math.sqrt(kept_fraction(m)) if root in fp.kept_norms else math.sqrt(ratio)
         for s in sites:  # a bias with no weight before it carries the factor too (bare_norms.py)
             for p, scale in ((s.weight, weight), (s.bias, 1.0 if s.weight else 1 / math.sqrt(ratio))):
-                if p is not None:
+                if p is not None and p not in scaled:  # one module called at two places: one tensor, scaled once
+                    scaled.add(p)
                     rules[p].scale *= scale
                     _fill_from_copies(rules[p].axes[-1], m.new, m.old, p == s.weight)
                     rules[p].notes.append(f"repeat-and-fill: x{scale:.4g}" + (", fill 0" if p == s.bias else ""))

@@ -8,19 +8,25 @@ growth: W's and b's fill rows are their rows' mean weighted by λ, and λ's fill
     mean(λ) · Σ_i λ_i (W_i h + b_i) / Σ_i λ_i  =  (1/d) Σ_i λ_i (W_i h + b_i)      for every h
 
 (``AxisMap.fill = "weighted"``, the weights read from λ when the rule is applied, as the rule's ``donor``). It
-needs Σ λ ≠ 0 (else the rule falls back to the plain mean and the growth measures the deviation), and W and b to
-write nothing but this product. A depthwise convolution, whose other factor is an activation, stays inexact.
+needs W and b to write nothing but this product, and Σ λ ≠ 0: where λ's entries cancel, mean(λ) = 0 and the fill
+term is zero whatever its rows, while the target is not, so no fill is exact. The reason then names λ
+(``cancelled_scale``): at a whole ratio the group is copied (exact), at another its writers take the plain mean
+(``tensor_rule.cancels``: a rule's weights that cancel fall back to it) and the deviation is measured.
+A depthwise convolution, whose other factor is an activation, stays inexact.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from ..analysis.nodes import back
 from ..analysis.ops import ADDS, ASSERTS, CONTRACTIONS, LAYOUT, kinds, traits
 from ..analysis.plan import Plan
+from ..ir.tensor_rule import cancels
 
 SAME_TERM = LAYOUT | kinds("dropout")  # the same values (dropout is the identity in eval)
+SIZES = (torch.SymInt, torch.SymFloat, int, float)  # a node's value that is size arithmetic, not a tensor
 
 
 def scaled_writers(plan: Plan, g, param: str, at: str) -> dict | None:
@@ -45,6 +51,28 @@ def scaled_writers(plan: Plan, g, param: str, at: str) -> dict | None:
     return {w: param for w in writers} if only_here else None
 
 
+def cancelled_scale(plan: Plan, weighted: dict) -> str:
+    """Why a fill weighted by a layer scale (``weighted``: {(writer, axis): scale}, from ``scaled_writers``) has no
+    value: the scale's entries sum to zero (module docstring); "" where none does, or where the values are unknown
+    (planned on the meta device)."""
+    gm, f = plan.captured.gm, plan.facts
+    for param in sorted(set(weighted.values())):
+        node = next((n for n in gm.graph.nodes if n.op == "get_attr" and f.params.get(n.name) == param), None)
+        value = _attr(gm, node.target) if node is not None else None
+        if isinstance(value, torch.Tensor) and not value.is_meta and cancels(value):
+            return (f"`{param}` multiplies the group channel by channel and its entries sum to zero: the fill's "
+                    f"term, mean(λ)·(its rows), is zero, while the mean of the old channels' terms is not (a "
+                    f"weighted fill needs Σλ ≠ 0)")
+    return ""
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    """The tensor at the dotted attribute path ``target`` of ``gm`` (a get_attr node's), or None."""
+    for part in target.split("."):
+        gm = getattr(gm, part, None)
+    return gm
+
+
 def _writers(y: fx.Node, f, axes: dict) -> tuple[set, set]:
     """(the (parameter, axis) pairs whose outputs sum to ``y`` through layout ops and additions, the nodes on the
     way); an empty set where something else makes ``y`` (an activation, a product)."""
@@ -58,8 +86,8 @@ def _writers(y: fx.Node, f, axes: dict) -> tuple[set, set]:
             if f.params.get(n.name) not in axes:
                 return set(), path
             writers.add((f.params[n.name], axes[f.params[n.name]]))
-        elif SAME_TERM(n) or ADDS(n):
-            stack.extend(n.all_input_nodes)
+        elif SAME_TERM(n) or ADDS(n):  # their operands but sizes: a reshape's SymInts are no term
+            stack.extend(a for a in n.all_input_nodes if not isinstance(a.meta.get("val"), SIZES))
         elif CONTRACTIONS(n) and traits(n).weight_at is not None:  # x W^T + b: W and b write the group
             stack.extend(a for a in n.all_input_nodes if back(a, LAYOUT).op == "get_attr")
         else:

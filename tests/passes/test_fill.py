@@ -1,14 +1,20 @@
 """Why repeat-and-fill is not exact (passes/fill.py ``_why_not``): every reason that holds, the post-norm theorem
-first where it applies, and never where it does not (an embedding LayerNorm before pre-norm blocks)."""
+first where it applies, and never where it does not (an embedding LayerNorm before pre-norm blocks); a norm module
+applied at several places has its one weight scaled once."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import transformers as T
 
 import growir
+from test_archs import assert_same, grow_quietly
 from zoo import VOCAB
 
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
@@ -42,3 +48,81 @@ def test_an_embedding_norm_before_pre_norm_blocks_claims_no_theorem():
     text = fill_reasons(T.RobertaPreLayerNormForMaskedLM(T.RobertaPreLayerNormConfig(**SIZES)))
     assert "no exact construction" not in text, text
     assert "reads the output of `aten.layer_norm`" in text and HEAD in text, text
+
+
+class SharedNorm(nn.Module):
+    """A pre-norm model whose one norm module (one weight) is applied at three places: before each branch and
+    before the head."""
+
+    def __init__(self, rms: bool = False, d: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(VOCAB, d), nn.Linear(d, 5)
+        self.up, self.down, self.up2, self.down2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), nn.Linear(d, 2 * d), \
+            nn.Linear(2 * d, d)
+        self.norm = nn.RMSNorm(d) if rms else nn.LayerNorm(d)
+        with torch.no_grad():
+            for p in self.norm.parameters():
+                p.add_(0.3 * torch.randn(d))
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        x = x + self.down(F.gelu(self.up(self.norm(x))))
+        x = x + self.down2(F.gelu(self.up2(self.norm(x))))
+        return self.head(self.norm(x))
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("width", [2.0, 1.5])
+def test_a_norm_applied_at_three_places_has_its_weight_scaled_once(rms, width):
+    """Repeat-and-fill scales a norm's weight by sqrt(n·d/d'): per tensor, not per call (three calls once scaled
+    it three times, 0.45 off at x2)."""
+    source = SharedNorm(rms).eval()
+    grown = grow_quietly(source, width=width, example_inputs=(torch.randint(0, VOCAB, (2, 5)),))
+    rule = grown.growir_record.rules["norm.weight"]
+    assert len([n for n in rule.notes if n.startswith("repeat-and-fill")]) == 1, rule.notes
+    assert math.isclose(rule.scale, math.sqrt(1 / width)), rule.scale  # one copy and a fill: sqrt(d/d')
+    assert_same(source, grown, [(torch.randint(0, VOCAB, (2, 5)),), (torch.randint(0, VOCAB, (1, 9)),)])
+
+
+class PostNormBlock(nn.Module):
+    """A post-norm block whose one LayerNorm module follows both of its residual sums."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.up, self.down, self.up2, self.down2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), nn.Linear(d, 2 * d), \
+            nn.Linear(2 * d, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        x = self.norm(x + self.down(F.gelu(self.up(x))))
+        return self.norm(x + self.down2(F.gelu(self.up2(x))))
+
+
+class PostNormShared(nn.Module):
+    """A post-norm encoder: summed embeddings, a LayerNorm after each residual sum."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.pos = nn.Embedding(VOCAB, d), nn.Parameter(0.1 * torch.randn(16, d))
+        self.emb_norm, self.head = nn.LayerNorm(d), nn.Linear(d, 5)
+        self.blocks = nn.ModuleList(PostNormBlock(d) for _ in range(2))
+
+    def forward(self, idx):
+        x = self.emb_norm(self.emb(idx) + self.pos[:idx.shape[1]])
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def test_auto_raises_a_shared_post_norm_weight_once():
+    """``auto`` fills a post-norm stream with the norms' weights x sqrt(d'/d): once per tensor, so a norm applied
+    after two sums gets sqrt(1.5), not 1.5."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        record = growir.grow(PostNormShared().eval(), width=1.5,
+                             example_inputs=(torch.randint(0, VOCAB, (2, 5)),)).growir_record
+    assert any("it is filled anyway" in r for r in record.reasons), record.reasons
+    for name in ("blocks.0.norm.weight", "blocks.1.norm.weight", "emb_norm.weight"):
+        assert math.isclose(record.rules[name].scale, math.sqrt(1.5)), (name, record.rules[name].scale)
