@@ -55,9 +55,19 @@ def materialize_hf(model, p, sizes: dict, depth_plan: list, opts, built, rebuild
 
 def output_only_groups(p) -> list:
     """Groups that parameters write and nothing reads but the model's outputs (a pooler), or nothing at all (a
-    pooler whose output the head drops): the rebuilt config decides their size."""
+    pooler whose output the head drops): the rebuilt config decides their size. A group an attention mixes over
+    (``mixed_positions``: learned register or prefix tokens beside the input's) counts tokens, not features: it
+    keeps its size, since copied tokens would change every softmax over them."""
+    mixed = mixed_positions(p)
     return [g for g in p.groups if g.role is None and g.size and not g.pinned and g.producers
-            and not g.consumers and (g.in_output or not g.reads)]
+            and not g.consumers and (g.in_output or not g.reads) and g.root not in mixed]
+
+
+def mixed_positions(p) -> set:
+    """The leaf roots of every axis an attention mixes over: a fused attention's key positions and the axis of a
+    softmax (an attention written out as matmuls)."""
+    axes = [site["k"][-2] for site in p.facts.attention] + [r.axis for r in p.facts.reads if r.kind == "softmax"]
+    return {leaf for axis in axes for leaf in p.facts.ag.leaf_roots(axis)}
 
 
 def sizes_given(groups: list, shapes: dict, sizes: dict | None = None) -> dict:
@@ -137,24 +147,54 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
     if built.eps_values and not opts.keep_eps:  # e.g. an eps the config does not hold: keep it
         why = "every norm's eps kept: no config expresses the rescaled eps"
         return _fit_config(model, p, sizes, depth_plan, *_kept_eps(p, sizes, depth_plan, opts, rebuild, why), rebuild)
-    raise MaterializeError(f"every {type(model).__name__} config that fits the grown shapes computes something "
-                           f"else than the rewritten graph: {'; '.join(tried[:4])}")
+    raise MaterializeError(f"no {type(model).__name__} config that fits the grown shapes computes what the "
+                           f"rewritten graph computes; tried {'; '.join(tried[:4])}")
 
 
 def _try_candidate(model, p, cfg: dict, shapes: dict, sizes: dict, depth_plan, opts, built, rebuild) -> tuple:
     """(rules, rebuilt model, why the candidate does not fit -- None where it does). A candidate does not fit
-    where growir refuses its sizes (a GrowthError) or the rebuilt model fails in its own code; any other
-    exception is a growir bug and propagates (the pass names the stage), never hidden as a failed candidate."""
+    where growir refuses its sizes (a GrowthError), where it does not build (the rules at its sizes, the class
+    from its config, the tensors loaded: any exception) or where a model made for it fails while it runs (the
+    rebuilt class, or the rewritten graph at its sizes). An exception in the check's own code is a growir bug
+    and propagates (the pass names the stage), never hidden as a failed candidate."""
     candidate = grown = None
     try:
         candidate, grown = _load_candidate(model, p, cfg, sizes, depth_plan, opts, built, rebuild)
+    except GrowthError as exc:
+        return candidate, grown, f"growir refuses it: {first_line(exc)}"
+    except Exception as exc:  # noqa: BLE001 - a config the rules or the class cannot be built for: no candidate
+        return candidate, grown, f"it does not build: {type(exc).__name__}: {first_line(exc)}"
+    try:
         return candidate, grown, _differs(model, candidate, grown, p.captured, _window_fields(model, cfg, shapes))
     except GrowthError as exc:
         return candidate, grown, f"growir refuses it: {first_line(exc)}"
-    except Exception as exc:  # noqa: BLE001 - the model's own code failing is the candidate's failure
-        if not raised_in_model(exc, model):
+    except Exception as exc:  # noqa: BLE001 - a model made for the candidate failing is the candidate's failure
+        ran = raised_running(exc, {"the rebuilt model": grown, "the rewritten graph at its sizes": candidate.grown})
+        if ran is None and not raised_in_model(exc, model):
             raise
-        return candidate, grown, f"the rebuilt model fails on the example: {type(exc).__name__}: {first_line(exc)}"
+        return candidate, grown, f"{ran or 'the rebuilt model'} fails on the example: {type(exc).__name__}: " \
+                                 f"{first_line(exc)}"
+
+
+def raised_running(exc: BaseException, models: dict) -> str | None:
+    """The name (a key of ``models``: name -> module or None) of the model whose forward, or one of whose
+    submodules' forward, was running when ``exc`` was raised; None where none was.
+
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> try:
+    ...     layer(torch.zeros(3))
+    ... except RuntimeError as exc:
+    ...     raised_running(exc, {"the layer": layer, "another": torch.nn.ReLU()})
+    'the layer'
+    """
+    owners = {id(sub): name for name, m in models.items() if m is not None for sub in m.modules()}
+    tb = exc.__traceback__
+    while tb is not None:
+        name = owners.get(id(tb.tb_frame.f_locals.get("self")))
+        if name is not None:
+            return name
+        tb = tb.tb_next
+    return None
 
 
 def raised_in_model(exc: BaseException, model) -> bool:
