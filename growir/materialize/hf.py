@@ -237,7 +237,7 @@ def _load_candidate(model, p, cfg: dict, sizes: dict, depth_plan, opts, built, r
     """(rules built at ``sizes`` -- ``built`` where already built there --, the class rebuilt from ``cfg``
     holding their tensors); per-unit constants (ALiBi slopes) placed where the rebuilt model's own values
     put them."""
-    from .config import load_hf
+    from .load import load_hf
     from ..passes.per_unit import rebuilt_values
     why = "the config sizes a group that only the outputs read (a pooler): the rules at that size"
     candidate = rebuild(p, sizes, depth_plan, opts, why) if built is None else built
@@ -350,7 +350,7 @@ def _window_fields(model, cfg: dict, shapes: dict) -> set:
     """The integer fields the long check must exceed: those ``cfg`` changed that shape no parameter (reverting
     one rebuilds the same shapes), as a window or a head count would. A field both configs share means the
     same in the source and the grown model, and a size that shapes parameters is checked by the shapes."""
-    from .config import config_shapes
+    from .load import config_shapes
     base = model.config.to_dict()
     changed = [k for k, v in cfg.items() if isinstance(v, int) and not isinstance(v, bool) and base.get(k) != v
                and 0 < v < MAX_CHECK_LEN]  # check_length reads no other field: no model built for them

@@ -34,7 +34,8 @@ from ..analysis.plan import make_plan
 from ..errors import (AnalysisError, GrowthError, MaterializeError, NotExactError, PreservationError, SpecError,
                       TraceError, first_line, warn)
 from ..frontend.export import capture
-from ..materialize.config import candidate_configs, config_shapes, load_hf
+from ..materialize.config import candidate_configs
+from ..materialize.load import config_shapes, load_hf
 from ..materialize.hf import config_diff, raised_in_model, with_source_ties
 from ..passes.experts import drop_neurons, expert_rules, multiplier, neuron_positions, theorem
 from ..verify.compare import TOLERANCE
