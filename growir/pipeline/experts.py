@@ -36,7 +36,8 @@ from ..errors import (AnalysisError, GrowthError, MaterializeError, NotExactErro
 from ..frontend.export import capture
 from ..materialize.config import candidate_configs
 from ..materialize.load import config_shapes, load_hf
-from ..materialize.hf import config_diff, raised_in_model, with_source_ties
+from ..materialize.faithful import config_diff
+from ..materialize.hf import raised_in_model, with_source_ties
 from ..passes.experts import drop_neurons, expert_rules, multiplier, neuron_positions, theorem
 from ..verify.compare import TOLERANCE
 from ..verify.measure import measurable, measure

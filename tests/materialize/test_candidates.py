@@ -58,7 +58,7 @@ def test_registers_model_grows_x2_into_its_class_keeping_the_token_count():
 def _failing_first(monkeypatch, which: str):
     """Make the first candidate's ``which`` ("grown": the rebuilt class, "graph": its rewritten graph) raise in
     its forward while that candidate is checked; returns the rebuilt models checked."""
-    checked, check = [], hf._differs
+    checked, check = [], hf.differs
 
     def fail(module, args):
         raise RuntimeError("a candidate that fails in its forward")
@@ -72,7 +72,7 @@ def _failing_first(monkeypatch, which: str):
         finally:
             if handle is not None:
                 handle.remove()
-    monkeypatch.setattr(hf, "_differs", first_fails)
+    monkeypatch.setattr(hf, "differs", first_fails)
     return checked
 
 

@@ -49,7 +49,7 @@ def test_a_growir_bug_in_the_search_is_not_a_failed_candidate(monkeypatch):
     a MaterializeError naming the stage, with the original as its cause (no GraphModule fallback)."""
     def broken(*args, **kwargs):
         raise TypeError("a growir bug")
-    monkeypatch.setattr(hf, "_differs", broken)
+    monkeypatch.setattr(hf, "differs", broken)
     with pytest.raises(growir.MaterializeError, match=r"rebuilding the model's class .*TypeError: a growir bug") \
             as err:
         growir.grow(make("llama"), width=2.0)
