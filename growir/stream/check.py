@@ -28,4 +28,4 @@ def verify_checkpoint(src_dir, grown_dir, width=1.0, depth=1.0, *, layers=None, 
     width_method, depth_method = methods(method, width_method, depth_method)
     job = prepare(Path(src_dir), width, depth, layers, width_method, depth_method, dtype, False)
     return check_blocks(src_dir, grown_dir, job.fp, job.choice.config, (job.maps, job.scales), job.schedules,
-                        not job.reasons)
+                        not job.reasons, job.rules)

@@ -363,7 +363,7 @@ def _verify(src: Path, grown_dir: Path, job: Job, how):
     if how == "onnx":
         return _verify_onnx(src, grown_dir, job)
     result = check_blocks(src, grown_dir, job.fp, job.choice.config, (job.maps, job.scales), job.schedules,
-                          not job.reasons)
+                          not job.reasons, job.rules)
     if (result.exact or not result.finite) and not result.preserved:  # a NaN is never rounding
         raise PreservationError(f"the streamed model does not preserve the function; it departs from the source at "
                                 f"`{result.first_failing}` (deviation {result.deviations[result.first_failing]:.3g}, "

@@ -15,6 +15,7 @@ such axis in a group that is pinned (indexed by input ids) or read by no paramet
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 
 import torch
@@ -162,16 +163,32 @@ def _output_only(p) -> list:
 
 def _block_fields(fp, base: dict):
     """(field -> two, block list prefix -> its count fields): the fields that, set to two, rebuild the
-    two-block proxy's module tree."""
+    two-block proxy's module tree: each list's own (an encoder's and a decoder's count), else one for all."""
     want, whole = signature(fp.proxy), signature(fp.model)
     small, layer_fields = {}, {}
     for prefix, n in fp.counts.items():
-        for k, v in base.items():
-            if type(v) is int and v == n and _builds_like({**base, **small, k: PROXY_BLOCKS}, fp, want) \
-                    and not _builds_like({**base, k: PROXY_BLOCKS}, fp, whole):  # a head count equal to the
-                small[k] = PROXY_BLOCKS  # block count (4 heads in 4 blocks) shapes no tensor: not a block count
-                layer_fields.setdefault(prefix, []).append(k)
+        fields = _count_fields(fp, base, n, {}, _cut(whole, prefix)) or _count_fields(fp, base, n, small, want)
+        small.update(fields)
+        if fields:
+            layer_fields[prefix] = list(fields)
     return small, layer_fields
+
+
+def _count_fields(fp, base: dict, n: int, small: dict, target) -> dict:
+    """The int fields equal to ``n`` that, set to two (with ``small``), build the module tree ``target``."""
+    whole, found = signature(fp.model), {}
+    for k, v in base.items():
+        if type(v) is int and v == n and _builds_like({**base, **small, **found, k: PROXY_BLOCKS}, fp, target) \
+                and not _builds_like({**base, k: PROXY_BLOCKS}, fp, whole):  # a head count equal to the
+            found[k] = PROXY_BLOCKS  # block count (4 heads in 4 blocks) shapes no tensor: not a block count
+    return found
+
+
+def _cut(sig: tuple, prefix: str) -> tuple:
+    """A module's ``signature`` with the blocks of the list ``prefix`` past the proxy's two left out."""
+    past = re.compile(rf"{re.escape(prefix)}\.(\d+)(\.|$)")
+    keep = lambda name: (m := past.match(name)) is None or int(m.group(1)) < PROXY_BLOCKS  # noqa: E731
+    return tuple(tuple(entry for entry in part if keep(entry[0])) for part in sig)
 
 
 def _input_fields(fp, base: dict, small: dict) -> dict:

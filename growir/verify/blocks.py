@@ -6,11 +6,12 @@ dropped after). The blocks are the block lists the plan's graph analysis found (
 on the two-block proxy); the units compared are: the input of each list's first block (what the embedding
 made), every block's output (the residual stream it hands on), and the model's outputs (after the final
 norm and head). The grown value is mapped back to the source's positions with the plan's index maps for
-that value's axes (the residual stream's group at a block boundary, the output maps at the end), and the
-deviation is max|Δ| / max(1, max|source|) against ``TOLERANCE``, as ``grow``'s self-check (both are
-:mod:`growir.verify.compare`). A grown block made by depth growth is compared with the source block it
-follows (``Schedule.sources``). Errors carry forward, so the unit where the deviation first exceeds the
-tolerance is where the growth went wrong; the report names it.
+that value's axes (the residual stream's group at a block boundary, the output maps at the end) and divided by
+the factor the rules put on it (a rescaled residual stream; a post-norm block's output norm divided for a tied
+head, ``_rule_factors``), and the deviation is max|Δ| / max(1, max|source|) against ``TOLERANCE``, as
+``grow``'s self-check (both are :mod:`growir.verify.compare`). A grown block made by depth growth is compared
+with the source block it follows (``Schedule.sources``). Errors carry forward, so the unit where the deviation
+first exceeds the tolerance is where the growth went wrong; the report names it.
 
 >>> import tempfile, torch, growir
 >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -25,12 +26,14 @@ tolerance is where the growth went wrong; the report names it.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.utils._pytree as pytree
 
+from ..analysis.norms import scaling_params
 from ..errors import GrowthError, first_line
 from ..ir.axes import is_structured
 from .compare import TOLERANCE, axis_maps, deviation, output_maps
@@ -93,24 +96,34 @@ def _size(n: int) -> str:
 
 
 @dataclass
-class _Lists:
-    """The block lists to watch: (prefix, source count, grown count, grown position -> source position,
-    per-boundary index maps)."""
-    items: list
+class _List:
+    """One block list to watch: its prefix, source and grown block counts, per grown position (the source block it
+    copies, the one whose output it hands on), the index maps and factor of its input and of its blocks' outputs
+    (block 0's, the last block's), and per grown block the factor its own rules put on its output."""
+    prefix: str
+    n: int
+    n_new: int
+    sources: list
+    in_maps: tuple
+    out_maps: list
+    factors: list
 
 
-def check_blocks(src_dir, grown_dir, fp, grown_config, maps, schedules: list, exact: bool = True) -> BlockCheck:
+def check_blocks(src_dir, grown_dir, fp, grown_config, maps, schedules: list, exact: bool = True,
+                 rules: dict | None = None) -> BlockCheck:
     """Compare the folders ``src_dir`` and ``grown_dir`` block by block (see the module docstring).
 
     ``fp``: the source's ``FolderPlan``; ``maps``: (width index maps: group root -> ``GroupMap``, residual
     scales: group root -> c where the grown stream is c times its copies, see ``passes/rescale.py``);
-    ``schedules``: the depth schedules. Only one module's tensors of one model are in memory at a time.
+    ``schedules``: the depth schedules; ``rules``: the grown model's per-tensor rules (without them, a block
+    whose output norm was scaled for what reads the stack, ``_rule_factors``, reads as a departure).
+    Only one module's tensors of one model are in memory at a time.
     """
     maps, scales = maps
     start = time.perf_counter()
     p = fp.plan
     args, kwargs = p.captured.args, p.captured.kwargs
-    lists, notes = _block_lists(p, fp.counts, maps, scales, schedules)
+    lists, notes = _block_lists(p, fp.counts, maps, scales, schedules, rules or {})
     with torch.no_grad(), LazyModel(src_dir, fp.config, fp.cls) as source:
         seen = _run(source, lists, args, kwargs, grown=False)
         peak = source.peak_bytes
@@ -123,7 +136,7 @@ def check_blocks(src_dir, grown_dir, fp, grown_config, maps, schedules: list, ex
     return BlockCheck(deviations, exact, time.perf_counter() - start, sequences, peak, notes)
 
 
-def _block_lists(p, counts: dict, maps: dict, scales: dict, schedules: list):
+def _block_lists(p, counts: dict, maps: dict, scales: dict, schedules: list, rules: dict):
     """The plan's block lists (nested ones; parallel lists are compared at the model's outputs only)."""
     by_prefix = {s.blocks.prefix: s for s in schedules}
     items, notes = [], []
@@ -135,9 +148,31 @@ def _block_lists(p, counts: dict, maps: dict, scales: dict, schedules: list):
         sched = by_prefix.get(b.prefix)
         sources = _followed(sched) if sched is not None else [(i, i) for i in range(n)]
         at = lambda node: (axis_maps(p, p.facts.axes.get(node.name), maps), _scale(p, node, scales))
-        items.append((b.prefix, n, len(sources), sources, at(b.chain_in[0]),
-                      [at(b.chain_out[0]), at(b.chain_out[-1])]))
-    return _Lists(items), notes
+        items.append(_List(b.prefix, n, len(sources), sources, at(b.chain_in[0]),
+                           [at(b.chain_out[0]), at(b.chain_out[-1])], _rule_factors(p, b, len(sources), rules)))
+    return items, notes
+
+
+def _rule_factors(p, b, n_new: int, rules: dict) -> list:
+    """Per grown block, the factor its output carries beyond block 0's where that output is a norm's (post-norm
+    blocks): the norm's rule scale over block 0's. The blocks of a list share their rules, so a factor every block
+    has (a fill's norm rescale) cancels; what is left was set for what reads the stack's output: the tied head's
+    1/n on the norm before it (``passes/exactness.compensate_tied``), which a post-norm stack's last block is."""
+    params = [scaling_params(node, p.facts) for node in (b.chain_out[0], b.chain_out[-1])]
+    if not rules or not params[0] or len(params[0]) != len(params[1]):
+        return [1.0] * n_new
+    factors = []
+    for i in range(n_new):
+        mine = params[0 if i < n_new - 1 else 1]
+        ratios = {_scale_of(rules, b.prefix, q, i) / _scale_of(rules, b.prefix, r, 0) for q, r in zip(mine, params[0])}
+        factors.append(ratios.pop() if len(ratios) == 1 else 1.0)  # weight and bias scaled apart: no one factor
+    return factors
+
+
+def _scale_of(rules: dict, prefix: str, name: str, block: int) -> float:
+    """The rule scale of the proxy's state ``name`` moved into block ``block`` of the grown list ``prefix``."""
+    rule = rules.get(re.sub(rf"^{re.escape(prefix)}\.\d+\.", f"{prefix}.{block}.", name))
+    return rule.scale if rule is not None and rule.scale else 1.0
 
 
 def _followed(sched) -> list:
@@ -151,35 +186,18 @@ def _followed(sched) -> list:
     return out
 
 
-def _run(lazy: LazyModel, lists: _Lists, args, kwargs, grown: bool) -> dict:
+def _run(lazy: LazyModel, lists: list, args, kwargs, grown: bool) -> dict:
     """Run the model once; returns {unit: (name, value, index maps)} in run order."""
-    seen, mark, handles = {}, [0], []
-    inside = tuple(prefix + "." for prefix, *_ in lists.items)
+    seen, mark = {}, [0]
+    inside = tuple(lst.prefix + "." for lst in lists)
 
     def outside_since() -> list:
-        mods = [m for m in lazy.loaded[mark[0]:] if not m.startswith(inside)]
+        mods = [m or type(lazy.model).__name__ for m in lazy.loaded[mark[0]:] if not m.startswith(inside)]
         mark[0] = len(lazy.loaded)
         return mods
 
-    for prefix, n, n_new, sources, in_maps, out_maps in lists.items:
-        container = lazy.model.get_submodule(prefix)
-        count = n_new if grown else n
-
-        def first_in(module, a, k, prefix=prefix, in_maps=in_maps):
-            mods = outside_since()
-            name = f"input of `{prefix}`" + (f" (after {', '.join(mods)})" if mods else "")
-            seen[("in", prefix)] = (name, _hidden(a, k, len(in_maps[0] or [])), in_maps)
-        handles.append(container._modules["0"].register_forward_pre_hook(first_in, with_kwargs=True))
-        for i in range(count):
-            src, ref = sources[i] if grown else (i, i)
-            key = (prefix, ref, i) if grown else (prefix, i)
-            label = f"{prefix}.{i}" + (f" (from source block {src})" if grown and count != n else "")
-            block_maps = out_maps[0 if i < count - 1 else 1]
-
-            def out(module, a, o, key=key, label=label, block_maps=block_maps):
-                outside_since()
-                seen[key] = (label, _first_tensor(o), block_maps)
-            handles.append(container._modules[str(i)].register_forward_hook(out))
+    handles = [h for lst in lists for h in _watch(lazy.model.get_submodule(lst.prefix), lst, seen, outside_since,
+                                                  grown)]
     try:
         outputs = pytree.tree_leaves(lazy.model(*args, **kwargs))
     except (RuntimeError, NotImplementedError) as error:
@@ -195,6 +213,28 @@ def _run(lazy: LazyModel, lists: _Lists, args, kwargs, grown: bool) -> dict:
     name = "outputs" + (f" (after {', '.join(mods)})" if mods else "")
     seen[("out",)] = (name, outputs, None)
     return seen
+
+
+def _watch(container, lst: _List, seen: dict, outside_since, grown: bool) -> list:
+    """Hooks that record the list's input and each block's output into ``seen``; returns their handles."""
+    def first_in(module, a, k):
+        mods = outside_since()
+        name = f"input of `{lst.prefix}`" + (f" (after {', '.join(mods)})" if mods else "")
+        seen[("in", lst.prefix)] = (name, _hidden(a, k, len(lst.in_maps[0] or [])), lst.in_maps)
+    handles = [container._modules["0"].register_forward_pre_hook(first_in, with_kwargs=True)]
+    count = lst.n_new if grown else lst.n
+    for i in range(count):
+        src, ref = lst.sources[i] if grown else (i, i)
+        key = (lst.prefix, ref, i) if grown else (lst.prefix, i)
+        label = f"{lst.prefix}.{i}" + (f" (from source block {src})" if grown and count != lst.n else "")
+        index_maps, factor = lst.out_maps[0 if i < count - 1 else 1]
+        block_maps = (index_maps, factor * (lst.factors[i] if grown else 1.0))
+
+        def out(module, a, o, key=key, label=label, block_maps=block_maps):
+            outside_since()
+            seen[key] = (label, _first_tensor(o), block_maps)
+        handles.append(container._modules[str(i)].register_forward_hook(out))
+    return handles
 
 
 def _scale(p, node, scales: dict) -> float:
