@@ -23,6 +23,14 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def nudge(module: nn.Module, scale: float = 0.3) -> None:
+    """Move every parameter of ``module`` (a norm's weight and bias) off its initial value by ``scale`` times a
+    standard normal from the global generator, so a test sees what a rescale of them does."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape))
+
+
 class NanoGPT(nn.Module):
     """A nanoGPT-style decoder: learned positions, pre-norm blocks, fused QKV, GELU MLP, tied head."""
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from test_archs import assert_same, grow_quietly
-from zoo import VOCAB
+from zoo import VOCAB, nudge
 
 
 class TiedTwoStreams(nn.Module):
@@ -23,9 +23,7 @@ class TiedTwoStreams(nn.Module):
         torch.manual_seed(0)
         self.emb, self.norm, self.final = nn.Embedding(VOCAB, d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
-        with torch.no_grad():
-            for p in self.final.parameters():
-                p.add_(0.3 * torch.randn(d))
+        nudge(self.final)
 
     def forward(self, idx):
         x = self.emb(idx)

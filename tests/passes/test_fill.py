@@ -15,7 +15,7 @@ import transformers as T
 
 import growir
 from test_archs import assert_same, grow_quietly
-from zoo import VOCAB
+from zoo import VOCAB, nudge
 
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
              max_position_embeddings=64)
@@ -61,9 +61,7 @@ class SharedNorm(nn.Module):
         self.up, self.down, self.up2, self.down2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), nn.Linear(d, 2 * d), \
             nn.Linear(2 * d, d)
         self.norm = nn.RMSNorm(d) if rms else nn.LayerNorm(d)
-        with torch.no_grad():
-            for p in self.norm.parameters():
-                p.add_(0.3 * torch.randn(d))
+        nudge(self.norm)
 
     def forward(self, idx):
         x = self.emb(idx)
