@@ -52,6 +52,7 @@ def test_plan_groups_agree_with_parameter_shapes():
 # (verify/onnx_check.py), and the training experiments, which slice and size configs of their own (train/).
 CONFIG_FIELDS = {
     "materialize/config.py": None, "materialize/hf.py": None,
+    "materialize/faithful.py": {"transformers_version", "_name_or_path"},  # bookkeeping a config diff leaves out
     "frontend/inputs.py": {"image_size", "is_encoder_decoder", "max_position_embeddings", "n_positions", "max_seq_len",
                   "num_channels", "vocab_size"},
     "verify/onnx_check.py": {"vocab_size"},
