@@ -97,7 +97,7 @@ def _verify_child(job: dict) -> dict:
         f.write("5")
     start, cpu = time.perf_counter(), _cpu()
     check = check_blocks(job["src"], job["out"], prepared.fp, prepared.choice.config,
-                         (prepared.maps, prepared.scales), prepared.schedules, not prepared.reasons)
+                         (prepared.maps, prepared.scales), prepared.schedules, not prepared.reasons, prepared.rules)
     worst, deviation = check.worst
     return {"check_seconds": time.perf_counter() - start, "check_cpu_seconds": _cpu() - cpu,
             "rss_before_check_mib": before,
