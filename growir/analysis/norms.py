@@ -21,16 +21,12 @@ import torch.fx as fx
 
 from .nodes import back, chain, op_name
 from .ops import ADD, ASSERTS, CASTS, CONTRACTIONS, DIV, LAYOUT, LINEAR, MEAN, MUL, NORMS, PART, POW, RSQRT, SCALES
-from .ops import SPLITS, aten, forward, indexes_leading, kinds, traits, where_trait
+from .ops import LINEAR_IN_FIRST, aten, forward, indexes_leading, traits
 from .walker import Facts
 
 # single ops a written-out norm is made of (beyond ops.py's ADD, MUL, DIV, POW, RSQRT, MEAN): what they compute
 # decides, so they are matched here as moe.py matches its own
 SUB, SQRT, SQUARE = aten("sub"), aten("sqrt"), aten("square")
-# ops whose output is linear in their data operand (``args[0]``), the other operands fixed: parts, copies and
-# rearrangements of it (a split of a fused projection, a gather, a roll) and sums or means over an axis. A norm
-# reading one of them reads a value linear in the parameters behind it, so a fill behind it is what the norm sees.
-LINEAR_IN_FIRST = SPLITS | kinds("gather", "reorder") | where_trait(lambda t: t.kind == "reduce" and t.zero == "first")
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one per norm in the graph

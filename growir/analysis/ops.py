@@ -247,6 +247,13 @@ LAYOUT = where_trait(lambda t: t.layout)  # the same elements, rearranged: a par
 SAME_VALUES = kinds("cast", "copy", "dropout", "view")  # the same values in the same order (a residual stream)
 PART = kinds("cast", "copy", "dropout", "view", "permute", "slice")  # some of the input's values, rearranged
 SPLITS = PART | kinds("expand", "split", "item")  # ... also replicated, or split into parts (fused projections)
+# Output linear in the data operand(s), the other operands (indices) fixed: parts, copies, rearrangements (a split
+# of a fused projection, a gather, a roll), sums or means over an axis. LINEAR_IN_FIRST through ``args[0]`` alone
+# (a walk back that follows one operand: a norm reading one reads a value linear in the parameters behind it,
+# norms.py); LINEAR_IN_DATA also sums over all operands (a walk forward through every user: a scatter-add of the
+# experts' outputs back to their tokens, residual.py).
+LINEAR_IN_FIRST = SPLITS | kinds("gather", "reorder") | where_trait(lambda t: t.kind == "reduce" and t.zero == "first")
+LINEAR_IN_DATA = LINEAR_IN_FIRST | where_trait(lambda t: t.kind == "sum" and t.zero == "all")
 CONTRACTIONS = kinds("contraction")
 NORMS = kinds("norm")
 CASTS = kinds("cast")

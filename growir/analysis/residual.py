@@ -23,8 +23,8 @@ import torch.fx as fx
 from ..ir.index_maps import GroupMap, tree_map
 from .groups import Group, contractions_over
 from .nodes import back, chain, is_tensor
-from .ops import ADDS, ASSERTS, CONTRACTIONS, LAYOUT, LINEAR, PART, SAME_VALUES, SCALES, SPLITS, ZERO_WITH_ALL
-from .ops import ZERO_WITH_FIRST, ZERO_WITH_ONE, ZEROS, Blocked, forward, kinds, reach, traits, where_trait
+from .ops import ADDS, ASSERTS, CONTRACTIONS, LAYOUT, LINEAR, LINEAR_IN_DATA, PART, SAME_VALUES, SCALES, SPLITS
+from .ops import ZERO_WITH_ALL, ZERO_WITH_FIRST, ZERO_WITH_ONE, ZEROS, Blocked, forward, reach, traits
 from .walker import Facts
 
 
@@ -220,12 +220,6 @@ def other_part(u: fx.Node, facts: Facts, root) -> bool:
     carries = lambda n: any(root in facts.ag.leaf_roots(a) for a in facts.axes.get(n.name, []))  # noqa: E731
     return isinstance(src, fx.Node) and is_tensor(src) and u.meta["val"].dim() == src.meta["val"].dim() \
         and carries(src) and not carries(u)
-
-
-# Ops whose output is linear in their data operands, the other operands (indices) fixed: a gather, a
-# broadcast, a sum or mean over an axis, a scatter-add of the experts' outputs back to their tokens.
-LINEAR_IN_DATA = (kinds("gather", "expand", "reorder", "split", "item") | where_trait(
-    lambda t: t.kind == "reduce" and t.zero == "first") | where_trait(lambda t: t.kind == "sum" and t.zero == "all"))
 
 
 def _term_path(use: fx.Node, facts: Facts, norm_ends: dict, fixed, stream: set, other=None) -> set | bool | None:
