@@ -28,6 +28,22 @@ def op_name(node: fx.Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
+def attr_value(node: fx.Node):
+    """The value a ``get_attr`` node reads: the attribute at its dotted target on the module that owns its graph.
+
+    >>> graph = fx.Graph()
+    >>> node = graph.get_attr("layer.weight")
+    >>> _ = graph.output(node)
+    >>> gm = fx.GraphModule(torch.nn.ModuleDict({"layer": torch.nn.Linear(2, 3)}), graph)
+    >>> tuple(attr_value(node).shape)
+    (3, 2)
+    """
+    value = node.graph.owning_module
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def is_tensor(node: fx.Node) -> bool:
     """Whether the node makes one tensor (its recorded value); size arithmetic (SymInts) and tuples do not."""
     return isinstance(node.meta.get("val"), torch.Tensor)

@@ -36,7 +36,7 @@ from ..analysis.norms import NormSite, is_param, norm_sites
 from ..analysis.ops import ADDS, CONTRACTIONS, LAYOUT, PART, forward, indexes_leading, traits
 from ..analysis.plan import Plan
 from .bare_norms import bare_norm_readers, fold_scale
-from .layer_scale import cancelled_scale, scaled_writers, weigh_fill_rows
+from .layer_scale import cancelled_scales, scaled_writers, weigh_fill_rows
 
 
 @dataclass
@@ -71,7 +71,8 @@ def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = Fa
             continue
         mine = [s for s in sites if g.root in ag.leaf_roots(s.axis)]
         why, weighted, folds = _why_not(plan, g, mine)
-        cancelled = "" if why else cancelled_scale(plan, weighted)  # a layer scale whose weighted fill has no value
+        cancelling = {} if why else cancelled_scales(plan, weighted)  # layer scales whose weighted fill has no value
+        cancelled = next(iter(cancelling.values()), "")
         why = cancelled if cancelled and new % g.size == 0 else why  # copies are exact at a whole ratio, no fill is
         inexact = (post_norm and why and not _cannot_fill(plan, g, mine)
                    and not all(s.pre_norm(plan.facts) for s in mine) and not _returned(mine)
@@ -90,7 +91,7 @@ def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = Fa
                                    f"deviation is the post-norm output's mean at the fill, measured")
         elif cancelled:  # those writers keep the plain mean fill (no weights, no note claiming exactness)
             out.reasons[g.root] = f"{cancelled}; it is filled with the plain mean instead, measured"
-            weighted = {k: lam for k, lam in weighted.items() if not cancelled_scale(plan, {k: lam})}
+            weighted = {k: lam for k, lam in weighted.items() if lam not in cancelling}
         out.fills[g.root] = "mean" if mine[0].kind == "layer" else "zero"
         out.sites[g.root] = mine
         out.folds[g.root], out.weighted[g.root] = folds, weighted

@@ -10,7 +10,7 @@ growth: W's and b's fill rows are their rows' mean weighted by λ, and λ's fill
 (``AxisMap.fill = "weighted"``, the weights read from λ when the rule is applied, as the rule's ``donor``). It
 needs W and b to write nothing but this product, and Σ λ ≠ 0: where λ's entries cancel, mean(λ) = 0 and the fill
 term is zero whatever its rows, while the target is not, so no fill is exact. The reason then names λ
-(``cancelled_scale``): at a whole ratio the group is copied (exact), at another its writers take the plain mean
+(``cancelled_scales``): at a whole ratio the group is copied (exact), at another its writers take the plain mean
 (``tensor_rule.cancels``: a rule's weights that cancel fall back to it) and the deviation is measured.
 A depthwise convolution, whose other factor is an activation, stays inexact.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..analysis.nodes import back
+from ..analysis.nodes import attr_value, back
 from ..analysis.ops import ADDS, ASSERTS, CONTRACTIONS, LAYOUT, kinds, traits
 from ..analysis.plan import Plan
 from ..ir.tensor_rule import cancels
@@ -51,26 +51,22 @@ def scaled_writers(plan: Plan, g, param: str, at: str) -> dict | None:
     return {w: param for w in writers} if only_here else None
 
 
-def cancelled_scale(plan: Plan, weighted: dict) -> str:
-    """Why a fill weighted by a layer scale (``weighted``: {(writer, axis): scale}, from ``scaled_writers``) has no
-    value: the scale's entries sum to zero (module docstring); "" where none does, or where the values are unknown
-    (planned on the meta device)."""
-    gm, f = plan.captured.gm, plan.facts
-    for param in sorted(set(weighted.values())):
-        node = next((n for n in gm.graph.nodes if n.op == "get_attr" and f.params.get(n.name) == param), None)
-        value = _attr(gm, node.target) if node is not None else None
+def cancelled_scales(plan: Plan, weighted: dict) -> dict:
+    """{scale: why} for the layer scales among ``weighted``'s values ({(writer, axis): scale}, from
+    ``scaled_writers``) whose entries sum to zero, so that a fill weighted by them has no value (module docstring),
+    in name order; none where the values are unknown (planned on the meta device)."""
+    wanted, seen, out = set(weighted.values()), set(), {}
+    for node in plan.captured.gm.graph.find_nodes(op="get_attr"):
+        param = plan.facts.params.get(node.name)
+        if param not in wanted or param in seen:
+            continue
+        seen.add(param)
+        value = attr_value(node)
         if isinstance(value, torch.Tensor) and not value.is_meta and cancels(value):
-            return (f"`{param}` multiplies the group channel by channel and its entries sum to zero: the fill's "
-                    f"term, mean(λ)·(its rows), is zero, while the mean of the old channels' terms is not (a "
-                    f"weighted fill needs Σλ ≠ 0)")
-    return ""
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    """The tensor at the dotted attribute path ``target`` of ``gm`` (a get_attr node's), or None."""
-    for part in target.split("."):
-        gm = getattr(gm, part, None)
-    return gm
+            out[param] = (f"`{param}` multiplies the group channel by channel and its entries sum to zero: the "
+                          f"fill's term, mean(λ)·(its rows), is zero, while the mean of the old channels' terms is "
+                          f"not (a weighted fill needs Σλ ≠ 0)")
+    return dict(sorted(out.items()))
 
 
 def _writers(y: fx.Node, f, axes: dict) -> tuple[set, set]:

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from ..analysis.nodes import attr_value
 from ..frontend.folder import named_tensors
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -105,19 +106,13 @@ def _reading_in_float32(gm: fx.GraphModule) -> fx.GraphModule:
     _upcast_graph(twin)
     graph = twin.graph
     for node in [n for n in graph.nodes if n.op == "get_attr"]:
-        value = _attr(twin, node.target)
+        value = attr_value(node)
         if isinstance(value, torch.Tensor) and value.dtype in LOW_PRECISION:
             with graph.inserting_after(node):
                 wide = graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": torch.float32})
             node.replace_all_uses_with(wide, delete_user_cb=lambda user: user is not wide)
     twin.recompile()
     return twin
-
-
-def _attr(root, dotted: str):
-    for part in dotted.split("."):
-        root = getattr(root, part)
-    return root
 
 
 def _upcast_own(module: torch.nn.Module) -> dict:
