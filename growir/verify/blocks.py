@@ -26,7 +26,6 @@ first exceeds the tolerance is where the growth went wrong; the report names it.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -164,14 +163,16 @@ def _rule_factors(p, b, n_new: int, rules: dict) -> list:
     factors = []
     for i in range(n_new):
         mine = params[0 if i < n_new - 1 else 1]
-        ratios = {_scale_of(rules, b.prefix, q, i) / _scale_of(rules, b.prefix, r, 0) for q, r in zip(mine, params[0])}
+        ratios = {_scale_of(rules, b, q, i) / _scale_of(rules, b, r, 0) for q, r in zip(mine, params[0])}
         factors.append(ratios.pop() if len(ratios) == 1 else 1.0)  # weight and bias scaled apart: no one factor
     return factors
 
 
-def _scale_of(rules: dict, prefix: str, name: str, block: int) -> float:
-    """The rule scale of the proxy's state ``name`` moved into block ``block`` of the grown list ``prefix``."""
-    rule = rules.get(re.sub(rf"^{re.escape(prefix)}\.\d+\.", f"{prefix}.{block}.", name))
+def _scale_of(rules: dict, b, name: str, block: int) -> float:
+    """The rule scale of the proxy's state ``name`` moved into block ``block`` of the grown list ``b`` (its name
+    there by ``Blocks.suffix_of`` and ``Blocks.name``, container lists included; a state outside the list: its own)."""
+    suffix = next((s for j in range(b.count) if (s := b.suffix_of(j, name)) is not None), None)
+    rule = rules.get(b.name(block, suffix) if suffix is not None else name)
     return rule.scale if rule is not None and rule.scale else 1.0
 
 
