@@ -61,6 +61,13 @@ def expert_tensors(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     return found
 
 
+def routers(model: nn.Module) -> list[nn.Parameter]:
+    """Every router's weight: the 2-D weight of a module that holds ``num_experts`` (the experts' own 3-D tensors
+    are in ``expert_tensors``)."""
+    return [m.weight for m in model.modules() if getattr(m, "num_experts", None)
+            and getattr(m, "weight", None) is not None and m.weight.dim() == 2]
+
+
 def inactive_params(model: nn.Module) -> float:
     """Parameters a token does not run: ``(E − k)/E`` of each expert tensor (0 for a dense model)."""
     k = getattr(model.config, "num_experts_per_tok", None)
@@ -110,11 +117,9 @@ def drop_upcycle(model: nn.Module, rate: float, seed: int, router: bool = True) 
     """
     gen = torch.Generator().manual_seed(seed * 7919 + 31)
     drawn = 0
-    for module in model.modules() if router else []:
-        if getattr(module, "num_experts", None) and getattr(module, "weight", None) is not None \
-                and module.weight.dim() == 2:
-            with torch.no_grad():
-                module.weight.normal_(0.0, model.config.initializer_range, generator=gen)
+    for weight in routers(model) if router else []:
+        with torch.no_grad():
+            weight.normal_(0.0, model.config.initializer_range, generator=gen)
     for module in model.modules():
         if not (isinstance(getattr(module, "gate_up_proj", None), nn.Parameter) and hasattr(module, "down_proj")):
             continue

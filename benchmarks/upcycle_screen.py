@@ -34,14 +34,9 @@ sys.path.insert(0, HERE)
 
 import savings  # noqa: E402
 import savings_setup as S  # noqa: E402
+from savings_upcycle import routers  # noqa: E402
 
 POLICIES = {"lr.5": {"lr": 0.5}, "lr.3": {"lr": 0.3}, "w90": {"warmup": 0.15}, "w90-lr.5": {"warmup": 0.15, "lr": 0.5}}
-
-
-def routers(model):
-    """Every router weight: a module that holds ``num_experts`` and a 2-D weight."""
-    return [m.weight for m in model.modules() if getattr(m, "num_experts", None) and getattr(m, "weight", None) is not None
-            and m.weight.dim() == 2]
 
 
 @torch.no_grad()
