@@ -15,8 +15,10 @@ facts instead of walking the graph themselves.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from .nodes import back, chain, op_name
@@ -61,14 +63,41 @@ class NormSite:
         return all(u.op == "output" or (CONTRACTIONS(u) and any(is_param(a, facts) for a in u.all_input_nodes))
                    for u in forward(self.output, lambda u: PART(u) or indexes_leading(u) or SCALES(u)))
 
-    def nonlinear_source(self) -> str | None:
+    def nonlinear_source(self, zero_fill: bool = False) -> str | None:
         """The op that makes the input, through layout ops, when the input is not linear in the parameters
-        writing its terms (an activation such as a GELU between a transform and its norm); None otherwise."""
+        writing its terms (an activation such as a GELU between a transform and its norm); None otherwise.
+        With ``zero_fill`` (an RMSNorm's fill is 0, not a mean) an elementwise op that keeps zero at zero
+        (``keeps_zero``: a GELU, SiLU, ReLU, tanh) passes too: zero in, zero out, whatever its curve; so does an
+        attention, zero where its values are (a norm over the heads of its output: new heads' values are 0)."""
         x = back(self.input, LINEAR_IN_FIRST)
+        while zero_fill and (keeps_zero(x) or traits(x).kind == "attention"):  # attention: zero where values are
+            x = back(x.args[2] if traits(x).kind == "attention" else x.args[0], LINEAR_IN_FIRST)
         if x.op in ("get_attr", "placeholder") or LINEAR(x) or SCALES(x) or traits(x).kind in (
                 "contraction", "lookup", "sum"):  # sums of their tensor operands (add, cat, stack, where, scatter-add)
             return None
         return f"`{op_name(x) if x.op == 'call_function' else x.op}` (at {x.name})"
+
+
+def keeps_zero(node: fx.Node) -> bool:
+    """Whether an elementwise op of one tensor is zero wherever its input is (f(0) = 0), asked of the op itself:
+    it runs once on zeros with the node's own literal arguments (cached per op and arguments)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and traits(node).kind == "pointwise"):
+        return False
+    if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
+        return False
+    try:
+        return _keeps_zero(node.target, tuple(node.args[1:]), tuple(sorted(node.kwargs.items())))
+    except TypeError:  # an unhashable literal: not cached, asked again
+        return _keeps_zero.__wrapped__(node.target, tuple(node.args[1:]), tuple(sorted(node.kwargs.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _keeps_zero(target, args: tuple, kwargs: tuple) -> bool:
+    try:
+        y = target(torch.zeros(4), *args, **dict(kwargs))
+    except Exception:  # noqa: BLE001 -- an op that does not run on a float vector of zeros claims nothing
+        return False
+    return isinstance(y, torch.Tensor) and y.shape == (4,) and bool((y == 0).all())
 
 
 def norm_sites(gm: fx.GraphModule, facts: Facts) -> list[NormSite]:

@@ -139,6 +139,12 @@ def terms_and_readers(gm: fx.GraphModule, facts: Facts, group: Group, sites: lis
     state_of = {**facts.params, **facts.buffers}
     norm_params = {p for s in sites for p in (s.weight, s.bias) if p is not None}
     writers = {pa.param for pa in group.producers + group.consumers} - norm_params  # consumers: a tied embedding
+    # a norm whose output reaches the stream (a post-norm, a branch's output norm: an RMSNorm's zero fill allows
+    # them, fill.py) writes a term: its weight carries c as any other writer's rows do, its output is no bound
+    post = [s for s in sites if s.kind == "rms" and not s.pre_norm(facts)]  # (a LayerNorm's is filled inexactly)
+    post += [s for s in sites if s not in post and s.weight in {t.weight for t in post}]  # one module, one weight
+    if any(s.weight is None for s in post):
+        return None  # nothing to carry c
     writers |= {state for node, state in facts.buffers.items()  # a table added to the stream (sinusoidal positions)
                 if any(group.root in facts.ag.leaf_roots(a) for a in facts.axes.get(node, []))}
     norm_ends = {}  # a norm's input -> the norm's own ops that read it
@@ -150,7 +156,14 @@ def terms_and_readers(gm: fx.GraphModule, facts: Facts, group: Group, sites: lis
     residual, terms = set(), set()
     producing = {pa.param for pa in group.producers}  # a reader that also writes a term: its output carries c
     read = {node for p, node in contracting if p not in producing}
-    fixed = _Fixed(facts, writers, {s.output for s in sites} | {n for n in gm.graph.nodes if n.name in read})
+    fixed = _Fixed(facts, writers | {s.weight for s in post},
+                   {s.output for s in sites if s not in post} | {n for n in gm.graph.nodes if n.name in read})
+    for s in post:
+        reached = _term_path(s.output, facts, norm_ends, fixed, stream)
+        if not reached:
+            return None
+        terms.add(s.weight)
+        residual |= reached | {s.output}
     for n in gm.graph.nodes:
         if n.op != "get_attr" or state_of.get(n.name) not in writers:
             continue
@@ -169,7 +182,8 @@ def terms_and_readers(gm: fx.GraphModule, facts: Facts, group: Group, sites: lis
     for p, _, source in contractions_over(gm, facts, group):
         if source in residual:
             readers.add(p)
-        elif not norm_output(source, {m for s in sites for m in chain(s.output, PART)}, fixed):  # or before a cast
+        elif not norm_output(source, {m for s in sites if s not in post for m in chain(s.output, PART)},
+                             fixed):  # or before a cast
             return None
     if readers & terms:
         return None  # a tied tensor that also reads the residual directly: one scale cannot do both

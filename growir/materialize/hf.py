@@ -125,6 +125,12 @@ def _fit_config(model, p, sizes: dict, depth_plan, opts, built, rebuild):
     required = set(params) - old | {b.name(i, sfx) for b, s in scheds for i, src in enumerate(s.sources)
                                     for sfx in b.suffixes_of(src) if b.name(src, sfx) in params}
     if built.eps_values and not opts.keep_eps and eps_shared(p, built.eps_nodes or {}):
+        if opts.rescale:  # one field for every norm: rewrite every filled norm's eps instead of rescaling streams
+            unscaled = dataclasses.replace(opts, rescale=False)
+            again = rebuild(p, sizes, depth_plan, unscaled, "no residual stream rescaled: one config field holds "
+                            "the eps of every filled norm, each rewritten by the same factor")
+            if not eps_shared(p, again.eps_nodes or {}) and one_value_each(p, again.eps_nodes or {}):
+                return _fit_config(model, p, sizes, depth_plan, unscaled, again, rebuild)
         why = "every norm's eps kept: a config field holds the eps of a norm the growth changes and of one it keeps"
         return _fit_config(model, p, sizes, depth_plan, *_kept_eps(p, sizes, depth_plan, opts, rebuild, why), rebuild)
     tried = []
@@ -228,6 +234,17 @@ def eps_shared(p, changed: dict) -> bool:
     sites = [s for s in norm_sites(p.captured.gm, p.facts) if s.eps_at is not None and s.eps is not None]
     values = {s.eps for s in sites if s.eps_at[0] in changed}
     return any(s.eps in values for s in sites if s.eps_at[0] not in changed)
+
+
+def one_value_each(p, changed: dict) -> bool:
+    """Whether the norms that share an eps value are all given one new value (``changed``: eps node ->
+    (position, new eps)): what a config field holding it by value can express."""
+    from ..analysis.norms import norm_sites
+    new = {}
+    for s in norm_sites(p.captured.gm, p.facts):
+        if s.eps_at is not None and s.eps is not None and s.eps_at[0] in changed:
+            new.setdefault(s.eps, set()).add(changed[s.eps_at[0]][1])
+    return all(len(v) == 1 for v in new.values())
 
 
 def _load_candidate(model, p, cfg: dict, sizes: dict, depth_plan, opts, built, rebuild):

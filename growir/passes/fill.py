@@ -7,9 +7,11 @@ For a group of size d grown to d' = n·d + r (r > 0), the residual stream become
 
 so a norm with eps' = (n·d/d')·eps and weight' = weight·sqrt(n·d/d') on the copies (0 on the fill) outputs
 exactly [LN(x) n times, 0]. Producers of the group write the same map (fill rows = the mean of the old
-rows, or 0); consumers split by n and read zeros at the fill positions. This requires every norm over the
-group to be pre-norm (its output only feeds contractions or the model output): when a norm's output is the
-residual itself (post-norm), no elementwise-weighted norm can be exact (docs/methods.md). There
+rows, or 0); consumers split by n and read zeros at the fill positions. This requires every LayerNorm over the
+group to be pre-norm (its output only feeds contractions or the model output): when a LayerNorm's output is the
+residual itself (post-norm), no elementwise-weighted norm can be exact (docs/methods.md). An RMSNorm's fill is
+zero, and zero in gives zero out wherever the norm stands (post-norm, a branch's output norm, after a GELU or an
+attention, over a product of axes of which only this group grows): it needs no such condition. There
 ``width_method="fill"`` fills anyway where the model does not return the stream (``plan_fill(post_norm=True)``):
 the fill then differs from the stream's mean by the norm output's mean, ``mean((γ - mean γ) ⊙ x̂) + mean(β)``
 (small where γ is near uniform), which the record reports with the measured deviation. ``auto`` (the default) fills it
@@ -35,6 +37,7 @@ from ..analysis.nodes import back
 from ..analysis.norms import NormSite, is_param, norm_sites
 from ..analysis.ops import ADDS, CONTRACTIONS, LAYOUT, PART, forward, indexes_leading, traits
 from ..analysis.plan import Plan
+from ..ir.axes import PROD, tree_leaves
 from .bare_norms import bare_norm_readers, fold_scale
 from .layer_scale import cancelled_scales, scaled_writers, weigh_fill_rows
 
@@ -70,11 +73,11 @@ def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = Fa
                 r.kind == "norm" for r in g.reads):
             continue
         mine = [s for s in sites if g.root in ag.leaf_roots(s.axis)]
-        why, weighted, folds = _why_not(plan, g, mine)
+        why, weighted, folds = _why_not(plan, g, mine, sizes)
         cancelling = {} if why else cancelled_scales(plan, weighted)  # layer scales whose weighted fill has no value
         cancelled = next(iter(cancelling.values()), "")
         why = cancelled if cancelled and new % g.size == 0 else why  # copies are exact at a whole ratio, no fill is
-        inexact = (post_norm and why and not _cannot_fill(plan, g, mine)
+        inexact = (post_norm and why and not _cannot_fill(plan, g, mine, sizes)
                    and not all(s.pre_norm(plan.facts) for s in mine) and not _returned(mine)
                    and (not keep_norms or _normalizes_stream(plan, mine)))
         if why and not inexact:
@@ -98,22 +101,23 @@ def plan_fill(plan: Plan, sizes: dict, every: bool = False, post_norm: bool = Fa
     return out
 
 
-def _why_not(plan: Plan, g, mine: list[NormSite]) -> tuple[str, dict, set]:
+def _why_not(plan: Plan, g, mine: list[NormSite], sizes: dict) -> tuple[str, dict, set]:
     """(why repeat-and-fill is not exact for the group ``g``, the writers' weighted fill rows, the parameters that
     take a weightless norm's factor); the reason is "" when it is exact, and only then are the other two filled
     (``layer_scale.scaled_writers``, ``bare_norms.bare_norm_readers``). The reason lists every one that holds, the
     theorem first where it applies (a LayerNorm over a block's residual sum whose output is the stream: no exact
     construction exists, docs/methods.md), so the record never gives a lesser reason in its place."""
-    unfit = _unfit_norms(plan, g, mine)
+    unfit = _unfit_norms(plan, g, mine, sizes)
     if unfit:
         return unfit, {}, set()
-    post = [s for s in mine if not s.pre_norm(plan.facts)]
+    zero = mine[0].kind == "rms"  # a zero fill: zero in, zero out of every RMSNorm (weight 0 or not), so a post-norm
+    post = [s for s in mine if not s.pre_norm(plan.facts) and not zero]  # one is exact as a pre-norm (methods.md)
     theorem = [s.node for s in post if s.kind == "layer" and _sums_stream(s, mine)]
     reasons = [f"the norm at `{theorem[0]}` feeds the residual stream (post-norm): no exact construction exists"
                ] if theorem else []
     reasons += [f"the norm at `{s.node}` reads the output of {op}, which is not linear in the parameters that write "
                 f"the group: a fill (or a rescale) before it is not what the norm sees"
-                for s in mine if (op := s.nonlinear_source())]
+                for s in mine if (op := s.nonlinear_source(zero_fill=zero))]
     if post and not reasons:  # an embedding norm, or an RMSNorm: the theorem is not proven there
         reasons.append(f"the norm at `{post[0].node}` writes the residual stream itself (post-norm, not over a "
                        f"block's residual sum, or an RMSNorm): growir fills only pre-norm groups there")
@@ -165,26 +169,43 @@ def _normalizes_stream(plan: Plan, mine: list[NormSite]) -> bool:
         for s in mine)
 
 
-def _cannot_fill(plan: Plan, g, mine: list[NormSite]) -> str:
+def _cannot_fill(plan: Plan, g, mine: list[NormSite], sizes: dict) -> str:
     """Why the group cannot be filled at all, exact or not: its norms or axes are not the plain kind a fill
     rewrites. (A nonlinear or channel-by-channel writer makes a fill inexact, not impossible: measured.)"""
-    return _unfit_norms(plan, g, mine) or _fused(plan, g)
+    return _unfit_norms(plan, g, mine, sizes) or _fused(plan, g)
 
 
-def _unfit_norms(plan: Plan, g, mine: list[NormSite]) -> str:
+def _unfit_norms(plan: Plan, g, mine: list[NormSite], sizes: dict) -> str:
     ag = plan.facts.ag
     norm_reads = {r.node for r in g.reads if r.kind == "norm"}
     unknown = sorted(norm_reads - {n for s in mine for n in s.reads})
     if unknown:
         return (f"`{unknown[0]}` averages over it and is no LayerNorm/RMSNorm growir recognises (a mean of x or of "
                 f"x², eps, a root: analysis/norms.py)")
-    wider = [s.node for s in mine if ag.expand(s.axis) != g.root]
+    wider = [s.node for s in mine if ag.expand(s.axis) != g.root and not _one_grown_factor(plan, g, s, sizes)]
     if wider:
         return (f"the norm at `{wider[0]}` normalizes it together with other axes (a norm over a whole projection, "
                 f"or over parts concatenated): repeat-and-fill of one part of a norm's axis is not implemented")
     if len({s.kind for s in mine}) != 1:
         return "LayerNorm and RMSNorm both read it (their fills differ: the mean vs zero)"
     return ""
+
+
+def _one_grown_factor(plan: Plan, g, site: NormSite, sizes: dict) -> bool:
+    """Whether an RMSNorm over a product of axes (a norm over a whole projection: heads x head_dim) grows only in
+    the factor ``g``: its zero fill is then whole zero blocks of the product (new heads), the mean of squares
+    shrinks by the same ρ = n·d/d' as over ``g`` alone, and a zero in gives a zero out, as over one axis."""
+    tree = plan.facts.ag.expand(site.axis)
+    if site.kind != "rms" or not isinstance(tree, tuple) or tree[0] != PROD:
+        return False
+    factors = [tree]
+    while any(isinstance(t, tuple) and t[0] == PROD for t in factors):  # nested products: one flat product
+        factors = [f for t in factors for f in (t[1] if isinstance(t, tuple) and t[0] == PROD else [t])]
+    leaves = tree_leaves(tree)
+    if g.root not in factors or leaves.count(g.root) != 1:
+        return False
+    others = [plan.group_of(t) for t in leaves if t != g.root]
+    return all(o is None or sizes.get(o.id, o.size) == o.size for o in others)  # None: no parameter grows it
 
 
 def _fused(plan: Plan, g) -> str:
@@ -246,7 +267,11 @@ def adjust_norms(fp: FillPlan, maps: dict, rules: dict, rescaled: set = frozense
                 if p is not None and p not in scaled:  # one module called at two places: one tensor, scaled once
                     scaled.add(p)
                     rules[p].scale *= scale
-                    _fill_from_copies(rules[p].axes[-1], m.new, m.old, p == s.weight)
+                    axis = rules[p].axes[-1]
+                    if axis.index is not None and len(axis.index) != m.new:  # a product: zero in, any weight
+                        axis.fill, axis.source = "zero", None  # (``_one_grown_factor``)
+                    else:
+                        _fill_from_copies(axis, m.new, m.old, p == s.weight)
                     rules[p].notes.append(f"repeat-and-fill: x{scale:.4g}" + (", fill 0" if p == s.bias else ""))
             if s.eps_at is not None and s.eps is not None and root not in rescaled and ratio != 1.0:
                 eps[s.eps_at[0]] = (s.eps_at[1], s.eps * ratio)

@@ -21,6 +21,7 @@ class Options:
     seed: int = 0
     noise: float = 0.0
     keep_eps: bool = False  # the rebuilt config cannot express a changed eps: keep it and measure
+    rescale: bool = True  # repeat-and-fill keeps eps by rescaling the residual stream where it can (rescale.py)
     low_precision: bool | None = None  # weights stored below float32 (bf16, fp16); None: the traced weights' dtype
     unit_values: dict = field(default_factory=dict)  # per-unit constants as the rebuilt model computes them
 

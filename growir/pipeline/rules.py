@@ -92,7 +92,7 @@ def _head_dim(c) -> None:
          mutates=("width_result", "fill"))
 def _norms(c) -> None:
     """The residual stream rescaled where its norms keep eps, else eps rescaled; fill columns opened."""
-    c.rescaled = rescale_residuals(c.plan, c.fill, c.maps, c.width_result.rules)
+    c.rescaled = rescale_residuals(c.plan, c.fill, c.maps, c.width_result.rules) if c.opts.rescale else set()
     c.stream_scales = {root: stream_scale(c.maps[root]) for root in c.rescaled}
     c.eps, c.eps_values = adjust_norms(c.fill, c.maps, c.width_result.rules, c.rescaled)
     kind = "random" if c.opts.width_method in FRESH else "copy"

@@ -15,7 +15,7 @@ import transformers as T
 
 import growir
 from test_archs import assert_same, grow_quietly
-from zoo import VOCAB, nudge
+from zoo import VOCAB, nudge, randomize_norms
 
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
              max_position_embeddings=64)
@@ -124,3 +124,79 @@ def test_auto_raises_a_shared_post_norm_weight_once():
     assert any("it is filled anyway" in r for r in record.reasons), record.reasons
     for name in ("blocks.0.norm.weight", "blocks.1.norm.weight", "emb_norm.weight"):
         assert math.isclose(record.rules[name].scale, math.sqrt(1.5)), (name, record.rules[name].scale)
+
+
+class RMSStream(nn.Module):
+    """An RMSNorm model in one of three shapes: ``post`` (x = norm(x + f(x)), the norm's output is the stream),
+    ``sandwich`` (x = x + norm2(f(norm1(x))): a branch's output norm, Gemma 2/3, OLMo 2) and ``head`` (pre-norm
+    blocks, then a head transform whose norm reads a GELU, as a masked-LM head's does)."""
+
+    def __init__(self, shape: str, d: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.shape = shape
+        self.emb, self.head = nn.Embedding(VOCAB, d), nn.Linear(d, 5)
+        self.up, self.down, self.dense = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), nn.Linear(d, d)
+        self.norm1, self.norm2, self.norm3 = nn.RMSNorm(d), nn.RMSNorm(d), nn.RMSNorm(d)
+        for norm in (self.norm1, self.norm2, self.norm3):
+            nudge(norm)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for _ in range(2):
+            if self.shape == "post":
+                x = self.norm1(x + self.down(F.gelu(self.up(x))))
+            else:
+                y = self.down(F.gelu(self.up(self.norm1(x))))
+                x = x + (self.norm2(y) if self.shape == "sandwich" else y)
+        if self.shape == "head":
+            x = self.norm2(F.gelu(self.dense(self.norm3(x))))
+        return self.head(self.norm3(x) if self.shape == "sandwich" else x)
+
+
+@pytest.mark.parametrize("shape", ["post", "sandwich", "head"])
+def test_an_rms_norm_anywhere_is_exact_at_any_ratio(shape):
+    """An RMSNorm's fill is zero: zero in, zero out, whatever the norm's place (its output the stream, a branch's
+    output added to it) and whatever elementwise op that keeps zero at zero feeds it (a GELU). The post-norm
+    theorem is the mean fill's (LayerNorm); x1.5 is exact, eps kept by the stream's rescale where it can be."""
+    source, inputs = RMSStream(shape).eval(), [(torch.randint(0, VOCAB, (2, 5)),), (torch.randint(0, VOCAB, (1, 9)),)]
+    grown = grow_quietly(source, width=1.5, strict=True, example_inputs=inputs[0])
+    assert_same(source, grown, inputs)
+
+
+def test_keeps_zero_asks_the_op_itself():
+    """An activation between a norm and its writers passes a zero fill only if f(0) = 0: the op is run on zeros."""
+    from growir.analysis.norms import keeps_zero
+
+    def node(fn, *args):
+        g = torch.fx.symbolic_trace(lambda x: fn(x, *args)).graph
+        return next(n for n in g.nodes if n.op == "call_function")
+
+    assert keeps_zero(node(torch.ops.aten.gelu.default)) and keeps_zero(node(torch.ops.aten.tanh.default))
+    assert not keeps_zero(node(torch.ops.aten.exp.default)) and not keeps_zero(node(torch.ops.aten.sigmoid.default))
+    assert keeps_zero(node(torch.ops.aten.clamp.default, -1.0, 1.0))
+    assert not keeps_zero(node(torch.ops.aten.clamp.default, 0.5))
+
+
+def _rms_everywhere(kind: str):
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)
+    if kind == "gemma3":  # sandwich norms (a branch's output norm added to the stream), weights as 1 + w
+        return T.Gemma3ForCausalLM(T.Gemma3TextConfig(**sizes, head_dim=8, sliding_window=4))
+    return T.Olmo2ForCausalLM(T.Olmo2Config(**sizes))  # q/k norms over the whole projection, post-branch norms
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "olmo2"])
+def test_rms_norms_off_the_pre_norm_place_grow_x1_5_exactly_in_their_own_class(kind):
+    """The census's Gemma 3 and OLMo 2 (warned at x1.5): branch-output RMSNorms and q/k norms over every head
+    are zero-filled; one `rms_norm_eps` holds every norm's eps, so where the stream's rescale would keep some
+    and change others, every filled norm's eps is rewritten by the same ρ = 2/3 and the field holds it."""
+    source = randomize_norms(_rms_everywhere(kind)).eval()
+    grown = grow_quietly(source, width=1.5, strict=True)
+    assert type(grown) is type(source)
+    x = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        a, b = source(x).logits, grown(x).logits
+    assert (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
+    if kind == "olmo2":
+        assert math.isclose(grown.config.rms_norm_eps, source.config.rms_norm_eps * 2 / 3, rel_tol=1e-6)
