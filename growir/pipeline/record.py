@@ -30,6 +30,7 @@ class GrowthRecord:
     reruns: list = field(default_factory=list)  # "pass: why" for each stage that ran again in this growth
     measured: str = ""  # what the self-measure ran
     experts: dict = field(default_factory=dict)  # a layer's expert choice -> (old E, new E, old k, new k)
+    reload: object = None  # materialize.reload.Reload of a rebuilt class saved and loaded again (None: not checked)
 
     @property
     def exact(self) -> bool:

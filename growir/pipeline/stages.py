@@ -295,7 +295,7 @@ def _reload(c) -> None:
     if not c.plan.captured.is_hf or not hasattr(grown, "save_pretrained"):
         return
     result = reload_check(grown, c.plan.captured, len(record.plan.facts.outputs))
-    note = result.note()
+    record.reload, note = result, result.note()
     if result.moved:
         if c.strict:
             raise MaterializeError("strict=True and " + note)

@@ -199,6 +199,8 @@ def prepare(src: Path, width, depth, layers, width_method, depth_method, dtype, 
     ctx.opts = dataclasses.replace(opts, keep_eps=choice.keep_eps)
     ctx.depth_plan = with_layouts(ctx.depth_plan, choice.layouts)  # the layout the proxy's config states
     run_passes(RULES, ctx)
+    if choice.reload:  # the folder is all the caller gets: what its class computes once loaded is the growth
+        ctx.reasons.append(f"the written folder is loaded by {cls.__name__}, and on the proxy {choice.reload}")
     if strict and ctx.reasons:
         raise NotExactError("strict=True and this growth cannot be exact: " + "; ".join(ctx.reasons))
     items = _targets(fp, ctx.rules, ck, dtype)

@@ -31,13 +31,14 @@ SMALL_VOCAB = 128
 @dataclasses.dataclass
 class Choice:
     """The grown config chosen on the proxy (``choose_config``): the changed fields, the proxy's measured
-    deviation, and whether the rules keep an eps the config cannot rescale."""
+    deviation, whether the rules keep an eps the config cannot rescale, and what a reload changes."""
     config: object  # the grown model's config
     changes: dict  # field -> new value
     deviation: float | None  # the proxy's measured deviation
     keep_eps: bool  # the config cannot express a rescaled eps: the rules keep it
     sizes: dict = dataclasses.field(default_factory=dict)  # output-only group id -> the size its config gives
     layouts: dict = dataclasses.field(default_factory=dict)  # block list prefix -> the depth layout its config states
+    reload: str = ""  # what from_pretrained changes in the proxy's rebuilt class, where it moves the outputs
 
 
 def plan_sample(folder, config, cls, full, exact_blocks: bool = True) -> FolderPlan:
@@ -132,7 +133,8 @@ def choose_config(fp, sizes: dict, depth_plan: list, width, opts, strict: bool =
     keep_eps = bool(ctx.eps_values) and not floats  # the width rules rescale an eps the config does not hold
     output_only = {g.id for g in _output_only(fp.plan)}
     grown = {k: v for k, v in record.sizes.items() if k in output_only and k not in sizes}
-    return Choice(type(fp.config).from_dict(cfg), changes, record.deviation, keep_eps, grown, layouts)
+    moved = record.reload.note() if record.reload is not None and record.reload.moved else ""
+    return Choice(type(fp.config).from_dict(cfg), changes, record.deviation, keep_eps, grown, layouts, moved)
 
 
 def _stated_layouts(ctx, record) -> dict:

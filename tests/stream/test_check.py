@@ -80,3 +80,19 @@ def test_a_perturbed_grown_tensor_is_named_by_its_block(grown, tmp_path, where):
     _perturb(changed, name)
     check = growir.verify_checkpoint(src, changed, width=2.0)
     assert not check.preserved and check.first_failing == block, str(check)
+
+
+def test_a_folder_whose_class_recomputes_a_grown_table_at_load_is_not_reported_exact(tmp_path):
+    """M2M100 recomputes its sinusoidal position table from ``d_model`` at load: the grown table (the old
+    columns, copied) is not what ``from_pretrained`` gives, and the folder is all a streamed growth delivers. The
+    proxy's reload check says so, so the report is not exact, names the class and the deviation, and strict stops."""
+    cfg = T.M2M100Config(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    T.M2M100ForConditionalGeneration(cfg).save_pretrained(tmp_path / "src")
+    with pytest.warns(UserWarning, match="loaded by M2M100ForConditionalGeneration"):
+        report = growir.grow_checkpoint(tmp_path / "src", tmp_path / "out", width=2.0)
+    assert not report.exact and any("from_pretrained" in r and "embed_positions" in r for r in report.reasons)
+    with pytest.raises(growir.GrowthError, match="from_pretrained"):
+        growir.grow_checkpoint(tmp_path / "src", tmp_path / "strict", width=2.0, strict=True)
+    assert not (tmp_path / "strict").exists()
