@@ -7,6 +7,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import transformers as T
 
 import growir
@@ -162,3 +163,51 @@ def test_a_boolean_mask_index_covers_as_many_axes_as_it_has():
     ids[0, 0] = 1
     grown = growir.grow(model, width=2.0, example_inputs=(ids,))
     assert grown.growir_record.exact and grown.get_parameter("up.weight").shape == (32, 16)
+
+
+def test_a_projected_tied_embedding_grows_exactly_as_fresh_units():
+    """OPT with ``word_embed_proj_dim`` != ``hidden_size``: the embedding (tied to the head) lives on the projection
+    width, which no norm reads, so ``auto`` gives it fresh units: random where it is written, zero where it is
+    read. The tied tensor is both, so it takes zero (the head reads 0 there); it had taken random draws, and the
+    logits moved by 0.24 while growir claimed exact (and at x1.5 refused the uneven copies of the tie)."""
+    cfg = T.OPTConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                      word_embed_proj_dim=48, max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    source = T.OPTForCausalLM(cfg).eval()
+    x = torch.randint(2, 99, (2, 9))
+    for width in (2.0, 1.5):
+        grown = growir.grow(source, width=width, strict=True)
+        assert type(grown) is T.OPTForCausalLM and grown.config.word_embed_proj_dim == int(48 * width)
+        assert grown.growir_record.exact and grown.growir_record.deviation <= TOL
+        with torch.no_grad():
+            assert (source(x).logits - grown(x).logits).abs().max() <= TOL * max(1.0, source(x).logits.abs().max())
+        new = grown.lm_head.weight[:, 48:]
+        assert new.abs().max() == 0  # the head reads zeros at the fresh units
+
+
+class ScaledHead(nn.Module):
+    """A pre-norm stack whose final norm's output is scaled by a constant before a tied head (MiniCPM's
+    ``hidden / (hidden_size / dim_model_base)``)."""
+
+    def __init__(self, d: int = 8, vocab: int = 20):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.up, self.down, self.norm = nn.Embedding(vocab, d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d), \
+            nn.LayerNorm(d)
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        x = x + self.down(torch.relu(self.up(self.ln(x))))
+        return F.linear(self.norm(x) / 4.0, self.emb.weight)
+
+
+def test_the_norm_before_a_tied_head_is_found_past_a_constant_scale():
+    """x2 copies the tied width: the logits double unless the final norm is halved. A constant scale between the
+    norm and the head is linear: the norm is still the one to divide (it had said "no norm feeds the head")."""
+    source = ScaledHead().eval()
+    x = torch.randint(0, 20, (2, 5))
+    grown = growir.grow(source, width=2.0, width_method="fpi", strict=True, example_inputs=(x,))
+    assert grown.growir_record.exact and any("tied head" in n for n in grown.growir_record.rules["norm.weight"].notes)
+    with torch.no_grad():
+        assert torch.allclose(source(x), grown(x), atol=TOL)

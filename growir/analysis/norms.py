@@ -266,9 +266,17 @@ def scaling_params(x, facts: Facts) -> list[str]:
         bias = [facts.params[t.name] for t in (a, b) if isinstance(t, fx.Node) and t.name in facts.params]
         rest = [t for t in (a, b) if isinstance(t, fx.Node) and t.name not in facts.params]
         return bias + scaling_params(rest[0], facts) if len(bias) == 1 and len(rest) == 1 else []
+    tensors = [a for a in x.args[:2] if isinstance(a, fx.Node)]
+    if SCALES(x) and len(tensors) == 1 and (MUL(x) or x.args[0] is tensors[0]):  # x * c, x / c (MiniCPM's logit
+        return scaling_params(tensors[0], facts)  # scale): linear in x, so whatever scales x scales it
     if MUL(x):  # a norm's weight: w, or c + w (a (1 + w) norm; its rule's offset keeps it right)
         ps = [p for t in x.args[:2] if (p := weight_param(t, facts)) is not None]
         return ps if len(ps) == 1 else []
+    at = traits(x).weight_at if CONTRACTIONS(x) else None
+    if at is not None and len(forward(x, PART)) == 1:  # a projection read by the head alone (OPT's project_out)
+        ps = [back(a, LAYOUT) for a in x.args[at:at + 2] if isinstance(a, fx.Node)]  # its weight and its bias
+        if ps and all(a.name in facts.params for a in ps) and traits(x).bias_at in (None, at + 1):
+            return [facts.params[a.name] for a in ps]
     return []
 
 

@@ -66,12 +66,16 @@ def width_rules(plan: Plan, maps: dict) -> WidthResult:
             tree = ag.expand(axis)
             index, counts, _, _ = tree_map(tree, ag, maps)
             contracted = (state, i) in consumed
-            if contracted and state in f.produced and index is not None:
+            tied = contracted and state in f.produced and index is not None
+            if tied:
                 res.tied.append((state, i))
                 contracted = False  # copied for the embedding; the contraction is compensated elsewhere
             fill, source = None, None
             if index is not None and bool((index < 0).any()):
                 fill = "zero" if contracted else _fill_kind(tree, maps)
+                # fresh units tied (an embedding read as the head): random as the producer, but the head must read
+                # 0 there (as any consumer of a fresh unit does), and zero is both
+                fill = "zero" if tied and fill == "random" else fill
                 if not contracted and any(maps[leaf].copies is not None for leaf in tree_leaves(tree) if leaf in maps):
                     # rotary growth: only the query must be zero at the new dimensions (attention.py zeroes
                     # its rows); keys, norms and tables copy a neighbour so that the new dimensions train
