@@ -264,6 +264,12 @@ SCALES = where_trait(lambda t: t.kind == "scale" and not t.linear)  # x * c, x /
 LINEAR = where_trait(lambda t: t.linear)  # sums of terms: add, sub, neg, cat
 INDEXES = aten("index", "index_select")  # x[idx]: whole slices of x along indexed axes
 ADDS = aten("add", "add_")  # a + b: a residual stream plus a term
+# pools that average (linear in the values: they commute with a mean over channels) and reductions or pools that
+# keep the largest or smallest value (not linear: passes/fill.py's mean fill asks)
+AVERAGES = aten("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                "adaptive_avg_pool3d", "_adaptive_avg_pool2d")
+MAXIMA = aten("max", "min", "amax", "amin", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d",
+              "adaptive_max_pool2d", "max_pool2d_with_indices")
 # Single ops recognised by what they compute: a written-out RMSNorm (mean, pow, add, rsqrt, mul), a weight
 # parametrised as c + w, a product or a quotient, and the ops a row-label trace runs by hand (sources.py).
 ADD, MUL, DIV, NEG, POW, RSQRT, MEAN = (aten(n) for n in ("add", "mul", "div", "neg", "pow", "rsqrt", "mean"))

@@ -49,7 +49,7 @@ def divides(a: sympy.Expr, b: sympy.Expr, assumed: Sequence = ()) -> bool:
         return not ratio.is_number or (ratio.is_integer and ratio >= 1)
     if not _rounded(ratio):
         return False
-    return all((v := ratio.xreplace(point)).is_integer and v >= 1 for point in _grid(ratio, assumed))
+    return all(v.is_integer and v >= 1 for point in _grid(ratio, assumed) if (v := _at(ratio, point)) is not None)
 
 
 def same_size(a: sympy.Expr, b: sympy.Expr, assumed: Sequence = ()) -> bool:
@@ -66,7 +66,7 @@ def same_size(a: sympy.Expr, b: sympy.Expr, assumed: Sequence = ()) -> bool:
     if diff.is_Number:
         return diff == 0
     if _rounded(diff):  # simplify is slow on floor/Mod terms and rarely decides them
-        return all(diff.xreplace(point) == 0 for point in _grid(diff, assumed))
+        return all(v == 0 for point in _grid(diff, assumed) if (v := _at(diff, point)) is not None)
     if diff.is_polynomial(*diff.free_symbols):  # expanded, a polynomial is 0 only as the literal 0
         return False
     return sympy.simplify(diff) == 0
@@ -98,7 +98,16 @@ def _grid(e: sympy.Expr, assumed: Sequence = ()) -> list:
     values = [2 + i for i in range(64)] + sorted(v for v in extra if v > 65)
     points = [{s: sympy.Integer(values[(i * (2 * k + 1)) % len(values)]) for k, s in enumerate(symbols)}
               for i in range(len(values))]
-    return [p for p in points if all(d.xreplace(p) == 0 for d in held)] or points
+    return [p for p in points if all(_at(d, p) == 0 for d in held)] or points
+
+
+def _at(e: sympy.Expr, point: dict):
+    """``e`` at ``point``, or None where it divides by zero there (a size floor-divided down to 0, then used as a
+    divisor: no model runs at that point, so it decides nothing)."""
+    try:
+        return e.xreplace(point)
+    except ZeroDivisionError:
+        return None
 
 
 def _both(why: str) -> str:

@@ -33,9 +33,10 @@ import torch
 import torch.fx as fx
 
 from ..analysis.groups import contractions_over
-from ..analysis.nodes import back
+from ..analysis.nodes import back, op_name
 from ..analysis.norms import NormSite, is_param, norm_sites
-from ..analysis.ops import ADDS, CONTRACTIONS, LAYOUT, PART, forward, indexes_leading, traits
+from ..analysis.ops import ADDS, AVERAGES, CONTRACTIONS, LAYOUT, LINEAR_IN_DATA, MAXIMA, PART, SCALES, forward
+from ..analysis.ops import indexes_leading, traits
 from ..analysis.plan import Plan
 from ..ir.axes import PROD, tree_leaves
 from .bare_norms import bare_norm_readers, fold_scale
@@ -124,6 +125,7 @@ def _why_not(plan: Plan, g, mine: list[NormSite], sizes: dict) -> tuple[str, dic
     scales = {}  # (per-channel parameter, node) -> its writers' weighted fill rows, None where none can be weighted
     if mine[0].kind == "layer":  # zero fill rows are zero in any fused axis, and times any channel scale
         reasons.append(_fused(plan, g))
+        reasons.append(_not_averaged(plan, g, mine))
         scales = {(p, at): scaled_writers(plan, g, p, at) for p, at in _diagonal_producers(plan, g, mine)}
         diagonal = next((pa for pa, writers in scales.items() if writers is None), None)  # a layer scale weighs it
         if diagonal:
@@ -137,6 +139,31 @@ def _why_not(plan: Plan, g, mine: list[NormSite], sizes: dict) -> tuple[str, dic
     if why:
         return why, {}, set()
     return "", {k: v for writers in scales.values() for k, v in writers.items()}, folds
+
+
+def _not_averaged(plan: Plan, g, mine: list[NormSite]) -> str:
+    """Why the stream's fill is not the mean of its channels where a LayerNorm reads it, or "": an op on the way
+    from the writers to the norm that is not linear in the values (a max pool of the stream, Hiera's query
+    pooling; an activation of it) maps the mean of the channels to something other than the mean of its outputs.
+    Followed back from each norm's input through sums, layout ops, linear reductions and scales; writers
+    (contractions, lookups, parameters) and the norms' own outputs end the walk, as does any other op (a product
+    with a mask, a select): those are the other checks' (``_diagonal_producers``, ``nonlinear_source``)."""
+    f, outputs, seen = plan.facts, {s.output for s in mine}, set()
+    on_group = lambda a: any(g.root in f.ag.leaf_roots(ax) for ax in f.axes.get(a.name, []))  # noqa: E731
+    stack = [(s.input, s) for s in mine]
+    while stack:
+        n, site = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen or n in outputs or n.op != "call_function":
+            continue
+        seen.add(n)
+        if op_name(n) == "getitem":  # one output of an op with several (max.dim: values and indices)
+            stack.append((n.args[0], site))
+        elif LINEAR_IN_DATA(n) or SCALES(n) or AVERAGES(n):
+            stack.extend((a, site) for a in n.all_input_nodes if on_group(a))  # the stream, not a mask
+        elif MAXIMA(n) or (traits(n).kind == "pointwise" and len(n.all_input_nodes) == 1):
+            return (f"`{n.name}` ({op_name(n)}) acts on the stream before the norm at `{site.node}`, not linearly: "
+                    f"the mean of the channels it is given is not the mean of what it gives")
+    return ""
 
 
 def _sums_stream(site: NormSite, mine: list[NormSite]) -> bool:

@@ -52,3 +52,16 @@ def test_a_regrouping_of_width_axes_alone_is_still_refused():
     with pytest.raises(AnalysisError, match="regroups elements"):
         ag.align(PROD, [ag.add("a", 6), ag.add("b", 4)], [ag.add("c", 4), ag.add("d", 6)], "a transpose as a view")
     assert not ag.opaque
+
+
+def test_a_size_that_divides_by_zero_at_some_points_is_decided_at_the_others():
+    """A sequence floor-divided twice and used as a divisor (a stream pooled by 2, twice) is 0 at the grid's
+    smallest sizes: those points decide nothing (no model runs there) and the others decide (it had raised
+    ZeroDivisionError out of the analysis)."""
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv
+    from growir.ir.axes import same_size
+    s = sympy.Symbol("s", integer=True, positive=True)
+    quarter = FloorDiv(s, 4)
+    assert not same_size(FloorDiv(s, quarter), sympy.Integer(4))
+    assert same_size(FloorDiv(s, quarter) * quarter, s - sympy.Mod(s, quarter))

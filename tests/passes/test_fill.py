@@ -200,3 +200,37 @@ def test_rms_norms_off_the_pre_norm_place_grow_x1_5_exactly_in_their_own_class(k
     assert (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
     if kind == "olmo2":
         assert math.isclose(grown.config.rms_norm_eps, source.config.rms_norm_eps * 2 / 3, rel_tol=1e-6)
+
+
+class PooledStream(nn.Module):
+    """Pre-norm LayerNorm blocks whose stream is max-pooled over tokens after each (Hiera's query pooling)."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Linear(3, d), nn.Linear(d, 5)
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3))
+        self.ups, self.downs = nn.ModuleList(nn.Linear(d, 2 * d) for _ in range(2)), \
+            nn.ModuleList(nn.Linear(2 * d, d) for _ in range(2))
+        for norm in self.norms:
+            nudge(norm)
+
+    def forward(self, x):
+        x = self.emb(x)
+        for i in range(2):
+            x = x + self.downs[i](F.gelu(self.ups[i](self.norms[i](x))))
+            x = F.max_pool1d(x.transpose(1, 2), 3, 1, 1).transpose(1, 2)  # the largest of 3 tokens per channel
+        return self.head(self.norms[2](x))
+
+
+def test_a_max_pooled_stream_is_not_mean_filled():
+    """The mean fill needs the stream's fill to be the mean of its channels where each LayerNorm reads it; a max
+    over tokens of the mean is not the mean of the maxes. ``auto`` at x2 copies that stream (exact; the fill had
+    moved Hiera's outputs by 1.0 while claiming exact), and x1.5 says why it is not exact."""
+    source, x = PooledStream().eval(), torch.randn(2, 8, 3)
+    grown = grow_quietly(source, width=2.0, example_inputs=(x,))
+    assert_same(source, grown, [(x,), (torch.randn(3, 8, 3),)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        record = growir.grow(source, width=1.5, example_inputs=(x,)).growir_record
+    assert not record.exact and any("not linearly" in r and "max_pool" in r for r in record.reasons), record.reasons
