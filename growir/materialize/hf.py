@@ -221,7 +221,7 @@ def raised_in_model(exc: BaseException, model) -> bool:
 
 def _kept_eps(p, sizes: dict, depth_plan, opts, rebuild, why: str) -> tuple:
     """(options, rules) of the growth built again with every norm's eps kept."""
-    kept = dataclasses.replace(opts, keep_eps=True)
+    kept = dataclasses.replace(opts, keep_eps=True, rescale=True)  # eps kept: the streams rescaled where they can be
     return kept, rebuild(p, sizes, depth_plan, kept, why)
 
 
