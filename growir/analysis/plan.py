@@ -246,10 +246,19 @@ def unused_width_notes(plan: Plan, width, sizes: dict) -> list[str]:
         notes.append(f"width={float(width):g} left {', '.join(g.label for g in skipped)} at their size: "
                      f"{skipped[0].pinned}; nothing grows there")
     notes += _single_head_notes(plan, float(width))
-    if not any(sizes.get(g.id, g.size) != g.size for g in plan.groups):
-        notes.append(f"width={float(width):g} grew nothing: growir found no group with a role a multiplier "
-                     f"grows ({', '.join(r for r in WIDTH_ROLES if r != 'head_dim')}) that is free to grow")
     return notes
+
+
+def grew_nothing(plan: Plan, width, sizes: dict) -> str:
+    """Why a multiplier (not 1) grows no group at all, or "": a SpecError (a growth that grows nothing is no growth;
+    it had been a note on a model returned unchanged, which counted as exact)."""
+    if isinstance(width, dict) or float(width) == 1 or any(sizes.get(g.id, g.size) != g.size for g in plan.groups):
+        return ""
+    return (f"width={float(width):g} grew nothing: growir found no group with a role a multiplier grows "
+            f"({', '.join(r for r in WIDTH_ROLES if r != 'head_dim')}) that is free to grow; its groups: "
+            f"{', '.join(g.label for g in plan.groups[:8])}{' and more' if len(plan.groups) > 8 else ''}. Name a "
+            f"group's size in a width dict to grow it (growir.plan(model) lists them), or report the model if its "
+            f"hidden width should have been found")
 
 
 def _single_head_notes(plan: Plan, width: float) -> list[str]:

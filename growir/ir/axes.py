@@ -110,6 +110,15 @@ def _at(e: sympy.Expr, point: dict):
         return None
 
 
+def _by_data(diff: sympy.Expr) -> bool:
+    """Whether a size difference holds a data-dependent (unbacked) size: a count of tokens routed to each expert
+    (``u0 + u1 + u2 + u3`` against ``2·batch·seq``). No algebra decides it; the op that equates the two checks it
+    when it runs, so the graph holds only where they agree (an assumption, as ``equal_as_traced``'s). Never a
+    width group: parameters have no data-dependent sizes."""
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+    return any(symbol_is_type(x, (SymT.UNBACKED_INT, SymT.UNBACKED_FLOAT)) for x in sympy.expand(diff).free_symbols)
+
+
 def _both(why: str) -> str:
     return (f"{why}: one axis is both split by a slice/split/cat and reshaped into a product; growir cannot "
             f"reconcile the two layouts")
@@ -184,7 +193,7 @@ class AxisGraph:
         if ra == rb:
             return
         if not self.same(self.size[ra], self.size[rb]):
-            if not self.equal_as_traced(self.size[ra], self.size[rb]):
+            if not (self.equal_as_traced(self.size[ra], self.size[rb]) or _by_data(self.size[ra] - self.size[rb])):
                 raise AnalysisError(f"{why}: axes of sizes {self.size[ra]} and {self.size[rb]} were found equal; "
                                     f"growir's rule for this op is wrong or the graph is inconsistent")
             self.assumed.append(sympy.expand(self.size[ra] - self.size[rb]))

@@ -34,7 +34,7 @@ from ..materialize.unread import kept_note
 from ..passes.depth import target_layers
 from .rules import RULES
 from ..ir.tensor_rule import rounding_reason
-from ..analysis.plan import make_plan, resolve_width, unused_width_notes
+from ..analysis.plan import grew_nothing, make_plan, resolve_width, unused_width_notes
 from .record import GrowthRecord
 from ..verify.compare import TOLERANCE, output_maps
 from ..verify.measure import export_gap, failing_node, measure
@@ -94,6 +94,9 @@ def _sizes(c) -> None:
     """The new size of each group; where a model's class is rebuilt, an output-only group's (a pooler's) as the
     config will most likely size it, so the rules are made once (streaming sizes it from the chosen config)."""
     c.sizes = resolve_width(c.plan, c.width)
+    nothing = grew_nothing(c.plan, c.width, c.sizes)
+    if nothing:
+        raise SpecError(nothing)
     if c.model is not None and c.plan.captured.is_hf and c.materialize != "graph":
         c.sizes = output_only_sizes(c.plan, c.sizes)
 

@@ -248,3 +248,15 @@ def test_graph_module_example_inputs_as_dict():
     model = make("nanogpt")
     grown = growir.grow(model, width=2.0, example_inputs={"idx": example_inputs("nanogpt")[0]})
     assert grown.growir_record.exact
+
+
+def test_a_multiplier_that_grows_no_group_is_refused_not_returned_unchanged():
+    """SqueezeBERT's projections are 1x1 convolutions over (batch, channels, tokens): growir finds no group a
+    multiplier grows, and returned the model unchanged with a note, which read as an exact growth. It is a
+    SpecError naming the groups it did find and what to do."""
+    import transformers as T
+    model = T.SqueezeBertForMaskedLM(T.SqueezeBertConfig(vocab_size=100, hidden_size=32, embedding_size=32,
+                                                         num_hidden_layers=2, num_attention_heads=4,
+                                                         intermediate_size=64, max_position_embeddings=64)).eval()
+    with pytest.raises(growir.SpecError, match=r"width=2 grew nothing: .* its groups: .*width dict"):
+        growir.grow(model, width=2.0)

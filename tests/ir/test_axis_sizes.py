@@ -65,3 +65,19 @@ def test_a_size_that_divides_by_zero_at_some_points_is_decided_at_the_others():
     quarter = FloorDiv(s, 4)
     assert not same_size(FloorDiv(s, quarter), sympy.Integer(4))
     assert same_size(FloorDiv(s, quarter) * quarter, s - sympy.Mod(s, quarter))
+
+
+def test_a_data_dependent_size_is_equal_where_an_op_equates_it():
+    """Tokens routed to experts are counted per expert at run time (``u0 + u1``, unbacked): an op that scatters
+    them back (``index_add`` over ``2·s`` token slots) equates the two, which no algebra decides; the graph is
+    valid where they agree (an assumption). Two backed sizes that differ still raise."""
+    import sympy
+    from growir.errors import AnalysisError
+    from growir.ir.axes import AxisGraph
+    s, u0, u1 = (sympy.Symbol(n, integer=True, positive=True) for n in ("s0", "u0", "u1"))
+    ag = AxisGraph()
+    routed, slots = ag.add("routed", u0 + u1), ag.add("slots", 2 * s)
+    ag.unify(routed, slots, "index_add")
+    assert ag.find(routed) == ag.find(slots) and ag.assumed
+    with pytest.raises(AnalysisError, match="were found equal"):
+        ag.unify(ag.add("a", s), ag.add("b", 2 * s), "a wrong rule")
