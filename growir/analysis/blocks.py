@@ -148,7 +148,7 @@ def find_blocks(gm: fx.GraphModule, facts: Facts) -> list[Blocks]:
     for n in gm.graph.nodes:
         for path in set(_stack_paths(n)):
             members[path].append(n)
-    found, stuck = [], {}
+    found, stuck, loose = [], {}, []
     for prefix, kids in children.items():
         idx = sorted(kids)
         if idx != list(range(len(idx))) or len(idx) < 2 and not in_stages(prefix, children):
@@ -164,6 +164,8 @@ def find_blocks(gm: fx.GraphModule, facts: Facts) -> list[Blocks]:
             continue  # a stage's one block that cannot be copied, side-by-side entries or a pyramid: no stack
         if b.homogeneous or len({classes[p] for p in paths}) == 1 or 1 < b.period < b.count:
             found.append(b)  # children of other classes: blocks if copyable, or a pattern of kinds that repeats
+        else:
+            loose.append(b)  # mixers of other classes (attention, SSM) in a parallel list: one block's part
     # layers of different kinds inside one entry of an outer list (a block's sub-layers: attention, then FFN) are
     # no stack of their own: the outer list is, and its reason stands; a stage's list that starts with the block
     # that changes the stream's shape (its downsample) is the stage's stack
@@ -176,7 +178,7 @@ def find_blocks(gm: fx.GraphModule, facts: Facts) -> list[Blocks]:
         inner = next((f"`{p}`: {why}" for p, why in stuck.items() if p.startswith(b.prefix + ".")), None)
         b.why_not += f"; nor can its stages' own lists grow ({inner})" if inner and not b.homogeneous else ""
     stages_grow_together(found, children, stuck)
-    return _merge_parallel(gm, facts, found, members)
+    return _merge_parallel(gm, facts, found, members, loose)
 
 
 def _independent(nodes: list) -> bool:
@@ -199,11 +201,13 @@ def _all_shaping(b: Blocks) -> bool:
     return chained and all(changes_shape(b, i) for i in range(b.count))
 
 
-def _merge_parallel(gm, facts, found: list, members: dict) -> list:
+def _merge_parallel(gm, facts, found: list, members: dict, loose: list = ()) -> list:
     """Lists of equal length whose entries do not chain on their own: try them as one block list, block i
-    being the graph from the first op of their i-th entries up to the first op of their (i+1)-th."""
+    being the graph from the first op of their i-th entries up to the first op of their (i+1)-th. ``loose``:
+    lists of entries of several classes that are no stack on their own (a mixed stack's mixers, attention here
+    and SSM there), which join a merge but are dropped where none takes them."""
     by_count = defaultdict(list)
-    for b in found:
+    for b in [*found, *loose]:
         if not b.homogeneous:
             by_count[b.count].append(b)
     for count, lists in by_count.items():
@@ -229,8 +233,9 @@ def _inside_blocks(b: Blocks, found: list) -> bool:
 
 
 def _spans(gm, entries: list) -> list | None:
-    """Per block, the nodes from its first entry op to the next block's (the last block: as many tensor ops
-    as the first); None where the entries of different blocks interleave."""
+    """Per block, the nodes from its first entry op to the next block's (the last block: to its last entry op
+    and as many tensor ops after it as the block before it has); None where the entries of different blocks
+    interleave."""
     order = [n for n in gm.graph.nodes if n.op == "call_function"]
     pos = {n: k for k, n in enumerate(order)}
     ranges = [(min(pos[n] for ns in e for n in ns if n in pos), max(pos[n] for ns in e for n in ns if n in pos))
@@ -239,9 +244,13 @@ def _spans(gm, entries: list) -> list | None:
     if any(ranges[i][1] >= starts[i + 1] for i in range(len(ranges))) or starts != sorted(starts):
         return None
     spans = [order[starts[i]:starts[i + 1]] for i in range(len(ranges) - 1)]
-    want, last = sum(map(is_tensor, spans[0])), []
-    for n in order[starts[-2]:]:
-        if sum(map(is_tensor, last)) == want:
+    # the last block: its own entries' ops, then as many tensor ops after them as the block before it has after
+    # its own (the residual add in the parent's forward); not as many ops as the first block has, since blocks of
+    # other kinds (a sliding window's mask ops) run other numbers of ops
+    want = sum(map(is_tensor, order[ranges[-2][1] + 1:starts[-2]]))
+    last = order[starts[-2]:ranges[-1][1] + 1]
+    for n in order[ranges[-1][1] + 1:]:
+        if sum(map(is_tensor, last[ranges[-1][1] + 1 - starts[-2]:])) == want:
             break
         last.append(n)
     return spans + [last]

@@ -256,6 +256,7 @@ def conv(w: Walker, node: fx.Node) -> None:
     w.eq(xa[0], out[0], node)
     for a in wa[2:] + out[2:]:
         w.pin(a, f"a spatial axis of the convolution at `{node.name}`")
+    w.f.ag.data.extend(out[2:])  # the input's positions, strided (an image's patch grid): the data's, never a width
     if len(node.args) > 2 and isinstance(node.args[2], fx.Node):
         w.produce(node.args[2])
         w.eq(w.ax(node.args[2])[0], out[1], node)

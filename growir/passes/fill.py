@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from ..analysis.groups import contractions_over
-from ..analysis.nodes import back, op_name
+from ..analysis.nodes import back, chain, op_name
 from ..analysis.norms import NormSite, is_param, norm_sites
 from ..analysis.ops import ADDS, AVERAGES, CONTRACTIONS, LAYOUT, LINEAR_IN_DATA, MAXIMA, PART, SCALES, forward
 from ..analysis.ops import indexes_leading, traits
@@ -126,6 +126,7 @@ def _why_not(plan: Plan, g, mine: list[NormSite], sizes: dict) -> tuple[str, dic
     if mine[0].kind == "layer":  # zero fill rows are zero in any fused axis, and times any channel scale
         reasons.append(_fused(plan, g))
         reasons.append(_not_averaged(plan, g, mine))
+        reasons.append(_tied_reader(plan, g, mine))
         scales = {(p, at): scaled_writers(plan, g, p, at) for p, at in _diagonal_producers(plan, g, mine)}
         diagonal = next((pa for pa, writers in scales.items() if writers is None), None)  # a layer scale weighs it
         if diagonal:
@@ -139,6 +140,19 @@ def _why_not(plan: Plan, g, mine: list[NormSite], sizes: dict) -> tuple[str, dic
     if why:
         return why, {}, set()
     return "", {k: v for writers in scales.values() for k, v in writers.items()}, folds
+
+
+def _tied_reader(plan: Plan, g, mine: list[NormSite]) -> str:
+    """Why a tied embedding breaks the mean fill, or "": it writes the group (its fill columns are the mean of its
+    columns, as any writer's) and, as the head, reads it where no norm stands between (no final norm): there it
+    reads the stream's fill, the mean, through those same nonzero columns. A norm's output is 0 at the fill, and
+    an RMSNorm's zero fill is zero everywhere: neither has this problem."""
+    outputs = {m for s in mine for m in chain(s.output, PART)}
+    for p, _, source in group_reads(plan, g.root):
+        if p in plan.facts.produced and back(source, PART) not in outputs:
+            return (f"`{p}` is tied (an embedding and a head) and reads the group where no norm stands before it: "
+                    f"its fill columns are its mean columns as a writer, and it reads the stream's mean fill there")
+    return ""
 
 
 def _not_averaged(plan: Plan, g, mine: list[NormSite]) -> str:
