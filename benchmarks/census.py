@@ -1,6 +1,7 @@
 """The census: every transformers model class that builds from a tiny config, grown three ways. Not a test.
 
     nice -n 10 python benchmarks/census.py [--reuse] [--only TYPE ...] [--timeout 180] [--table]
+    python benchmarks/census.py --merge full.json=RUN1 rerun.json=RUN2 ... --out census.json
 
 One class per model type of ``transformers`` (its auto mappings): the causal-LM head where the type has one,
 else the masked-LM head, else the base model (``MODEL_MAPPING_NAMES``); a class two types share is counted once.
@@ -264,10 +265,16 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per class")
     parser.add_argument("--table", action="store_true", help="only rebuild census.md from census.json")
     parser.add_argument("--out", type=Path, default=JSON, help="the results file (census.md beside it)")
+    parser.add_argument("--merge", nargs="+", metavar="FILE=RUN", help="merge results files into --out, later "
+                        "ones replacing earlier ones class by class, each class labelled with its run; no class runs")
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
-    from census_table import write_table
+    from census_table import merged, write_table
+    if args.merge:
+        done = merged([tuple(m.split("=", 1)) for m in args.merge])
+        args.out.write_text(json.dumps(done, indent=1, default=str))
+        return write_table(done, args.out.with_suffix(".md"), len(chosen_classes()), "the runs listed below")
     os.nice(10)  # a shared machine: the census yields to everyone else
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = "1"

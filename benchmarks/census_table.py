@@ -98,6 +98,25 @@ def grouped(done: dict, verdicts: tuple) -> list:
     return sorted(((c, len(ts), sorted(set(ts))) for c, ts in by.items()), key=lambda x: -x[1])
 
 
+def merged(runs: list) -> dict:
+    """One census from several runs, each a (results file, label) pair, later runs replacing earlier ones class by
+    class; every entry keeps the label of the run that measured it (``run``)."""
+    done = {}
+    for path, label in runs:
+        for t, e in json.loads(Path(path).read_text()).items():
+            done[t] = {**e, "run": label}
+    return done
+
+
+def _runs(done: dict) -> list:
+    """A line per run where the census merges several (``merged``): how many classes each measured."""
+    by_run = Counter(e["run"] for e in done.values() if e.get("run"))
+    if len(by_run) < 2:
+        return []
+    return ["- Merged from several runs, a class's verdicts from the last run that measured it: "
+            + "; ".join(f"{label}: {n} classes" for label, n in by_run.items()) + "."]
+
+
 def write_table(done: dict, path: Path, total: int, source: str = "") -> None:
     """census.md from the census results."""
     names = ["x2", "x2+depth2", "x1.5"]
@@ -115,6 +134,7 @@ def write_table(done: dict, path: Path, total: int, source: str = "") -> None:
              f"{c['reload_of']} grown models (every one rebuilt as its Hugging Face class; {c['graph']} came back as "
              f"a GraphModule: the config search found no config, see each class's notes); the reloaded model "
              f"moved beyond TOLERANCE on {c['reload_moved']}.",
+             *_runs(done),
              "", "## Refusals and crashes by cause, most common first", "", "| growths | cause | types |",
              "|---|---|---|"]
     lines += [f"| {n} | {why.replace('|', '/')} | {', '.join(ts[:8])}{' ...' if len(ts) > 8 else ''} |"

@@ -73,3 +73,22 @@ def test_the_share_excludes_theorem_backed_inexact_growths_only(done, tmp_path):
     assert "**1 / 4 = 25%**" in text
     assert "| 2 | UnsupportedOpError: growir has no rule for the op `_` in N | a, b |" in text
     assert "| ValueError: bad config | c |" in text
+
+
+def test_runs_merge_class_by_class_and_are_labelled(tmp_path):
+    """A census merged from a full run and a rerun of some classes: the rerun's verdicts replace the full run's for
+    those classes only, each class says which run measured it, and the table lists the runs."""
+    import json
+    exact = {"verdict": "exact", "deviation": 1e-7, "reasons": []}
+    warned = {"verdict": "warned", "deviation": 0.1, "reasons": ["uneven copies"]}
+    full = {"a": {"type": "a", "class": "A", "build": "ok", "growths": {"x2": warned}},
+            "b": {"type": "b", "class": "B", "build": "ok", "growths": {"x2": exact}}}
+    rerun = {"a": {"type": "a", "class": "A", "build": "ok", "growths": {"x2": exact}}}
+    (tmp_path / "full.json").write_text(json.dumps(full))
+    (tmp_path / "rerun.json").write_text(json.dumps(rerun))
+    done = census_table.merged([(tmp_path / "full.json", "full at abc"), (tmp_path / "rerun.json", "rerun at def")])
+    assert done["a"]["run"] == "rerun at def" and done["a"]["growths"]["x2"]["verdict"] == "exact"
+    assert done["b"]["run"] == "full at abc" and census_table.counts(done)["exact"] == 2
+    census_table.write_table(done, tmp_path / "census.md", 2, "the runs listed below")
+    text = (tmp_path / "census.md").read_text()
+    assert "Merged from several runs" in text and "full at abc: 1 classes" in text and "rerun at def: 1 classes" in text
