@@ -211,3 +211,33 @@ def test_the_norm_before_a_tied_head_is_found_past_a_constant_scale():
     assert grown.growir_record.exact and any("tied head" in n for n in grown.growir_record.rules["norm.weight"].notes)
     with torch.no_grad():
         assert torch.allclose(source(x), grown(x), atol=TOL)
+
+
+class LoopedExperts(nn.Module):
+    """Experts stored as one stacked weight and run in a Python loop, each ``F.linear(x, weight[i])`` (JetMoE's
+    ParallelExperts), inside a pre-norm residual block."""
+
+    def __init__(self, d: int = 8, ffn: int = 16, experts: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Parameter(torch.randn(experts, ffn, d) / d ** 0.5)
+        self.down = nn.Parameter(torch.randn(experts, d, ffn) / ffn ** 0.5)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + sum(F.linear(torch.relu(F.linear(h, self.up[i])), self.down[i]) for i in range(self.up.shape[0]))
+
+
+def test_one_selected_expert_weight_is_a_parameter_operand():
+    """``weight[i]`` (a select with a literal index) of a parameter is that parameter: the contraction is a
+    consumer's, not a product of two activations, so the experts' width is no head_dim and x2 grows it (JetMoE's
+    hidden width had been taken for a head_dim: it grew nothing and was counted exact)."""
+    source = nn.Sequential(LoopedExperts(), LoopedExperts()).eval()
+    x = torch.randn(2, 5, 8)
+    grown = growir.grow(source, width=2.0, example_inputs=(x,))
+    assert grown.growir_record.exact and grown.growir_record.deviation <= TOL
+    # the input's width is pinned (a model input), the experts' width grows
+    assert grown.state_dict()["0.up"].shape == (2, 32, 8) and grown.state_dict()["0.down"].shape == (2, 8, 32)
+    with torch.no_grad():
+        assert torch.allclose(source(x), grown(x), atol=TOL)

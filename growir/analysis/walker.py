@@ -87,6 +87,12 @@ class Facts:
     variances: set = field(default_factory=set)  # state names an op divides by the root of (must stay positive)
 
 
+def _selects_one(node) -> bool:
+    """``select(x, dim, i)`` with a literal ``i``: one entry of ``x`` along ``dim``, its other axes kept."""
+    from .ops import SELECT  # ops.py reads the rule modules, which read this one
+    return SELECT(node) and isinstance(node.args[2], int)
+
+
 class Walker:
     """Applies each op's axis rule to every node of a graph and collects the ``Facts``.
 
@@ -167,9 +173,10 @@ class Walker:
         self.f.consts.append(SizeConst(node.name, path, axis, kind))
 
     def param_of(self, arg) -> str | None:
-        """The state_dict name of the parameter an operand is, through layout-only ops and gathers of whole
-        rows (``weight[expert_ids]``: per-token expert weights); else None."""
-        src = back(arg, lambda n: self._row(n).layout or self._gathers_rows(n))
+        """The state_dict name of the parameter an operand is, through layout-only ops, gathers of whole
+        rows (``weight[expert_ids]``: per-token expert weights) and selects of one entry (``weight[i]``: one
+        expert's weight of a stacked tensor, JetMoE's loop over experts); else None."""
+        src = back(arg, lambda n: self._row(n).layout or self._gathers_rows(n) or _selects_one(n))
         return self.f.params.get(src.name) if isinstance(src, fx.Node) and src.op == "get_attr" else None
 
     def contract(self, a, a_axis, b, b_axis, node: fx.Node) -> None:
@@ -189,6 +196,8 @@ class Walker:
             src = op.args[0]
             if self._row(op).kind == "permute":
                 i = permutation(op, len(self.ax(src)))[i]
+            elif _selects_one(op):  # the selected axis is gone: the ones after it sit one place later
+                i += int(i >= op.args[1] % len(self.ax(src)))
             elif self._row(op).kind == "view":
                 target = self.f.ag.find(self.ax(op)[i])
                 return next(k for k, a in enumerate(self.ax(src)) if self.f.ag.find(a) == target)
