@@ -285,8 +285,11 @@ class Walker:
             return  # symbolic-size arithmetic and assertions carry no tensor axes
         rule = self.derive if row is _NO_ROW and isinstance(node.target, torch._ops.OpOverload) else row.rule
         if rule is None:
+            probe = ("" if isinstance(node.target, torch._ops.OpOverload) else
+                     " and cannot derive one: it is no aten op but a Python function the export kept (vmap's "
+                     "batching calls are), so it has no meta kernel to probe")
             raise UnsupportedOpError(
-                f"growir has no rule for the op `{node.target}` at {where(node)}. It stops rather than guess "
+                f"growir has no rule for the op `{node.target}` at {where(node)}{probe}. It stops rather than guess "
                 f"how the op treats tensor axes; give it a row with an axis rule in growir/analysis/ops.py")
         try:
             rule(self, node)

@@ -260,3 +260,20 @@ def test_a_multiplier_that_grows_no_group_is_refused_not_returned_unchanged():
                                                          intermediate_size=64, max_position_embeddings=64)).eval()
     with pytest.raises(growir.SpecError, match=r"width=2 grew nothing: .* its groups: .*width dict"):
         growir.grow(model, width=2.0)
+
+
+def test_an_op_no_probe_can_read_says_why_no_rule_is_derived():
+    """vmap leaves its batching calls in the export as Python functions (t5gemma2): no aten op, no meta kernel,
+    so no derived rule; the refusal names the op and says why the probe cannot derive one."""
+    import torch.nn as nn
+
+    class Vmapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.vmap(lambda r: torch.relu(self.lin(r)))(x)
+
+    with pytest.raises(growir.UnsupportedOpError, match=r"_add_batch_dim.*no aten op.*no meta kernel to probe"):
+        growir.grow(Vmapped(), width=2.0, example_inputs=(torch.randn(3, 5, 4),))
