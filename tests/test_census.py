@@ -92,3 +92,15 @@ def test_runs_merge_class_by_class_and_are_labelled(tmp_path):
     census_table.write_table(done, tmp_path / "census.md", 2, "the runs listed below")
     text = (tmp_path / "census.md").read_text()
     assert "Merged from several runs" in text and "full at abc: 1 classes" in text and "rerun at def: 1 classes" in text
+
+
+def test_an_exact_growth_that_moves_after_reload_counts_as_warned():
+    """The model a user saves is what counts: an exact growth whose class recomputes a grown table at load (its
+    reload moved) is warned in the share, the reload's note its reason."""
+    moved = {"verdict": "exact", "deviation": 1e-7, "reasons": [],
+             "reload": {"deviation": 0.8, "moved": True, "note": "after save_pretrained ... move by 0.8"}}
+    kept = {"verdict": "exact", "deviation": 1e-7, "reasons": [], "reload": {"deviation": 0.0, "moved": False}}
+    done = {"a": {"type": "a", "class": "A", "build": "ok", "growths": {"x2": moved, "x1.5": kept}}}
+    c = census_table.counts(done)
+    assert (c["exact"], c["allowed"], c["verdicts"]["warned"]) == (1, 2, 1)
+    assert census_table.reloaded(done)["a"]["growths"]["x2"]["reasons"] == ["after save_pretrained ... move by 0.8"]
