@@ -83,7 +83,7 @@ def not_counted(e: dict) -> str:
     return next((r["why"] for r in e["growths"].values() if r["verdict"] == "no export"), "")
 
 
-def _row(model_type: str, e: dict, names: list) -> str:
+def _row(model_type: str, e: dict, names: list, runs: bool = False) -> str:
     cells = []
     for g in names:
         r = e["growths"].get(g)
@@ -99,7 +99,8 @@ def _row(model_type: str, e: dict, names: list) -> str:
     if not other:
         first_bad = next((r for r in e["growths"].values() if r["verdict"] not in ("exact",)), None)
         other = cause(first_bad) if first_bad else ""
-    return f"| {model_type} | {e['class']} | " + " | ".join(cells) + f" | {other[:140].replace('|', '/')} |"
+    run = f" {e['run']} |" if runs else ""
+    return f"| {model_type} | {e['class']} | " + " | ".join(cells) + f" | {other[:140].replace('|', '/')} |" + run
 
 
 def grouped(done: dict, verdicts: tuple) -> list:
@@ -165,9 +166,10 @@ def write_table(done: dict, path: Path, total: int, source: str = "") -> None:
             failed.setdefault(cause({"why": why}), []).append(t)
     lines += [f"| {why.replace('|', '/')} | {', '.join(sorted(ts))} |"
               for why, ts in sorted(failed.items(), key=lambda x: -len(x[1]))]
-    lines += ["", "## Every class", "", "| type | class | " + " | ".join(names) + " | first cause |",
-              "|---|---|" + "---|" * len(names) + "---|"]
-    lines += [_row(t, e, names) for t, e in done.items()]
+    runs = bool(_runs(done))  # merged: each row names the run that measured it
+    lines += ["", "## Every class", "", "| type | class | " + " | ".join(names) + " | first cause |"
+              + (" run |" if runs else ""), "|---|---|" + "---|" * len(names) + "---|" + ("---|" if runs else "")]
+    lines += [_row(t, e, names, runs) for t, e in done.items()]
     path.write_text("\n".join(lines) + "\n")
 
 
