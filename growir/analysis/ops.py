@@ -66,6 +66,8 @@ class Op:
     random: its value is not a function of its operands (random draws, uninitialised memory, dropout)
     variance_at: the operand position of a variance it divides by the root of (batch norm's running variance):
         a new unit there must hold a variance (a copy, a mean of old ones), never a draw around zero (NaN)
+    entry_at: the operand position of the literal index of the one entry it takes along an axis (``select``: a
+        parameter's entry is that parameter, its other axes kept)
     label: how reports name it
     """
     kind: str
@@ -78,6 +80,7 @@ class Op:
     value_at: int | None = None
     random: bool = False
     variance_at: int | None = None
+    entry_at: int | None = None
     label: str = ""
 
     @property
@@ -109,7 +112,7 @@ _add("dropout", "dropout feature_dropout", unary, random=True)
 _add("view", "view reshape _unsafe_view flatten unflatten squeeze unsqueeze", reshape)
 _add("permute", "t numpy_T transpose permute swapaxes", permute)
 _add("slice", "slice", slice_)
-_add("slice", "select", select)
+_add("slice", "select", select, entry_at=2)
 _add("slice", "narrow", narrow)
 _add("split", "split split_with_sizes unsafe_split", split)
 _add("split", "chunk", chunk)

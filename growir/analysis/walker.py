@@ -87,12 +87,6 @@ class Facts:
     variances: set = field(default_factory=set)  # state names an op divides by the root of (must stay positive)
 
 
-def _selects_one(node) -> bool:
-    """``select(x, dim, i)`` with a literal ``i``: one entry of ``x`` along ``dim``, its other axes kept."""
-    from .ops import SELECT  # ops.py reads the rule modules, which read this one
-    return SELECT(node) and isinstance(node.args[2], int)
-
-
 class Walker:
     """Applies each op's axis rule to every node of a graph and collects the ``Facts``.
 
@@ -176,7 +170,7 @@ class Walker:
         """The state_dict name of the parameter an operand is, through layout-only ops, gathers of whole
         rows (``weight[expert_ids]``: per-token expert weights) and selects of one entry (``weight[i]``: one
         expert's weight of a stacked tensor, JetMoE's loop over experts); else None."""
-        src = back(arg, lambda n: self._row(n).layout or self._gathers_rows(n) or _selects_one(n))
+        src = back(arg, lambda n: self._row(n).layout or self._gathers_rows(n) or self._selects_one(n))
         return self.f.params.get(src.name) if isinstance(src, fx.Node) and src.op == "get_attr" else None
 
     def contract(self, a, a_axis, b, b_axis, node: fx.Node) -> None:
@@ -196,7 +190,7 @@ class Walker:
             src = op.args[0]
             if self._row(op).kind == "permute":
                 i = permutation(op, len(self.ax(src)))[i]
-            elif _selects_one(op):  # the selected axis is gone: the ones after it sit one place later
+            elif self._selects_one(op):  # the selected axis is gone: the ones after it sit one place later
                 i += int(i >= op.args[1] % len(self.ax(src)))
             elif self._row(op).kind == "view":
                 target = self.f.ag.find(self.ax(op)[i])
@@ -213,6 +207,12 @@ class Walker:
         """The op table's row for a call (a row of no kind and no rule for anything else)."""
         row = self.table.get(op_name(node)) if isinstance(node, fx.Node) and node.op == "call_function" else None
         return row if row is not None else _NO_ROW
+
+    def _selects_one(self, node) -> bool:
+        """``select(x, dim, i)`` with a literal ``i`` (``entry_at``): one entry of ``x`` along ``dim``, its other
+        axes kept."""
+        at = self._row(node).entry_at
+        return at is not None and len(node.args) > at and isinstance(node.args[at], int)
 
     def _gathers_rows(self, node) -> bool:
         """``x[idx]`` with one 1-d index: whole rows of x, every other axis kept in place (of the gather kind,
@@ -316,8 +316,8 @@ class Walker:
 
 
 class _NoRow:
-    """The row of a node outside the table: no kind, no rule, not a layout op, no variance operand."""
-    kind, rule, layout, variance_at = "", None, False, None
+    """The row of a node outside the table: no kind, no rule, not a layout op, no variance or entry operand."""
+    kind, rule, layout, variance_at, entry_at = "", None, False, None, None
 
 
 _NO_ROW = _NoRow()

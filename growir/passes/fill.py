@@ -111,8 +111,10 @@ def _why_not(plan: Plan, g, mine: list[NormSite], sizes: dict) -> tuple[str, dic
     unfit = _unfit_norms(plan, g, mine, sizes)
     if unfit:
         return unfit, {}, set()
-    zero = mine[0].kind == "rms"  # a zero fill: zero in, zero out of every RMSNorm (weight 0 or not), so a post-norm
-    post = [s for s in mine if not s.pre_norm(plan.facts) and not zero]  # one is exact as a pre-norm (methods.md)
+    # a zero fill: zero in, zero out of every RMSNorm (weight 0 or not), so a post-norm one is exact as a pre-norm
+    # (methods.md); not a head_dim's (q/k norms per head): a filled head_dim changes the attention's 1/sqrt(head_dim)
+    zero = mine[0].kind == "rms" and g.role != "head_dim"
+    post = [s for s in mine if not s.pre_norm(plan.facts) and not zero]
     theorem = [s.node for s in post if s.kind == "layer" and _sums_stream(s, mine)]
     reasons = [f"the norm at `{theorem[0]}` feeds the residual stream (post-norm): no exact construction exists"
                ] if theorem else []
