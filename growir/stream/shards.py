@@ -216,8 +216,8 @@ def write_atomically(out: Path, write, force: bool, src=None) -> None:
     clean_stale(out)
     staging = out.parent / f".{out.name}.{TMP_TAG}-{os.getpid()}"
     with _signals_raise() as state:
-        staging.mkdir()
-        try:
+        try:  # the mkdir inside: a signal between it and the try would leave the folder behind
+            staging.mkdir()
             write(staging)
             state["hold"] = True  # a signal now would leave OUT half-swapped: held until the swap is done
             _swap(staging, out, force, src)
