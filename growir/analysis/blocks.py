@@ -247,12 +247,13 @@ def _spans(gm, entries: list) -> list | None:
     # the last block: its own entries' ops, then as many tensor ops after them as the block before it has after
     # its own (the residual add in the parent's forward); not as many ops as the first block has, since blocks of
     # other kinds (a sliding window's mask ops) run other numbers of ops
-    want = sum(map(is_tensor, order[ranges[-2][1] + 1:starts[-2]]))
+    want, taken = sum(map(is_tensor, order[ranges[-2][1] + 1:starts[-2]])), 0
     last = order[starts[-2]:ranges[-1][1] + 1]
     for n in order[ranges[-1][1] + 1:]:
-        if sum(map(is_tensor, last[ranges[-1][1] + 1 - starts[-2]:])) == want:
+        if taken == want:
             break
         last.append(n)
+        taken += is_tensor(n)
     return spans + [last]
 
 

@@ -85,10 +85,11 @@ def keeps_zero(node: fx.Node) -> bool:
         return False
     if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
         return False
+    key = (node.target, tuple(node.args[1:]), tuple(sorted(node.kwargs.items())))
     try:
-        return _keeps_zero(node.target, tuple(node.args[1:]), tuple(sorted(node.kwargs.items())))
+        return _keeps_zero(*key)
     except TypeError:  # an unhashable literal: not cached, asked again
-        return _keeps_zero.__wrapped__(node.target, tuple(node.args[1:]), tuple(sorted(node.kwargs.items())))
+        return _keeps_zero.__wrapped__(*key)
 
 
 @functools.lru_cache(maxsize=None)

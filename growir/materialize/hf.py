@@ -230,8 +230,7 @@ def eps_shared(p, changed: dict) -> bool:
     (position, new eps)). A config holds eps by value in one field (per-head q/k norms may read the
     residual norms' ``rms_norm_eps``): changing the field would change both, a drift of about eps / var(x)
     too small for the numeric check to see, so the config cannot express the change."""
-    from ..analysis.norms import norm_sites
-    sites = [s for s in norm_sites(p.captured.gm, p.facts) if s.eps_at is not None and s.eps is not None]
+    sites = _eps_sites(p)
     values = {s.eps for s in sites if s.eps_at[0] in changed}
     return any(s.eps in values for s in sites if s.eps_at[0] not in changed)
 
@@ -239,12 +238,17 @@ def eps_shared(p, changed: dict) -> bool:
 def one_value_each(p, changed: dict) -> bool:
     """Whether the norms that share an eps value are all given one new value (``changed``: eps node ->
     (position, new eps)): what a config field holding it by value can express."""
-    from ..analysis.norms import norm_sites
     new = {}
-    for s in norm_sites(p.captured.gm, p.facts):
-        if s.eps_at is not None and s.eps is not None and s.eps_at[0] in changed:
+    for s in _eps_sites(p):
+        if s.eps_at[0] in changed:
             new.setdefault(s.eps, set()).add(changed[s.eps_at[0]][1])
     return all(len(v) == 1 for v in new.values())
+
+
+def _eps_sites(p) -> list:
+    """The plan's norms whose eps is a literal of the graph (the ones a growth can rewrite)."""
+    from ..analysis.norms import norm_sites
+    return [s for s in norm_sites(p.captured.gm, p.facts) if s.eps_at is not None and s.eps is not None]
 
 
 def _load_candidate(model, p, cfg: dict, sizes: dict, depth_plan, opts, built, rebuild):

@@ -46,11 +46,11 @@ def compensate_tied(plan: Plan, maps: dict, width: WidthResult) -> list[str]:
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     for state, axis in width.tied:
         counts = _counts_on(width, state, axis)
+        if counts is not None and bool((counts == 1).all()) and width.rules[state].scale == 1.0:
+            continue  # one copy of each unit (the rest filled or fresh units): the logits are the old ones
         sites = [nodes[n] for p, a, n in f.consumed if p == state]
         for site in sites:
             scaled = scaling_params(site.args[0], f)
-            if counts is not None and bool((counts == 1).all()) and width.rules[state].scale == 1.0:
-                continue  # one copy of each unit (the rest filled or fresh units): the logits are the old ones
             if counts is None or not bool((counts == counts[0]).all()):
                 reasons.append(f"`{state}` is tied (an embedding and the head at {site.name}) and its group "
                                f"is copied unevenly: the head's logits change")

@@ -241,14 +241,16 @@ def _one_grown_factor(plan: Plan, g, site: NormSite, sizes: dict) -> bool:
     tree = plan.facts.ag.expand(site.axis)
     if site.kind != "rms" or not isinstance(tree, tuple) or tree[0] != PROD:
         return False
-    factors = [tree]
-    while any(isinstance(t, tuple) and t[0] == PROD for t in factors):  # nested products: one flat product
-        factors = [f for t in factors for f in (t[1] if isinstance(t, tuple) and t[0] == PROD else [t])]
     leaves = tree_leaves(tree)
-    if g.root not in factors or leaves.count(g.root) != 1:
+    if g.root not in _factors(tree) or leaves.count(g.root) != 1:
         return False
     others = [plan.group_of(t) for t in leaves if t != g.root]
     return all(o is None or sizes.get(o.id, o.size) == o.size for o in others)  # None: no parameter grows it
+
+
+def _factors(tree) -> list:
+    """The factors of an axis tree's product, nested products flattened (a concatenation is one factor)."""
+    return [f for t in tree[1] for f in _factors(t)] if isinstance(tree, tuple) and tree[0] == PROD else [tree]
 
 
 def _fused(plan: Plan, g) -> str:
