@@ -161,6 +161,26 @@ def test_fixed_position_table_keeps_the_sequence_fixed():
     assert x.shape == (3, 8)
 
 
+class FourTokenPool(MLPBody):  # pools groups of four tokens: the export guards the sequence to a multiple of 4
+    def forward(self, idx):
+        x = self.emb(idx)
+        x = x + self.b(F.gelu(self.a(x)))
+        return x.reshape(x.shape[0], x.shape[1] // 4, 4, x.shape[2]).mean(2)
+
+
+def test_second_shape_keeps_the_exports_guards():
+    """The self-measure's second shape is one the export admits (sequence 8 -> 12, not 5, where it is reshaped
+    into at least two fours); it had moved to 5, and the source itself failed there, blamed on growir."""
+    from growir.verify.measure import inputs_at, long_sizes, other_sizes
+    cap = growir.frontend.capture(FourTokenPool().eval(), ids())
+    (x,), _ = inputs_at(cap, other_sizes(cap))
+    assert x.shape == (3, 12)  # 4 and 8 are the nearest multiples of 4; 4 // 4 = 1 is a size the export excluded
+    (x,), _ = inputs_at(cap, long_sizes(cap, 63))
+    assert x.shape == (2, 64)
+    grown = growir.grow(FourTokenPool().eval(), width=2.0, example_inputs=ids())
+    assert grown.growir_record.exact
+
+
 def test_static_fallback_is_reported(monkeypatch):
     import growir.frontend.export as fe
     monkeypatch.setattr(fe, "dynamic_shapes", lambda model, args, kwargs, share=True: {"no_such_input": None})

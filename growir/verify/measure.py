@@ -39,24 +39,68 @@ def _clamp(captured: Captured, sym, value: int) -> int:
 
 
 def other_sizes(captured: Captured) -> dict:
-    """A second value for every dynamic axis (batch 2 -> 3, sequence 8 -> 5 within the allowed range);
+    """A second value for every dynamic axis (batch 2 -> 3, sequence 8 -> 5 within the allowed range, or the
+    nearest value the export's shape guards admit: a sequence reshaped into fours stays a multiple of four);
     empty when no axis is dynamic. Symbols with one example value move together (the export may name the
     batch of two inputs apart)."""
+    hints = _hints(captured)
     out = {}
-    for sym, (hint, leading) in _hints(captured).items():
+    for sym, (hint, leading) in hints.items():
         want = hint + 1 if leading else max(2, hint - 3) if hint > 4 else hint + 3
-        value = _clamp(captured, sym, want)
+        value = _admitted(captured, sym, _clamp(captured, sym, want), out)
         if value == hint:
-            value = _clamp(captured, sym, hint - 1 if hint > 2 else hint + 1)
+            value = _admitted(captured, sym, _clamp(captured, sym, hint - 1 if hint > 2 else hint + 1), out)
         out[sym] = value
-    return {s: v for s, v in out.items() if v != _hints(captured)[s][0]}
+    return {s: v for s, v in out.items() if v != hints[s][0]}
 
 
 def long_sizes(captured: Captured, length: int, batch: int | None = None) -> dict:
     """Every dynamic non-batch axis at ``length``, and the batch axes at ``batch`` where given (clamped to the
-    range the export allows)."""
-    return {sym: _clamp(captured, sym, batch if leading else length) for sym, (hint, leading) in
-            _hints(captured).items() if (not leading and length > hint) or (leading and batch not in (None, hint))}
+    range the export allows, and moved to the nearest value its shape guards admit)."""
+    out = {}
+    for sym, (hint, leading) in _hints(captured).items():
+        if (not leading and length > hint) or (leading and batch not in (None, hint)):
+            out[sym] = _admitted(captured, sym, _clamp(captured, sym, batch if leading else length), out)
+    return out
+
+
+def _admitted(captured: Captured, sym, want: int, chosen: dict) -> int:
+    """``want`` if the export's shape guards admit it for ``sym`` (with the values ``chosen`` so far and the
+    example's elsewhere), else the nearest admitted value in the allowed range (the example's own at worst).
+    The guards are the exported module's ``_guards_fn`` (a model that reshapes its sequence into fours
+    guards ``s % 4 == 0``); they run on the resized inputs, which are small."""
+    hint = _hints(captured)[sym][0]
+    if want == hint or _guards(captured) is None:
+        return want
+    for value in sorted({_clamp(captured, sym, want + k) for k in range(-want, 2 * want + 1)},
+                        key=lambda v: (abs(v - want), v)):
+        if value != hint and _admits(captured, {**chosen, sym: value}):
+            return value
+    return hint
+
+
+def _guards(captured: Captured):
+    """The exported module's shape-guard submodule and the flat-input positions it reads; None without one."""
+    gm = captured.gm
+    fn = getattr(gm, "_guards_fn", None)
+    if fn is None:
+        return None
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    call = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"), None)
+    if call is None or not all(a in places for a in call.args):
+        return None
+    return fn, [places.index(a) for a in call.args]
+
+
+def _admits(captured: Captured, values: dict) -> bool:
+    """Whether the export's shape guards hold for the inputs at ``values`` (symbol -> size)."""
+    fn, at = _guards(captured)
+    leaves = pytree.tree_leaves(inputs_at(captured, values))
+    try:
+        fn(*[leaves[i] for i in at])
+    except Exception:  # noqa: BLE001 - a guard that does not hold raises (AssertionError, or a symbolic error)
+        return False
+    return True
 
 
 def inputs_at(captured: Captured, values: dict):
