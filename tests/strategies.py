@@ -229,13 +229,18 @@ class Spec:
             return False, "auto fills a post-norm residual that only the head reads: inexact by choice"
         return True, ""
 
-    def refused_by_design(self, arch: Arch) -> str | None:
-        """A documented refusal (growir says it does not support this yet), or None."""
+    def refused_by_design(self, arch: Arch) -> tuple:
+        """The documented refusals that apply (growir says it does not support this yet): phrases, one of which
+        the refusal names (the first growir meets; a post-norm mixed stack's depth is refused before a spec's
+        fractional heads), or () where none applies."""
+        out = []
         if arch.positions == "rotary" and self.ratios.get("head_dim", 1).denominator != 1:
-            return "rotary"  # old frequencies land on new ones only for a whole factor
+            out.append("rotary")  # old frequencies land on new ones only for a whole factor
         if not isinstance(self.width, dict) and (arch.heads * self.ratios["heads"]).denominator != 1:
-            return "fractional"  # e.g. 1.5 x one query head; growir names the multipliers that work
-        return None
+            out.append("fractional")  # e.g. 1.5 x one query head; growir names the multipliers that work
+        if out and arch.mixed and self.depth > 1 and not arch.pre_norm:
+            out.append("cannot grow the depth")  # a post-norm block is no identity when zeroed
+        return tuple(out)
 
 
 def _mults_for(size: int) -> list:
