@@ -14,6 +14,7 @@ import re
 import sympy
 import torch.fx as fx
 
+from ..errors import AnalysisError
 from .nodes import permutation
 from .walker import Walker, where
 
@@ -78,6 +79,11 @@ def repeat(w: Walker, node: fx.Node) -> None:
     for i, r in enumerate(reps):
         o = out[i]
         src = x[i - lead] if i >= lead else None
+        if src is not None and w.size(src) == 1 and w.size(o) != 1 and _produced(w, src):
+            raise AnalysisError(f"{where(node)}: repeats an axis of one entry that a parameter produces (one head "
+                                "of a split, say); growir takes an axis of size one in a product for a broadcast, "
+                                "so it cannot follow this one as it grows. A model with two or more entries "
+                                "there grows")
         if src is None or (w.size(src) == 1 and w.size(o) != 1):  # a new axis, or one broadcast from 1
             w.f.expanded.add(o)
             if isinstance(r, int):  # the literal is the axis's size: it follows the axis if a group joins it
@@ -90,6 +96,13 @@ def repeat(w: Walker, node: fx.Node) -> None:
             w.f.ag.set_structure(o, "prod", [rep, src], where(node))
             if isinstance(r, int):
                 w.const(node, ("args", 1, i), rep)
+
+
+def _produced(w: Walker, axis) -> bool:
+    """Whether ``axis``'s class is a part of some parameter's axis (a width, not a broadcast)."""
+    ag = w.f.ag
+    root = ag.find(axis)
+    return any(root in ag.leaf_roots(a) for node in w.f.params for a in w.f.axes.get(node, []))
 
 
 def repeat_interleave(w: Walker, node: fx.Node) -> None:

@@ -267,6 +267,8 @@ class Walker:
             if contracted & set(ag.leaf_roots(axis)):
                 raise AnalysisError(refusal)
             self.pin(axis, why)
+        for axis, why in ag.fixed.items():
+            self.pin(axis, why)
 
     def _name_sizes(self, node: fx.Node) -> None:
         """Remember which input axis each dynamic size symbol is (for error messages) and its traced value."""

@@ -154,6 +154,7 @@ class AxisGraph:
     assumed: list = field(default_factory=list)  # size differences the trace fixed at 0 (``equal_as_traced``)
     data: list = field(default_factory=list)  # axes sized by the data: model inputs', pooled (a batch, a sequence)
     opaque: dict = field(default_factory=dict)  # axis -> (why it is kept from growing, the refusal if a width)
+    fixed: dict = field(default_factory=dict)  # axis -> why it is kept from growing (a chunk's part index)
     _fresh: int = 0
 
     # --- nodes -----------------------------------------------------------------------------------
@@ -251,9 +252,40 @@ class AxisGraph:
             # a relative-position shift: (s, 2s) viewed as (2s, s), a row sliced off, viewed back
             self._make_opaque(a.parts + b.parts, why, _both(why))
         elif a.kind != b.kind:
-            # A concatenation that is also a product: only the trivial case is understood.
-            raise AnalysisError(_both(why))
+            cat, prod = (a, b) if a.kind == CAT else (b, a)
+            self._distribute(cat.parts, prod.parts, why)
+            return
         self.align(a.kind, a.parts, b.parts, why)
+
+    def _distribute(self, cat: list, prod: list, why: str) -> None:
+        """A concatenation that is also a product: ``cat(p1..pk) == prod(f0, f1..fn)`` holds as a layout where
+        every part is whole rows of the minor factors, ``pi == prod(gi, f1..fn)`` with ``f0 == cat(g1..gk)``
+        (row-major: a cut at a multiple of ``f1 x .. x fn`` splits the major factor only). Differential
+        attention chunks its heads in two where they are also a product of kv heads and repeats; a fused
+        projection viewed as heads and split into head groups is the same law. Any other cut splits a minor
+        factor's rows and has no layout to grow."""
+        factors, parts = self.leaves(PROD, prod), self.leaves(CAT, cat)
+        for j in range(len(factors)):  # the first factor whose minor rows every part is made of
+            minor = sympy.Integer(1)
+            for f in factors[j + 1:]:
+                minor = minor * self.size_of(f)
+            if all(divides(minor, self.size_of(p), self.assumed) for p in parts):
+                break
+        else:
+            raise AnalysisError(_both(why))
+        if not all(self.same(self.size_of(f), ONE) for f in factors[:j]):  # a cut inside a major factor's rows
+            raise AnalysisError(_both(why))
+        if self.same(self.size_of(factors[j]), sympy.Integer(len(parts))):
+            # each part is one row: the major factor indexes the parts, and their number is the split's own
+            self.fixed.setdefault(factors[j], f"it indexes the {len(parts)} parts of a split at {why}, and a split "
+                                              "keeps its number of parts")
+            for p in parts:
+                self.set_structure(p, PROD, [*factors[:j], *factors[j + 1:]], why)
+            return
+        rows = [self.fresh(sympy.cancel(self.size_of(p) / minor), why) for p in parts]
+        self.set_structure(factors[j], CAT, rows, why)
+        for p, r in zip(parts, rows):  # size-one factors are kept: a class of one head may grow
+            self.set_structure(p, PROD, [*factors[:j], r, *factors[j + 1:]], why)
 
     # --- alignment (the reshape rule and its cat twin) ----------------------------------------------
     def leaves(self, kind: str, parts: Sequence[Axis]) -> list:

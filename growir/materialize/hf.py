@@ -19,6 +19,7 @@ import sympy
 from ..errors import GrowthError, MaterializeError, first_line, warn
 from ..frontend.folder import tied_names
 from ..passes.depth import count_pairs, depth_layouts, schedule
+from ..ir.axes import is_structured
 from ..ir.index_maps import tree_map
 from .faithful import config_diff, differs, keep_generation_config, window_fields
 from .unread import any_size, own_initialised, unread_names, unread_note
@@ -273,7 +274,7 @@ def _head_pairs(p, maps: dict) -> dict:
     """old -> {new} query- and kv-head counts: sizes that shape attention but need not shape a parameter (a
     class deriving head_dim as hidden / heads rebuilds the same shapes with the old counts)."""
     out = {}
-    for old, new in filter(None, (_changed(p.facts.ag, maps, axis) for axis in _query_head_axes(p))):
+    for old, new in (pair for axis in _query_head_axes(p) for pair in _changed(p.facts.ag, maps, axis)):
         out.setdefault(old, set()).add(new)
     for g in p.by_role("heads") + p.by_role("kv_heads"):  # attention written out as matmuls records no site
         if g.root in maps and not g.per_kv:
@@ -291,11 +292,22 @@ def _query_head_axes(p) -> list:
         and all(ag.size_of(leaf).is_Integer for leaf in ag.leaf_roots(r.axis))]  # not a batch x heads merge
 
 
-def _changed(ag, maps: dict, axis) -> tuple | None:
-    """(old, new) sizes of ``axis`` under the growth ``maps``, where both are whole numbers and differ."""
-    _, _, old, new = tree_map(ag.expand(axis), ag, maps)
-    old, new = sympy.sympify(old), sympy.sympify(new)
-    return (int(old), int(new)) if old.is_Integer and new.is_Integer and old != new else None
+def _changed(ag, maps: dict, axis) -> list:
+    """(old, new) sizes of ``axis`` and of each product or concatenation inside it (the kv heads of a projection
+    viewed as kv heads x head_dim, where the kv heads are a product themselves) under the growth ``maps``, where
+    both are whole numbers and differ."""
+    out = []
+    for tree in _subtrees(ag.expand(axis)):
+        _, _, old, new = tree_map(tree, ag, maps)
+        old, new = sympy.sympify(old), sympy.sympify(new)
+        if old.is_Integer and new.is_Integer and old != new:
+            out.append((int(old), int(new)))
+    return out
+
+
+def _subtrees(tree) -> list:
+    """``tree`` and every structured tree inside it (an ``AxisGraph.expand`` tree)."""
+    return [tree] + [s for t in tree[1] if is_structured(t) for s in _subtrees(t)] if is_structured(tree) else [tree]
 
 
 def with_source_ties(model, state: dict) -> dict:
@@ -314,9 +326,8 @@ def _size_pairs(p, maps: dict, layer_info: dict) -> dict:
     pairs = {}
 
     def add(axis):
-        changed = _changed(p.facts.ag, maps, axis)
-        if changed:
-            pairs.setdefault(changed[0], set()).add(changed[1])
+        for old, new in _changed(p.facts.ag, maps, axis):
+            pairs.setdefault(old, set()).add(new)
     for m in maps.values():
         pairs.setdefault(m.old, set()).add(m.new)
     for node in list(p.facts.params) + list(p.facts.buffers):
