@@ -136,10 +136,17 @@ def _from_ratio(plan: Plan, r: Fraction, check_only: bool = False) -> dict[int, 
                 _scaled(g, r, "heads", plan)
             sizes[g.id] = int(n)
     for kv, per in _gqa_pairs(plan):
+        if kv.pinned and per.pinned and r != 1:
+            continue
         total = kv.size * per.size * r
-        kv_new = kv.size * r if (kv.size * r).denominator == 1 else Fraction(kv.size)
+        if per.pinned:  # the kv heads take the whole growth (a pinned count stays what it is)
+            kv_new = total / per.size
+        elif kv.pinned or (kv.size * r).denominator != 1:
+            kv_new = Fraction(kv.size)
+        else:
+            kv_new = kv.size * r
         per_new = total / kv_new
-        if per_new.denominator != 1:
+        if per_new.denominator != 1 or kv_new.denominator != 1:
             if check_only:
                 raise SpecError("fractional")
             raise SpecError(f"width={float(r):g} gives {float(total):g} query heads from {kv.size * per.size}: "

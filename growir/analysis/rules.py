@@ -382,12 +382,18 @@ def baddbmm(w: Walker, node: fx.Node) -> None:
     broadcast(w, node, [node.args[0]], out)
 
 
+def _groups_at(node: fx.Node) -> tuple:
+    """Where a convolution's ``groups`` literal sits in its arguments."""
+    return ("args", 6) if len(node.args) > 6 else ("kwargs", "groups")
+
+
 def grouped_channels(w: Walker, node: fx.Node, xa: list, wa: list, out: list, groups: int) -> None:
     """conv(groups=G): input channels = G x (in per group), output channels = G x (out per group), and group g's
     outputs contract group g's inputs with the weight's axis 1. Depthwise (one input channel per group): the
     groups *are* the channels, so the channel group grows and the ``groups`` literal with it (each channel is
-    filtered on its own, so copying channels copies outputs). Otherwise the group count is pinned and the
-    channels per group may grow."""
+    filtered on its own, so copying channels copies outputs). Otherwise both the group count and the channels per
+    group may grow: a grouped convolution is block-diagonal, so a copied group copies its outputs, and the
+    ``groups`` literal follows the count (Zaya groups q and k channels by head: groups = heads + kv heads)."""
     if w.size(wa[1]) == 1:  # depthwise: groups == input channels
         w.eq(wa[0], out[1], node)
         if w.size(out[1]) == w.size(xa[1]):
@@ -396,12 +402,12 @@ def grouped_channels(w: Walker, node: fx.Node, xa: list, wa: list, out: list, gr
             mult = w.f.ag.fresh(w.size(out[1]) / w.size(xa[1]), f"channel multiplier at `{node.name}`")
             w.pin(mult, f"the channel multiplier of the depthwise convolution at {where(node)}")
             w.f.ag.set_structure(out[1], "prod", [xa[1], mult], where(node))
-        w.const(node, ("args", 6), xa[1])
+        w.const(node, _groups_at(node), xa[1])
         w.produce(node.args[1])
         w.pin(wa[1], f"the one input channel per group of the depthwise convolution at `{node.name}`")
         return
     g = w.f.ag.fresh(groups, f"the groups of the convolution at `{node.name}`")
-    w.pin(g, f"the group count of the grouped convolution at {where(node)} (its `groups` literal)")
+    w.const(node, _groups_at(node), g)
     w.f.ag.set_structure(xa[1], "prod", [g, wa[1]], where(node))
     w.contract(node.args[0], xa[1], node.args[1], wa[1], node)
     per_out = w.f.ag.fresh(w.size(wa[0]) / groups, f"output channels per group at `{node.name}`")

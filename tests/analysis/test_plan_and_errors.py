@@ -251,15 +251,35 @@ def test_graph_module_example_inputs_as_dict():
 
 
 def test_a_multiplier_that_grows_no_group_is_refused_not_returned_unchanged():
-    """SqueezeBERT's projections are 1x1 convolutions over (batch, channels, tokens): growir finds no group a
-    multiplier grows, and returned the model unchanged with a note, which read as an exact growth. It is a
-    SpecError naming the groups it did find and what to do."""
+    """A model whose only width is its input's (a scale of the input's features) has no group a multiplier grows;
+    growir had returned such a model unchanged with a note, which read as an exact growth. It is a SpecError
+    naming the groups it did find and what to do."""
+    import torch.nn as nn
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return x * self.w
+
+    with pytest.raises(growir.SpecError, match=r"width=2 grew nothing: .* its groups: .*width dict"):
+        growir.grow(Scale(), width=2.0, example_inputs=(torch.randn(2, 4),))
+
+
+def test_grouped_convolutions_grow_their_group_count():
+    """SqueezeBERT's projections are grouped 1x1 convolutions over (batch, channels, tokens). A grouped
+    convolution is block-diagonal, so a copied group copies its outputs: the group count grows with the channels
+    and the `groups` literal (and the config's *_groups fields) follow. growir had pinned the count, found no
+    group to grow, and refused."""
     import transformers as T
     model = T.SqueezeBertForMaskedLM(T.SqueezeBertConfig(vocab_size=100, hidden_size=32, embedding_size=32,
                                                          num_hidden_layers=2, num_attention_heads=4,
                                                          intermediate_size=64, max_position_embeddings=64)).eval()
-    with pytest.raises(growir.SpecError, match=r"width=2 grew nothing: .* its groups: .*width dict"):
-        growir.grow(model, width=2.0)
+    grown = growir.grow(model, width=2.0)
+    assert type(grown).__name__ == "SqueezeBertForMaskedLM" and grown.config.hidden_size == 64
+    assert grown.growir_record.exact and grown.growir_record.deviation < 1e-5
 
 
 def test_an_op_no_probe_can_read_says_why_no_rule_is_derived():
