@@ -62,3 +62,17 @@ def test_one_kv_head_per_half_is_refused_naming_the_repeat():
     """kv_heads = 2: each half of the split is one head, which growir's products take for a broadcast."""
     with pytest.raises(growir.GrowthError, match=r"aten.repeat.*one entry that a parameter produces"):
         growir.grow(diffllama(2), width=2.0)
+
+
+def test_grouped_convolution_over_query_and_key_heads_grows_exactly():
+    """Zaya convolves q and k concatenated with groups = heads + kv heads (each group one head's channels), and
+    its value is two projections concatenated and viewed as kv heads: the group count is the concatenation of
+    the head counts, and the kv heads index the value's two parts (pinned: the query heads per kv head grow)."""
+    torch.manual_seed(0)
+    model = T.ZayaForCausalLM(T.ZayaConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+        moe_intermediate_size=64, num_experts=4, layer_types=["hybrid", "hybrid"], eos_token_id=2, head_dim=8,
+        router_hidden_size=32)).eval()
+    grown = growir.grow(model, width=2.0)
+    assert type(grown).__name__ == "ZayaForCausalLM" and grown.config.num_attention_heads == 8
+    assert grown.growir_record.exact and grown.growir_record.deviation < 1e-5
