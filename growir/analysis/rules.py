@@ -391,9 +391,10 @@ def grouped_channels(w: Walker, node: fx.Node, xa: list, wa: list, out: list, gr
     """conv(groups=G): input channels = G x (in per group), output channels = G x (out per group), and group g's
     outputs contract group g's inputs with the weight's axis 1. Depthwise (one input channel per group): the
     groups *are* the channels, so the channel group grows and the ``groups`` literal with it (each channel is
-    filtered on its own, so copying channels copies outputs). Otherwise both the group count and the channels per
-    group may grow: a grouped convolution is block-diagonal, so a copied group copies its outputs, and the
-    ``groups`` literal follows the count (Zaya groups q and k channels by head: groups = heads + kv heads)."""
+    filtered on its own, so copying channels copies outputs). Otherwise the channels per group may grow, and the
+    group count is pinned unless the analysis finds it equal to other axes (Zaya groups q and k channels by head:
+    groups = heads + kv heads): then it grows with them, since a grouped convolution is block-diagonal and a copied
+    group copies its outputs, and the ``groups`` literal follows it."""
     if w.size(wa[1]) == 1:  # depthwise: groups == input channels
         w.eq(wa[0], out[1], node)
         if w.size(out[1]) == w.size(xa[1]):
@@ -408,6 +409,7 @@ def grouped_channels(w: Walker, node: fx.Node, xa: list, wa: list, out: list, gr
         return
     g = w.f.ag.fresh(groups, f"the groups of the convolution at `{node.name}`")
     w.const(node, _groups_at(node), g)
+    w.f.ag.counts.setdefault(g, f"the group count of the grouped convolution at {where(node)} (its `groups` literal)")
     w.f.ag.set_structure(xa[1], "prod", [g, wa[1]], where(node))
     w.contract(node.args[0], xa[1], node.args[1], wa[1], node)
     per_out = w.f.ag.fresh(w.size(wa[0]) / groups, f"output channels per group at `{node.name}`")

@@ -269,6 +269,9 @@ class Walker:
             self.pin(axis, why)
         for axis, why in ag.fixed.items():
             self.pin(axis, why)
+        for axis, why in ag.counts.items():  # a grouped convolution's group count that is no other size
+            if ag.alone(axis):
+                self.pin(axis, why)
 
     def _name_sizes(self, node: fx.Node) -> None:
         """Remember which input axis each dynamic size symbol is (for error messages) and its traced value."""

@@ -155,6 +155,7 @@ class AxisGraph:
     data: list = field(default_factory=list)  # axes sized by the data: model inputs', pooled (a batch, a sequence)
     opaque: dict = field(default_factory=dict)  # axis -> (why it is kept from growing, the refusal if a width)
     fixed: dict = field(default_factory=dict)  # axis -> why it is kept from growing (a chunk's part index)
+    counts: dict = field(default_factory=dict)  # literal count -> why it is kept unless it equals another axis
     _fresh: int = 0
 
     # --- nodes -----------------------------------------------------------------------------------
@@ -408,6 +409,11 @@ class AxisGraph:
         return segs
 
     # --- queries ---------------------------------------------------------------------------------
+    def alone(self, axis: Axis) -> bool:
+        """Whether ``axis``'s class is itself only: no other axis was found equal to it, and it has no parts."""
+        root = self.find(axis)
+        return root not in self.structure and not any(a != axis and self.find(a) == root for a in self.parent)
+
     def expand(self, axis: Axis) -> tuple:
         """The axis as a tree over leaf roots: a leaf root, or (kind, [subtrees])."""
         root = self.find(axis)
