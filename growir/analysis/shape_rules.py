@@ -99,10 +99,12 @@ def repeat(w: Walker, node: fx.Node) -> None:
 
 
 def _produced(w: Walker, axis) -> bool:
-    """Whether ``axis``'s class is a part of some parameter's axis (a width, not a broadcast)."""
+    """Whether ``axis``'s class is a proper part of some parameter's axis (one head of a split projection: a
+    width, not a broadcast). A parameter's own axis of size one (a learned probe of shape (1, 1, d) repeated
+    over the batch) is a broadcast."""
     ag = w.f.ag
     root = ag.find(axis)
-    return any(root in ag.leaf_roots(a) for node in w.f.params for a in w.f.axes.get(node, []))
+    return any(ag.find(a) != root and root in ag.leaf_roots(a) for node in w.f.params for a in w.f.axes.get(node, []))
 
 
 def repeat_interleave(w: Walker, node: fx.Node) -> None:

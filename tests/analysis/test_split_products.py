@@ -76,3 +76,21 @@ def test_grouped_convolution_over_query_and_key_heads_grows_exactly():
     grown = growir.grow(model, width=2.0)
     assert type(grown).__name__ == "ZayaForCausalLM" and grown.config.num_attention_heads == 8
     assert grown.growir_record.exact and grown.growir_record.deviation < 1e-5
+
+
+def test_a_learned_probe_repeated_over_the_batch_is_a_broadcast():
+    """A parameter's own axis of size one (SigLIP's pooling probe, (1, 1, d), repeated over the batch) is a
+    broadcast, not one entry of a width; the repeat rule refuses only a one-entry part of a parameter's axis."""
+    class Probe(torch.nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.emb, self.probe = torch.nn.Embedding(50, d), torch.nn.Parameter(torch.randn(1, 1, d))
+            self.up, self.down = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, 5)
+
+        def forward(self, ids):
+            x = torch.cat([self.probe.repeat(ids.shape[0], 1, 1), self.emb(ids)], dim=1)
+            return self.down(torch.relu(self.up(x)))
+
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    grown = growir.grow(Probe().eval(), width=2.0, example_inputs=(ids,))
+    assert grown.growir_record.exact
