@@ -115,11 +115,12 @@ def grouped(done: dict, verdicts: tuple) -> list:
 
 def merged(runs: list) -> dict:
     """One census from several runs, each a (results file, label) pair, later runs replacing earlier ones class by
-    class; every entry keeps the label of the run that measured it (``run``)."""
+    class; every entry keeps the label of the run that measured it (``run``): an entry of an earlier merge keeps its
+    own."""
     done = {}
     for path, label in runs:
         for t, e in json.loads(Path(path).read_text()).items():
-            done[t] = {**e, "run": label}
+            done[t] = {**e, "run": e.get("run") or label}
     return done
 
 
