@@ -136,13 +136,14 @@ def surveyed(test: str):
     def wrap(f):
         @functools.wraps(f)
         def run(*args, **kwargs):
+            DRAWN.pop(test, None)  # a failure before this example draws must not print the last one's draw
             try:
                 return f(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - logged, not swallowed: a survey counts every failure
                 if not KEEP_GOING:
                     raise
                 first = str(e).splitlines()[0][:400] if str(e) else ""
-                tick(test, f"FAIL {type(e).__name__}: {first} || replay {DRAWN.pop(test, None) or repr(kwargs)}")
+                tick(test, f"FAIL {type(e).__name__}: {first} || replay {DRAWN.get(test) or repr(kwargs)}")
         return run
     return wrap
 

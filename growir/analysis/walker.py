@@ -256,7 +256,8 @@ class Walker:
     def _pin_opaque(self) -> None:
         """Pin the axes a regrouping of the data's axes left opaque (``AxisGraph.opaque``), or refuse where one of
         them is a feature: an axis some parameter contracts (a weight never contracts the data's axes), or one the
-        model returns regrouped with the data."""
+        model returns regrouped with the data. Pin too the axes the graph keeps from growing once the walk is done:
+        a split's part index (``AxisGraph.fixed``) and a group count that is no other size (``AxisGraph.counts``)."""
         ag, node_of = self.f.ag, {state: node for node, state in self.f.params.items()}
         contracted = {leaf for state, i, _ in self.f.consumed if state in node_of
                       for leaf in ag.leaf_roots(self.f.axes[node_of[state]][i])}
@@ -269,9 +270,8 @@ class Walker:
             self.pin(axis, why)
         for axis, why in ag.fixed.items():
             self.pin(axis, why)
-        for axis, why in ag.counts.items():  # a grouped convolution's group count that is no other size
-            if ag.alone(axis):
-                self.pin(axis, why)
+        for axis in ag.alone(list(ag.counts)):  # a grouped convolution's group count that is no other size
+            self.pin(axis, ag.counts[axis])
 
     def _name_sizes(self, node: fx.Node) -> None:
         """Remember which input axis each dynamic size symbol is (for error messages) and its traced value."""

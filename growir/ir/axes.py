@@ -18,6 +18,7 @@ is its root: the width groups are the union-find's classes, so no separate graph
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
@@ -409,10 +410,11 @@ class AxisGraph:
         return segs
 
     # --- queries ---------------------------------------------------------------------------------
-    def alone(self, axis: Axis) -> bool:
-        """Whether ``axis``'s class is itself only: no other axis was found equal to it, and it has no parts."""
-        root = self.find(axis)
-        return root not in self.structure and not any(a != axis and self.find(a) == root for a in self.parent)
+    def alone(self, axes: Sequence[Axis]) -> list:
+        """Those of ``axes`` whose class is the axis itself only: no other axis was found equal to it, and it has
+        no parts (one pass over the graph for all of them)."""
+        members = Counter(self.find(a) for a in self.parent)
+        return [a for a in axes if self.find(a) not in self.structure and members[self.find(a)] == 1]
 
     def expand(self, axis: Axis) -> tuple:
         """The axis as a tree over leaf roots: a leaf root, or (kind, [subtrees])."""

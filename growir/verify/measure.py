@@ -43,13 +43,13 @@ def other_sizes(captured: Captured) -> dict:
     nearest value the export's shape guards admit: a sequence reshaped into fours stays a multiple of four);
     empty when no axis is dynamic. Symbols with one example value move together (the export may name the
     batch of two inputs apart)."""
-    hints = _hints(captured)
+    hints, guards = _hints(captured), _guards(captured)
     out = {}
     for sym, (hint, leading) in hints.items():
         want = hint + 1 if leading else max(2, hint - 3) if hint > 4 else hint + 3
-        value = _admitted(captured, sym, _clamp(captured, sym, want), out)
+        value = _admitted(captured, guards, sym, hint, want, out)
         if value == hint:
-            value = _admitted(captured, sym, _clamp(captured, sym, hint - 1 if hint > 2 else hint + 1), out)
+            value = _admitted(captured, guards, sym, hint, hint - 1 if hint > 2 else hint + 1, out)
         out[sym] = value
     return {s: v for s, v in out.items() if v != hints[s][0]}
 
@@ -57,24 +57,25 @@ def other_sizes(captured: Captured) -> dict:
 def long_sizes(captured: Captured, length: int, batch: int | None = None) -> dict:
     """Every dynamic non-batch axis at ``length``, and the batch axes at ``batch`` where given (clamped to the
     range the export allows, and moved to the nearest value its shape guards admit)."""
-    out = {}
+    guards, out = _guards(captured), {}
     for sym, (hint, leading) in _hints(captured).items():
         if (not leading and length > hint) or (leading and batch not in (None, hint)):
-            out[sym] = _admitted(captured, sym, _clamp(captured, sym, batch if leading else length), out)
+            out[sym] = _admitted(captured, guards, sym, hint, batch if leading else length, out)
     return out
 
 
-def _admitted(captured: Captured, sym, want: int, chosen: dict) -> int:
-    """``want`` if the export's shape guards admit it for ``sym`` (with the values ``chosen`` so far and the
-    example's elsewhere), else the nearest admitted value in the allowed range (the example's own at worst).
-    The guards are the exported module's ``_guards_fn`` (a model that reshapes its sequence into fours
-    guards ``s % 4 == 0``); they run on the resized inputs, which are small."""
-    hint = _hints(captured)[sym][0]
-    if want == hint or _guards(captured) is None:
+def _admitted(captured: Captured, guards, sym, hint: int, want: int, chosen: dict) -> int:
+    """``want`` clamped to the range the export allows, if the export's shape ``guards`` (:func:`_guards`) admit
+    it for ``sym`` (with the values ``chosen`` so far and the example's elsewhere), else the nearest admitted value
+    in that range (the example's own ``hint`` at worst). The guards are the exported module's ``_guards_fn`` (a
+    model that reshapes its sequence into fours guards ``s % 4 == 0``); they run on the resized inputs, which are
+    small."""
+    want = _clamp(captured, sym, want)
+    if want == hint or guards is None:
         return want
     for value in sorted({_clamp(captured, sym, want + k) for k in range(-want, 2 * want + 1)},
                         key=lambda v: (abs(v - want), v)):
-        if value != hint and _admits(captured, {**chosen, sym: value}):
+        if value != hint and _admits(captured, guards, {**chosen, sym: value}):
             return value
     return hint
 
@@ -92,9 +93,9 @@ def _guards(captured: Captured):
     return fn, [places.index(a) for a in call.args]
 
 
-def _admits(captured: Captured, values: dict) -> bool:
-    """Whether the export's shape guards hold for the inputs at ``values`` (symbol -> size)."""
-    fn, at = _guards(captured)
+def _admits(captured: Captured, guards, values: dict) -> bool:
+    """Whether the export's shape ``guards`` hold for the inputs at ``values`` (symbol -> size)."""
+    fn, at = guards
     leaves = pytree.tree_leaves(inputs_at(captured, values))
     try:
         fn(*[leaves[i] for i in at])
